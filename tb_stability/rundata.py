@@ -1,0 +1,81 @@
+"""In-memory, full-resolution data of one run, as produced by the reader.
+
+This is the interface between the reader (`tb_stability.reader`) and its
+consumers (detectors via `tb_stability.analysis`, the CLI and the plugin).
+All arrays are numpy arrays sorted by step with duplicate steps removed (the
+last write of a step wins, as after a restart from a checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Series:
+    """A scalar series: ``values[i]`` was logged at ``steps[i]``."""
+
+    steps: np.ndarray  # int64 [T]
+    values: np.ndarray  # float64 [T]
+
+    def __len__(self) -> int:
+        return int(self.steps.shape[0])
+
+
+@dataclasses.dataclass
+class Matrix:
+    """A vector quantity over time: ``values[i, j]`` is ``names[j]`` at ``steps[i]``."""
+
+    steps: np.ndarray  # int64 [T]
+    names: tuple[str, ...]
+    values: np.ndarray  # float64 [T, N]
+
+    def __len__(self) -> int:
+        return int(self.steps.shape[0])
+
+
+@dataclasses.dataclass
+class RunData:
+    """Everything the reader found for one run.
+
+    Attributes:
+      name: Run name, the run directory relative to the logdir (``"."`` for
+        the logdir itself), with ``/`` separators.
+      steps: Per-step columns from ``stability/steps`` (``"loss"``,
+        ``"grad_norm"``, ``"nonfinite_grads"``, ``"learning_rate"``, ...), each
+        a `Series` at full resolution.
+      variables: Per-variable quantities (``"grad_norm"``, ``"weight_norm"``,
+        ``"update_ratio"``) as `Matrix`.
+      layers: Per-layer activation quantities as `Matrix`.
+      inputs: Input statistics: ``{"mean"|"std"|"min"|"max": Matrix}`` over
+        features.
+      labels: Class counts of labels as `Matrix` (names are class ids).
+      predictions: Class counts of predictions as `Matrix`.
+      scalars: Every ordinary scalar tag (``tf.summary.scalar``, Keras'
+        TensorBoard callback: ``epoch_loss``, ``batch_loss``, ...) as `Series`.
+      json: JSON records (``stability/run_info``, ``stability/nan_origin``):
+        tag -> list of ``(step, dict)``.
+      warnings: Human-readable problems met while reading this run (corrupt
+        file, unknown metadata version, ...), each naming the file.
+    """
+
+    name: str
+    steps: dict[str, Series] = dataclasses.field(default_factory=dict)
+    variables: dict[str, Matrix] = dataclasses.field(default_factory=dict)
+    layers: dict[str, Matrix] = dataclasses.field(default_factory=dict)
+    inputs: dict[str, Matrix] = dataclasses.field(default_factory=dict)
+    labels: Matrix | None = None
+    predictions: Matrix | None = None
+    scalars: dict[str, Series] = dataclasses.field(default_factory=dict)
+    json: dict[str, list[tuple[int, dict[str, Any]]]] = dataclasses.field(
+        default_factory=dict
+    )
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def instrumented(self) -> bool:
+        """True when the run holds tb-stability instrumentation data."""
+        return bool(self.steps or self.variables or self.layers)
