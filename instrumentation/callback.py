@@ -1,0 +1,442 @@
+"""Keras wiring: `StabilityCallback` hooks `StepStats` into ``model.fit``.
+
+How it attaches (Keras 3, TensorFlow backend):
+
+* ``on_train_begin`` wraps, on the instances only, ``optimizer.apply`` (gradient
+  statistics, weight snapshot, update ratio), ``optimizer.scale_loss`` and
+  ``model.compute_loss`` (the raw per-step loss), rebuilds the train function
+  (``make_train_function(force=True)``) so the next trace carries the
+  statistics ops, and wraps ``model.train_function`` to read the statistics
+  every ``every`` steps and to flush when training raises.
+* ``on_train_end`` (or the error path) drains, flushes, restores every
+  original attribute and resets ``model.train_function`` so a later ``fit``
+  without the callback runs none of these ops.
+
+Failures of the instrumentation itself become one warning; training goes on.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import warnings
+import weakref
+from typing import Any, Optional
+
+import keras
+import tensorflow as tf
+
+from instrumentation import distribute
+from instrumentation.extras import CallbackExtras
+from instrumentation.stats import ColumnsWriter, StepStats
+from instrumentation.writer import Drainer, SummaryWriter, run_info
+from tb_stability import schema
+
+logger = logging.getLogger("instrumentation")
+_NORMAL_END = (StopIteration, tf.errors.OutOfRangeError)
+
+
+class StabilityCallback(keras.callbacks.Callback):
+    """Records per-step and per-variable training-stability signals.
+
+    Every step: raw batch loss, global gradient L2 norm, number of non-finite
+    gradient values and learning rate. Every ``every`` steps: per-variable
+    gradient norm, weight norm and update ratio ``|Δw| / |w|``. Everything is
+    computed inside the compiled train step (XLA included) and written to
+    ``log_dir`` with the `tb_stability.schema` tags.
+
+    Example:
+      ```python
+      model.fit(x, y, callbacks=[StabilityCallback("logs/run1", every=50)])
+      ```
+
+    Args:
+      log_dir: Run directory for the event files (e.g. ``logs/run1``).
+      every: Read the statistics back and log per-variable vectors every
+        ``every`` steps.
+      snapshot_weights: Keep a copy of the weights (extra memory equal to the
+        model's weights) to measure the update ratio exactly.
+      probe_every: Activation probes and input/label/prediction statistics
+        every ``probe_every`` steps (default: ``every``; 0 disables them).
+      nan_forensics: Capture the first non-finite step (batch and weights
+        before it; one extra copy of the weights), find its origin and save
+        it under ``<log_dir>/nan_origin/`` (`instrumentation.nan_origin`).
+    """
+
+    # Batch hooks are not overridden: host work runs in the wrapped train
+    # function on the training thread, so asynchronous dispatch is safe.
+    async_safe = True
+
+    def __init__(self, log_dir: str, every: int = 100, snapshot_weights: bool = True,
+                 probe_every: Optional[int] = None, nan_forensics: bool = True):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.log_dir = str(log_dir)
+        self.every = int(every)
+        self.snapshot_weights = bool(snapshot_weights)
+        self._writer: Optional[SummaryWriter] = None
+        self._stats: Optional[StepStats] = None
+        self._drainer: Optional[Drainer] = None
+        self._saved: list = []
+        self._active = False
+        self._broken = False
+        self._warned_loss = False
+        self._loss_graph = None
+        self._info_written = False
+        self._since_read = 0
+        self._spe = 1
+        self._capacity = 0
+        self._start_step = 0
+        self._stats_ready = False
+        self._atexit_registered = False
+        self._extras = CallbackExtras(self, probe_every, nan_forensics)
+
+    # ----------------------------------------------------------- Keras hooks
+
+    def on_train_begin(self, logs=None):
+        self._broken = False
+        if self._active:  # a previous fit ended without on_train_end
+            self._guard(self._finish)
+        self._guard(self._begin)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._active and not self._broken:
+            self._extras.epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        if self._active:
+            self._guard(self._finish)
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def writer(self) -> SummaryWriter:
+        """The host-side summary writer (created on first use)."""
+        if self._writer is None:
+            strategy = getattr(self.model, "distribute_strategy", None)
+            self._writer = SummaryWriter(distribute.writer_log_dir(self.log_dir, strategy))
+            if not self._atexit_registered:
+                atexit.register(_flush_at_exit, weakref.ref(self))
+                self._atexit_registered = True
+        return self._writer
+
+    def flush(self) -> None:
+        """Writes every recorded step and flushes the event file."""
+        self._guard(self._drain)
+        self._guard(self.writer.flush)
+
+    # ------------------------------------------------------------ internals
+
+    def _guard(self, fn, *args) -> Any:
+        try:
+            return fn(*args)
+        except Exception as error:  # noqa: BLE001 - never break training
+            self._fail(error)
+            return None
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._broken:
+            warnings.warn(
+                f"tb-stability: instrumentation disabled for this run after an "
+                f"internal error ({type(error).__name__}: {error}); training continues",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            logger.debug("instrumentation error", exc_info=error)
+        self._broken = True
+
+    def _begin(self) -> None:
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        if optimizer is None:
+            raise ValueError("the model has no optimizer; compile it first")
+        self._spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+        self._capacity = self.every + self._spe + 1
+        self._start_step = int(optimizer.iterations.numpy())
+        self._since_read = 0
+        self._info_written = False
+        self._loss_graph = None
+        self._stats_ready = False
+        self._drainer = None
+        self._extra_columns = _extra_columns(model, optimizer)
+        if model.built and model.trainable_variables:
+            self._ensure_stats(model.trainable_variables)
+        self._install(model, optimizer)
+        self._active = True
+
+    def _ensure_stats(self, variables=None) -> StepStats:
+        """The `StepStats` of this fit (created, or reused and reset, on first need).
+
+        Called on train begin for built models, otherwise during the first
+        trace of the train step (after the model has built its variables).
+        """
+        if self._stats_ready:
+            return self._stats
+        variables = list(self.model.trainable_variables) or list(variables or [])
+        stats = self._stats
+        if (
+            stats is None
+            or stats.capacity != self._capacity
+            or stats.every != self.every
+            or [id(v) for v in stats.variables] != [id(v) for v in variables]
+            or (stats.snapshots is not None) != self.snapshot_weights
+            or stats.columns[len(schema.STEP_COLUMNS):] != self._extra_columns
+        ):
+            stats = StepStats(variables, self.every, self._capacity, self.snapshot_weights,
+                              extra_columns=self._extra_columns)
+        else:
+            with tf.init_scope():
+                stats.reset()
+        self._stats = stats
+        self._drainer = Drainer(stats, ColumnsWriter(self.writer, stats.columns),
+                                next_step=self._start_step)
+        self._stats_ready = True
+        return stats
+
+    def _install(self, model, optimizer) -> None:
+        self._saved = []
+        self._patch(optimizer, "apply", self._make_apply(optimizer, optimizer.apply))
+        self._patch(optimizer, "scale_loss", self._make_loss_hook(optimizer.scale_loss, scale=True))
+        self._patch(model, "compute_loss", self._make_loss_hook(model.compute_loss, scale=False))
+        self._patch(model, "fit", self._make_fit_guard(model.fit))
+        self._install_extras(model, optimizer)
+        model.make_train_function(force=True)
+        model.train_function = self._make_train_function(model.train_function)
+
+    def _patch(self, obj, name: str, value) -> None:
+        had = name in vars(obj)
+        self._saved.append((obj, name, had, vars(obj).get(name)))
+        object.__setattr__(obj, name, value)
+
+    def _uninstall(self) -> None:
+        self._active = False
+        self._extras.uninstall()
+        for obj, name, had, old in reversed(self._saved):
+            try:
+                if had:
+                    object.__setattr__(obj, name, old)
+                else:
+                    object.__delattr__(obj, name)
+            except Exception as error:  # noqa: BLE001
+                self._fail(error)
+        self._saved = []
+        if self.model is not None:
+            self.model.train_function = None
+
+    def _finish(self) -> None:
+        """Drains, flushes and detaches (end of fit, or error)."""
+        try:
+            if not self._broken:
+                self._drain()
+            if self._writer is not None:
+                self._writer.flush()
+        finally:
+            self._uninstall()
+
+    def _drain(self) -> None:
+        if self._drainer is None or self._broken:
+            return
+        if not self._info_written:
+            self._info_written = True
+            self.writer.write_json(
+                schema.TAG_RUN_INFO,
+                self._start_step,
+                run_info(self.model, self.model.optimizer, self.every, self._stats.names,
+                         extra=self._extras.run_info_extra()),
+            )
+        before = self._drainer.saw_nonfinite
+        self._drainer.drain()
+        if self._drainer.saw_nonfinite and not before:
+            logger.warning(
+                "tb-stability: first non-finite loss/gradient at step %d (flushed to %s)",
+                self._drainer.first_nonfinite_step,
+                self.log_dir,
+            )
+        self._extras.drain()
+
+    # ---------------------- activation probes, data stats, NaN origin (extras.py)
+
+    def _install_extras(self, model, optimizer) -> None:
+        """Probes, data statistics and NaN capture; see `instrumentation.extras`."""
+        self._extras.install(model, optimizer)
+
+    # ------------------------------------------------------------- wrappers
+
+    def _make_apply(self, optimizer, original):
+        callback = self
+
+        def apply(grads, trainable_variables=None):
+            if not callback._active or callback._broken:
+                return original(grads, trainable_variables)
+            try:
+                grads = list(grads)
+                variables = (
+                    list(trainable_variables)
+                    if trainable_variables is not None
+                    else list(getattr(optimizer, "_trainable_variables", []) or []) or None
+                )
+                stats = callback._ensure_stats(variables)
+                callback._check_loss_captured(stats)
+                state, skipped = _record_step(stats, optimizer, grads, variables)
+                stats.snapshot(state)
+            except Exception as error:  # noqa: BLE001
+                callback._fail(error)
+                return original(grads, trainable_variables)
+            result = original(grads, trainable_variables)
+            try:
+                if skipped is not None:  # a skipped step does not advance iterations
+                    stats.skips.assign(skipped)
+                stats.record_update(state)
+            except Exception as error:  # noqa: BLE001
+                callback._fail(error)
+            return result
+
+        return apply
+
+    def _make_loss_hook(self, original, scale: bool):
+        callback = self
+
+        def hook(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if not callback._active or callback._broken or kwargs.get("training") is False:
+                return result
+            loss = args[0] if scale else result
+            if loss is None:
+                return result
+            try:
+                stats = callback._ensure_stats()
+                stats.record_loss(loss)
+                callback._loss_graph = _current_graph()
+            except Exception as error:  # noqa: BLE001
+                callback._fail(error)
+            return result
+
+        return hook
+
+    def _check_loss_captured(self, stats: StepStats) -> None:
+        captured = self._loss_graph is not None and self._loss_graph is _current_graph()
+        self._loss_graph = None
+        if captured:
+            return
+        if not self._warned_loss:
+            self._warned_loss = True
+            warnings.warn(
+                "tb-stability: the train step calls neither optimizer.scale_loss "
+                "nor model.compute_loss; the per-step loss is recorded as NaN",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        stats.pending_loss.assign(tf.constant(float("nan"), tf.float64))
+
+    def _make_train_function(self, original):
+        callback = self
+
+        def train_function(iterator):
+            try:
+                logs = original(iterator)
+            except _NORMAL_END:
+                raise
+            except BaseException:
+                if callback._active:
+                    callback._guard(callback._finish)
+                raise
+            if callback._active and not callback._broken:
+                callback._since_read += callback._spe
+                if callback._since_read >= callback.every:
+                    callback._since_read = 0
+                    callback._guard(callback._drain)
+            return logs
+
+        return train_function
+
+    def _make_fit_guard(self, original):
+        callback = self
+
+        def fit(*args, **kwargs):
+            # Only reached when a previous fit raised outside the train step
+            # (e.g. in another callback) and never called on_train_end.
+            if callback._active:
+                callback._guard(callback._finish)
+            return original(*args, **kwargs)
+
+        return fit
+
+
+def _extra_columns(model, optimizer) -> tuple:
+    """Optional step columns (`stats.EXTRA_COLUMNS`) this model/optimizer needs."""
+    columns = []
+    if distribute.clipping_configured(optimizer):
+        columns.append("clipped")
+    if _is_loss_scale_optimizer(optimizer):
+        columns += ["skipped", "loss_scale"]
+    if distribute.num_replicas(getattr(model, "distribute_strategy", None)) > 1:
+        columns.append("nonfinite_replicas")
+    return tuple(columns)
+
+
+def _is_loss_scale_optimizer(optimizer) -> bool:
+    return hasattr(optimizer, "inner_optimizer") and (
+        hasattr(optimizer, "dynamic_scale") or type(optimizer).__name__ == "LossScaleOptimizer"
+    )
+
+
+def _record_step(stats: StepStats, optimizer, grads, variables):
+    """Writes the row of one optimizer step (graph side, inside ``apply``).
+
+    Gradients are taken pre-clip and unscaled (divided by the loss scale). Under
+    a LossScaleOptimizer the step is ``iterations`` plus the skipped steps so
+    far (a skipped update does not advance ``iterations``). Under a
+    ``tf.distribute`` strategy the replicas' statistics are summed with one
+    unconditional all-reduce (`distribute.reduce_local_stats`).
+
+    Returns:
+      ``(GradientState, skips)``; ``skips`` (the skipped steps including this
+      one) is None without loss scaling.
+    """
+    scale = _grad_scale(optimizer)
+    local = stats.local_stats(grads, variables, scale)
+    extras = {}
+    clipped = distribute.clip_fired(optimizer, local) if "clipped" in stats.columns else None
+    replica = distribute.replica_context()
+    if replica is not None:
+        local, reduced = distribute.reduce_local_stats(*replica, local, clipped)
+        extras.update(reduced)
+    elif clipped is not None:
+        extras["clipped"] = clipped
+    skipped = None
+    step = tf.identity(optimizer.iterations)
+    if _is_loss_scale_optimizer(optimizer):
+        finite = tf.logical_and(tf.math.is_finite(local.total), tf.equal(local.nonfinite, 0.0))
+        skipped = 1.0 - tf.cast(finite, tf.float64)
+        extras["skipped"] = skipped
+        extras["loss_scale"] = tf.identity(optimizer.dynamic_scale)
+        skips = stats.skips.read_value()
+        step = tf.cast(step, tf.int64) + skips
+        skipped = skips + tf.cast(extras["skipped"], tf.int64)  # skips after this step
+    state = stats.write_row(step, local, optimizer.learning_rate, extras)
+    return state, skipped
+
+
+def _grad_scale(optimizer) -> Any:
+    """The factor the incoming gradients are scaled by (loss scaling), or None."""
+    if hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale"):
+        return optimizer.dynamic_scale
+    return getattr(optimizer, "loss_scale_factor", None)
+
+
+def _current_graph():
+    return tf.compat.v1.get_default_graph()
+
+
+def _flush_at_exit(ref) -> None:
+    callback = ref()
+    if callback is None:
+        return
+    try:
+        if callback._active and not callback._broken:
+            callback._drain()
+        if callback._writer is not None:
+            callback._writer.flush()
+    except Exception:  # noqa: BLE001 - interpreter shutdown
+        pass

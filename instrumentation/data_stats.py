@@ -1,0 +1,183 @@
+"""Inputs, labels and predictions: statistics of the training batch every N steps.
+
+Captured inside the compiled train step from the arguments of
+``model.compute_loss(x, y, y_pred, sample_weight)`` (the callback wraps it)
+under a ``tf.cond`` on ``step % every == 0``; results go into non-trainable
+variables that the host reads every N steps (XLA-safe).
+
+* Inputs: every floating input tensor is flattened to ``[-1, F]`` over all
+  but its last axis (tabular features, sequence features, image channels);
+  per feature mean/std/min/max -> ``stability/inputs`` ``[4, F]`` with names
+  ``x[0]``, ``x[1]``, ... (``<input name>[j]`` for several inputs).
+* Labels / predictions (classification only): class counts of the batch.
+  One output unit: 2 classes (threshold 0.5, or 0 on logits); several units:
+  argmax; sparse integer labels: the integer class. Regression: skipped.
+* The label range (min, max) of the probe batch, for the configuration check.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger("instrumentation")
+
+MAX_FEATURES = 4096  # larger inputs are summarised as one feature
+
+
+class DataStats:
+    """Graph-side capture and host-side read of batch statistics.
+
+    Args:
+      every: Record on steps with ``step % every == 0``.
+      mode: ``"binary"``, ``"categorical"`` or None (regression: no counts).
+      logits: Whether the model outputs logits (binary threshold 0, not 0.5).
+    """
+
+    def __init__(self, every: int, mode: Optional[str], logits: bool = False):
+        self.every = max(1, int(every))
+        self.mode = mode
+        self.logits = bool(logits)
+        self.names: tuple[str, ...] = ()
+        self.classes = 0
+        self.inputs = None
+        self.labels = None
+        self.predictions = None
+        self.label_range = None
+        self.step = None
+        self._last_step = -1
+
+    # ----------------------------------------------------------------- graph
+
+    def record(self, step, x, y, y_pred) -> None:
+        """Adds the capture ops for one traced train step (call while tracing)."""
+        step = tf.cast(step, tf.int64)
+        features = self._feature_matrices(x)
+        y_t = _first(y)
+        p_t = _first(y_pred)
+        classes = self._classes(p_t)
+        self._ensure(sum(int(f.shape[1]) for _, f in features), classes)
+
+        def capture():
+            if features:
+                stats = [_column_stats(f) for _, f in features]
+                self.inputs.assign(tf.concat(stats, axis=1))
+            if self.classes and y_t is not None and p_t is not None:
+                self.labels.assign(self._label_counts(y_t, p_t))
+                self.predictions.assign(self._pred_counts(p_t))
+            if y_t is not None and (y_t.dtype.is_floating or y_t.dtype.is_integer):
+                yf = tf.cast(y_t, tf.float32)
+                self.label_range.assign(tf.stack([tf.reduce_min(yf), tf.reduce_max(yf)]))
+            self.step.assign(step)
+            return tf.constant(True)
+
+        tf.cond(tf.equal(tf.math.floormod(step, self.every), 0), capture,
+                lambda: tf.constant(False))
+
+    def _feature_matrices(self, x) -> list:
+        flat = [t for t in tf.nest.flatten(x) if tf.is_tensor(t) and t.dtype.is_floating]
+        keys = _input_keys(x, len(flat))
+        out, names = [], []
+        for key, tensor in zip(keys, flat):
+            tensor = tf.cast(tensor, tf.float32)
+            last = tensor.shape[-1] if tensor.shape.rank and tensor.shape.rank > 1 else 1
+            if last is None or last > MAX_FEATURES:
+                matrix = tf.reshape(tensor, [-1, 1])
+                names.append(f"{key}[*]")
+            else:
+                matrix = tf.reshape(tensor, [-1, int(last)])
+                names.extend(f"{key}[{j}]" for j in range(int(last)))
+            out.append((key, matrix))
+        self.names = tuple(names)
+        return out
+
+    def _classes(self, p_t) -> int:
+        if self.mode is None or p_t is None or p_t.shape.rank is None or p_t.shape.rank < 1:
+            return 0
+        units = p_t.shape[-1] if p_t.shape.rank > 1 else 1
+        if units is None:
+            return 0
+        return 2 if int(units) == 1 else int(units)
+
+    def _ensure(self, features: int, classes: int) -> None:
+        with tf.init_scope():
+            if self.inputs is None or int(self.inputs.shape[1]) != features:
+                self.inputs = tf.Variable(tf.zeros([4, features]), trainable=False,
+                                          name="stability_inputs")
+            if classes and (self.labels is None or int(self.labels.shape[0]) != classes):
+                self.labels = tf.Variable(tf.zeros([classes]), trainable=False,
+                                          name="stability_labels")
+                self.predictions = tf.Variable(tf.zeros([classes]), trainable=False,
+                                               name="stability_predictions")
+            if self.step is None:
+                self.step = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
+                                        name="stability_data_step")
+                self.label_range = tf.Variable(tf.fill([2], np.nan), dtype=tf.float32,
+                                               trainable=False, name="stability_label_range")
+        self.classes = classes
+
+    def _label_counts(self, y, p):
+        c = self.classes
+        if c == 2 and (p.shape.rank < 2 or p.shape[-1] == 1):
+            hot = tf.one_hot(tf.cast(tf.reshape(tf.cast(y, tf.float32), [-1]) >= 0.5, tf.int32), 2)
+        elif y.shape.rank == p.shape.rank and y.shape[-1] == c:
+            hot = tf.one_hot(tf.argmax(tf.reshape(y, [-1, c]), axis=-1), c)
+        else:
+            hot = tf.one_hot(tf.cast(tf.reshape(y, [-1]), tf.int32), c)
+        return tf.reduce_sum(hot, axis=0)
+
+    def _pred_counts(self, p):
+        c = self.classes
+        if c == 2 and (p.shape.rank < 2 or p.shape[-1] == 1):
+            threshold = 0.0 if self.logits else 0.5
+            cls = tf.cast(tf.reshape(tf.cast(p, tf.float32), [-1]) >= threshold, tf.int32)
+            return tf.reduce_sum(tf.one_hot(cls, 2), axis=0)
+        return tf.reduce_sum(tf.one_hot(tf.argmax(tf.reshape(p, [-1, c]), axis=-1), c), axis=0)
+
+    # ------------------------------------------------------------------ host
+
+    def read(self) -> Optional[dict]:
+        """New statistics since the last read, or None.
+
+        Returns:
+          ``{"step", "inputs" ([4, F]), "names", "labels", "predictions",
+          "label_range"}`` (counts None for regression).
+        """
+        if self.step is None:
+            return None
+        step = int(self.step.numpy())
+        if step < 0 or step <= self._last_step:
+            return None
+        self._last_step = step
+        out: dict[str, Any] = {"step": step, "names": self.names,
+                               "inputs": self.inputs.numpy() if self.names else None,
+                               "labels": None, "predictions": None,
+                               "label_range": [float(v) for v in self.label_range.numpy()]}
+        if self.classes and self.labels is not None:
+            out["labels"] = self.labels.numpy()
+            out["predictions"] = self.predictions.numpy()
+        return out
+
+
+def _column_stats(matrix) -> tf.Tensor:
+    mean = tf.reduce_mean(matrix, axis=0)
+    std = tf.sqrt(tf.maximum(tf.reduce_mean(tf.square(matrix - mean), axis=0), 0.0))
+    return tf.stack([mean, std, tf.reduce_min(matrix, axis=0), tf.reduce_max(matrix, axis=0)])
+
+
+def _first(structure) -> Any:
+    if structure is None:
+        return None
+    flat = [t for t in tf.nest.flatten(structure) if t is not None]
+    return tf.convert_to_tensor(flat[0]) if flat else None
+
+
+def _input_keys(x, n: int) -> list[str]:
+    if isinstance(x, dict):
+        return [str(k) for k in sorted(x)][:n] + [f"x{i}" for i in range(len(x), n)]
+    if n == 1:
+        return ["x"]
+    return [f"x{i}" for i in range(n)]

@@ -1,0 +1,233 @@
+"""Glue between `StabilityCallback` and the probes, data statistics, NaN origin and config check.
+
+Kept out of ``callback.py`` so that module stays small; the callback calls
+`CallbackExtras.install` (before the train function is rebuilt),
+`CallbackExtras.drain` (every read), `CallbackExtras.run_info_extra` (first
+read), `CallbackExtras.epoch_end` and `CallbackExtras.uninstall`.
+
+Patches, on the instances only and through the callback's ``_patch`` (so the
+callback restores them): ``model.train_step`` (marks the train-step trace, so
+nothing is added to evaluation or prediction graphs), ``model.compute_loss``
+(x, y, y_pred, loss of the traced step) and ``optimizer.apply`` (outermost:
+the one-time NaN capture before the update). A failure here disables only
+these extras, with one warning; the callback's own statistics go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from typing import Any, Optional
+
+from instrumentation import config_check
+from instrumentation.data_stats import DataStats
+from instrumentation.nan_origin import (ARTIFACT_DIR, NanCapture, describe, find_origin, rebuild,
+                                        save_artifacts, swapped_weights, variable_path)
+from instrumentation.probes import ActivationProbes
+from tb_stability import schema
+
+logger = logging.getLogger("instrumentation")
+_LOSS_ARGS = ("x", "y", "y_pred", "sample_weight")
+
+
+class CallbackExtras:
+    """Activation probes, data statistics, NaN origin and config check of one callback.
+
+    Args:
+      callback: The owning `StabilityCallback` (for ``_patch``, ``writer``, ``model``).
+      probe_every: Probe activations and data every this many steps
+        (default: the callback's ``every``); 0 disables probes and data stats.
+      nan_forensics: Capture the first non-finite step (costs one copy of the
+        trainable weights in memory) and find its origin.
+    """
+
+    def __init__(self, callback, probe_every: Optional[int] = None, nan_forensics: bool = True):
+        self.callback = callback
+        self.probe_every = probe_every
+        self.nan_forensics = bool(nan_forensics)
+        self.tracing = False
+        self.broken = False
+        self.probes: Optional[ActivationProbes] = None
+        self.data: Optional[DataStats] = None
+        self.capture: Optional[NanCapture] = None
+        self.origin: Optional[dict] = None
+
+    @property
+    def every(self) -> int:
+        return int(self.probe_every if self.probe_every is not None else self.callback.every)
+
+    # --------------------------------------------------------------- install
+
+    def install(self, model, optimizer) -> None:
+        """Creates the parts and patches train_step, compute_loss and apply."""
+        self.broken = False
+        self.origin = None
+        step_fn = lambda: optimizer.iterations  # noqa: E731
+        if self.every > 0:
+            if self.probes is None or self.probes.model is not model:
+                self.probes = ActivationProbes(model, self.every, step_fn)
+            self.probes.every = self.every
+            self.probes.attach()
+            mode, logits = config_check.classification_mode(model)
+            self.data = DataStats(self.every, mode, logits)
+        if self.nan_forensics:
+            self.capture = NanCapture(jit=bool(getattr(model, "jit_compile", False)))
+        patch = self.callback._patch
+        patch(model, "train_step", self._make_train_step(model.train_step))
+        patch(model, "compute_loss", self._make_compute_loss(model.compute_loss, optimizer))
+        patch(optimizer, "apply", self._make_apply(optimizer, optimizer.apply))
+
+    def uninstall(self) -> None:
+        """Restores the probed layers (the callback restores its own patches)."""
+        if self.probes is not None:
+            self.probes.detach()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.broken:
+            warnings.warn(f"tb-stability: activation/data/NaN-origin probes disabled after an "
+                          f"internal error ({type(error).__name__}: {error}); training continues",
+                          RuntimeWarning, stacklevel=3)
+            logger.debug("extras error", exc_info=error)
+        self.broken = True
+
+    # ------------------------------------------------------------- wrappers
+
+    def _make_train_step(self, original):
+        extras = self
+
+        def train_step(*args, **kwargs):
+            extras._set_tracing(True)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                extras._set_tracing(False)
+
+        return train_step
+
+    def _set_tracing(self, value: bool) -> None:
+        self.tracing = value and not self.broken
+        if self.probes is not None:
+            self.probes.tracing = self.tracing
+
+    def _make_compute_loss(self, original, optimizer):
+        extras = self
+
+        def compute_loss(*args, **kwargs):
+            result = original(*args, **kwargs)
+            if not extras.tracing or extras.broken:
+                return result
+            try:
+                values = dict(zip(_LOSS_ARGS, args))
+                values.update({k: kwargs[k] for k in _LOSS_ARGS if k in kwargs})
+                x, y, y_pred = values.get("x"), values.get("y"), values.get("y_pred")
+                if extras.data is not None and x is not None:
+                    extras.data.record(optimizer.iterations, x, y, y_pred)
+                if extras.capture is not None:
+                    extras.capture.record_batch(x, y, values.get("sample_weight"), result)
+            except Exception as error:  # noqa: BLE001
+                extras._fail(error)
+            return result
+
+        return compute_loss
+
+    def _make_apply(self, optimizer, original):
+        extras = self
+
+        def apply(grads, trainable_variables=None):
+            if extras.tracing and not extras.broken and extras.capture is not None:
+                try:
+                    grads = list(grads)
+                    variables = list(trainable_variables) if trainable_variables is not None \
+                        else list(extras.callback.model.trainable_variables)
+                    extras.capture.on_apply(optimizer.iterations, grads, variables)
+                except Exception as error:  # noqa: BLE001
+                    extras._fail(error)
+            return original(grads, trainable_variables)
+
+        return apply
+
+    # ------------------------------------------------------------------ host
+
+    def run_info_extra(self) -> dict:
+        """Config-check fields for ``stability/run_info`` (label range of the first probe)."""
+        try:
+            label_range = None
+            if self.data is not None and self.data.label_range is not None:
+                lo, hi = (float(v) for v in self.data.label_range.numpy())
+                label_range = (lo, hi) if lo == lo and hi == hi else None
+            extra = config_check.check_config(self.callback.model, label_range)
+            if self.probes is not None:
+                extra["probed_layers"] = [p.name for p in self.probes.probes]
+                extra["unprobed_layers"] = dict(self.probes.unprobed)
+                extra["probe_every"] = self.every
+            return extra
+        except Exception as error:  # noqa: BLE001
+            logger.debug("config check failed", exc_info=error)
+            return {}
+
+    def drain(self) -> None:
+        """Writes new probe and data records; runs the NaN forensics once."""
+        if self.broken:
+            return
+        writer = self.callback.writer
+        try:
+            if self.probes is not None:
+                found = self.probes.read()
+                if found is not None:
+                    writer.write_layers(*found)
+            if self.data is not None:
+                record = self.data.read()
+                if record is not None:
+                    if record["inputs"] is not None:
+                        writer.write_inputs(record["step"], record["inputs"], record["names"])
+                    if record["labels"] is not None:
+                        writer.write_counts(schema.TAG_LABELS, record["step"], record["labels"])
+                        writer.write_counts(schema.TAG_PREDICTIONS, record["step"],
+                                            record["predictions"])
+            if self.capture is not None and self.origin is None:
+                step = self.capture.captured_step()
+                if step is not None:
+                    self.origin = self._forensics(step)
+                    writer.write_json(schema.TAG_NAN_ORIGIN, step, self.origin)
+                    writer.flush()
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+
+    def _forensics(self, step: int) -> dict:
+        """Re-runs the captured step eagerly and saves the artefacts."""
+        model, capture = self.callback.model, self.capture
+        batch = capture.batch()
+        x = rebuild(capture.structure["x"], batch["x"])
+        y = rebuild(capture.structure["y"], batch["y"])
+        sw = rebuild(capture.structure["sw"], batch["sw"])
+        weights = capture.weights()
+        names = [variable_path(v) for v in capture.variables]
+        record: dict[str, Any] = {"step": int(step), "rows": int(len(batch["x"][0]))
+                                  if batch["x"] else 0, "structure": capture.structure}
+        if self.probes is not None:
+            self.probes.detach()
+        try:
+            with swapped_weights(capture.variables, weights):
+                try:
+                    record.update(find_origin(model, x, y, sw))
+                except Exception as error:  # noqa: BLE001 - still save the batch
+                    record.update(origin="unknown", error=f"{type(error).__name__}: {error}"[:300])
+                directory = os.path.join(self.callback.writer.log_dir, ARTIFACT_DIR)
+                record = save_artifacts(directory, record, batch, names, weights, model)
+        finally:
+            if self.probes is not None:
+                self.probes.attach()
+        logger.warning("tb-stability: non-finite values at step %d start at %s (saved to %s)",
+                       step, describe(record), record.get("artifacts"))
+        return record
+
+    def epoch_end(self, epoch: int, logs: Optional[dict]) -> None:
+        """Writes every Keras log value as an ordinary scalar ``epoch_<key>``."""
+        if not logs:
+            return
+        try:
+            self.callback.writer.write_scalars(
+                int(epoch), {f"epoch_{key}": value for key, value in logs.items()})
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)

@@ -1,0 +1,217 @@
+"""`StabilityMonitor`: the callback's measurements for custom training loops.
+
+Example:
+  ```python
+  monitor = StabilityMonitor("logs/run1", every=50, optimizer=optimizer)
+
+  @tf.function(jit_compile=True)
+  def train_step(x, y):
+      with tf.GradientTape() as tape:
+          loss = loss_fn(y, model(x, training=True))
+      grads = tape.gradient(loss, model.trainable_variables)
+      optimizer.apply_gradients(zip(grads, model.trainable_variables))
+      monitor.observe(loss, grads, model.trainable_variables)
+      return loss
+
+  with monitor:
+      for x, y in dataset:
+          train_step(x, y)
+          monitor.tick()   # host side: reads the statistics every `every` ticks
+  ```
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Optional, Sequence
+
+import tensorflow as tf
+
+from instrumentation import distribute
+from instrumentation.stats import ColumnsWriter, StepStats, plain_variable
+from instrumentation.writer import Drainer, SummaryWriter, run_info
+from tb_stability import schema
+
+logger = logging.getLogger("instrumentation")
+
+
+class StabilityMonitor:
+    """Records training-stability signals from a hand-written training loop.
+
+    `observe` runs inside the user's ``tf.function`` (XLA included) and only
+    updates non-trainable variables; `tick`, `flush` and `close` run on the
+    host and write the `tb_stability.schema` summaries to ``log_dir``.
+
+    Steps are counted by the monitor (0, 1, 2, ... per `observe` call) unless
+    ``step`` is passed to `observe`. The update ratio at a log step ``s`` is
+    ``|w(s) - w(s-1)| / |w(s-1)|`` between consecutive `observe` calls, and the
+    weight norm is ``|w(s-1)|``; call `observe` after the optimizer update for
+    these to describe update ``s`` exactly (as `StabilityCallback` does).
+
+    Args:
+      log_dir: Run directory for the event files.
+      every: Log per-variable vectors on steps with ``step % every == 0`` and
+        read statistics back every ``every`` ticks.
+      variables: The variables to track; by default those passed to the first
+        `observe` call.
+      optimizer: Optional Keras optimizer, for the learning rate and run info.
+      capacity: Steps kept on the device between two reads (default
+        ``2 * every + 1``); older unread steps are dropped with a warning.
+      snapshot_weights: Keep a copy of the weights for the update ratio.
+      strategy: The ``tf.distribute`` strategy of the loop (default: the
+        current one). With several replicas, call `observe` inside
+        ``strategy.run`` with each replica's gradients: statistics are summed
+        over replicas with one unconditional all-reduce (see
+        `instrumentation.distribute`) and a ``nonfinite_replicas`` column is
+        added; only the chief writes to ``log_dir``.
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        every: int = 100,
+        variables: Optional[Sequence[Any]] = None,
+        optimizer: Any = None,
+        capacity: Optional[int] = None,
+        snapshot_weights: bool = True,
+        strategy: Any = None,
+    ):
+        if int(every) < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.log_dir = str(log_dir)
+        self.every = int(every)
+        self.optimizer = optimizer
+        self.capacity = int(capacity) if capacity else 2 * self.every + 1
+        self.snapshot_weights = bool(snapshot_weights)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self._extra_columns = ()
+        if distribute.num_replicas(self.strategy) > 1:
+            self._extra_columns = ("nonfinite_replicas",)
+        self.writer = SummaryWriter(distribute.writer_log_dir(self.log_dir, self.strategy))
+        self._stats: Optional[StepStats] = None
+        self._drainer: Optional[Drainer] = None
+        self._broken = False
+        self._info_written = False
+        self._since_read = 0
+        with tf.init_scope():
+            self._counter = plain_variable(tf.constant(0, tf.int64), "stability_step")
+        if variables is not None:
+            self._ensure_stats(variables)
+
+    # ------------------------------------------------------------ graph side
+
+    def observe(
+        self,
+        loss: Any,
+        gradients: Sequence[Any],
+        variables: Optional[Sequence[Any]] = None,
+        learning_rate: Any = None,
+        step: Any = None,
+        grad_scale: Any = None,
+    ) -> None:
+        """Records one training step (inside a ``tf.function`` or eagerly).
+
+        Args:
+          loss: The raw loss of this step (scalar).
+          gradients: Gradients, aligned with ``variables`` (``None`` allowed).
+          variables: The variables of ``gradients``; default: tracked ones.
+          learning_rate: The learning rate; default: the optimizer's, else NaN.
+          step: Explicit 0-based global step; default: the monitor's counter.
+          grad_scale: Loss-scale factor ``gradients`` are multiplied by (mixed
+            precision with scaled gradients); they are reported divided by it.
+        """
+        if self._broken:
+            return
+        try:
+            stats = self._ensure_stats(variables)
+            if step is None:
+                step = self._counter.read_value()
+            step = tf.cast(step, tf.int64)
+            if learning_rate is None:
+                learning_rate = (
+                    self.optimizer.learning_rate if self.optimizer is not None else float("nan")
+                )
+            stats.record_loss(loss)
+            local = stats.local_stats(list(gradients), variables, grad_scale)
+            extras = {}
+            replica = distribute.replica_context()
+            if replica is not None:
+                with tf.control_dependencies([step]):  # read the counter before syncing
+                    local, extras = distribute.reduce_local_stats(*replica, local)
+            state = stats.write_row(step, local, learning_rate, extras)
+            stats.record_update(state)
+            stats.snapshot_when(tf.equal(tf.math.floormod(step + 1, self.every), 0))
+            self._counter.assign(step + 1)
+        except Exception as error:  # noqa: BLE001 - never break training
+            self._fail(error)
+
+    def _ensure_stats(self, variables) -> StepStats:
+        if self._stats is None:
+            if variables is None:
+                raise ValueError("pass `variables` to the monitor or to the first observe()")
+            self._stats = StepStats(list(variables), self.every, self.capacity,
+                                    self.snapshot_weights, extra_columns=self._extra_columns)
+            with tf.init_scope():
+                self._stats.snapshot_when(True)  # weights before the first update
+            self._drainer = Drainer(
+                self._stats, ColumnsWriter(self.writer, self._stats.columns), next_step=0
+            )
+        return self._stats
+
+    # ------------------------------------------------------------- host side
+
+    def tick(self, steps: int = 1) -> None:
+        """Counts ``steps`` finished steps; reads and writes every ``every`` steps."""
+        self._since_read += int(steps)
+        if self._since_read >= self.every:
+            self._since_read = 0
+            self._guard(self._drain)
+
+    def flush(self) -> None:
+        """Writes every recorded step and flushes the event file."""
+        self._guard(self._drain)
+        self._guard(self.writer.flush)
+
+    def close(self) -> None:
+        """Flushes and closes the event file."""
+        self.flush()
+        self._guard(self.writer.close)
+
+    def __enter__(self) -> "StabilityMonitor":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def first_nonfinite_step(self) -> Optional[int]:
+        """First step with a non-finite loss or gradient seen so far by the host."""
+        return self._drainer.first_nonfinite_step if self._drainer else None
+
+    def _drain(self) -> None:
+        if self._drainer is None or self._broken:
+            return
+        if not self._info_written:
+            self._info_written = True
+            info = run_info(None, self.optimizer, self.every, self._stats.names)
+            info["source"] = "StabilityMonitor"
+            self.writer.write_json(schema.TAG_RUN_INFO, self._drainer.next_step, info)
+        self._drainer.drain()
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._broken:
+            warnings.warn(
+                f"tb-stability: monitor disabled after an internal error "
+                f"({type(error).__name__}: {error}); training continues",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            logger.debug("monitor error", exc_info=error)
+        self._broken = True

@@ -1,0 +1,340 @@
+"""NaN origin: capture the first non-finite step, find where it started, save it.
+
+Approach:
+
+1. Graph side (`NanCapture`), inside the compiled train step: the callback's
+   ``compute_loss`` hook hands over the traced batch ``(x, y, sample_weight)``
+   and loss; its ``optimizer.apply`` hook (before the update) computes one
+   cheap finiteness test (the loss, and the sum of all gradient sums) and,
+   only on the *first* non-finite step, copies the batch and the weights
+   before the update into non-trainable variables (``tf.cond``: a healthy
+   step pays one reduction over the gradients and a scalar test). Without
+   XLA the batch variables have a dynamic shape; under XLA (variables
+   cannot change shape) they are padded buffers of a fixed number of rows
+   (the static batch size, else at most ``max_rows`` / ``max_bytes``) and a
+   larger batch is truncated.
+2. Host side, at the next read (every N steps, or at the end of training):
+   `find_origin` re-runs that step eagerly with the captured weights: inputs
+   non-finite -> ``"inputs"``; else the first layer (in call completion
+   order, so a child before its parent) whose output is non-finite ->
+   ``"layer"``; else a non-finite loss -> ``"loss"``; else the variables with
+   non-finite gradients -> ``"gradients"``; else ``"not_reproduced"``.
+3. `save_artifacts` writes ``<run>/nan_origin/batch.npz`` (batch and
+   weights), ``nan_origin.json`` and, when Keras can serialise the model,
+   ``model.keras`` (holding the weights before the step), for
+   ``tb-stability replay``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from instrumentation.probes import _layers
+
+logger = logging.getLogger("instrumentation")
+
+ARTIFACT_DIR = "nan_origin"
+
+
+def _values(tensor):
+    return tensor.values if isinstance(tensor, tf.IndexedSlices) else tensor
+
+
+class NanCapture:
+    """Device-side capture of the first non-finite step (see module docstring).
+
+    Args:
+      jit: Whether the train step is XLA-compiled (padded batch buffers).
+      max_rows: Row cap of a padded buffer when the batch size is not static.
+      max_bytes: Byte cap of a padded buffer (per tensor).
+    """
+
+    def __init__(self, jit: bool = False, max_rows: int = 256, max_bytes: int = 64 << 20):
+        self.jit = bool(jit)
+        self.max_rows = int(max_rows)
+        self.max_bytes = int(max_bytes)
+        self.step = None
+        self.variables: list = []
+        self.copies: list = []
+        self.buffers: list = []  # (part, index, variable, rows variable or None)
+        self.structure: dict = {}
+        self._pending = None
+        self._graph = None
+
+    # ----------------------------------------------------------------- graph
+
+    def record_batch(self, x, y, sample_weight, loss) -> None:
+        """Remembers the traced batch and loss of the step being traced."""
+        self._pending = (x, y, sample_weight, loss)
+        self._graph = tf.compat.v1.get_default_graph()
+
+    def on_apply(self, step, grads: Sequence[Any], variables: Sequence[Any]) -> None:
+        """Adds the finiteness test and the one-time capture (before the update)."""
+        pending = self._pending if self._graph is tf.compat.v1.get_default_graph() else None
+        self._pending = None
+        if pending is None:
+            return
+        x, y, sample_weight, loss = pending
+        self._ensure(variables, x, y, sample_weight)
+        sums = [tf.reduce_sum(tf.cast(_values(g), tf.float32)) for g in grads if g is not None]
+        total = tf.add_n(sums) if sums else tf.constant(0.0)
+        loss = tf.reduce_sum(tf.cast(loss, tf.float32))
+        bad = tf.logical_not(tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(total)))
+        step = tf.cast(step, tf.int64)
+        parts = {"x": tf.nest.flatten(x), "y": tf.nest.flatten(y) if y is not None else [],
+                 "sw": tf.nest.flatten(sample_weight) if sample_weight is not None else []}
+
+        def capture():
+            for copy, variable in zip(self.copies, self.variables):
+                copy.assign(tf.convert_to_tensor(variable))
+            for part, index, buffer, rows in self.buffers:
+                tensor = tf.convert_to_tensor(parts[part][index])
+                if rows is None:
+                    buffer.assign(tensor)
+                else:
+                    cap = int(buffer.shape[0])
+                    take = tf.minimum(tf.shape(tensor)[0], cap)
+                    piece = tensor[:take]
+                    pad = [[0, cap - take]] + [[0, 0]] * (tensor.shape.rank - 1)
+                    buffer.assign(tf.pad(piece, pad))
+                    rows.assign(tf.cast(take, tf.int64))
+            self.step.assign(step)
+            return tf.constant(True)
+
+        tf.cond(tf.logical_and(bad, self.step < 0), capture, lambda: tf.constant(False))
+
+    def _ensure(self, variables, x, y, sample_weight) -> None:
+        with tf.init_scope():
+            if self.step is None:
+                self.step = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
+                                        name="stability_nan_step")
+            if [id(v) for v in self.variables] != [id(v) for v in variables]:
+                self.variables = list(variables)
+                self.copies = [tf.Variable(tf.zeros(v.shape, tf.as_dtype(v.dtype)),
+                                           trainable=False, name="stability_nan_weights")
+                               for v in self.variables]
+            if self.buffers:
+                return
+            self.structure = {"x": _structure(x), "y": _structure(y),
+                              "sw": _structure(sample_weight)}
+            for part, value in (("x", x), ("y", y), ("sw", sample_weight)):
+                if value is None:
+                    continue
+                for index, tensor in enumerate(tf.nest.flatten(value)):
+                    if tensor is None or not tf.is_tensor(tensor):
+                        continue
+                    buffer, rows = self._buffer(tensor)
+                    if buffer is not None:
+                        self.buffers.append((part, index, buffer, rows))
+
+    def _buffer(self, tensor):
+        shape, dtype = tensor.shape, tensor.dtype
+        if shape.rank is None or shape.rank == 0:
+            return None, None
+        if not self.jit:
+            empty = tf.zeros([0] * shape.rank, dtype)
+            return tf.Variable(empty, shape=tf.TensorShape([None] * shape.rank),
+                               trainable=False, name="stability_nan_batch"), None
+        rest = shape[1:]
+        if not rest.is_fully_defined():
+            return None, None
+        row_bytes = max(1, int(np.prod(rest.as_list() or [1])) * dtype.size)
+        cap = shape[0] if shape[0] is not None else min(self.max_rows, self.max_bytes // row_bytes)
+        cap = max(1, int(cap))
+        buffer = tf.Variable(tf.zeros([cap] + rest.as_list(), dtype), trainable=False,
+                             name="stability_nan_batch")
+        rows = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="stability_nan_rows")
+        return buffer, rows
+
+    # ------------------------------------------------------------------ host
+
+    def captured_step(self) -> Optional[int]:
+        """The captured step, or None (one scalar read)."""
+        if self.step is None:
+            return None
+        step = int(self.step.numpy())
+        return step if step >= 0 else None
+
+    def batch(self) -> dict:
+        """``{"x": [...], "y": [...], "sw": [...]}`` numpy arrays of the captured batch."""
+        out: dict = {"x": [], "y": [], "sw": []}
+        for part, index, buffer, rows in self.buffers:
+            value = buffer.numpy()
+            if rows is not None:
+                value = value[: int(rows.numpy())]
+            out[part].append((index, value))
+        return {k: [v for _, v in sorted(items, key=lambda item: item[0])] for k, items in out.items()}
+
+    def weights(self) -> list:
+        """The captured weights (before the update), aligned with `variables`."""
+        return [copy.numpy() for copy in self.copies]
+
+
+def _structure(value) -> dict:
+    if value is None:
+        return {"kind": "none"}
+    if isinstance(value, dict):
+        return {"kind": "dict", "keys": sorted(str(k) for k in value)}
+    if isinstance(value, (list, tuple)):
+        return {"kind": "list", "n": len(tf.nest.flatten(value))}
+    return {"kind": "single"}
+
+
+def rebuild(structure: dict, arrays: list):
+    """Inverse of the flattening: the model input/label structure from arrays."""
+    kind = structure.get("kind", "single")
+    if kind == "none" or not arrays:
+        return None
+    if kind == "dict":
+        return dict(zip(structure["keys"], arrays))
+    if kind == "list":
+        return list(arrays)
+    return arrays[0]
+
+
+def _finite(values) -> bool:
+    for value in tf.nest.flatten(values):
+        if value is None or not tf.is_tensor(value) and not isinstance(value, np.ndarray):
+            continue
+        value = tf.convert_to_tensor(value)
+        if value.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(value))):
+            return False
+    return True
+
+
+def variable_path(variable) -> str:
+    """A variable's path (``dense/kernel``) or name."""
+    name = getattr(variable, "path", None) or getattr(variable, "name", "")
+    return name[:-2] if name.endswith(":0") else name
+
+
+def find_origin(model, x, y, sample_weight=None) -> dict:
+    """Re-runs one training step eagerly and says where non-finite values start.
+
+    Args:
+      model: A compiled Keras model holding the weights before the step.
+      x, y, sample_weight: The batch.
+
+    Returns:
+      ``{"origin": "inputs"|"layer"|"loss"|"gradients"|"not_reproduced",
+      "layer", "variables", "loss", "layers_checked"}``.
+    """
+    result: dict[str, Any] = {"origin": "not_reproduced", "layer": None, "variables": [],
+                              "loss": None}
+    if not _finite(x):
+        result["origin"] = "inputs"
+        return result
+    calls: list = []
+    saved = []
+    for layer in _layers(model):
+        original = layer.call
+
+        def call(*args, __layer=layer, __original=original, **kwargs):
+            out = __original(*args, **kwargs)
+            calls.append((__layer.name, _finite(args[:1]), _finite(out)))
+            return out
+
+        saved.append((layer, "call" in vars(layer), vars(layer).get("call")))
+        object.__setattr__(layer, "call", call)
+    variables = list(model.trainable_variables)
+    try:
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=True)
+            loss = type(model).compute_loss(model, x=x, y=y, y_pred=y_pred,
+                                            sample_weight=sample_weight, training=True)
+        grads = tape.gradient(loss, variables)
+    finally:
+        for layer, had, old in reversed(saved):
+            if had:
+                object.__setattr__(layer, "call", old)
+            else:
+                object.__delattr__(layer, "call")
+    result["layers_checked"] = len(calls)
+    loss_value = float(np.asarray(tf.reduce_sum(tf.cast(loss, tf.float64))))
+    result["loss"] = loss_value if np.isfinite(loss_value) else str(loss_value)
+    bad_layers = [name for name, _, ok in calls if not ok]
+    if bad_layers:
+        result["origin"] = "layer"
+        result["layer"] = bad_layers[0]
+        result["layer_input_finite"] = next(inp for name, inp, ok in calls if not ok)
+        return result
+    if not np.isfinite(loss_value):
+        result["origin"] = "loss"
+        return result
+    bad_vars = [variable_path(v) for v, g in zip(variables, grads)
+                if g is not None and not _finite(_values(g))]
+    if bad_vars:
+        result["origin"] = "gradients"
+        result["variables"] = bad_vars
+    return result
+
+
+class swapped_weights:
+    """Context manager: assigns ``values`` to ``variables`` and restores them."""
+
+    def __init__(self, variables, values):
+        self.variables, self.values, self.saved = list(variables), list(values), []
+
+    def __enter__(self):
+        self.saved = [np.array(v.numpy()) for v in self.variables]
+        for variable, value in zip(self.variables, self.values):
+            variable.assign(value)
+        return self
+
+    def __exit__(self, *exc):
+        for variable, value in zip(self.variables, self.saved):
+            variable.assign(value)
+
+
+def save_artifacts(directory: str, record: dict, batch: dict, names: Sequence[str],
+                   weights: Sequence[np.ndarray], model=None) -> dict:
+    """Writes ``batch.npz``, ``nan_origin.json`` and (when possible) ``model.keras``.
+
+    ``model`` must currently hold the weights before the step. Returns the
+    record with ``artifacts``/``model_file`` (and ``model_error``) filled in.
+    """
+    os.makedirs(directory, exist_ok=True)
+    arrays = {f"{part}_{i}": np.asarray(a) for part in ("x", "y", "sw")
+              for i, a in enumerate(batch.get(part, []))}
+    arrays.update({f"w_{i}": np.asarray(w) for i, w in enumerate(weights)})
+    np.savez_compressed(os.path.join(directory, "batch.npz"), **arrays)
+    record = dict(record, artifacts=os.path.abspath(directory), weight_names=list(names))
+    record["model_file"] = None
+    if model is not None:
+        path = os.path.join(directory, "model.keras")
+        try:
+            model.save(path)
+            record["model_file"] = os.path.abspath(path)
+        except Exception as error:  # noqa: BLE001 - e.g. unregistered custom objects
+            record["model_error"] = f"{type(error).__name__}: {error}"[:300]
+    with open(os.path.join(directory, "nan_origin.json"), "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=2, default=str, sort_keys=True)
+    return record
+
+
+def load_artifacts(directory: str) -> tuple[dict, dict, list]:
+    """``(record, batch, weights)`` from `save_artifacts`' files."""
+    with open(os.path.join(directory, "nan_origin.json"), encoding="utf-8") as handle:
+        record = json.load(handle)
+    with np.load(os.path.join(directory, "batch.npz")) as data:
+        files = dict(data)
+    batch = {part: [files[f"{part}_{i}"] for i in range(len(files))
+                    if f"{part}_{i}" in files] for part in ("x", "y", "sw")}
+    weights = [files[f"w_{i}"] for i in range(len(record.get("weight_names", [])))]
+    return record, batch, weights
+
+
+def describe(origin: dict) -> str:
+    """One line: ``origin=layer layer=div`` / ``origin=gradients variables=a,b``."""
+    text = f"origin={origin.get('origin')}"
+    if origin.get("layer"):
+        text += f" layer={origin['layer']}"
+    if origin.get("variables"):
+        text += " variables=" + ",".join(origin["variables"][:8])
+    return text

@@ -1,0 +1,339 @@
+"""Activation probes: dead / saturated fractions, mean and std per layer.
+
+Mechanism (Keras 3, TensorFlow backend):
+
+* `ActivationProbes.attach` replaces, on the layer *instances* only, the
+  activation callable of every layer that has one (``Dense``/``Conv``/
+  ``Activation`` ``activation=``, an RNN cell's ``activation``) and the
+  ``call`` of activation layers (``ReLU``, ``LeakyReLU``, ``ELU``, ``PReLU``,
+  ``Softmax``). The wrapper sees the pre-activation and the output.
+* The wrappers add ops only while the *train step* is being traced
+  (`ActivationProbes.tracing` is set by the callback's ``train_step`` patch),
+  so evaluation, prediction and eager calls are untouched. Inside the step a
+  ``tf.cond`` on ``optimizer.iterations % every == 0`` accumulates, per probe,
+  ``[step, count, saturated, sum, sum_sq]`` (float64) and a per-unit "ever
+  fired" mask into non-trainable variables (XLA-safe: no summaries, no
+  Python side effects on tensor values). A layer called several times in one
+  step (an RNN cell inside its loop, a shared layer) accumulates.
+* `ActivationProbes.read` (host, every N steps) turns the variables into the
+  ``stability/layer/<quantity>`` vectors.
+
+Definitions: a unit (last axis) is *dead* when its pre-activation is never
+positive over the batch (ReLU family only); an element is *saturated* when
+``|pre-activation| >= 5`` (sigmoid, tanh) or the output is within 1e-3 of
+the activation's limits (also softmax and bounded custom callables). The
+model's output layer is excluded from ``saturated_fraction`` (a confident
+sigmoid/softmax output feeding a cross-entropy is healthy). On a GPU, RNN
+layers whose activations are cuDNN's defaults are not probed: wrapping them
+would disable the cuDNN kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger("instrumentation")
+
+RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu",
+                         "swish", "celu", "hard_silu", "hard_swish", "mish", "prelu"})
+SATURATING = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softmax": (0.0, 1.0),
+              "hard_sigmoid": (0.0, 1.0), "softsign": (-1.0, 1.0), "hard_tanh": (-1.0, 1.0)}
+PRE_THRESHOLD = 5.0  # |x| >= 5: derivative of sigmoid/tanh ~ 0 (DeepDiagnosis)
+LIMIT_TOLERANCE = 1e-3
+_ACTIVATION_LAYERS = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "ELU": "elu",
+                      "PReLU": "prelu", "Softmax": "softmax"}
+
+
+def activation_name(fn: Any) -> str:
+    """Canonical lower-case name of an activation callable ("" when none)."""
+    if fn is None:
+        return ""
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return str(name).lower()
+
+
+def classify(fn: Callable) -> tuple[str, Optional[tuple[float, float]]]:
+    """Kind of an activation: ``("relu"|"saturating"|"linear"|"other", limits)``.
+
+    Known names are looked up; custom callables are evaluated once, eagerly,
+    on a grid: ``max(x, 0)``-like functions are ReLU family, functions flat at
+    both ends are saturating with those limits.
+    """
+    name = activation_name(fn)
+    if name in ("linear", "identity", ""):
+        return "linear", None
+    if name in RELU_FAMILY:
+        return "relu", None
+    if name in SATURATING:
+        return "saturating", SATURATING[name]
+    try:
+        with tf.init_scope():
+            grid = np.concatenate([[-1e5, -9e4], np.linspace(-50, 50, 201), [9e4, 1e5]])
+            ys = np.asarray(fn(tf.constant(grid, tf.float32)), np.float64)
+    except Exception:  # noqa: BLE001 - an exotic callable: mean/std only
+        return "other", None
+    if ys.shape != grid.shape or not np.isfinite(ys[2:-2]).all():
+        return "other", None
+    if np.allclose(ys, np.maximum(grid, 0.0), rtol=1e-4, atol=1e-4):
+        return "relu", None
+    if np.allclose(ys, grid, rtol=1e-4, atol=1e-4):
+        return "linear", None
+    lo, hi = ys[0], ys[-1]
+    if np.isfinite([lo, hi]).all() and abs(ys[1] - lo) < 1e-6 and abs(ys[-2] - hi) < 1e-6 \
+            and hi - lo > 0 and (ys >= lo - 1e-6).all() and (ys <= hi + 1e-6).all():
+        return "saturating", (float(lo), float(hi))
+    return "other", None
+
+
+class _Probe:
+    """State of one probed activation (one layer)."""
+
+    def __init__(self, name: str, kind: str, limits, is_output: bool):
+        self.name = name
+        self.kind = kind
+        self.limits = limits
+        self.is_output = is_output
+        self.stats = None  # float64 [5]: step, count, saturated, sum, sum_sq
+        self.fired = None  # float32 [units]: 1 where the unit was ever positive
+
+    def ensure_variables(self, units: int) -> None:
+        if self.fired is not None and int(self.fired.shape[0]) == units:
+            return
+        with tf.init_scope():
+            self.stats = tf.Variable(tf.constant([-1.0, 0, 0, 0, 0], tf.float64),
+                                     trainable=False, name="stability_probe")
+            self.fired = tf.Variable(tf.zeros([units], tf.float32), trainable=False,
+                                     name="stability_probe_fired")
+
+    def update(self, step, pre, out) -> None:
+        """Accumulates the statistics of one call (graph side)."""
+        out = tf.cast(out, tf.float32)
+        units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
+        self.ensure_variables(units)
+        flat = tf.reshape(out, [-1, units])
+        count = tf.cast(tf.size(flat), tf.float64)
+        total = tf.reduce_sum(tf.cast(flat, tf.float64))
+        total_sq = tf.reduce_sum(tf.square(tf.cast(flat, tf.float64)))
+        saturated = tf.constant(0.0, tf.float64)
+        if self.kind == "saturating":
+            lo, hi = self.limits
+            tol = LIMIT_TOLERANCE * (hi - lo)
+            near = tf.logical_or(flat <= lo + tol, flat >= hi - tol)
+            if pre is not None and activation_name_known_pre(self):
+                pre_flat = tf.reshape(tf.cast(pre, tf.float32), [-1, units])
+                near = tf.logical_or(near, tf.abs(pre_flat) >= PRE_THRESHOLD)
+            saturated = tf.reduce_sum(tf.cast(near, tf.float64))
+        fired_now = tf.zeros([units], tf.float32)
+        if self.kind == "relu":
+            source = pre if pre is not None else out
+            source = tf.reshape(tf.cast(source, tf.float32), [-1, units])
+            fired_now = tf.cast(tf.reduce_any(source > 0, axis=0), tf.float32)
+        step = tf.cast(step, tf.float64)
+        same = tf.equal(self.stats[0], step)
+        base = tf.where(same, self.stats[1:], tf.zeros([4], tf.float64))
+        self.stats.assign(tf.concat([[step], base + tf.stack([count, saturated, total, total_sq])], 0))
+        self.fired.assign(tf.maximum(tf.where(same, self.fired, tf.zeros_like(self.fired)), fired_now))
+
+    def values(self) -> Optional[tuple[int, dict]]:
+        """Host side: ``(step, {quantity: value})`` of the latest probe step."""
+        if self.stats is None:
+            return None
+        step, count, saturated, total, total_sq = self.stats.numpy().tolist()
+        if step < 0 or count <= 0:
+            return None
+        mean = total / count
+        var = max(total_sq / count - mean * mean, 0.0)
+        out = {"act_mean": mean, "act_std": float(np.sqrt(var))}
+        if self.kind == "relu":
+            out["dead_fraction"] = float(1.0 - np.mean(self.fired.numpy()))
+        if self.kind == "saturating" and not self.is_output:
+            out["saturated_fraction"] = saturated / count
+        return int(step), out
+
+
+def activation_name_known_pre(probe: _Probe) -> bool:
+    """Whether the |pre-activation| >= 5 rule applies (standard sigmoid/tanh)."""
+    return probe.limits in ((0.0, 1.0), (-1.0, 1.0)) and probe.kind == "saturating"
+
+
+class ActivationProbes:
+    """Per-layer activation statistics every ``every`` steps (see module docstring).
+
+    Args:
+      model: The Keras model whose layers are probed.
+      every: Probe on steps with ``optimizer.iterations % every == 0``.
+      step_fn: Returns the current 0-based step as a tensor (inside the step).
+    """
+
+    def __init__(self, model, every: int, step_fn: Callable[[], Any]):
+        self.model = model
+        self.every = max(1, int(every))
+        self.step_fn = step_fn
+        self.tracing = False
+        self.probes: list[_Probe] = []
+        self.unprobed: dict[str, str] = {}
+        self._saved: list = []
+        self._last_step = -1
+
+    # --------------------------------------------------------------- install
+
+    def attach(self) -> None:
+        """Wraps the activations of every probe-able layer (instances only)."""
+        if self._saved:
+            return
+        outputs = _output_layers(self.model)
+        gpu = bool(tf.config.list_physical_devices("GPU"))
+        known = {p.name: p for p in self.probes}
+        for layer in _layers(self.model):
+            name = layer.name
+            cell = getattr(layer, "cell", None)
+            if cell is not None and callable(getattr(cell, "activation", None)):
+                if gpu and activation_name(cell.activation) == "tanh" and activation_name(
+                        getattr(cell, "recurrent_activation", None)) == "sigmoid":
+                    self.unprobed[name] = "cuDNN-eligible RNN on GPU (wrapping disables cuDNN)"
+                    continue
+                self._wrap_attr(cell, "activation", name, layer in outputs, known)
+            elif type(layer).__name__ in _ACTIVATION_LAYERS:
+                self._wrap_call(layer, name, layer in outputs, known)
+            elif callable(getattr(layer, "activation", None)) and not hasattr(layer, "cell"):
+                self._wrap_attr(layer, "activation", name, layer in outputs, known)
+
+    def detach(self) -> None:
+        """Restores every wrapped attribute (probe variables are kept)."""
+        for obj, attr, had, old in reversed(self._saved):
+            try:
+                if had:
+                    object.__setattr__(obj, attr, old)
+                else:
+                    object.__delattr__(obj, attr)
+            except Exception:  # noqa: BLE001
+                logger.debug("could not restore %s", attr, exc_info=True)
+        self._saved = []
+
+    def _probe(self, name, fn, is_output, known) -> Optional[_Probe]:
+        kind, limits = classify(fn)
+        if kind == "linear":
+            return None
+        probe = known.get(name)
+        if probe is None or probe.kind != kind:
+            probe = _Probe(name, kind, limits, is_output)
+            self.probes = [p for p in self.probes if p.name != name] + [probe]
+        return probe
+
+    def _save(self, obj, attr, value) -> None:
+        had = attr in vars(obj)
+        self._saved.append((obj, attr, had, vars(obj).get(attr)))
+        object.__setattr__(obj, attr, value)
+
+    def _wrap_attr(self, obj, attr, name, is_output, known) -> None:
+        original = getattr(obj, attr)
+        probe = self._probe(name, original, is_output, known)
+        if probe is None:
+            return
+        probes = self
+
+        def activation(x, *args, **kwargs):
+            y = original(x, *args, **kwargs)
+            probes._record(probe, x, y)
+            return y
+
+        activation.__name__ = activation_name(original)
+        activation.__wrapped__ = original
+        self._save(obj, attr, activation)
+
+    def _wrap_call(self, layer, name, is_output, known) -> None:
+        kind_name = _ACTIVATION_LAYERS[type(layer).__name__]
+        probe = self._probe(name, _Named(kind_name), is_output, known)
+        original = layer.call
+        probes = self
+
+        def call(inputs, *args, **kwargs):
+            y = original(inputs, *args, **kwargs)
+            probes._record(probe, inputs, y)
+            return y
+
+        self._save(layer, "call", call)
+
+    # ----------------------------------------------------------------- graph
+
+    def _record(self, probe: _Probe, pre, out) -> None:
+        if not self.tracing:
+            return
+        try:
+            if not (tf.is_tensor(out) and out.dtype.is_floating):
+                return
+            step = tf.cast(self.step_fn(), tf.int64)
+
+            def update():
+                probe.update(step, pre if tf.is_tensor(pre) else None, out)
+                return tf.constant(True)
+
+            tf.cond(tf.equal(tf.math.floormod(step, self.every), 0), update,
+                    lambda: tf.constant(False))
+        except Exception:  # noqa: BLE001 - a probe must never break training
+            logger.debug("probe %s failed", probe.name, exc_info=True)
+            self.unprobed[probe.name] = "probe failed while tracing"
+
+    # ------------------------------------------------------------------ host
+
+    def read(self) -> Optional[tuple[int, dict]]:
+        """New probe results: ``(step, {quantity: (names, values)})`` or None.
+
+        Only layers probed at the latest probe step are included; a step is
+        returned once.
+        """
+        results = [(p, p.values()) for p in self.probes]
+        results = [(p, v) for p, v in results if v is not None]
+        if not results:
+            return None
+        step = max(v[0] for _, v in results)
+        if step <= self._last_step:
+            return None
+        self._last_step = step
+        table: dict = {}
+        for probe, (s, values) in results:
+            if s != step:
+                continue
+            for quantity, value in values.items():
+                names, vals = table.setdefault(quantity, ([], []))
+                names.append(probe.name)
+                vals.append(value)
+        return step, table
+
+
+class _Named:
+    """A stand-in callable that only carries an activation name."""
+
+    def __init__(self, name: str):
+        self.__name__ = name
+
+    def __call__(self, x):
+        return x
+
+
+def _layers(model) -> list:
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        return [layer for layer in flatten(include_self=False, recursive=True)]
+    return list(getattr(model, "layers", []))
+
+
+def _output_layers(model) -> set:
+    """Layers producing the model's outputs (last layer for subclassed models)."""
+    found = set()
+    try:
+        for tensor in tf.nest.flatten(model.outputs):
+            history = getattr(tensor, "_keras_history", None)
+            if history is not None:
+                found.add(history[0] if not hasattr(history, "operation") else history.operation)
+    except Exception:  # noqa: BLE001 - subclassed models have no outputs
+        pass
+    if not found:
+        layers = [layer for layer in _layers(model) if not getattr(layer, "_layers", None)]
+        if layers:
+            found.add(layers[-1])
+    return found

@@ -1,0 +1,122 @@
+"""``tb-stability replay RUN_DIR [--model FILE]``: re-run the first non-finite step.
+
+Loads ``RUN_DIR/nan_origin/`` (written by the callback at the first
+non-finite loss or gradient: ``batch.npz``, ``nan_origin.json``,
+``model.keras``), takes the saved model or the one given with ``--model``
+(a ``.keras`` file, or ``module.py:function`` returning a compiled model),
+sets the weights from before the step (by variable path, else by order and
+shape), re-runs the step eagerly with `instrumentation.nan_origin.find_origin`
+and prints the origin next to the recorded one.
+
+Exit status: 0 when the replayed origin equals the recorded one, 1 when it
+differs, 2 on usage or I/O errors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Optional, Sequence
+
+from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, load_artifacts,
+                                        rebuild, variable_path)
+
+
+class ReplayError(Exception):
+    """A usage or I/O problem (exit status 2)."""
+
+
+def artifact_dir(run_dir: str) -> str:
+    """The artefact directory of a run (accepts the directory itself too)."""
+    for candidate in (os.path.join(run_dir, ARTIFACT_DIR), run_dir):
+        if os.path.isfile(os.path.join(candidate, "nan_origin.json")):
+            return candidate
+    raise ReplayError(f"no {ARTIFACT_DIR}/nan_origin.json under {run_dir!r} "
+                      "(the run had no non-finite step, or was not recorded with nan_forensics)")
+
+
+def load_model(record: dict, model_path: Optional[str]):
+    """The model to replay: ``model_path`` (``.keras`` or ``file.py:function``) or the saved one."""
+    import keras
+
+    path = model_path or record.get("model_file")
+    if not path:
+        raise ReplayError("the model could not be saved at training time "
+                          f"({record.get('model_error', 'unknown reason')}); pass --model FILE")
+    if ":" in path and path.split(":", 1)[0].endswith(".py"):
+        file, func = path.split(":", 1)
+        spec = importlib.util.spec_from_file_location("_tb_stability_replay_model", file)
+        if spec is None or spec.loader is None:
+            raise ReplayError(f"cannot import {file!r}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return getattr(module, func)()
+    if not os.path.isfile(path):
+        raise ReplayError(f"model file not found: {path!r}")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # noqa: BLE001 - e.g. an unregistered custom loss
+        raise ReplayError(f"cannot load {path!r}: {type(error).__name__}: {error}") from error
+
+
+def set_weights(model, names: Sequence[str], weights: Sequence) -> int:
+    """Assigns saved weights by variable path, else by position and shape; returns the count."""
+    variables = list(model.trainable_variables)
+    by_path = {variable_path(v): v for v in variables}
+    done = 0
+    for i, (name, value) in enumerate(zip(names, weights)):
+        target = by_path.get(name)
+        if target is None and i < len(variables):
+            target = variables[i]
+        if target is not None and tuple(target.shape) == tuple(value.shape):
+            target.assign(value)
+            done += 1
+    return done
+
+
+def replay(run_dir: str, model_path: Optional[str] = None) -> tuple[dict, dict]:
+    """Re-runs the recorded step; returns ``(recorded, replayed)`` origin records."""
+    directory = artifact_dir(run_dir)
+    record, batch, weights = load_artifacts(directory)
+    model = load_model(record, model_path)
+    structure = record.get("structure", {})
+    x = rebuild(structure.get("x", {"kind": "single"}), batch["x"])
+    y = rebuild(structure.get("y", {"kind": "single"}), batch["y"])
+    sw = rebuild(structure.get("sw", {"kind": "none"}), batch["sw"])
+    if x is None:
+        raise ReplayError("the saved batch holds no inputs")
+    if not model.built:
+        model(x)
+    set_weights(model, record.get("weight_names", []), weights)
+    return record, find_origin(model, x, y, sw)
+
+
+def same_origin(a: dict, b: dict) -> bool:
+    """Whether two origin records name the same origin, layer and variables."""
+    return (a.get("origin"), a.get("layer"), list(a.get("variables") or [])) == \
+        (b.get("origin"), b.get("layer"), list(b.get("variables") or []))
+
+
+def main(argv: Sequence[str]) -> int:
+    """``replay RUN_DIR [--model FILE]``; returns the exit status."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tb-stability replay")
+    parser.add_argument("run_dir")
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args(list(argv))
+    return run(args.run_dir, args.model)
+
+
+def run(run_dir: str, model_path: Optional[str] = None) -> int:
+    """Prints the replayed origin; returns 0 (same as recorded), 1 (differs) or 2 (error)."""
+    try:
+        recorded, replayed = replay(run_dir, model_path)
+    except (ReplayError, OSError, KeyError, ValueError) as error:
+        sys.stderr.write(f"tb-stability: error: {error}\n")
+        return 2
+    same = same_origin(recorded, replayed)
+    sys.stdout.write(f"step {recorded.get('step')}: {describe(replayed)} "
+                     f"({'same as' if same else 'differs from'} recorded: {describe(recorded)})\n")
+    return 0 if same else 1

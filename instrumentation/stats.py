@@ -1,0 +1,401 @@
+"""Graph-side training statistics: state variables and record functions.
+
+Everything here runs inside the user's compiled train step (``tf.function``,
+with or without XLA). It only reads tensors and assigns to non-trainable
+``tf.Variable`` s owned by a `StepStats`; it never creates summary ops or
+Python side effects that depend on tensor values, so it is XLA-safe. The host
+side (`instrumentation.writer`) reads the variables back every few steps.
+
+State kept by `StepStats`:
+
+* ``ring``: float64 ``[capacity, len(columns)]``; row ``step % capacity``
+  holds ``(step, loss, grad_norm, nonfinite_grads, learning_rate)`` of one
+  step, followed by the optional `EXTRA_COLUMNS` the `StepStats` was created
+  with (clipping, loss scaling, replicas). Unused rows have ``step == -1``.
+* ``var_stats``: float32 ``[slots, 3, num_vars]``; slot
+  ``(step // every) % slots`` holds the per-variable gradient norm, weight
+  norm and update ratio of log step ``step`` (``step % every == 0``), and
+  ``var_steps[slot] == step``.
+* ``snapshots``: one variable per tracked variable, the weights before the
+  update on log steps (``|Δw|`` needs them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tb_stability import schema
+
+NUM_COLUMNS = len(schema.STEP_COLUMNS)
+GRAD_NORM, WEIGHT_NORM, UPDATE_RATIO = range(3)
+
+# Optional per-step columns appended after `schema.STEP_COLUMNS` (their names
+# go into the steps block's metadata, so the reader picks them up):
+#   clipped             1 when the pre-clip norm exceeded clipnorm/global_clipnorm
+#   skipped             1 when a LossScaleOptimizer skipped the update
+#   loss_scale          the loss scale the step's gradients were divided by
+#   nonfinite_replicas  bit mask: bit r set when replica r had non-finite values
+EXTRA_COLUMNS = ("clipped", "skipped", "loss_scale", "nonfinite_replicas")
+
+
+def variable_name(variable: Any) -> str:
+    """A stable, human-readable name of a Keras or TF variable (its path)."""
+    for attr in ("path", "name"):
+        name = getattr(variable, attr, None)
+        if isinstance(name, str) and name:
+            return name[:-2] if name.endswith(":0") else name
+    return f"variable_{id(variable)}"
+
+
+def _variable_keys(variable: Any) -> list[int]:
+    """Identity keys under which a variable may be passed to the optimizer."""
+    keys = [id(variable)]
+    inner = getattr(variable, "value", None)
+    if isinstance(inner, tf.Variable) and inner is not variable:
+        keys.append(id(inner))
+    return keys
+
+
+def _values(tensor: Any) -> tf.Tensor:
+    """Dense values of a gradient (the ``values`` of an `IndexedSlices`)."""
+    if isinstance(tensor, tf.IndexedSlices):
+        tensor = tensor.values
+    return tf.convert_to_tensor(tensor)
+
+
+def _sum_squares(tensor: Any) -> tf.Tensor:
+    values = tf.cast(_values(tensor), tf.float32)
+    return tf.reduce_sum(tf.square(values))
+
+
+def _count_nonfinite(tensor: Any) -> tf.Tensor:
+    values = _values(tensor)
+    if not values.dtype.is_floating:
+        return tf.constant(0.0, tf.float64)
+    bad = tf.logical_not(tf.math.is_finite(values))
+    return tf.cast(tf.math.count_nonzero(bad, dtype=tf.int64), tf.float64)
+
+
+@dataclasses.dataclass
+class LocalStats:
+    """Gradient statistics of one step (of one replica, or aggregated).
+
+    Attributes:
+      loss: float64 scalar, the recorded loss.
+      sum_squares: float32 ``[num_vars]`` squared gradient norms.
+      total: float64 scalar, squared global gradient norm (untracked variables
+        included).
+      nonfinite: float64 scalar, number of non-finite gradient values.
+    """
+
+    loss: tf.Tensor
+    sum_squares: tf.Tensor
+    total: tf.Tensor
+    nonfinite: tf.Tensor
+
+
+@dataclasses.dataclass
+class GradientState:
+    """Tensors computed before the update and needed after it.
+
+    Attributes:
+      step: int64 scalar, the 0-based global step.
+      is_log: bool scalar, whether this step records per-variable statistics.
+      sum_squares: float32 ``[num_vars]`` squared gradient norms (zeros for
+        variables without a gradient this step).
+    """
+
+    step: tf.Tensor
+    is_log: tf.Tensor
+    sum_squares: tf.Tensor
+
+
+class StepStats:
+    """Non-trainable variables holding recent training statistics.
+
+    Create it outside of (or on the first trace of) a ``tf.function``; its
+    variables are created under ``tf.init_scope``.
+
+    Args:
+      variables: The tracked trainable variables (Keras or TF variables).
+      every: Per-variable statistics are recorded on steps with
+        ``step % every == 0``.
+      capacity: Rows of the per-step ring buffer; the host must read it at
+        least every ``capacity`` steps.
+      snapshot: Whether to keep pre-update weight copies for the update ratio
+        (costs one extra copy of the weights in memory).
+    """
+
+    def __init__(
+        self,
+        variables: Sequence[Any],
+        every: int,
+        capacity: int,
+        snapshot: bool = True,
+        extra_columns: Sequence[str] = (),
+    ):
+        unknown = [c for c in extra_columns if c not in EXTRA_COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown step columns {unknown}")
+        self.columns = tuple(schema.STEP_COLUMNS) + tuple(
+            c for c in EXTRA_COLUMNS if c in extra_columns
+        )
+        self.variables = list(variables)
+        self.names = tuple(variable_name(v) for v in self.variables)
+        self.every = max(1, int(every))
+        self.capacity = max(2, int(capacity))
+        self.slots = self.capacity // self.every + 2
+        self._index = {}
+        for i, variable in enumerate(self.variables):
+            for key in _variable_keys(variable):
+                self._index.setdefault(key, i)
+        n = len(self.variables)
+        with tf.init_scope():
+            self.ring = plain_variable(self._empty_ring(), "stability_ring")
+            self.pending_loss = plain_variable(
+                tf.constant(np.nan, tf.float64), "stability_loss"
+            )
+            self.var_stats = plain_variable(
+                tf.zeros([self.slots, 3, n], tf.float32), "stability_var_stats"
+            )
+            self.skips = plain_variable(tf.constant(0, tf.int64), "stability_skips")
+            self.var_steps = plain_variable(
+                tf.fill([self.slots], tf.constant(-1, tf.int64)), "stability_var_steps"
+            )
+            self.snapshots = None
+            if snapshot:
+                self.snapshots = [
+                    plain_variable(tf.zeros(v.shape, _dtype(v)), "stability_snapshot")
+                    for v in self.variables
+                ]
+
+    def _empty_ring(self) -> np.ndarray:
+        ring = np.zeros([self.capacity, len(self.columns)], np.float64)
+        ring[:, 0] = -1.0
+        return ring
+
+    def reset(self) -> None:
+        """Marks every row and slot unused (eager, host side)."""
+        self.ring.assign(self._empty_ring())
+        self.var_steps.assign(tf.fill([self.slots], tf.constant(-1, tf.int64)))
+        self.pending_loss.assign(np.nan)
+        self.skips.assign(0)
+
+    # ------------------------------------------------------------------ graph
+
+    def record_loss(self, loss: Any) -> None:
+        """Stores the raw loss of the current step (consumed by `record_gradients`)."""
+        loss = tf.convert_to_tensor(loss)
+        if loss.shape.rank != 0:
+            loss = tf.reduce_mean(loss)
+        self.pending_loss.assign(tf.cast(loss, tf.float64))
+
+    def record_gradients(
+        self,
+        step: Any,
+        grads: Sequence[Any],
+        variables: Optional[Sequence[Any]],
+        learning_rate: Any,
+        grad_scale: Any = None,
+        extras: Optional[dict] = None,
+        reduce: Optional[Callable[["LocalStats"], "LocalStats"]] = None,
+    ) -> GradientState:
+        """Writes this step's row: loss, global gradient norm, non-finite count, LR.
+
+        Args:
+          step: The 0-based global step (scalar integer tensor).
+          grads: Gradients, aligned with ``variables`` (``None`` allowed).
+          variables: The variables the gradients belong to; ``None`` means the
+            tracked variables, in order.
+          learning_rate: The learning rate used for this update.
+          grad_scale: Optional loss-scale factor the gradients are multiplied by.
+          extras: Values of the optional columns (``EXTRA_COLUMNS``) this
+            `StepStats` has; missing ones are written as NaN.
+          reduce: Optional function turning this replica's `LocalStats` into
+            statistics of the aggregated step (``tf.distribute``).
+
+        Returns:
+          A `GradientState` for `record_update`.
+        """
+        local = self.local_stats(grads, variables, grad_scale)
+        if reduce is not None:
+            local = reduce(local)
+        return self.write_row(step, local, learning_rate, extras)
+
+    def local_stats(
+        self, grads: Sequence[Any], variables: Optional[Sequence[Any]], grad_scale: Any = None
+    ) -> "LocalStats":
+        """Squared gradient norms and non-finite count of the given gradients."""
+        if variables is None:
+            variables = self.variables
+        per_var = [tf.constant(0.0, tf.float32)] * len(self.variables)
+        present = []
+        for grad, variable in zip(grads, variables):
+            if grad is None:
+                continue
+            if grad_scale is not None:
+                grad = _values(grad) / tf.cast(grad_scale, _values(grad).dtype)
+            present.append(grad)
+            index = self._lookup(variable)
+            if index is not None:
+                per_var[index] = _sum_squares(grad)
+        others = [_sum_squares(g) for g, v in zip(grads, variables)
+                  if g is not None and self._lookup(v) is None]
+        sum_squares = tf.stack(per_var) if per_var else tf.zeros([0], tf.float32)
+        total = tf.reduce_sum(tf.cast(sum_squares, tf.float64))
+        for extra in others:
+            total += tf.cast(extra, tf.float64)
+        # Non-finite values are counted only when the squared norm is not
+        # finite (never on a healthy step). The cond holds no collective.
+        nonfinite = tf.cond(
+            tf.math.is_finite(total),
+            lambda: tf.constant(0.0, tf.float64),
+            lambda: tf.add_n([_count_nonfinite(g) for g in present] + [tf.constant(0.0, tf.float64)]),
+        )
+        return LocalStats(
+            loss=tf.identity(self.pending_loss), sum_squares=sum_squares,
+            total=total, nonfinite=nonfinite,
+        )
+
+    def write_row(
+        self, step: Any, local: "LocalStats", learning_rate: Any, extras: Optional[dict] = None
+    ) -> GradientState:
+        """Writes the ring row of ``step`` from (possibly aggregated) statistics."""
+        step = tf.cast(step, tf.int64)
+        extras = dict(extras or {})
+        values = [
+            tf.cast(step, tf.float64),
+            tf.cast(local.loss, tf.float64),
+            tf.sqrt(tf.cast(local.total, tf.float64)),
+            tf.cast(local.nonfinite, tf.float64),
+            tf.cast(tf.reshape(tf.convert_to_tensor(learning_rate), []), tf.float64),
+        ]
+        for name in self.columns[len(values):]:
+            value = extras.get(name, np.nan)
+            values.append(tf.cast(tf.reshape(tf.convert_to_tensor(value), []), tf.float64))
+        row = tf.stack(values)
+        width = len(self.columns)
+        index = tf.math.floormod(step, self.capacity)
+        self.ring.scatter_nd_update(tf.reshape(index, [1, 1]), tf.reshape(row, [1, width]))
+        is_log = tf.equal(tf.math.floormod(step, self.every), 0)
+        return GradientState(step=step, is_log=is_log, sum_squares=local.sum_squares)
+
+    def snapshot(self, state: GradientState) -> None:
+        """Copies the weights on log steps (call before the update)."""
+        self.snapshot_when(state.is_log)
+
+    def snapshot_when(self, predicate: Any) -> None:
+        """Copies the current weights into the snapshots where ``predicate`` holds."""
+        if not self.snapshots:
+            return
+
+        def copy():
+            for snap, variable in zip(self.snapshots, self.variables):
+                snap.assign(_read(variable))
+            return tf.constant(True)
+
+        tf.cond(tf.convert_to_tensor(predicate), copy, lambda: tf.constant(False))
+
+    def record_update(self, state: GradientState) -> None:
+        """On log steps stores gradient norm, weight norm and update ratio per variable.
+
+        Call after the update; the weight norm is that of the weights before
+        the update (the snapshot) and the update ratio is
+        ``|w_after - w_before| / |w_before|`` (0 where ``|w_before| == 0``).
+        """
+
+        def compute():
+            grad_norm = tf.sqrt(state.sum_squares)
+            if self.snapshots:
+                weight, delta = [], []
+                for snap, variable in zip(self.snapshots, self.variables):
+                    before = tf.cast(tf.convert_to_tensor(snap), tf.float32)
+                    after = tf.cast(_read(variable), tf.float32)
+                    weight.append(tf.norm(tf.reshape(before, [-1])))
+                    delta.append(tf.norm(tf.reshape(after - before, [-1])))
+                weight_norm = tf.stack(weight) if weight else tf.zeros([0], tf.float32)
+                delta_norm = tf.stack(delta) if delta else tf.zeros([0], tf.float32)
+                ratio = tf.math.divide_no_nan(delta_norm, weight_norm)
+            else:
+                weight_norm = tf.stack([
+                    tf.norm(tf.reshape(tf.cast(_read(v), tf.float32), [-1]))
+                    for v in self.variables
+                ]) if self.variables else tf.zeros([0], tf.float32)
+                ratio = tf.fill(tf.shape(weight_norm), tf.constant(np.nan, tf.float32))
+            stats = tf.stack([grad_norm, weight_norm, ratio])
+            slot = tf.math.floormod(tf.math.floordiv(state.step, self.every), self.slots)
+            self.var_stats.scatter_nd_update(
+                tf.reshape(slot, [1, 1]), tf.expand_dims(stats, 0)
+            )
+            self.var_steps.scatter_nd_update(
+                tf.reshape(slot, [1, 1]), tf.reshape(state.step, [1])
+            )
+            return tf.constant(True)
+
+        tf.cond(state.is_log, compute, lambda: tf.constant(False))
+
+    def observe_apply(
+        self,
+        step: Any,
+        grads: Sequence[Any],
+        variables: Optional[Sequence[Any]],
+        learning_rate: Any,
+        apply_fn: Callable[[], Any],
+        grad_scale: Any = None,
+    ) -> Any:
+        """Records one step around ``apply_fn`` (the optimizer update)."""
+        state = self.record_gradients(step, grads, variables, learning_rate, grad_scale)
+        self.snapshot(state)
+        result = apply_fn()
+        self.record_update(state)
+        return result
+
+    def _lookup(self, variable: Any) -> Optional[int]:
+        for key in _variable_keys(variable):
+            if key in self._index:
+                return self._index[key]
+        return None
+
+
+def plain_variable(initial_value: Any, name: str) -> tf.Variable:
+    """A non-trainable resource variable that ignores any ``tf.distribute`` scope.
+
+    Statistics variables must stay ordinary (not mirrored) variables: each
+    replica writes the same aggregated values into them without a collective,
+    and every worker reads its own copy on the host. Constructing the
+    `ResourceVariable` class directly bypasses the variable-creator scopes a
+    strategy installs.
+    """
+    from tensorflow.python.ops import resource_variable_ops  # no public equivalent
+
+    return resource_variable_ops.ResourceVariable(
+        initial_value, trainable=False, name=name
+    )
+
+
+class ColumnsWriter:
+    """Wraps a `SummaryWriter` so that steps blocks carry ``columns`` as names."""
+
+    def __init__(self, writer: Any, columns: Sequence[str]):
+        self._writer = writer
+        self.columns = tuple(columns)
+
+    def write_steps(self, rows: Any, columns: Optional[Sequence[str]] = None) -> None:
+        """Writes a steps block with this writer's column names."""
+        self._writer.write_steps(rows, columns or self.columns)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
+def _read(variable: Any) -> tf.Tensor:
+    """The current value of a Keras or TF variable as a tensor."""
+    return tf.convert_to_tensor(variable)
+
+
+def _dtype(variable: Any) -> tf.DType:
+    return tf.as_dtype(getattr(variable, "dtype", tf.float32))

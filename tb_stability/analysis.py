@@ -1,0 +1,189 @@
+"""Runs the detectors over runs and builds the report (one engine, three faces).
+
+The CLI and the TensorBoard plugin both call `analyze_logdir`, so the
+panel's findings equal ``tb-stability report`` on the same logdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+from tb_stability.findings import Finding, severity_rank, sort_findings
+from tb_stability.reader import load_logdir
+from tb_stability.rundata import RunData
+
+REPORT_VERSION = 1
+
+Detector = Callable[[RunData], list]
+
+
+@dataclasses.dataclass
+class RunReport:
+    """Findings and warnings for one run.
+
+    Attributes:
+      run: Run name.
+      findings: Sorted findings (worst first).
+      warnings: Reader and detector warnings for this run.
+      instrumented: Whether the run holds tb-stability instrumentation data.
+    """
+
+    run: str
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    instrumented: bool = False
+
+    @property
+    def worst_severity(self) -> str | None:
+        """``"critical"``, ``"warning"``, ``"info"`` or None without findings."""
+        if not self.findings:
+            return None
+        return min((f.severity for f in self.findings), key=severity_rank)
+
+
+@dataclasses.dataclass
+class Report:
+    """The report for a logdir: runs sorted by name, plus logdir-level warnings."""
+
+    logdir: str
+    runs: list[RunReport] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def has_critical(self) -> bool:
+        """True when any run has a critical finding (the CLI exits 1)."""
+        return any(f.severity == "critical" for r in self.runs for f in r.findings)
+
+
+def _default_detectors(warnings: list[str] | None = None) -> list[Detector]:
+    """`tb_stability.detectors.ALL_DETECTORS`, or [] while the package is absent."""
+    try:
+        from tb_stability import detectors
+    except ModuleNotFoundError as error:
+        if error.name in ("tb_stability.detectors",):
+            return []
+        if warnings is not None:
+            warnings.append(f"detectors could not be imported: {error}")
+        return []
+    except Exception as error:  # a broken detector module must not kill the report
+        if warnings is not None:
+            warnings.append(f"detectors could not be imported: {type(error).__name__}: {error}")
+        return []
+    return list(getattr(detectors, "ALL_DETECTORS", []))
+
+
+def detector_name(detector: Callable) -> str:
+    """A readable name for a detector (``module.function``)."""
+    module = getattr(detector, "__module__", "") or ""
+    name = getattr(detector, "__qualname__", None) or getattr(detector, "__name__", None)
+    if name is None:
+        name = type(detector).__name__
+    return f"{module}.{name}" if module else name
+
+
+def analyze_run(
+    run: RunData,
+    detectors: Sequence[Detector] | None = None,
+    warnings: list[str] | None = None,
+) -> list[Finding]:
+    """Runs every detector on one run.
+
+    A detector that raises, or returns something that is not a list of
+    `Finding`, does not stop the others: a warning naming it is added.
+
+    Args:
+      run: The run's data.
+      detectors: Detectors to run; defaults to
+        `tb_stability.detectors.ALL_DETECTORS`.
+      warnings: Where detector warnings go; defaults to ``run.warnings``.
+
+    Returns:
+      The findings, sorted with `findings.sort_findings`.
+    """
+    sink = run.warnings if warnings is None else warnings
+    if detectors is None:
+        detectors = _default_detectors(sink)
+    findings: list[Finding] = []
+    for detector in detectors:
+        try:
+            result = detector(run)
+        except Exception as error:
+            sink.append(
+                f"detector {detector_name(detector)} failed: {type(error).__name__}: {error}"
+            )
+            continue
+        for item in result or []:
+            if not isinstance(item, Finding):
+                sink.append(
+                    f"detector {detector_name(detector)} returned a "
+                    f"{type(item).__name__}, not a Finding; ignored"
+                )
+                continue
+            if not item.run:
+                item.run = run.name
+            findings.append(item)
+    return sort_findings(findings)
+
+
+def analyze_logdir(
+    path: str | os.PathLike,
+    run_filter: str | None = None,
+    detectors: Sequence[Detector] | None = None,
+) -> Report:
+    """Loads a logdir and analyses every run.
+
+    Args:
+      path: The logdir.
+      run_filter: Keep only runs whose name contains this substring.
+      detectors: Detectors to run (defaults to ``ALL_DETECTORS``).
+
+    Returns:
+      A `Report` with runs sorted by name.
+
+    Raises:
+      tb_stability.reader.LogdirError: Missing logdir or no event files.
+    """
+    logdir = load_logdir(path)
+    report = Report(logdir=os.fspath(path), warnings=list(logdir.warnings))
+    if detectors is None:
+        detectors = _default_detectors(report.warnings)
+    for name in sorted(logdir.runs):
+        if run_filter is not None and run_filter not in name:
+            continue
+        run = logdir.runs[name]
+        run_warnings = list(run.warnings)
+        findings = analyze_run(run, detectors, run_warnings)
+        report.runs.append(RunReport(run=name, findings=findings, warnings=run_warnings,
+                                     instrumented=run.instrumented))
+    return report
+
+
+def run_report_to_json(run_report: RunReport) -> dict[str, Any]:
+    """One run's entry in `report_to_json`."""
+    return {
+        "run": run_report.run,
+        "findings": [f.to_json() for f in sort_findings(run_report.findings)],
+        "warnings": list(run_report.warnings),
+    }
+
+
+def report_to_json(report: Report) -> dict[str, Any]:
+    """The JSON form of a report (what ``tb-stability report --format json`` prints).
+
+    Returns:
+      ``{"version": 1, "runs": [{"run", "findings", "warnings"}], "warnings": [...]}``
+      with runs sorted by name and findings sorted worst first.
+    """
+    return {
+        "version": REPORT_VERSION,
+        "runs": [run_report_to_json(r) for r in sorted(report.runs, key=lambda r: r.run)],
+        "warnings": list(report.warnings),
+    }
+
+
+def iter_findings(report: Report) -> Iterable[Finding]:
+    """Every finding of every run, runs in name order."""
+    for run_report in report.runs:
+        yield from run_report.findings

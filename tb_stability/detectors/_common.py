@@ -1,0 +1,138 @@
+"""Helpers shared by the detector adapters: picking series out of `RunData`,
+classifying variable paths and formatting numbers for evidence and remedies."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from tb_stability.rundata import Matrix, RunData, Series
+
+# Ordinary-log loss tags, best first. Keras 3 `batch_loss` is a running epoch
+# mean (it hides spikes and resets every epoch), so `epoch_loss` is preferred.
+LOSS_TAGS = ("loss", "train_loss", "training_loss", "train/loss", "epoch_loss", "batch_loss")
+VAL_LOSS_TAGS = ("val_loss", "epoch_val_loss", "validation_loss", "val/loss", "valid_loss")
+_NOT_WEIGHT = re.compile(
+    r"(^|[/_])(bias|beta|gamma|moving_mean|moving_variance|mean|variance|count|seed|iterations)(:\d+)?$"
+)
+
+
+def loss_series(run: RunData) -> tuple[Series | None, str]:
+    """The run's training loss series and where it came from.
+
+    Prefers the instrumentation's raw per-step loss (``steps["loss"]``), else
+    an ordinary scalar tag in `LOSS_TAGS` order, else any other tag whose last
+    path component ends in ``loss`` and that is not a validation loss.
+
+    Returns:
+      ``(series, source)`` where source is e.g. ``"stability/steps:loss"`` or
+      ``"scalar:epoch_loss"``; ``(None, "")`` when the run has no loss.
+    """
+    s = run.steps.get("loss")
+    if s is not None and len(s):
+        return s, "stability/steps:loss"
+    for tag in LOSS_TAGS:
+        s = run.scalars.get(tag)
+        if s is not None and len(s):
+            return s, f"scalar:{tag}"
+    for tag in sorted(run.scalars):
+        low = tag.lower()
+        last = low.rsplit("/", 1)[-1]
+        if last.endswith("loss") and not is_validation_tag(low) and len(run.scalars[tag]):
+            return run.scalars[tag], f"scalar:{tag}"
+    return None, ""
+
+
+def is_validation_tag(tag: str) -> bool:
+    """True for tags that hold validation/test metrics."""
+    low = tag.lower()
+    return bool(re.search(r"(^|[/_])(val|valid|validation|test|eval)([/_]|$)", low))
+
+
+def val_loss_series(run: RunData) -> tuple[Series | None, str]:
+    """The run's validation loss scalar if it logs one, e.g. ``epoch_val_loss``."""
+    for tag in VAL_LOSS_TAGS:
+        s = run.scalars.get(tag)
+        if s is not None and len(s):
+            return s, tag
+    return None, ""
+
+
+def is_weight(name: str) -> bool:
+    """True for kernel-like variables (not biases, norm offsets/scales or stats)."""
+    return not _NOT_WEIGHT.search(name.lower())
+
+
+def weight_columns(matrix: Matrix) -> list[int]:
+    """Column indices of kernel-like variables in model order (all if none match)."""
+    cols = [i for i, n in enumerate(matrix.names) if is_weight(n)]
+    return cols or list(range(len(matrix.names)))
+
+
+def global_grad_norm(run: RunData) -> Series | None:
+    """Per-step global gradient norm, or one rebuilt from per-variable norms."""
+    s = run.steps.get("grad_norm")
+    if s is not None and len(s):
+        return s
+    m = run.variables.get("grad_norm")
+    if m is not None and len(m):
+        with np.errstate(over="ignore", invalid="ignore"):
+            g = np.sqrt(np.sum(np.square(m.values), axis=1))
+        return Series(steps=m.steps, values=g)
+    return None
+
+
+def value_at(series: Series | None, step: int) -> float | None:
+    """Value of ``series`` at ``step`` (exact match) or None."""
+    if series is None or not len(series):
+        return None
+    idx = np.searchsorted(series.steps, step)
+    if idx < len(series) and int(series.steps[idx]) == step:
+        return float(series.values[idx])
+    return None
+
+
+def lr_at(run: RunData, step: int | None) -> float | None:
+    """Learning rate at or just before ``step`` when logged."""
+    s = run.steps.get("learning_rate")
+    if s is None:
+        for tag in ("learning_rate", "epoch_learning_rate", "lr"):
+            if tag in run.scalars:
+                s = run.scalars[tag]
+                break
+    if s is None or not len(s):
+        return None
+    if step is None:
+        step = int(s.steps[-1])
+    idx = int(np.searchsorted(s.steps, step, side="right")) - 1
+    idx = min(max(idx, 0), len(s) - 1)
+    v = float(s.values[idx])
+    return v if math.isfinite(v) else None
+
+
+def fmt(x) -> str:
+    """Compact human formatting of a number (3 significant digits)."""
+    if x is None:
+        return "n/a"
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e4:
+        return f"{x:.3g}"
+    return f"{x:.2e}"
+
+
+def round_sig(x: float, digits: int = 2) -> float:
+    """``x`` rounded to ``digits`` significant digits."""
+    if not x or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits}g}")
+
+
+def num(x):
+    """A plain float for evidence (None stays None)."""
+    return None if x is None else float(x)

@@ -1,0 +1,111 @@
+"""dead_units and saturated_activations, from the activation probes.
+
+Signals: per-layer ``dead_fraction`` (share of units that never fired on the
+probe batch) and ``saturated_fraction`` (share of sigmoid/tanh
+pre-activations with ``|x| >= 5``), one record every N steps.
+
+Rule: over the second half of the records (at least one), a layer whose
+median fraction is >= ``DEAD`` (0.7, DeepDiagnosis/AUTOTRAINER) is dead; >
+``SATURATED`` (0.5) is saturated. Onset: first record of the final stretch
+where the layer stays above the threshold.
+
+Severity: ``warning``; dead_units is ``critical`` when a layer is >= 0.99
+dead (the layer passes no signal and no gradient: training is broken).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tb_stability.detectors import _robust as R
+from tb_stability.findings import Finding
+from tb_stability.rundata import Matrix, RunData
+
+DEAD = 0.7
+ALL_DEAD = 0.99
+SATURATED = 0.5
+
+
+def persistent_layers(values, threshold: float, strict: bool = False) -> list[tuple[int, int, float]]:
+    """Columns whose median over the second half of rows crosses ``threshold``.
+
+    Returns:
+      ``(column, onset_row, median)`` triples; onset_row starts the final run of
+      rows at or above (above when ``strict``) the threshold.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2 or not v.shape[0]:
+        return []
+    tail = v[v.shape[0] // 2:]
+    out = []
+    for j in range(v.shape[1]):
+        med = R.median(tail[:, j])
+        hit = med > threshold if strict else med >= threshold
+        if not np.isfinite(med) or not hit:
+            continue
+        above = v[:, j] > threshold if strict else v[:, j] >= threshold
+        runs = R.true_runs(above)
+        onset = runs[-1][0] if runs else v.shape[0] // 2
+        out.append((j, onset, med))
+    return out
+
+
+def _finding(run: RunData, m: Matrix, hits, kind: str, severity: str, threshold: str,
+             explanation: str, remedy: str) -> Finding:
+    onset = min(h[1] for h in hits)
+    return Finding(
+        kind=kind,
+        severity=severity,
+        run=run.name,
+        first_step=int(m.steps[onset]),
+        last_step=int(m.steps[-1]),
+        layers=[m.names[j] for j, _, _ in hits],
+        evidence={"median_fraction_second_half": {m.names[j]: float(med) for j, _, med in hits},
+                  "threshold": threshold},
+        explanation=explanation,
+        remedy=remedy,
+    )
+
+
+def detect_dead(run: RunData) -> list[Finding]:
+    """dead_units adapter."""
+    m = run.layers.get("dead_fraction")
+    if m is None or not len(m):
+        return []
+    hits = persistent_layers(m.values, DEAD)
+    if not hits:
+        return []
+    worst = max(h[2] for h in hits)
+    names = ", ".join(m.names[j] for j, _, _ in hits[:4])
+    return [_finding(
+        run, m, hits, "dead_units", "critical" if worst >= ALL_DEAD else "warning",
+        f"median dead fraction over the second half >= {DEAD:g}; critical >= {ALL_DEAD:g}",
+        f"Up to {worst:.0%} of the units in {names} never activate, so they pass no signal "
+        "and receive no gradient.",
+        f"In {names}: lower the learning rate, use He initialisation and a leaky activation:\n"
+        "    keras.layers.Dense(64, kernel_initializer='he_normal')\n"
+        "    keras.layers.LeakyReLU(negative_slope=0.1)  # or activation='gelu'\n"
+        "    optimizer = keras.optimizers.Adam(learning_rate=1e-4)",
+    )]
+
+
+def detect_saturated(run: RunData) -> list[Finding]:
+    """saturated_activations adapter."""
+    m = run.layers.get("saturated_fraction")
+    if m is None or not len(m):
+        return []
+    hits = persistent_layers(m.values, SATURATED, strict=True)
+    if not hits:
+        return []
+    worst = max(h[2] for h in hits)
+    names = ", ".join(m.names[j] for j, _, _ in hits[:4])
+    return [_finding(
+        run, m, hits, "saturated_activations", "warning",
+        f"median saturated fraction (|pre-activation| >= 5) over the second half > {SATURATED:g}",
+        f"{worst:.0%} of the sigmoid/tanh inputs in {names} sit at |x| >= 5, where the "
+        "derivative is ~0, so gradients vanish through them.",
+        f"In {names}: scale the inputs, normalise before the activation, or switch to ReLU:\n"
+        "    x = keras.layers.BatchNormalization()(x)\n"
+        "    x = keras.layers.Activation('tanh')(x)   # or activation='relu'\n"
+        "    keras.layers.LSTM(32, activation='tanh')  # not 'sigmoid'",
+    )]

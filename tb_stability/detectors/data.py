@@ -1,0 +1,158 @@
+"""unscaled_inputs and class_imbalance, from the data statistics.
+
+unscaled_inputs
+  Signal: ``run.inputs`` (per-feature mean/std/min/max, every N steps),
+  aggregated over records (min of min, max of max, median of mean and std).
+  Rule: some feature has ``max(|min|, |max|) > RANGE`` (10: clearly neither
+  standardised nor in [0, 1]), or the largest/smallest positive std ratio is
+  > ``STD_RATIO`` (100) while the largest std is > 1. Severity: ``warning``.
+
+class_imbalance
+  Signal: ``run.labels`` / ``run.predictions`` class counts, summed over
+  records. Rule: labels: the majority/minority ratio of the classes present is
+  >= ``IMBALANCE`` (10) or the majority share >= ``MAJORITY`` (0.9);
+  predictions (last half of records): >= ``COLLAPSE`` (0.95) of predictions
+  in one class while that class holds < 0.8 of the labels. Severity:
+  ``warning``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from tb_stability.detectors import _common as C
+from tb_stability.findings import Finding
+from tb_stability.rundata import Matrix, RunData
+
+RANGE = 10.0
+STD_RATIO = 100.0
+IMBALANCE = 10.0
+MAJORITY = 0.9
+COLLAPSE = 0.95
+
+
+def input_scale(mean, std, lo, hi) -> dict:
+    """Summary of per-feature statistics (arrays ``[T, F]``) and the rule's verdict."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo_ = np.nanmin(np.asarray(lo, dtype=np.float64), axis=0)
+        hi_ = np.nanmax(np.asarray(hi, dtype=np.float64), axis=0)
+        std_ = np.nanmedian(np.asarray(std, dtype=np.float64), axis=0)
+        mean_ = np.nanmedian(np.asarray(mean, dtype=np.float64), axis=0)
+    extent = np.maximum(np.abs(lo_), np.abs(hi_))
+    pos = std_[np.isfinite(std_) & (std_ > 0)]
+    ratio = float(pos.max() / pos.min()) if pos.size else 1.0
+    big = [int(j) for j in np.flatnonzero(extent > RANGE)]
+    spread = ratio > STD_RATIO and pos.size and pos.max() > 1.0
+    return {"extent": extent, "std": std_, "mean": mean_, "std_ratio": ratio,
+            "large_features": big, "flag": bool(big or spread)}
+
+
+def imbalance(counts) -> tuple[float, float]:
+    """``(majority_share, majority/minority ratio)`` over classes with count > 0."""
+    c = np.asarray(counts, dtype=np.float64)
+    c = c[np.isfinite(c) & (c > 0)]
+    if c.size < 1:
+        return float("nan"), float("nan")
+    return float(c.max() / c.sum()), float(c.max() / c.min())
+
+
+def detect_unscaled(run: RunData) -> list[Finding]:
+    """unscaled_inputs adapter."""
+    if not all(k in run.inputs for k in ("mean", "std", "min", "max")):
+        return []
+    m = run.inputs["std"]
+    s = input_scale(run.inputs["mean"].values, m.values, run.inputs["min"].values,
+                    run.inputs["max"].values)
+    if not s["flag"]:
+        return []
+    names = list(m.names) or [str(j) for j in range(len(s["std"]))]
+    top = sorted(range(len(names)), key=lambda j: -np.nan_to_num(s["extent"][j]))[:5]
+    return [Finding(
+        kind="unscaled_inputs",
+        severity="warning",
+        run=run.name,
+        first_step=int(m.steps[0]),
+        last_step=int(m.steps[-1]),
+        layers=[],
+        evidence={
+            "largest_features": {names[j]: {"min_max_extent": float(s["extent"][j]),
+                                            "std": float(s["std"][j]), "mean": float(s["mean"][j])}
+                                 for j in top},
+            "features_outside_range": len(s["large_features"]),
+            "std_ratio_max_to_min": s["std_ratio"],
+            "threshold": f"max |x| > {RANGE:g}, or std ratio > {STD_RATIO:g} with max std > 1",
+        },
+        explanation=(
+            f"Input features reach |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]}) and "
+            f"their spreads differ {C.fmt(s['std_ratio'])}x; unscaled inputs saturate units and "
+            "make the loss surface badly conditioned."
+        ),
+        remedy=(
+            "Standardise the features (fit on training data only):\n"
+            "    norm = keras.layers.Normalization()\n"
+            "    norm.adapt(x_train)\n"
+            "    model = keras.Sequential([keras.Input(x_train.shape[1:]), norm, ...])\n"
+            "    # or: x = sklearn.preprocessing.StandardScaler().fit_transform(x)"
+        ),
+    )]
+
+
+def detect_imbalance(run: RunData) -> list[Finding]:
+    """class_imbalance adapter (labels and collapsed predictions)."""
+    out = []
+    lab: Matrix | None = run.labels
+    label_share = None
+    if lab is not None and len(lab) and lab.values.shape[1] >= 2:
+        counts = np.nansum(lab.values, axis=0)
+        share, ratio = imbalance(counts)
+        top = int(np.argmax(counts))
+        label_share = float(counts[top] / counts.sum()) if counts.sum() > 0 else None
+        if np.isfinite(share) and (ratio >= IMBALANCE or share >= MAJORITY):
+            dist = {str(lab.names[j]): float(counts[j]) for j in range(len(counts))}
+            minority = str(lab.names[int(np.argmin(np.where(counts > 0, counts, np.inf)))])
+            out.append(Finding(
+                kind="class_imbalance", severity="warning", run=run.name,
+                first_step=int(lab.steps[0]), last_step=int(lab.steps[-1]),
+                evidence={"label_counts": dist, "majority_share": share, "majority_to_minority": ratio,
+                          "threshold": f"majority/minority >= {IMBALANCE:g} or majority share >= {MAJORITY:g}"},
+                explanation=(
+                    f"Class {lab.names[top]} holds {share:.0%} of the labels ({C.fmt(ratio)}x the rarest "
+                    "class); the model can score well by ignoring the minority classes."
+                ),
+                remedy=(
+                    "Weight the classes inversely to their frequency (or resample), and track "
+                    "per-class metrics:\n"
+                    "    counts = np.bincount(y_train)\n"
+                    "    class_weight = {i: len(y_train) / (len(counts) * c) for i, c in enumerate(counts)}\n"
+                    "    model.fit(x, y, class_weight=class_weight)\n"
+                    "    model.compile(..., metrics=[keras.metrics.AUC(), keras.metrics.Recall()])"
+                ),
+            ))
+    pred: Matrix | None = run.predictions
+    if pred is not None and len(pred) and pred.values.shape[1] >= 2:
+        counts = np.nansum(pred.values[len(pred) // 2:], axis=0)
+        total = counts.sum()
+        if total > 0:
+            top = int(np.argmax(counts))
+            share = float(counts[top] / total)
+            if share >= COLLAPSE and (label_share is None or label_share < 0.8):
+                out.append(Finding(
+                    kind="class_imbalance", severity="warning", run=run.name,
+                    first_step=int(pred.steps[len(pred) // 2]), last_step=int(pred.steps[-1]),
+                    evidence={"prediction_share": share, "predicted_class": str(pred.names[top]),
+                              "label_majority_share": label_share,
+                              "threshold": f"one predicted class >= {COLLAPSE:g} while labels < 0.8"},
+                    explanation=(
+                        f"{share:.0%} of the predictions are class {pred.names[top]}: the model "
+                        "collapsed to one class."
+                    ),
+                    remedy=(
+                        "Use class weights or a focal loss and check the output layer/loss pairing:\n"
+                        "    model.fit(x, y, class_weight=class_weight)\n"
+                        "    loss = keras.losses.BinaryFocalCrossentropy(apply_class_balancing=True)"
+                    ),
+                ))
+    return out

@@ -1,0 +1,238 @@
+"""nan_inf: the first non-finite loss, gradient, weight or activation.
+
+Rule: the onset is the earliest step at which any of these holds:
+per-step loss or global gradient norm is NaN/Inf, or ``nonfinite_grads > 0``
+(per-step signals, so no step is missed); a per-variable gradient/weight/update
+norm or a per-layer activation statistic is non-finite (every N steps); an
+ordinary scalar (e.g. ``epoch_loss``) is non-finite; or the instrumentation's
+``stability/nan_origin`` record. Threshold: any single non-finite value.
+The variables named are those whose gradient (else weight) norm is non-finite
+at the nearest per-variable record at or after the onset (else before it).
+
+Severity: always ``critical`` (training cannot recover from NaN weights).
+
+The remedy depends on what went first: a non-finite loss with healthy gradients
+before it points at the loss computation (log of 0, division); gradients that
+grew >= 10x before the onset, or non-finite gradients with a finite loss, point
+at an exploding update (clipnorm, lower learning rate).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tb_stability.detectors import _common as C
+from tb_stability.findings import Finding
+from tb_stability.rundata import Matrix, RunData
+
+GROWTH_BEFORE_ONSET = 10.0  # pre-onset gradient growth that blames the update
+LOOKBACK = 20  # steps before the onset examined for growth
+
+
+def first_nonfinite(steps, values) -> int | None:
+    """Step of the first non-finite value of a series, or None."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    return int(np.asarray(steps)[bad[0]]) if bad.size else None
+
+
+def last_nonfinite(steps, values) -> int | None:
+    """Step of the last non-finite value of a series, or None."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    return int(np.asarray(steps)[bad[-1]]) if bad.size else None
+
+
+def first_positive(steps, values) -> int | None:
+    """Step of the first value > 0 (e.g. ``nonfinite_grads``), or None."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(values > 0)
+    return int(np.asarray(steps)[bad[0]]) if bad.size else None
+
+
+def nonfinite_columns(steps, names, values, step: int) -> tuple[int | None, list[str]]:
+    """Names with a non-finite value at the record nearest to ``step``.
+
+    Records at or after ``step`` are preferred (the first with any non-finite
+    value); otherwise the latest earlier record with a non-finite value.
+
+    Returns:
+      ``(record_step, names)`` in column (model) order, or ``(None, [])``.
+    """
+    steps = np.asarray(steps)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or not values.shape[0]:
+        return None, []
+    bad = ~np.isfinite(values)
+    rows = np.flatnonzero(bad.any(axis=1))
+    if not rows.size:
+        return None, []
+    after = rows[steps[rows] >= step]
+    row = int(after[0]) if after.size else int(rows[-1])
+    return int(steps[row]), [names[j] for j in np.flatnonzero(bad[row])]
+
+
+def grad_growth_before(steps, grad, onset: int, lookback: int = LOOKBACK) -> tuple[float, float]:
+    """Median finite grad norm before ``onset`` and max/median growth in the lookback.
+
+    Returns:
+      ``(healthy_median, growth)``; NaN when there is no finite history.
+    """
+    steps = np.asarray(steps)
+    grad = np.asarray(grad, dtype=np.float64)
+    before = grad[(steps < onset) & np.isfinite(grad)]
+    if not before.size:
+        return float("nan"), float("nan")
+    base = before[: max(1, before.size - lookback)]
+    healthy = float(np.median(base))
+    recent = before[-lookback:]
+    growth = float(np.max(recent) / healthy) if healthy > 0 else float("inf")
+    return healthy, growth
+
+
+def _matrix_onset(m: Matrix | None) -> int | None:
+    if m is None or not len(m):
+        return None
+    rows = np.flatnonzero((~np.isfinite(m.values)).any(axis=1))
+    return int(m.steps[rows[0]]) if rows.size else None
+
+
+def detect(run: RunData) -> list[Finding]:
+    """nan_inf adapter over `RunData` (see module docstring)."""
+    candidates: dict[str, int] = {}
+    lasts: list[int] = []
+    for col in ("loss", "grad_norm"):
+        s = run.steps.get(col)
+        if s is not None and len(s):
+            k = first_nonfinite(s.steps, s.values)
+            if k is not None:
+                candidates[f"steps:{col}"] = k
+                lasts.append(last_nonfinite(s.steps, s.values))
+    s = run.steps.get("nonfinite_grads")
+    if s is not None and len(s):
+        k = first_positive(s.steps, s.values)
+        if k is not None:
+            candidates["steps:nonfinite_grads"] = k
+            lasts.append(int(s.steps[np.flatnonzero(s.values > 0)[-1]]))
+    for group, mats in (("variables", run.variables), ("layers", run.layers)):
+        for q, m in mats.items():
+            k = _matrix_onset(m)
+            if k is not None:
+                candidates[f"{group}:{q}"] = k
+                lasts.append(int(m.steps[np.flatnonzero((~np.isfinite(m.values)).any(axis=1))[-1]]))
+    for tag, s in run.scalars.items():
+        k = first_nonfinite(s.steps, s.values)
+        if k is not None:
+            candidates[f"scalar:{tag}"] = k
+            lasts.append(last_nonfinite(s.steps, s.values))
+    origin_records = run.json.get("stability/nan_origin") or []
+    origin = None
+    if origin_records:
+        o_step, origin = min(origin_records, key=lambda r: r[0])
+        candidates["stability/nan_origin"] = int(o_step)
+    if not candidates:
+        return []
+
+    onset = min(candidates.values())
+    signals = sorted(k for k, v in candidates.items() if v == onset)
+    last = max([onset] + lasts)
+
+    names: list[str] = []
+    record_step = None
+    for q in ("grad_norm", "weight_norm", "update_ratio"):
+        m = run.variables.get(q)
+        if m is not None and len(m):
+            record_step, names = nonfinite_columns(m.steps, m.names, m.values, onset)
+            if names:
+                break
+    if not names and isinstance(origin, dict):
+        for key in ("variables", "variable", "layers", "layer"):
+            v = origin.get(key)
+            if v:
+                names = [v] if isinstance(v, str) else [str(x) for x in v]
+                break
+
+    grad = C.global_grad_norm(run)
+    healthy, growth = (float("nan"), float("nan"))
+    if grad is not None:
+        healthy, growth = grad_growth_before(grad.steps, grad.values, onset)
+    loss = run.steps.get("loss")
+    loss_at = C.value_at(loss, onset)
+    grad_at = C.value_at(run.steps.get("grad_norm"), onset)
+    loss_first = loss_at is not None and not np.isfinite(loss_at) and (
+        grad_at is None or not np.isfinite(grad_at)
+    )
+    grads_first = "steps:grad_norm" in signals or "steps:nonfinite_grads" in signals
+    grads_first = grads_first and (loss_at is None or np.isfinite(loss_at))
+    exploding = bool(np.isfinite(growth) and growth >= GROWTH_BEFORE_ONSET) or grads_first
+
+    evidence = {
+        "onset_step": onset,
+        "signals_at_onset": signals,
+        "first_nonfinite_by_signal": candidates,
+        "loss_at_onset": C.num(loss_at),
+        "grad_norm_at_onset": C.num(grad_at),
+        "nonfinite_grads_at_onset": C.num(C.value_at(run.steps.get("nonfinite_grads"), onset)),
+        "healthy_grad_norm_median": C.num(healthy),
+        f"grad_growth_in_{LOOKBACK}_steps_before": C.num(growth),
+        "nonfinite_variables": names,
+        "variable_record_step": record_step,
+        "threshold": "any NaN/Inf value, or nonfinite_grads > 0; "
+        f"update blamed when grad norm grew >= {GROWTH_BEFORE_ONSET:g}x before onset",
+    }
+    if origin is not None:
+        evidence["origin"] = origin
+
+    where = f" in {', '.join(names[:5])}" if names else ""
+    what = ", ".join(signals)
+    if exploding:
+        clip = C.round_sig(2 * healthy) if np.isfinite(healthy) and healthy > 0 else 1.0
+        lr = C.lr_at(run, onset)
+        lr_txt = f"{C.round_sig(lr / 10, 2):g}" if lr else "1e-4"
+        explanation = (
+            f"Values became non-finite at step {onset} ({what}){where}. "
+            f"The gradient norm grew {C.fmt(growth)}x over the {LOOKBACK} steps before, so an "
+            "exploding update overflowed the weights."
+        )
+        remedy = (
+            f"Clip gradients at about 2x the healthy norm ({C.fmt(healthy)}) and lower the "
+            "learning rate 10x:\n"
+            f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, clipnorm={clip:g})\n"
+            "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
+        )
+    elif loss_first:
+        explanation = (
+            f"The loss became non-finite at step {onset} while the gradients before it were "
+            f"healthy (grew only {C.fmt(growth)}x), which points at the loss computation "
+            "(log of 0, division by 0, or probabilities outside (0, 1))."
+        )
+        remedy = (
+            "Use a built-in loss on logits, or clip the log argument in a custom loss:\n"
+            "    loss = keras.losses.BinaryCrossentropy(from_logits=True)  # last Dense without sigmoid\n"
+            "    # custom loss: tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))\n"
+            "Check inputs and labels for NaN (`np.isfinite(x).all()`)."
+        )
+    else:
+        explanation = f"Values became non-finite at step {onset} ({what}){where}."
+        remedy = (
+            "Find the producing op with `tf.debugging.enable_check_numerics()` before "
+            "building the model, check inputs for NaN/Inf, and guard logs/divisions:\n"
+            "    p = tf.clip_by_value(p, 1e-7, 1.0)\n"
+            "    optimizer = keras.optimizers.Adam(learning_rate=1e-4, clipnorm=1.0)"
+        )
+    if isinstance(origin, dict) and origin:
+        summary = ", ".join(f"{k}={v}" for k, v in list(origin.items())[:4])
+        explanation += f" Recorded origin: {summary}."
+    return [
+        Finding(
+            kind="nan_inf",
+            severity="critical",
+            run=run.name,
+            first_step=onset,
+            last_step=last,
+            layers=names,
+            evidence=evidence,
+            explanation=explanation,
+            remedy=remedy,
+        )
+    ]

@@ -1,0 +1,270 @@
+"""divergence, stalled and oscillation: the shape of the loss curve.
+
+All three read the training loss chosen by `_common.loss_series` (raw
+per-step loss, else ``loss``/``train_loss``/``epoch_loss``/``batch_loss``),
+finite values only, and need at least ``MIN_POINTS`` (8) of them.
+
+divergence
+  Smooth with a trailing median of ``k = max(3, n // 20)`` points. With
+  ``best`` the lowest smoothed level, the run diverges when the final smoothed
+  level is >= ``RISE`` (2x) ``best`` and the smoothed curve stays above
+  ``SUSTAIN`` (1.5x) ``best`` for the last ``max(3, n // 10)`` points (so a
+  spike is not a trend). Onset: first point after the minimum above 1.5x best.
+  Severity: ``critical`` when the final level is >= ``BLOWUP`` (10x) best or
+  the loss ends non-finite, else ``warning``.
+
+stalled
+  (a) Whole run: relative improvement ``(start - end) / |start|`` between the
+  medians of the first and last 10% (>= 3 points) is below ``STALL_REL`` (1%)
+  and, when per-variable update ratios are logged, the median kernel update
+  ratio is below ``STALL_UPDATE`` (1e-4). (b) Second half: improvement below
+  1% while the median kernel update ratio there is below ``FROZEN`` (1e-5;
+  weights frozen, e.g. dead units) and the loss is not already ~0 (end level
+  > 1e-3 x start level). Severity: ``warning``.
+
+oscillation
+  In the second half of the run: no progress (improvement < ``OSC_PROGRESS``,
+  5%), a large swing ``(q90 - q10) / median >= OSC_AMPLITUDE`` (0.5) and a
+  see-saw pattern: lag-1 autocorrelation <= ``OSC_LAG1`` (-0.3) or a periodic
+  autocorrelation >= ``OSC_PERIODIC`` (0.5) at some lag in 2..n/4 (<= 50).
+  Needs 16 points in that half. Severity: ``warning``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tb_stability.detectors import _common as C
+from tb_stability.detectors import _robust as R
+from tb_stability.findings import Finding
+from tb_stability.rundata import RunData
+
+MIN_POINTS = 8
+RISE = 2.0
+SUSTAIN = 1.5
+BLOWUP = 10.0
+STALL_REL = 0.01
+STALL_UPDATE = 1e-4
+FROZEN = 1e-5
+OSC_PROGRESS = 0.05
+OSC_AMPLITUDE = 0.5
+OSC_LAG1 = -0.3
+OSC_PERIODIC = 0.5
+OSC_MIN_HALF = 16
+
+
+def divergence(values) -> dict | None:
+    """Divergence test on finite loss values (see module docstring).
+
+    Returns:
+      None, or a dict with ``best``, ``best_index``, ``final``, ``ratio`` and
+      ``onset`` (indices into ``values``).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    n = x.size
+    if n < MIN_POINTS:
+        return None
+    k = max(3, n // 20)
+    sm = R.rolling_median(x, k)
+    sm[: k - 1] = np.nan
+    if np.all(np.isnan(sm)):
+        return None
+    b = int(np.nanargmin(sm))
+    best = float(sm[b])
+    final = float(sm[-1])
+    if not best > 0 or final < RISE * best:
+        return None
+    tail = max(3, n // 10)
+    if not np.all(sm[-tail:] > SUSTAIN * best):
+        return None
+    onset = b + 1 + int(np.argmax(sm[b + 1:] > SUSTAIN * best))
+    onset = max(b, onset - k // 2)
+    return {"best": best, "best_index": b, "final": final, "ratio": final / best, "onset": onset}
+
+
+def improvement(values, fraction: float = 0.1) -> float:
+    """Relative improvement between the first and last ``fraction`` (medians)."""
+    start = R.level(values, fraction)
+    end = R.level(values, fraction, at_end=True)
+    if not np.isfinite(start) or abs(start) < 1e-12:
+        return float("nan")
+    return (start - end) / abs(start)
+
+
+def oscillation(values) -> dict | None:
+    """Oscillation test on finite loss values (see module docstring)."""
+    x = np.asarray(values, dtype=np.float64)
+    half = x[x.size // 2:]
+    if half.size < OSC_MIN_HALF:
+        return None
+    prog = improvement(half, 0.25)
+    med = float(np.median(half))
+    if not med > 0 or not np.isfinite(prog) or prog >= OSC_PROGRESS:
+        return None
+    amp = float((np.percentile(half, 90) - np.percentile(half, 10)) / med)
+    if amp < OSC_AMPLITUDE:
+        return None
+    lag1 = R.autocorr(half, 1)
+    lags = range(2, min(50, half.size // 4) + 1)
+    acf = {lag: R.autocorr(half, lag) for lag in lags}
+    best_lag = max(acf, key=lambda lag: acf[lag]) if acf else None
+    periodic = acf[best_lag] if best_lag else float("nan")
+    if not (lag1 <= OSC_LAG1 or periodic >= OSC_PERIODIC):
+        return None
+    return {"progress": prog, "amplitude": amp, "lag1_autocorr": lag1,
+            "period": 2 if lag1 <= OSC_LAG1 else best_lag, "periodic_autocorr": periodic}
+
+
+def _loss(run: RunData):
+    loss, source = C.loss_series(run)
+    if loss is None:
+        return None, None, None, source
+    ok = np.isfinite(loss.values)
+    return loss, loss.steps[ok], loss.values[ok], source
+
+
+def _median_kernel_update(run: RunData, after_step=None) -> float | None:
+    m = run.variables.get("update_ratio")
+    if m is None or not len(m):
+        return None
+    cols = C.weight_columns(m)
+    rows = np.arange(len(m) // 10, len(m)) if after_step is None else np.flatnonzero(m.steps >= after_step)
+    if not rows.size:
+        return None
+    v = R.median(m.values[np.ix_(rows, cols)])
+    return v if np.isfinite(v) else None
+
+
+def detect_divergence(run: RunData) -> list[Finding]:
+    """divergence adapter."""
+    loss, steps, values, source = _loss(run)
+    if loss is None:
+        return []
+    d = divergence(values)
+    if d is None:
+        return []
+    ends_nonfinite = not np.isfinite(loss.values[-1])
+    severity = "critical" if d["ratio"] >= BLOWUP or ends_nonfinite else "warning"
+    onset = int(steps[d["onset"]])
+    lr = C.lr_at(run, onset)
+    lr_txt = f"{C.round_sig(lr / 10):g}" if lr else "1e-4"
+    grad = C.global_grad_norm(run)
+    clip = ""
+    if grad is not None:
+        pre = grad.values[(grad.steps <= onset) & np.isfinite(grad.values)]
+        if pre.size:
+            clip = f", clipnorm={C.round_sig(2 * float(np.median(pre))):g}"
+    return [Finding(
+        kind="divergence",
+        severity=severity,
+        run=run.name,
+        first_step=onset,
+        last_step=int(loss.steps[-1]),
+        evidence={
+            "source": source,
+            "best_loss": d["best"],
+            "best_step": int(steps[d["best_index"]]),
+            "final_loss": d["final"],
+            "ratio_final_to_best": d["ratio"],
+            "ends_nonfinite": ends_nonfinite,
+            "learning_rate": C.num(lr),
+            "threshold": f"smoothed final >= {RISE:g}x best and > {SUSTAIN:g}x best over the "
+            f"last 10% of points; critical at >= {BLOWUP:g}x or non-finite",
+        },
+        explanation=(
+            f"The loss rose from its best {C.fmt(d['best'])} (step {int(steps[d['best_index']])}) to "
+            f"{C.fmt(d['final'])} ({C.fmt(d['ratio'])}x) and stayed there: training is diverging."
+        ),
+        remedy=(
+            "Lower the learning rate 10x (or decay it) and clip gradients:\n"
+            f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}{clip})\n"
+            "    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.5, patience=2)"
+        ),
+    )]
+
+
+def detect_stalled(run: RunData) -> list[Finding]:
+    """stalled adapter."""
+    loss, steps, values, source = _loss(run)
+    if loss is None or values.size < MIN_POINTS:
+        return []
+    imp = improvement(values)
+    upd = _median_kernel_update(run)
+    first = int(steps[0])
+    whole = np.isfinite(imp) and imp < STALL_REL and (upd is None or upd < STALL_UPDATE)
+    if not whole:
+        half = values[values.size // 2:]
+        first = int(steps[values.size // 2])
+        imp = improvement(half)
+        upd = _median_kernel_update(run, first)
+        start, end = R.level(values), R.level(values, at_end=True)
+        if not (half.size >= MIN_POINTS and np.isfinite(imp) and imp < STALL_REL
+                and upd is not None and upd < FROZEN and abs(end) > 1e-3 * abs(start)):
+            return []
+    lr = C.lr_at(run, None)
+    factor = C.round_sig(1e-3 / upd, 1) if upd else 10.0
+    factor = float(min(max(factor, 10.0), 1e4))
+    lr_line = f"learning_rate={C.round_sig(min(lr * factor, 1e-2), 1):g}" if lr else "learning_rate=1e-3"
+    return [Finding(
+        kind="stalled",
+        severity="warning",
+        run=run.name,
+        first_step=first,
+        last_step=int(steps[-1]),
+        evidence={
+            "source": source,
+            "since_step": first,
+            "start_level": R.level(values),
+            "end_level": R.level(values, at_end=True),
+            "relative_improvement": imp,
+            "median_kernel_update_ratio": C.num(upd),
+            "learning_rate": C.num(lr),
+            "threshold": f"improvement < {STALL_REL:.0%} between first and last 10% and median "
+            f"update ratio < {STALL_UPDATE:g} when logged; or second half < {STALL_REL:.0%} "
+            f"with update ratio < {FROZEN:g}",
+        },
+        explanation=(
+            f"The loss improved only {imp:.2%} since step {first}"
+            + (f" and the weights move {C.fmt(upd)} of their norm per step" if upd is not None else "")
+            + ": training is not making progress."
+        ),
+        remedy=(
+            f"Raise the learning rate ~{factor:g}x (update/weight ratios near 1e-3 are healthy) "
+            "or switch to Adam; check that labels match the inputs and the layers are trainable:\n"
+            f"    optimizer = keras.optimizers.Adam({lr_line})"
+        ),
+    )]
+
+
+def detect_oscillation(run: RunData) -> list[Finding]:
+    """oscillation adapter."""
+    loss, steps, values, source = _loss(run)
+    if loss is None:
+        return []
+    o = oscillation(values)
+    if o is None:
+        return []
+    if divergence(values) is not None:
+        return []  # a rising curve is reported as divergence
+    lr = C.lr_at(run, None)
+    lr_txt = f"{C.round_sig(lr / 10):g}" if lr else "1e-4"
+    half = steps[steps.size // 2:]
+    return [Finding(
+        kind="oscillation",
+        severity="warning",
+        run=run.name,
+        first_step=int(half[0]),
+        last_step=int(half[-1]),
+        evidence={"source": source, **o, "learning_rate": C.num(lr),
+                  "threshold": f"progress < {OSC_PROGRESS:.0%}, (q90-q10)/median >= {OSC_AMPLITUDE:g}, "
+                  f"lag-1 autocorr <= {OSC_LAG1:g} or periodic autocorr >= {OSC_PERIODIC:g}"},
+        explanation=(
+            f"In the second half of the run the loss swings by {C.fmt(o['amplitude'])}x its median "
+            f"(period ~{o['period']} points) without improving: the steps overshoot the minimum."
+        ),
+        remedy=(
+            "Lower the learning rate (10x) or decay it, and/or use larger batches:\n"
+            f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt})\n"
+            "    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.3, patience=2)"
+        ),
+    )]

@@ -1,0 +1,140 @@
+"""update_ratio_high and update_ratio_low: |update| / |weight| per step.
+
+Signal: per-variable ``update_ratio`` records of kernel-like variables
+(biases and normalisation offsets start at zero, so their ratio is
+meaningless early; they are excluded). About 1e-3 is healthy (CS231n);
+DeepDiagnosis flags outside [1e-5, 1e-1].
+
+update_ratio_high
+  A kernel's median ratio (over its records) is > ``HIGH`` (1e-1), or any
+  single record is > ``PEAK`` (1.0: one step moved the weights by more than
+  their own norm). Severity: ``warning``; onset: first record above ``HIGH``.
+
+update_ratio_low
+  A kernel's median ratio over the records after the first 10% is < ``LOW``
+  (1e-5), and the kernel was never flagged high (a kernel that blew up and
+  then died is not "learning rate too low"). Severity: ``warning``.
+
+The remedy scales the learning rate by the measured factor
+``1e-3 / median ratio`` (clipped to [1e-4, 1e4]; a raised rate is capped at
+1e-2, beyond which a tiny ratio means no gradient rather than a low rate).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from tb_stability.detectors import _common as C
+from tb_stability.findings import Finding
+from tb_stability.rundata import RunData
+
+HEALTHY = 1e-3
+HIGH = 1e-1
+PEAK = 1.0
+LOW = 1e-5
+
+
+def ratio_summary(values) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column median and max of finite values of a ``[T, N]`` array."""
+    v = np.asarray(values, dtype=np.float64)
+    v = np.where(np.isfinite(v), v, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(v, axis=0), np.nanmax(v, axis=0)
+
+
+def high_columns(values, high: float = HIGH, peak: float = PEAK) -> list[int]:
+    """Columns whose median > ``high`` or whose max > ``peak``."""
+    med, mx = ratio_summary(values)
+    return [j for j in range(med.size) if (med[j] > high) or (mx[j] > peak)]
+
+
+def low_columns(values, low: float = LOW) -> list[int]:
+    """Columns whose median (after the first 10% of rows) < ``low``."""
+    v = np.asarray(values, dtype=np.float64)
+    med, _ = ratio_summary(v[v.shape[0] // 10:])
+    return [j for j in range(med.size) if np.isfinite(med[j]) and med[j] < low]
+
+
+def _lr_factor(ratio: float) -> float:
+    return float(np.clip(HEALTHY / ratio, 1e-4, 1e4)) if ratio > 0 else 1e4
+
+
+def detect(run: RunData) -> list[Finding]:
+    """update_ratio_high / update_ratio_low adapter."""
+    m = run.variables.get("update_ratio")
+    if m is None or not len(m):
+        return []
+    cols = [j for j in range(len(m.names)) if C.is_weight(m.names[j])]
+    if not cols:
+        return []
+    sub = m.values[:, cols]
+    names = [m.names[j] for j in cols]
+    med, mx = ratio_summary(sub)
+    out = []
+    lr = C.lr_at(run, None)
+    hi = high_columns(sub)
+    if hi:
+        rows = np.flatnonzero((np.where(np.isfinite(sub[:, hi]), sub[:, hi], 0) > HIGH).any(axis=1))
+        first = int(m.steps[rows[0]]) if rows.size else int(m.steps[0])
+        last = int(m.steps[rows[-1]]) if rows.size else int(m.steps[-1])
+        worst = max(hi, key=lambda j: mx[j])
+        factor = _lr_factor(float(med[worst] if med[worst] > HIGH else mx[worst]))
+        lr0 = C.lr_at(run, first)
+        new_lr = f"{C.round_sig(lr0 * factor):g}" if lr0 else "1e-3"
+        out.append(Finding(
+            kind="update_ratio_high",
+            severity="warning",
+            run=run.name,
+            first_step=first,
+            last_step=last,
+            layers=[names[j] for j in hi],
+            evidence={
+                "median_ratio": {names[j]: float(med[j]) for j in hi},
+                "max_ratio": {names[j]: float(mx[j]) for j in hi},
+                "learning_rate": C.num(lr0),
+                "threshold": f"median > {HIGH:g} or any record > {PEAK:g} (healthy ~{HEALTHY:g})",
+            },
+            explanation=(
+                f"Each step changes {names[worst]} by up to {C.fmt(mx[worst])}x its norm "
+                f"(median {C.fmt(med[worst])}); healthy is about {HEALTHY:g}. The learning rate is too high."
+            ),
+            remedy=(
+                f"Lower the learning rate by ~{C.fmt(1 / factor)}x to bring the ratio near {HEALTHY:g}:\n"
+                f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr}, clipnorm=1.0)"
+            ),
+        ))
+    lo = [j for j in low_columns(sub) if j not in hi]  # blown up then dead is not "too low"
+    if lo:
+        typical = float(np.nanmedian(med[lo]))
+        factor = _lr_factor(typical)
+        new_lr = f"{C.round_sig(min(lr * factor, 1e-2), 1):g}" if lr else "1e-3"
+        severity = "warning"
+        out.append(Finding(
+            kind="update_ratio_low",
+            severity=severity,
+            run=run.name,
+            first_step=int(m.steps[len(m) // 10]),
+            last_step=int(m.steps[-1]),
+            layers=[names[j] for j in lo],
+            evidence={
+                "median_ratio": {names[j]: float(med[j]) for j in lo},
+                "kernels_low": len(lo),
+                "kernels": len(cols),
+                "learning_rate": C.num(lr),
+                "threshold": f"median (after first 10% of records) < {LOW:g} (healthy ~{HEALTHY:g})",
+            },
+            explanation=(
+                f"{len(lo)} of {len(cols)} kernels change by only {C.fmt(typical)} of their norm per "
+                "step; the weights are barely moving, so the learning rate is too low "
+                "(or those layers get no gradient)."
+            ),
+            remedy=(
+                f"Raise the learning rate ~{C.fmt(factor)}x (measured: {HEALTHY:g} / {C.fmt(typical)}), "
+                "or use Adam:\n"
+                f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr})"
+            ),
+        ))
+    return out

@@ -1,0 +1,142 @@
+"""analysis.py: running detectors, isolating failures, the JSON report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from tb_stability import analysis
+from tb_stability.findings import Finding
+from tb_stability.reader import LogdirError
+from tests.test_reader import HOSTILE, write_instrumented_run
+
+
+def critical_loss_detector(run):
+    """Critical nan_inf on runs whose final loss exceeds 0.9 (all instrumented runs)."""
+    loss = run.steps.get("loss")
+    if loss is None or loss.values[-1] <= 0.9:
+        return []
+    return [Finding(kind="nan_inf", severity="critical", run=run.name,
+                    first_step=int(loss.steps[-1]), last_step=int(loss.steps[-1]),
+                    layers=["dense/kernel"], evidence={"loss": float("inf"), "threshold": 0.9},
+                    explanation="Loss became too large.", remedy="optimizer = SGD(clipnorm=1.0)")]
+
+
+def info_detector(run):
+    return [Finding(kind="stalled", severity="info", run="", first_step=0, last_step=1)]
+
+
+def broken_detector(run):
+    raise RuntimeError("boom")
+
+
+def junk_detector(run):
+    return ["not a finding"]
+
+
+@pytest.fixture
+def logdir(tmp_path):
+    write_instrumented_run(tmp_path / "b_run")
+    write_instrumented_run(tmp_path / "a_run" / HOSTILE)
+    return tmp_path
+
+
+def test_failing_detectors_become_warnings_and_others_still_run(logdir):
+    detectors = [broken_detector, junk_detector, info_detector, critical_loss_detector]
+    report = analysis.analyze_logdir(logdir, detectors=detectors)
+    assert [r.run for r in report.runs] == [f"a_run/{HOSTILE}", "b_run"]
+    for run_report in report.runs:
+        assert [f.kind for f in run_report.findings] == ["nan_inf", "stalled"]
+        assert run_report.findings[1].run == run_report.run  # filled in when empty
+        assert run_report.worst_severity == "critical"
+        broken, junk = run_report.warnings
+        assert "broken_detector failed: RuntimeError: boom" in broken
+        assert "junk_detector" in junk and "not a Finding" in junk
+    assert report.has_critical
+
+
+def test_report_to_json_shape(logdir):
+    report = analysis.analyze_logdir(logdir, detectors=[info_detector, critical_loss_detector])
+    data = analysis.report_to_json(report)
+    assert json.loads(json.dumps(data)) == data  # strictly JSON (inf became a string)
+    assert set(data) == {"version", "runs", "warnings"} and data["version"] == 1
+    assert [r["run"] for r in data["runs"]] == [f"a_run/{HOSTILE}", "b_run"]
+    first = data["runs"][0]
+    assert set(first) == {"run", "findings", "warnings"}
+    assert first["findings"][0]["evidence"] == {"loss": "inf", "threshold": 0.9}
+    assert first["findings"][0]["kind"] == "nan_inf"
+    assert first["findings"][1]["severity"] == "info"
+
+
+def test_run_filter_and_no_findings(logdir):
+    report = analysis.analyze_logdir(logdir, run_filter="b_", detectors=[info_detector])
+    assert [r.run for r in report.runs] == ["b_run"]
+    assert not report.has_critical
+    empty = analysis.analyze_logdir(logdir, detectors=[])
+    assert all(r.findings == [] and r.worst_severity is None for r in empty.runs)
+
+
+def test_default_detectors_come_from_the_detectors_package(logdir, monkeypatch):
+    fake = types.ModuleType("tb_stability.detectors")
+    fake.ALL_DETECTORS = [critical_loss_detector]
+    import tb_stability
+
+    monkeypatch.setitem(sys.modules, "tb_stability.detectors", fake)
+    monkeypatch.setattr(tb_stability, "detectors", fake, raising=False)
+    report = analysis.analyze_logdir(logdir)
+    assert all(r.findings[0].kind == "nan_inf" for r in report.runs)
+
+
+class _BrokenDetectorsFinder:
+    """Makes `import tb_stability.detectors` fail inside the package (a bug in it)."""
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.machinery
+
+        if name != "tb_stability.detectors":
+            return None
+        return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise ImportError("cannot import name 'detect_spikes'")
+
+
+def test_broken_detectors_package_is_a_report_warning(logdir, monkeypatch):
+    import tb_stability
+
+    monkeypatch.delitem(sys.modules, "tb_stability.detectors", raising=False)
+    monkeypatch.delattr(tb_stability, "detectors", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenDetectorsFinder()] + sys.meta_path)
+    report = analysis.analyze_logdir(logdir)
+    assert any("detectors could not be imported" in w and "detect_spikes" in w
+               for w in report.warnings)
+    assert all(r.findings == [] for r in report.runs)
+
+
+def test_absent_detectors_package_means_no_findings(logdir, monkeypatch):
+    import tb_stability
+
+    monkeypatch.setitem(sys.modules, "tb_stability.detectors", None)
+    monkeypatch.delattr(tb_stability, "detectors", raising=False)
+    report = analysis.analyze_logdir(logdir)
+    assert report.warnings == [] and all(r.findings == [] for r in report.runs)
+
+
+def test_analyze_run_defaults_warnings_to_the_run(logdir):
+    from tb_stability.reader import load_run
+
+    run = load_run(logdir / "b_run")
+    findings = analysis.analyze_run(run, [broken_detector, info_detector])
+    assert [f.kind for f in findings] == ["stalled"]
+    assert "broken_detector" in run.warnings[0]
+
+
+def test_missing_logdir_raises(tmp_path):
+    with pytest.raises(LogdirError):
+        analysis.analyze_logdir(tmp_path / "nope", detectors=[])

@@ -1,0 +1,163 @@
+"""Trend, update-ratio, activation, data, overfitting and config detectors."""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+
+from tb_stability.detectors import (
+    PAIR_DETECTORS, activations, config, data, detect_pairs, generalization, trends, updates)
+from tb_stability.rundata import Matrix, RunData
+from tests import detectors_support as S
+
+
+def ref_autocorr(xs, lag):
+    m = sum(xs) / len(xs)
+    d = [x - m for x in xs]
+    return sum(d[i] * d[i + lag] for i in range(len(d) - lag)) / sum(v * v for v in d)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pure_functions_match_references(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=60)
+    from tb_stability.detectors import _robust
+    assert _robust.autocorr(x, 3) == pytest.approx(ref_autocorr(list(x), 3))
+    first = [statistics.median(x[:6])]
+    assert _robust.level(x, 0.1) == pytest.approx(first[0])
+    # update ratio columns
+    v = 10 ** rng.uniform(-7, 0.5, (30, 5))
+    hi = [j for j in range(5) if statistics.median(v[:, j]) > 0.1 or max(v[:, j]) > 1.0]
+    lo = [j for j in range(5) if statistics.median(v[3:, j]) < 1e-5]
+    assert updates.high_columns(v) == hi and updates.low_columns(v) == lo
+    # persistent layers
+    f = rng.random((20, 3))
+    got = [j for j, _, _ in activations.persistent_layers(f, 0.5)]
+    assert got == [j for j in range(3) if statistics.median(f[10:, j]) >= 0.5]
+    # imbalance
+    c = rng.integers(1, 100, 4)
+    assert data.imbalance(c) == pytest.approx((max(c) / sum(c), max(c) / min(c)))
+
+
+def test_divergence_after_progress():
+    loss = np.concatenate([np.linspace(2, 0.5, 300), np.linspace(0.5, 3, 200)])
+    loss *= 1 + np.random.default_rng(0).normal(0, 0.03, loss.size)
+    (f,) = trends.detect_divergence(S.make_run(loss))
+    assert f.severity == "warning" and 300 <= f.first_step <= 360
+    loss[-100:] *= 30
+    (f,) = trends.detect_divergence(S.make_run(loss))
+    assert f.severity == "critical" and "learning_rate=0.0001" in f.remedy
+
+
+@pytest.mark.parametrize("detector", [trends.detect_divergence, trends.detect_stalled,
+                                      trends.detect_oscillation, updates.detect],
+                         ids=["divergence", "stalled", "oscillation", "update_ratio"])
+def test_healthy_run_gives_no_trend_findings(detector):
+    n = 1200
+    ur = S.per_variable(n, scale=[2e-3, 1e-2, 1e-3, 1e-2, 3e-3, 1e-2])
+    assert detector(S.make_run(S.healthy_loss(n), variables={"update_ratio": ur})) == []
+
+
+def test_stalled_flat_loss_and_frozen_weights():
+    rng = np.random.default_rng(0)
+    loss = 0.69 + rng.normal(0, 0.01, 400)
+    ur = S.per_variable(400, scale=[1e-7] * 6)
+    (f,) = trends.detect_stalled(S.make_run(loss, lr=1e-7, variables={"update_ratio": ur}))
+    assert f.kind == "stalled" and "learning_rate=0.001" in f.remedy and f.first_step == 0
+    moving = S.per_variable(400, scale=[1e-3] * 6)
+    assert trends.detect_stalled(S.make_run(loss, variables={"update_ratio": moving})) == []
+
+
+def test_oscillation_see_saw_without_progress():
+    t = np.arange(400)
+    loss = 1.0 + 0.6 * (-1) ** t
+    (f,) = trends.detect_oscillation(S.make_run(loss))
+    assert f.evidence["period"] == 2 and f.first_step == 200
+    rng = np.random.default_rng(1)
+    assert trends.detect_oscillation(S.make_run(1.0 + rng.normal(0, 0.3, 400).clip(-0.9))) == []
+
+
+def test_update_ratio_high_and_low():
+    ur = S.per_variable(300, scale=[0.3, 1.0, 1e-3, 1.0, 1e-3, 1.0])
+    (f,) = updates.detect(S.make_run(S.healthy_loss(300), variables={"update_ratio": ur}))
+    assert (f.kind, f.layers) == ("update_ratio_high", ["sequential/dense/kernel"])
+    assert "learning_rate=3" in f.remedy  # 1e-3 * 1e-3 / 0.3 ~ 3e-6
+    ur = S.per_variable(300, scale=[1e-7, 1e-9, 1e-7, 1e-9, 1e-7, 1e-9], seed=3)
+    (f,) = updates.detect(S.make_run(S.healthy_loss(300), lr=1e-7, variables={"update_ratio": ur}))
+    assert f.kind == "update_ratio_low" and len(f.layers) == 3 and "learning_rate=0.001" in f.remedy
+
+
+def layer_run(quantity, values, names=("dense", "dense_1")):
+    steps = np.arange(0, 10 * len(values), 10)
+    return RunData(name="r", layers={quantity: Matrix(steps, names, np.asarray(values, float))})
+
+
+def test_dead_and_saturated_layers():
+    dead = [[0.1, 0.2]] * 5 + [[0.8, 0.2]] * 10
+    (f,) = activations.detect_dead(layer_run("dead_fraction", dead))
+    assert (f.layers, f.first_step, f.severity) == (["dense"], 50, "warning")
+    (f,) = activations.detect_dead(layer_run("dead_fraction", [[1.0, 0.1]] * 6))
+    assert f.severity == "critical"
+    assert activations.detect_dead(layer_run("dead_fraction", [[0.5, 0.6]] * 10)) == []
+    (f,) = activations.detect_saturated(layer_run("saturated_fraction", [[0.2, 0.9]] * 8))
+    assert f.layers == ["dense_1"] and "BatchNormalization" in f.remedy
+
+
+def input_run(mean, std, lo, hi):
+    names = tuple(f"f{j}" for j in range(len(mean)))
+    mk = lambda v: Matrix(np.array([0]), names, np.asarray([v], float))  # noqa: E731
+    return RunData(name="r", inputs={"mean": mk(mean), "std": mk(std), "min": mk(lo), "max": mk(hi)})
+
+
+@pytest.mark.parametrize("stats,flag", [
+    (([500, 5e5], [290, 2.9e5], [0, 0], [1000, 1e6]), True),
+    (([0, 0], [1, 1], [-4, -4], [4, 4]), False),
+    (([0.5, 0.1], [0.3, 0.001], [0, 0], [1, 1]), False),
+    (([0, 0], [200, 1], [-5, -5], [5, 5]), True),
+], ids=["x1000", "standardised", "minmax-with-near-constant-pixel", "std-ratio"])
+def test_unscaled_inputs(stats, flag):
+    found = data.detect_unscaled(input_run(*stats))
+    assert bool(found) == flag
+    if flag:
+        assert "Normalization" in found[0].remedy
+
+
+def test_class_imbalance_labels_and_collapse():
+    lab = Matrix(np.array([0, 10]), ("0", "1"), np.array([[970.0, 30.0], [960.0, 40.0]]))
+    (f,) = data.detect_imbalance(RunData(name="r", labels=lab))
+    assert f.evidence["majority_share"] > 0.9 and "class_weight" in f.remedy
+    bal = Matrix(np.array([0, 10]), ("0", "1"), np.array([[500.0, 500.0], [490.0, 510.0]]))
+    pred = Matrix(np.array([0, 10, 20, 30]), ("0", "1"), np.array([[500.0, 500], [990, 10], [999, 1], [1000, 0]]))
+    assert data.detect_imbalance(RunData(name="r", labels=bal)) == []
+    (f,) = data.detect_imbalance(RunData(name="r", labels=bal, predictions=pred))
+    assert f.evidence["predicted_class"] == "0"
+
+
+def epochs(train, val):
+    return S.scalar_run({"epoch_loss": train, "epoch_val_loss": val})
+
+
+def test_overfitting_within_run_and_across_keras_runs():
+    train = list(np.linspace(1.0, 0.1, 30))
+    val = list(np.concatenate([np.linspace(1.0, 0.5, 10), np.linspace(0.5, 0.9, 20)]))
+    (f,) = generalization.detect(epochs(train, val))
+    assert f.kind == "overfitting" and 9 <= f.evidence["best_step"] <= 11 and f.first_step == f.evidence["best_step"] + 1
+    runs = {"m/train": S.scalar_run({"epoch_loss": train}, "m/train"),
+            "m/validation": S.scalar_run({"epoch_loss": val}, "m/validation")}
+    (f,) = detect_pairs(runs)
+    assert f.run == "m/validation" and generalization.detect_pairs in PAIR_DETECTORS
+    assert generalization.detect(epochs(train, list(np.linspace(1.0, 0.3, 30)))) == []
+
+
+def test_config_mismatch_recorded_and_rules():
+    rec = {"config_check": ["sigmoid output with categorical_crossentropy"]}
+    (f,) = config.detect(RunData(name="r", json={"stability/run_info": [(0, rec)]}))
+    assert "sigmoid" in f.explanation
+    rec = {"loss": "binary_crossentropy", "output_activation": "sigmoid", "from_logits": True}
+    (f,) = config.detect(RunData(name="r", json={"stability/run_info": [(0, rec)]}))
+    assert "twice" in f.explanation
+    ok = {"loss": "binary_crossentropy", "output_activation": "sigmoid", "from_logits": False,
+          "label_min": 0, "label_max": 1}
+    assert config.detect(RunData(name="r", json={"stability/run_info": [(0, ok)]})) == []

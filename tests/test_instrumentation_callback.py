@@ -1,0 +1,246 @@
+"""`StabilityCallback` end to end: real `model.fit` runs writing real event files."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.test_instrumentation_support import (
+    column,
+    data,
+    make_model,
+    read_events,
+    reference_run,
+    run_infos,
+    step_rows,
+    var_vectors,
+)
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from instrumentation import StabilityCallback  # noqa: E402
+from tb_stability import schema  # noqa: E402
+
+LR = 0.05
+BATCH = 8
+
+
+def fit(model, log_dir=None, every=2, epochs=1, jit=False, x=None, y=None, callbacks=(), **kw):
+    if x is None:
+        x, y = data()
+    if getattr(model, "optimizer", None) is None:
+        model.compile(keras.optimizers.SGD(LR), "mse", jit_compile=jit)
+    cbs = list(callbacks)
+    if log_dir is not None:
+        cbs.insert(0, StabilityCallback(str(log_dir), every=every))
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=cbs, **kw)
+    return cbs[0] if log_dir is not None else None
+
+
+def assert_close(actual, expected, rtol=1e-5):
+    np.testing.assert_allclose(np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+                               rtol=rtol, atol=1e-9)
+
+
+def test_writes_exactly_the_contract_tags(tmp_path):
+    model = make_model("sequential")
+    x, y = data(n=44)  # 6 steps, the last one a partial batch (a retrace)
+    fit(model, tmp_path, every=4, x=x, y=y)
+    events = read_events(tmp_path)
+    expected = {(".", schema.TAG_STEPS), (".", schema.TAG_RUN_INFO)} | {
+        (".", schema.variable_tag(q)) for q in schema.VARIABLE_QUANTITIES
+    }
+    assert set(events) == expected
+    rows = step_rows(events)
+    assert column(rows, "step").tolist() == list(range(6))  # every step exactly once
+    for event in events[(".", schema.TAG_STEPS)]:
+        assert event.value.dtype == np.float64 and event.value.shape[1] == len(schema.STEP_COLUMNS)
+        assert event.step == int(event.value[-1, 0])
+        assert event.content.quantity == "steps"
+        assert event.content.names == schema.STEP_COLUMNS
+    names = tuple(v.path for v in model.trainable_variables)
+    for quantity in schema.VARIABLE_QUANTITIES:
+        vectors = events[(".", schema.variable_tag(quantity))]
+        assert [e.step for e in vectors] == [0, 4]
+        for event in vectors:
+            assert event.value.dtype == np.float32 and event.value.shape == (len(names),)
+            assert event.content.names == names and event.content.quantity == quantity
+    (info,) = run_infos(events)
+    assert info["every"] == 4 and info["optimizer"] == "SGD" and info["model_class"] == "Sequential"
+    assert info["variables"] == list(names) and info["loss"] == "mse"
+    assert info["learning_rate"] == pytest.approx(LR)
+    assert info["tb_stability_version"]
+    assert column(rows, "learning_rate") == pytest.approx([LR] * 6)
+    assert (column(rows, "nonfinite_grads") == 0).all()
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_matches_gradient_tape_reference(tmp_path, kind, jit):
+    x, y = data()
+    steps = len(x) // BATCH
+    model = make_model(kind)
+    fit(model, tmp_path, every=2, jit=jit, x=x, y=y)
+    ref = reference_run(x, y, LR, BATCH, steps)
+    for got, want in zip(model.trainable_variables, ref["weights"]):  # same training
+        assert_close(got, want, rtol=1e-4)
+
+    events = read_events(tmp_path)
+    rows = step_rows(events)
+    assert column(rows, "step").tolist() == list(range(steps))
+    # Raw per-batch loss, not Keras' running mean.
+    assert_close(column(rows, "loss"), ref["loss"])
+    assert_close(column(rows, "grad_norm"), ref["grad_norm"])
+    grads = var_vectors(events, "grad_norm")
+    weights = var_vectors(events, "weight_norm")
+    ratios = var_vectors(events, "update_ratio")
+    assert sorted(grads) == list(range(0, steps, 2))
+    for step in grads:
+        assert_close(grads[step], ref["var_grad"][step])
+        assert_close(weights[step], ref["var_weight"][step])
+        assert_close(ratios[step], ref["var_ratio"][step], rtol=1e-4)
+
+
+def test_nan_step_is_recorded_and_flushed_at_once(tmp_path):
+    x, y = data()
+    nan_step = 3
+    x = x.copy()
+    x[nan_step * BATCH + 1, 2] = np.nan
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == nan_step and not seen:  # the host read steps 2..3 right after this step
+                seen.update(read_events(tmp_path))
+
+    model = make_model("sequential")
+    fit(model, tmp_path, every=2, epochs=2, x=x, y=y, callbacks=[Probe()])
+    assert seen, "nothing was on disk right after the non-finite step"
+    rows = step_rows(seen)
+    assert column(rows, "step").tolist() == list(range(nan_step + 1))
+    nonfinite = column(rows, "nonfinite_grads")
+    assert (nonfinite[:nan_step] == 0).all() and nonfinite[nan_step] > 0
+    assert np.isfinite(column(rows, "loss")[:nan_step]).all()
+    assert np.isnan(column(rows, "loss")[nan_step])
+    # The full run is complete on disk at the end as well.
+    assert column(step_rows(read_events(tmp_path)), "step").tolist() == list(range(12))
+
+
+def test_two_fits_with_callback_then_one_without(tmp_path):
+    model = make_model("functional")
+    callback = fit(model, tmp_path, every=4)
+    fit(model, callbacks=[callback])
+    stats = callback._stats
+    ring_before = stats.ring.numpy().copy()
+    fit(model)  # no callback: none of our ops or wrappers remain
+    assert "apply" not in vars(model.optimizer) and "scale_loss" not in vars(model.optimizer)
+    assert "compute_loss" not in vars(model) and "fit" not in vars(model)
+    np.testing.assert_array_equal(stats.ring.numpy(), ring_before)
+    assert int(model.optimizer.iterations.numpy()) == 18
+
+    events = read_events(tmp_path)
+    assert column(step_rows(events), "step").tolist() == list(range(12))
+    assert [e.step for e in events[(".", schema.TAG_RUN_INFO)]] == [0, 6]
+    assert sorted(var_vectors(events, "grad_norm")) == [0, 4, 8]
+
+
+class Boom(keras.layers.Layer):
+    """Raises (InvalidArgumentError) in the compiled step when its input is non-finite."""
+
+    def call(self, inputs):
+        return tf.debugging.check_numerics(inputs, "boom")
+
+
+def test_error_mid_epoch_keeps_steps_on_disk(tmp_path):
+    x, y = data()
+    x = x.copy()
+    x[4 * BATCH, 0] = np.nan  # step 4 raises
+    model = keras.Sequential([keras.Input((4,)), Boom(), keras.layers.Dense(1)])
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        fit(model, tmp_path, every=100, x=x, y=y)
+    # Readable at once, although every=100 means no periodic read happened.
+    assert column(step_rows(read_events(tmp_path)), "step").tolist() == [0, 1, 2, 3]
+    assert "apply" not in vars(model.optimizer) and model.train_function is None
+    fit(model, x=x[:32], y=y[:32])  # training without the callback still works
+
+
+def test_error_outside_train_step_is_cleaned_up_by_next_fit(tmp_path):
+    class Fails(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("user callback failed")
+
+    model = make_model("sequential")
+    with pytest.raises(RuntimeError):
+        fit(model, tmp_path, every=100, callbacks=[Fails()])
+    fit(model)  # the next fit detaches the stale instrumentation first
+    assert "apply" not in vars(model.optimizer) and "fit" not in vars(model)
+    assert column(step_rows(read_events(tmp_path)), "step").tolist() == list(range(6))
+
+
+def test_steps_per_execution_and_schedule(tmp_path):
+    x, y = data(n=80)
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
+    model = make_model("sequential")
+    model.compile(keras.optimizers.SGD(schedule), "mse", steps_per_execution=3)
+    fit(model, tmp_path, every=2, x=x, y=y)
+    events = read_events(tmp_path)
+    rows = step_rows(events)
+    assert column(rows, "step").tolist() == list(range(10))
+    assert_close(column(rows, "learning_rate"), 0.1 * 0.5 ** np.arange(10))
+    assert sorted(var_vectors(events, "grad_norm")) == [0, 2, 4, 6, 8]
+
+
+def test_compute_loss_fallback_for_custom_train_step(tmp_path):
+    class Custom(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(x=x, y=y, y_pred=self(x, training=True), training=True)
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            return {"loss": loss}
+
+    x, y = data()
+    inputs = keras.Input((4,))
+    model = Custom(inputs, keras.layers.Dense(1, kernel_initializer="ones")(inputs))
+    fit(model, tmp_path, every=3, x=x, y=y)
+    loss = column(step_rows(read_events(tmp_path)), "loss")
+    w = np.ones([4, 1])
+    assert_close(loss[0], np.mean((x[:BATCH] @ w - y[:BATCH]) ** 2))
+    assert np.isfinite(loss).all() and len(loss) == 6
+
+
+def test_own_failure_is_one_warning_and_training_continues(tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("x")
+    model = make_model("sequential")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, blocker / "run", every=2, epochs=2)
+    ours = [w for w in caught if "tb-stability" in str(w.message)]
+    assert len(ours) == 1
+    assert int(model.optimizer.iterations.numpy()) == 12
+    assert "apply" not in vars(model.optimizer)
+
+
+def test_train_step_without_loss_hooks_records_nan_loss_with_one_warning(tmp_path):
+    class Manual(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply(grads, self.trainable_variables)
+            return {"loss": loss}
+
+    inputs = keras.Input((4,))
+    model = Manual(inputs, keras.layers.Dense(1)(inputs))
+    with pytest.warns(RuntimeWarning, match="per-step loss is recorded as NaN"):
+        fit(model, tmp_path, every=3)
+    rows = step_rows(read_events(tmp_path))
+    assert column(rows, "step").tolist() == list(range(6))
+    assert np.isnan(column(rows, "loss")).all()
+    assert np.isfinite(column(rows, "grad_norm")).all()

@@ -1,0 +1,95 @@
+"""`StabilityMonitor` in hand-written GradientTape loops, with and without XLA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_instrumentation_support import (
+    column,
+    data,
+    make_model,
+    read_events,
+    reference_run,
+    run_infos,
+    step_rows,
+    var_vectors,
+)
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from instrumentation import StabilityMonitor  # noqa: E402
+from tb_stability import schema  # noqa: E402
+
+LR = 0.05
+BATCH = 8
+
+
+def train(monitor_dir, x, y, every=2, jit=False, tick=True):
+    model = make_model("functional")
+    optimizer = keras.optimizers.SGD(LR)
+    loss_fn = keras.losses.MeanSquaredError()
+    monitor = StabilityMonitor(str(monitor_dir), every=every, optimizer=optimizer)
+
+    @tf.function(jit_compile=jit)
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        monitor.observe(loss, grads, model.trainable_variables)
+        return loss
+
+    with monitor:
+        for i in range(len(x) // BATCH):
+            step(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
+            if tick:
+                monitor.tick()
+    return model, monitor
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_monitor_matches_reference(tmp_path, jit):
+    x, y = data()
+    steps = len(x) // BATCH
+    train(tmp_path, x, y, every=2, jit=jit)
+    ref = reference_run(x, y, LR, BATCH, steps)
+    events = read_events(tmp_path)
+    expected = {(".", schema.TAG_STEPS), (".", schema.TAG_RUN_INFO)} | {
+        (".", schema.variable_tag(q)) for q in schema.VARIABLE_QUANTITIES
+    }
+    assert set(events) == expected
+    rows = step_rows(events)
+    assert column(rows, "step").tolist() == list(range(steps))
+    np.testing.assert_allclose(column(rows, "loss"), ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(column(rows, "grad_norm"), ref["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(column(rows, "learning_rate"), LR, rtol=1e-6)
+    grads, weights = var_vectors(events, "grad_norm"), var_vectors(events, "weight_norm")
+    ratios = var_vectors(events, "update_ratio")
+    assert sorted(grads) == list(range(0, steps, 2))
+    for s in grads:
+        np.testing.assert_allclose(grads[s], ref["var_grad"][s], rtol=1e-5)
+        np.testing.assert_allclose(weights[s], ref["var_weight"][s], rtol=1e-5)
+        np.testing.assert_allclose(ratios[s], ref["var_ratio"][s], rtol=1e-4, atol=1e-9)
+    assert run_infos(events)[0]["optimizer"] == "SGD"
+
+
+def test_monitor_nan_and_close_without_ticks(tmp_path):
+    x, y = data()
+    x = x.copy()
+    x[2 * BATCH, 1] = np.inf  # step 2 produces non-finite values
+    _, monitor = train(tmp_path, x, y, every=3, tick=False)  # capacity 7 >= 6 steps
+    rows = step_rows(read_events(tmp_path))
+    assert column(rows, "step").tolist() == list(range(6))
+    nonfinite = column(rows, "nonfinite_grads")
+    assert (nonfinite[:2] == 0).all() and (nonfinite[2:] > 0).all()
+    assert monitor.first_nonfinite_step == 2
+
+
+def test_monitor_warns_when_steps_are_dropped(tmp_path):
+    x, y = data(n=96)  # 12 steps, capacity 2 * 2 + 1 = 5, never ticked
+    with pytest.warns(RuntimeWarning, match="overwritten"):
+        train(tmp_path, x, y, every=2, tick=False)
+    steps = column(step_rows(read_events(tmp_path)), "step").tolist()
+    assert steps == list(range(7, 12))
