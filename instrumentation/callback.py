@@ -27,7 +27,10 @@ import keras
 import tensorflow as tf
 
 from instrumentation import distribute
+from instrumentation import flush_policy
+from instrumentation import readback
 from instrumentation.extras import CallbackExtras
+from instrumentation.live import LiveDiagnosis, warning_line
 from instrumentation.stats import ColumnsWriter, StepStats
 from instrumentation.writer import Drainer, SummaryWriter, run_info
 from tb_stability import schema
@@ -58,6 +61,13 @@ class StabilityCallback(keras.callbacks.Callback):
         model's weights) to measure the update ratio exactly.
       probe_every: Activation probes and input/label/prediction statistics
         every ``probe_every`` steps (default: ``every``; 0 disables them).
+      live_warnings: Print one concise line (logger ``tb_stability``) when a
+        critical finding (nan_inf, exploding_gradients, divergence) first
+        appears, using the same detectors as ``tb-stability report``.
+      stop_on_nan: Stop training (``model.stop_training = True``) once the
+        host sees the first non-finite loss or gradient, after flushing. The
+        host reads every ``every`` steps, so training stops within ``every``
+        steps of the first NaN; its step is recorded exactly either way.
       nan_forensics: Capture the first non-finite step (batch and weights
         before it; one extra copy of the weights), find its origin and save
         it under ``<log_dir>/nan_origin/`` (`instrumentation.nan_origin`).
@@ -68,7 +78,8 @@ class StabilityCallback(keras.callbacks.Callback):
     async_safe = True
 
     def __init__(self, log_dir: str, every: int = 100, snapshot_weights: bool = True,
-                 probe_every: Optional[int] = None, nan_forensics: bool = True):
+                 probe_every: Optional[int] = None, nan_forensics: bool = True,
+                 live_warnings: bool = True, stop_on_nan: bool = False):
         super().__init__()
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -91,6 +102,10 @@ class StabilityCallback(keras.callbacks.Callback):
         self._stats_ready = False
         self._atexit_registered = False
         self._extras = CallbackExtras(self, probe_every, nan_forensics)
+        self.live_warnings = bool(live_warnings)
+        self.stop_on_nan = bool(stop_on_nan)
+        self._live: Optional[LiveDiagnosis] = None
+        self._batch = readback.BatchedRead()
 
     # ----------------------------------------------------------- Keras hooks
 
@@ -153,13 +168,14 @@ class StabilityCallback(keras.callbacks.Callback):
             raise ValueError("the model has no optimizer; compile it first")
         self._spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         self._capacity = self.every + self._spe + 1
-        self._start_step = int(optimizer.iterations.numpy())
+        self._start_step = int(distribute.micro_iterations(optimizer).numpy())
         self._since_read = 0
         self._info_written = False
         self._loss_graph = None
         self._stats_ready = False
         self._drainer = None
         self._extra_columns = _extra_columns(model, optimizer)
+        distribute.warn_unmeasured(self, optimizer)  # clipvalue, gradient accumulation
         if model.built and model.trainable_variables:
             self._ensure_stats(model.trainable_variables)
         self._install(model, optimizer)
@@ -191,6 +207,10 @@ class StabilityCallback(keras.callbacks.Callback):
         self._stats = stats
         self._drainer = Drainer(stats, ColumnsWriter(self.writer, stats.columns),
                                 next_step=self._start_step)
+        if self.live_warnings:
+            if self._live is None:
+                self._live = LiveDiagnosis(self.log_dir)
+            self._drainer.listeners.append(self._live)
         self._stats_ready = True
         return stats
 
@@ -229,6 +249,7 @@ class StabilityCallback(keras.callbacks.Callback):
         try:
             if not self._broken:
                 self._drain()
+                self._announce_live(force=True)
             if self._writer is not None:
                 self._writer.flush()
         finally:
@@ -245,15 +266,38 @@ class StabilityCallback(keras.callbacks.Callback):
                 run_info(self.model, self.model.optimizer, self.every, self._stats.names,
                          extra=self._extras.run_info_extra()),
             )
-        before = self._drainer.saw_nonfinite
-        self._drainer.drain()
-        if self._drainer.saw_nonfinite and not before:
-            logger.warning(
-                "tb-stability: first non-finite loss/gradient at step %d (flushed to %s)",
-                self._drainer.first_nonfinite_step,
-                self.log_dir,
-            )
-        self._extras.drain()
+        # One device-to-host copy of every statistics variable, and one
+        # summary op per step written (see `readback` and `SummaryWriter.batch`).
+        stats = self._stats
+        self._batch.refresh([stats.ring, stats.var_stats, stats.var_steps]
+                            + self._extras.variables())
+        self._drainer.batch = self._batch
+        try:
+            with self.writer.batch():
+                before = self._drainer.saw_nonfinite
+                self._drainer.drain()
+                if self._drainer.saw_nonfinite and not before:
+                    if self.stop_on_nan:
+                        self.model.stop_training = True
+                self._extras.drain(self._batch)
+        finally:
+            self._drainer.batch = None
+            self._batch.clear()
+        self._announce_live(force=self._drainer.saw_nonfinite and not before)
+
+    def _announce_live(self, force: bool = False) -> None:
+        """Runs the live detectors; a failure there only disables live warnings."""
+        if self._live is None:
+            return
+        try:
+            findings = self._live.check(force=force)
+        except Exception as error:  # noqa: BLE001 - never break training
+            self._live = None
+            warnings.warn(f"tb-stability: live warnings disabled after an error: {error!r}",
+                          RuntimeWarning, stacklevel=2)
+            return
+        for finding in findings:
+            logger.warning("%s", warning_line(finding, self.log_dir))
 
     # ---------------------- activation probes, data stats, NaN origin (extras.py)
 
@@ -346,6 +390,7 @@ class StabilityCallback(keras.callbacks.Callback):
                 if callback._since_read >= callback.every:
                     callback._since_read = 0
                     callback._guard(callback._drain)
+                flush_policy.after_train_call(callback)  # time-based flush (crash safety)
             return logs
 
         return train_function
@@ -394,6 +439,9 @@ def _record_step(stats: StepStats, optimizer, grads, variables):
       ``(GradientState, skips)``; ``skips`` (the skipped steps including this
       one) is None without loss scaling.
     """
+    if _is_loss_scale_optimizer(optimizer) and not optimizer.built and variables:
+        optimizer.build(variables)  # creates dynamic_scale (apply would do it next)
+        optimizer.built = True
     scale = _grad_scale(optimizer)
     local = stats.local_stats(grads, variables, scale)
     extras = {}
@@ -405,7 +453,7 @@ def _record_step(stats: StepStats, optimizer, grads, variables):
     elif clipped is not None:
         extras["clipped"] = clipped
     skipped = None
-    step = tf.identity(optimizer.iterations)
+    step = tf.identity(distribute.micro_iterations(optimizer))  # micro-steps under accumulation
     if _is_loss_scale_optimizer(optimizer):
         finite = tf.logical_and(tf.math.is_finite(local.total), tf.equal(local.nonfinite, 0.0))
         skipped = 1.0 - tf.cast(finite, tf.float64)

@@ -23,6 +23,8 @@ from typing import Any, Optional
 import numpy as np
 import tensorflow as tf
 
+from instrumentation import readback
+
 logger = logging.getLogger("instrumentation")
 
 MAX_FEATURES = 4096  # larger inputs are summarised as one feature
@@ -139,8 +141,16 @@ class DataStats:
 
     # ------------------------------------------------------------------ host
 
-    def read(self) -> Optional[dict]:
+    def variables(self) -> list:
+        """The variables `read` reads (for one batched read)."""
+        return [v for v in (self.step, self.inputs, self.label_range, self.labels,
+                            self.predictions) if v is not None]
+
+    def read(self, batch=None) -> Optional[dict]:
         """New statistics since the last read, or None.
+
+        Args:
+          batch: Optional `readback.BatchedRead` holding this read's values.
 
         Returns:
           ``{"step", "inputs" ([4, F]), "names", "labels", "predictions",
@@ -148,17 +158,19 @@ class DataStats:
         """
         if self.step is None:
             return None
-        step = int(self.step.numpy())
+        step = int(readback.fetch(self.step, batch))
         if step < 0 or step <= self._last_step:
             return None
         self._last_step = step
         out: dict[str, Any] = {"step": step, "names": self.names,
-                               "inputs": self.inputs.numpy() if self.names else None,
+                               "inputs": readback.fetch(self.inputs, batch) if self.names
+                               else None,
                                "labels": None, "predictions": None,
-                               "label_range": [float(v) for v in self.label_range.numpy()]}
+                               "label_range": [float(v) for v in
+                                               readback.fetch(self.label_range, batch)]}
         if self.classes and self.labels is not None:
-            out["labels"] = self.labels.numpy()
-            out["predictions"] = self.predictions.numpy()
+            out["labels"] = readback.fetch(self.labels, batch)
+            out["predictions"] = readback.fetch(self.predictions, batch)
         return out
 
 

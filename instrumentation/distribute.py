@@ -159,7 +159,70 @@ def clip_fired(optimizer: Any, local: LocalStats) -> Any:
 
 
 def clipping_configured(optimizer: Any) -> bool:
-    """Whether the optimizer (or the one a LossScaleOptimizer wraps) clips by norm."""
+    """Whether the optimizer (or the one a LossScaleOptimizer wraps) clips by norm.
+
+    False under gradient accumulation: Keras clips the averaged gradient of
+    ``k`` micro-batches, which the instrumentation does not see.
+    """
     inner = getattr(optimizer, "inner_optimizer", None) or optimizer
+    if accumulation_steps(optimizer) > 1:
+        return False
     return bool((getattr(inner, "clipnorm", None) or 0) > 0
                 or (getattr(inner, "global_clipnorm", None) or 0) > 0)
+
+
+def _inner(optimizer: Any) -> Any:
+    return getattr(optimizer, "inner_optimizer", None) or optimizer
+
+
+def accumulation_steps(optimizer: Any) -> int:
+    """``gradient_accumulation_steps`` of the optimizer (or the one it wraps); 1 if unset."""
+    try:
+        return max(1, int(getattr(_inner(optimizer), "gradient_accumulation_steps", None) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def micro_iterations(optimizer: Any) -> Any:
+    """The optimizer's step counter in micro-steps (one per ``apply`` call).
+
+    With ``gradient_accumulation_steps=k`` Keras' public ``iterations`` is the
+    number of *updates* (``_iterations // k``); the instrumentation numbers
+    every micro-batch, so it reads the raw counter.
+    """
+    inner = _inner(optimizer)
+    if accumulation_steps(optimizer) > 1 and getattr(inner, "_iterations", None) is not None:
+        return inner._iterations
+    return optimizer.iterations
+
+
+def unmeasured_notes(optimizer: Any) -> list[str]:
+    """Plain-language notes on what cannot be measured with this optimizer setup."""
+    inner = _inner(optimizer)
+    notes = []
+    clipvalue = getattr(inner, "clipvalue", None)
+    if clipvalue:
+        notes.append(
+            f"tb-stability: clipvalue={clipvalue:g} clips element-wise; how often it fires is "
+            "not reported (no `clipped` column) and grad_norm is the pre-clip norm"
+        )
+    k = accumulation_steps(optimizer)
+    if k > 1:
+        notes.append(
+            f"tb-stability: gradient_accumulation_steps={k}: every micro-batch gets its own row "
+            "(step = micro-step, its own gradient); weights move only when (step + 1) % "
+            f"{k} == 0, so update_ratio is 0 on other steps (detectors ignore those zeros), "
+            "and clipping frequency is not reported (Keras clips the averaged gradient)"
+        )
+    return notes
+
+
+def warn_unmeasured(owner: Any, optimizer: Any) -> None:
+    """Warns once per ``owner`` (a callback or monitor) for each `unmeasured_notes` entry."""
+    import warnings
+
+    seen = owner.__dict__.setdefault("_tb_unmeasured_warned", set())
+    for note in unmeasured_notes(optimizer):
+        if note not in seen:
+            seen.add(note)
+            warnings.warn(note, UserWarning, stacklevel=3)

@@ -73,6 +73,8 @@ class CallbackExtras:
             self.data = DataStats(self.every, mode, logits)
         if self.nan_forensics:
             self.capture = NanCapture(jit=bool(getattr(model, "jit_compile", False)))
+            if hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale"):
+                self.capture.loss_scale_optimizer = optimizer  # benign skips are not NaNs
         patch = self.callback._patch
         patch(model, "train_step", self._make_train_step(model.train_step))
         patch(model, "compute_loss", self._make_compute_loss(model.compute_loss, optimizer))
@@ -98,9 +100,13 @@ class CallbackExtras:
 
         def train_step(*args, **kwargs):
             extras._set_tracing(True)
+            if extras.tracing and extras.probes is not None:
+                extras.probes.begin_step()
             try:
                 return original(*args, **kwargs)
             finally:
+                if extras.tracing and extras.probes is not None:
+                    extras.probes.finish_step()  # when compute_loss was not called
                 extras._set_tracing(False)
 
         return train_step
@@ -118,6 +124,8 @@ class CallbackExtras:
             if not extras.tracing or extras.broken:
                 return result
             try:
+                if extras.probes is not None:
+                    extras.probes.finish_step()  # forward pass done: one cond for all probes
                 values = dict(zip(_LOSS_ARGS, args))
                 values.update({k: kwargs[k] for k in _LOSS_ARGS if k in kwargs})
                 x, y, y_pred = values.get("x"), values.get("y"), values.get("y_pred")
@@ -166,18 +174,35 @@ class CallbackExtras:
             logger.debug("config check failed", exc_info=error)
             return {}
 
-    def drain(self) -> None:
-        """Writes new probe and data records; runs the NaN forensics once."""
+    def variables(self) -> list:
+        """Every variable `drain` reads (for the callback's one batched read)."""
+        if self.broken:
+            return []
+        out = []
+        if self.probes is not None:
+            out += self.probes.variables()
+        if self.data is not None:
+            out += self.data.variables()
+        if self.capture is not None and self.origin is None and self.capture.step is not None:
+            out.append(self.capture.step)
+        return out
+
+    def drain(self, batch=None) -> None:
+        """Writes new probe and data records; runs the NaN forensics once.
+
+        Args:
+          batch: Optional `readback.BatchedRead` holding this read's values.
+        """
         if self.broken:
             return
         writer = self.callback.writer
         try:
             if self.probes is not None:
-                found = self.probes.read()
+                found = self.probes.read(batch)
                 if found is not None:
                     writer.write_layers(*found)
             if self.data is not None:
-                record = self.data.read()
+                record = self.data.read(batch)
                 if record is not None:
                     if record["inputs"] is not None:
                         writer.write_inputs(record["step"], record["inputs"], record["names"])
@@ -186,7 +211,7 @@ class CallbackExtras:
                         writer.write_counts(schema.TAG_PREDICTIONS, record["step"],
                                             record["predictions"])
             if self.capture is not None and self.origin is None:
-                step = self.capture.captured_step()
+                step = self.capture.captured_step(batch)
                 if step is not None:
                     self.origin = self._forensics(step)
                     writer.write_json(schema.TAG_NAN_ORIGIN, step, self.origin)

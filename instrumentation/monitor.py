@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import tensorflow as tf
 
 from instrumentation import distribute
+from instrumentation import flush_policy
 from instrumentation.stats import ColumnsWriter, StepStats, plain_variable
 from instrumentation.writer import Drainer, SummaryWriter, run_info
 from tb_stability import schema
@@ -167,6 +168,7 @@ class StabilityMonitor:
         if self._since_read >= self.every:
             self._since_read = 0
             self._guard(self._drain)
+        flush_policy.after_tick(self)  # time-based drain + flush (crash safety)
 
     def flush(self) -> None:
         """Writes every recorded step and flushes the event file."""

@@ -66,6 +66,11 @@ class NanCapture:
         self.structure: dict = {}
         self._pending = None
         self._graph = None
+        # Set to the LossScaleOptimizer under dynamic loss scaling: a skipped
+        # step (scaled gradients overflowed, loss finite) is then captured only
+        # when the skips persist (`tb_stability.detectors.nonfinite`'s rule).
+        self.loss_scale_optimizer = None
+        self.skip_run = None
 
     # ----------------------------------------------------------------- graph
 
@@ -85,7 +90,18 @@ class NanCapture:
         sums = [tf.reduce_sum(tf.cast(_values(g), tf.float32)) for g in grads if g is not None]
         total = tf.add_n(sums) if sums else tf.constant(0.0)
         loss = tf.reduce_sum(tf.cast(loss, tf.float32))
-        bad = tf.logical_not(tf.logical_and(tf.math.is_finite(loss), tf.math.is_finite(total)))
+        grads_ok = tf.math.is_finite(total)
+        if self.loss_scale_optimizer is not None:
+            from tb_stability.detectors.nonfinite import LOSS_SCALE_FLOOR, MAX_CONSECUTIVE_SKIPS
+
+            run = tf.where(grads_ok, tf.constant(0, tf.int64), self.skip_run + 1)
+            self.skip_run.assign(run)
+            scale = tf.cast(self.loss_scale_optimizer.dynamic_scale, tf.float32)
+            persistent = tf.logical_and(tf.logical_not(grads_ok), tf.logical_or(
+                run >= MAX_CONSECUTIVE_SKIPS, scale <= LOSS_SCALE_FLOOR))
+            bad = tf.logical_or(tf.logical_not(tf.math.is_finite(loss)), persistent)
+        else:
+            bad = tf.logical_not(tf.logical_and(tf.math.is_finite(loss), grads_ok))
         step = tf.cast(step, tf.int64)
         parts = {"x": tf.nest.flatten(x), "y": tf.nest.flatten(y) if y is not None else [],
                  "sw": tf.nest.flatten(sample_weight) if sample_weight is not None else []}
@@ -114,6 +130,9 @@ class NanCapture:
             if self.step is None:
                 self.step = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
                                         name="stability_nan_step")
+            if self.skip_run is None and self.loss_scale_optimizer is not None:
+                self.skip_run = tf.Variable(tf.constant(0, tf.int64), trainable=False,
+                                            name="stability_nan_skip_run")
             if [id(v) for v in self.variables] != [id(v) for v in variables]:
                 self.variables = list(variables)
                 self.copies = [tf.Variable(tf.zeros(v.shape, tf.as_dtype(v.dtype)),
@@ -154,11 +173,13 @@ class NanCapture:
 
     # ------------------------------------------------------------------ host
 
-    def captured_step(self) -> Optional[int]:
-        """The captured step, or None (one scalar read)."""
+    def captured_step(self, batch=None) -> Optional[int]:
+        """The captured step, or None (one scalar read, or from ``batch``)."""
         if self.step is None:
             return None
-        step = int(self.step.numpy())
+        from instrumentation import readback
+
+        step = int(readback.fetch(self.step, batch))
         return step if step >= 0 else None
 
     def batch(self) -> dict:

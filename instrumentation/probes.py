@@ -36,6 +36,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import tensorflow as tf
 
+from instrumentation import readback
+
 logger = logging.getLogger("instrumentation")
 
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu",
@@ -138,18 +140,22 @@ class _Probe:
         self.stats.assign(tf.concat([[step], base + tf.stack([count, saturated, total, total_sq])], 0))
         self.fired.assign(tf.maximum(tf.where(same, self.fired, tf.zeros_like(self.fired)), fired_now))
 
-    def values(self) -> Optional[tuple[int, dict]]:
-        """Host side: ``(step, {quantity: value})`` of the latest probe step."""
+    def values(self, batch=None) -> Optional[tuple[int, dict]]:
+        """Host side: ``(step, {quantity: value})`` of the latest probe step.
+
+        Args:
+          batch: Optional `readback.BatchedRead` holding this read's values.
+        """
         if self.stats is None:
             return None
-        step, count, saturated, total, total_sq = self.stats.numpy().tolist()
+        step, count, saturated, total, total_sq = readback.fetch(self.stats, batch).tolist()
         if step < 0 or count <= 0:
             return None
         mean = total / count
         var = max(total_sq / count - mean * mean, 0.0)
         out = {"act_mean": mean, "act_std": float(np.sqrt(var))}
         if self.kind == "relu":
-            out["dead_fraction"] = float(1.0 - np.mean(self.fired.numpy()))
+            out["dead_fraction"] = float(1.0 - np.mean(readback.fetch(self.fired, batch)))
         if self.kind == "saturating" and not self.is_output:
             out["saturated_fraction"] = saturated / count
         return int(step), out
@@ -178,6 +184,10 @@ class ActivationProbes:
         self.unprobed: dict[str, str] = {}
         self._saved: list = []
         self._last_step = -1
+        self._pending: list = []
+        self._graph = None
+        self._step = None
+        self._pred = None
 
     # --------------------------------------------------------------- install
 
@@ -188,9 +198,14 @@ class ActivationProbes:
         outputs = _output_layers(self.model)
         gpu = bool(tf.config.list_physical_devices("GPU"))
         known = {p.name: p for p in self.probes}
+        cells = set()
         for layer in _layers(self.model):
             name = layer.name
+            if id(layer) in cells:  # an RNN's cell: probed under the RNN's name
+                continue
             cell = getattr(layer, "cell", None)
+            if cell is not None:
+                cells.add(id(cell))
             if cell is not None and callable(getattr(cell, "activation", None)):
                 if gpu and activation_name(cell.activation) == "tanh" and activation_name(
                         getattr(cell, "recurrent_activation", None)) == "sigmoid":
@@ -260,33 +275,95 @@ class ActivationProbes:
 
     # ----------------------------------------------------------------- graph
 
+    def begin_step(self) -> None:
+        """Starts a traced train step: computes the probe-step predicate once.
+
+        Called at the start of the train step's trace, in its graph. Probes
+        recorded in that graph are collected and updated together under one
+        ``tf.cond`` (`finish_step`); probes recorded in a nested graph (an RNN
+        cell inside its time loop) use this predicate, captured into the loop
+        body, instead of reading the step counter at every timestep.
+        """
+        self._pending = []
+        self._graph = None
+        self._step = None
+        self._pred = None
+        try:
+            self._graph = tf.compat.v1.get_default_graph()
+            self._step = tf.cast(self.step_fn(), tf.int64)
+            self._pred = tf.equal(tf.math.floormod(self._step, self.every), 0)
+        except Exception:  # noqa: BLE001 - fall back to per-call predicates
+            logger.debug("probe predicate failed", exc_info=True)
+            self._graph = self._step = self._pred = None
+
+    def finish_step(self) -> None:
+        """Adds one ``tf.cond`` updating every probe collected in the step's graph."""
+        pending, self._pending = getattr(self, "_pending", []), []
+        if not pending:
+            return
+        if self._graph is not tf.compat.v1.get_default_graph():
+            return  # not in the graph the activations came from (should not happen)
+        step = self._step
+
+        def update():
+            for probe, pre, out in pending:
+                try:
+                    probe.update(step, pre, out)
+                except Exception:  # noqa: BLE001 - a probe must never break training
+                    logger.debug("probe %s failed", probe.name, exc_info=True)
+                    self.unprobed[probe.name] = "probe failed while tracing"
+            return tf.constant(True)
+
+        try:
+            tf.cond(self._pred, update, lambda: tf.constant(False))
+        except Exception:  # noqa: BLE001
+            logger.debug("probes failed", exc_info=True)
+            for probe, _, _ in pending:
+                self.unprobed[probe.name] = "probe failed while tracing"
+
     def _record(self, probe: _Probe, pre, out) -> None:
         if not self.tracing:
             return
         try:
             if not (tf.is_tensor(out) and out.dtype.is_floating):
                 return
-            step = tf.cast(self.step_fn(), tf.int64)
+            pre = pre if tf.is_tensor(pre) else None
+            graph = tf.compat.v1.get_default_graph()
+            pred = getattr(self, "_pred", None)
+            if pred is not None and graph is self._graph:
+                self._pending.append((probe, pre, out))
+                return
+            if pred is not None:
+                step = self._step  # captured from the train step's graph
+            else:
+                step = tf.cast(self.step_fn(), tf.int64)
+                pred = tf.equal(tf.math.floormod(step, self.every), 0)
 
             def update():
-                probe.update(step, pre if tf.is_tensor(pre) else None, out)
+                probe.update(step, pre, out)
                 return tf.constant(True)
 
-            tf.cond(tf.equal(tf.math.floormod(step, self.every), 0), update,
-                    lambda: tf.constant(False))
+            tf.cond(pred, update, lambda: tf.constant(False))
         except Exception:  # noqa: BLE001 - a probe must never break training
             logger.debug("probe %s failed", probe.name, exc_info=True)
             self.unprobed[probe.name] = "probe failed while tracing"
 
     # ------------------------------------------------------------------ host
 
-    def read(self) -> Optional[tuple[int, dict]]:
+    def variables(self) -> list:
+        """The probe variables the host reads (for one batched read)."""
+        return [v for p in self.probes for v in (p.stats, p.fired) if v is not None]
+
+    def read(self, batch=None) -> Optional[tuple[int, dict]]:
         """New probe results: ``(step, {quantity: (names, values)})`` or None.
 
         Only layers probed at the latest probe step are included; a step is
         returned once.
+
+        Args:
+          batch: Optional `readback.BatchedRead` holding this read's values.
         """
-        results = [(p, p.values()) for p in self.probes]
+        results = [(p, p.values(batch)) for p in self.probes]
         results = [(p, v) for p, v in results if v is not None]
         if not results:
             return None

@@ -7,6 +7,7 @@ and metadata comes from `tb_stability.schema`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -17,9 +18,45 @@ import tensorflow as tf
 
 from tb_stability import schema
 
+from instrumentation import readback
 from instrumentation.stats import GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM, StepStats
 
 logger = logging.getLogger("instrumentation")
+
+
+_DT = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}  # tensorflow DataType enum
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_summary(tag: str, array: np.ndarray, metadata: bytes) -> bytes:
+    """A serialized ``Summary`` holding one tensor value, as ``tf.summary.write`` builds it.
+
+    The same fields as TensorFlow's ``WriteSummary`` kernel (``tag``, a
+    ``TensorProto`` with ``dtype``, ``tensor_shape`` and ``tensor_content``,
+    and the metadata), encoded directly: float32/float64 arrays only.
+    """
+    array = np.ascontiguousarray(array)
+    shape = b"".join(_field(2, b"\x08" + _varint(int(d))) if d else _field(2, b"")
+                     for d in array.shape)
+    tensor = b"\x08" + _varint(_DT[array.dtype]) + _field(2, shape) + _field(4, array.tobytes())
+    value = _field(1, tag.encode("utf-8")) + _field(8, tensor) + _field(9, metadata)
+    return _field(1, value)
 
 
 def _metadata(quantity: str, names: Sequence[str] = (), rows: Sequence[str] = ()) -> bytes:
@@ -39,13 +76,50 @@ class SummaryWriter:
         self.log_dir = str(log_dir)
         self._writer = None
         self._metadata_cache: dict = {}
+        self._pending: Optional[list] = None
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Collects the tensor summaries written inside and writes them in one op per step."""
+        if self._pending is not None:  # nested: the outer batch writes
+            yield self
+            return
+        self._pending = []
+        try:
+            yield self
+        finally:
+            pending, self._pending = self._pending, None
+            self._write_raw(pending)
+
+    def _emit(self, tag: str, array: np.ndarray, step: int, metadata: bytes) -> None:
+        record = (int(step), encode_summary(tag, array, metadata))
+        if self._pending is not None:
+            self._pending.append(record)
+        else:
+            self._write_raw([record])
+
+    def _write_raw(self, records: list) -> None:
+        """Writes ``(step, serialized Summary)`` records: one op per run of equal steps."""
+        if not records:
+            return
+        with tf.init_scope(), self.writer.as_default():
+            start = 0
+            for index in range(1, len(records) + 1):
+                if index == len(records) or records[index][0] != records[start][0]:
+                    tf.summary.experimental.write_raw_pb(
+                        tf.constant([r[1] for r in records[start:index]]),
+                        step=records[start][0])
+                    start = index
 
     @property
     def writer(self):
         """The lazily created ``tf.summary`` file writer."""
         if self._writer is None:
             with tf.init_scope():
-                self._writer = tf.summary.create_file_writer(self.log_dir)
+                from instrumentation.flush_policy import FLUSH_MILLIS
+
+                self._writer = tf.summary.create_file_writer(self.log_dir,
+                                                             flush_millis=FLUSH_MILLIS)
         return self._writer
 
     def _meta(self, quantity: str, names: Sequence[str] = ()) -> bytes:
@@ -59,28 +133,18 @@ class SummaryWriter:
         rows = np.asarray(rows, np.float64)
         if rows.size == 0:
             return
-        with tf.init_scope(), self.writer.as_default():
-            tf.summary.write(
-                schema.TAG_STEPS,
-                tf.constant(rows, tf.float64),
-                step=int(rows[-1, 0]),
-                metadata=self._meta("steps", columns),
-            )
+        self._emit(schema.TAG_STEPS, rows, int(rows[-1, 0]), self._meta("steps", columns))
 
     def write_variables(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
         """Writes ``stats[GRAD_NORM|WEIGHT_NORM|UPDATE_RATIO]`` vectors for one step."""
-        with tf.init_scope(), self.writer.as_default():
-            for quantity, row in (
-                ("grad_norm", GRAD_NORM),
-                ("weight_norm", WEIGHT_NORM),
-                ("update_ratio", UPDATE_RATIO),
-            ):
-                tf.summary.write(
-                    schema.variable_tag(quantity),
-                    tf.constant(np.asarray(stats[row], np.float32)),
-                    step=int(step),
-                    metadata=self._meta(quantity, names),
-                )
+        names = tuple(names)
+        for quantity, row in (
+            ("grad_norm", GRAD_NORM),
+            ("weight_norm", WEIGHT_NORM),
+            ("update_ratio", UPDATE_RATIO),
+        ):
+            self._emit(schema.variable_tag(quantity), np.asarray(stats[row], np.float32),
+                       step, self._meta(quantity, names))
 
     def write_json(self, tag: str, step: int, record: dict) -> None:
         """Writes a scalar string tensor holding ``record`` as JSON (a `schema.JSON_TAGS` tag)."""
@@ -97,25 +161,19 @@ class SummaryWriter:
 
     def write_layers(self, step: int, table: dict) -> None:
         """Writes ``stability/layer/<q>`` vectors: ``table[q] = (layer_names, values)``."""
-        with tf.init_scope(), self.writer.as_default():
-            for quantity, (names, values) in sorted(table.items()):
-                if quantity not in schema.LAYER_QUANTITIES or not len(names):
-                    continue
-                tf.summary.write(
-                    schema.layer_tag(quantity),
-                    tf.constant(np.asarray(values, np.float32)),
-                    step=int(step),
-                    metadata=self._meta(quantity, tuple(names)),
-                )
+        for quantity, (names, values) in sorted(table.items()):
+            if quantity not in schema.LAYER_QUANTITIES or not len(names):
+                continue
+            self._emit(schema.layer_tag(quantity), np.asarray(values, np.float32), step,
+                       self._meta(quantity, tuple(names)))
 
     def write_inputs(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
         """Writes ``stability/inputs`` ``[4, F]`` (rows mean/std/min/max)."""
         key = ("inputs", tuple(names), schema.INPUT_ROWS)
         if key not in self._metadata_cache:
             self._metadata_cache[key] = _metadata("inputs", names, schema.INPUT_ROWS)
-        with tf.init_scope(), self.writer.as_default():
-            tf.summary.write(schema.TAG_INPUTS, tf.constant(np.asarray(stats, np.float32)),
-                             step=int(step), metadata=self._metadata_cache[key])
+        self._emit(schema.TAG_INPUTS, np.asarray(stats, np.float32), step,
+                   self._metadata_cache[key])
 
     def write_counts(self, tag: str, step: int, counts: np.ndarray) -> None:
         """Writes class counts to ``stability/labels`` or ``stability/predictions``."""
@@ -123,9 +181,7 @@ class SummaryWriter:
             raise ValueError(f"not a class-count tag: {tag!r}")
         counts = np.asarray(counts, np.float32)
         names = tuple(str(i) for i in range(counts.shape[0]))
-        with tf.init_scope(), self.writer.as_default():
-            tf.summary.write(tag, tf.constant(counts), step=int(step),
-                             metadata=self._meta(schema.quantity_of_tag(tag), names))
+        self._emit(tag, counts, step, self._meta(schema.quantity_of_tag(tag), names))
 
     def write_scalars(self, step: int, values: dict) -> None:
         """Writes ordinary scalars (plugin ``scalars``, as ``tf.summary.scalar``)."""
@@ -139,12 +195,18 @@ class SummaryWriter:
 
     def flush(self) -> None:
         """Flushes pending events to disk (no-op before the first write)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._write_raw(pending)
         if self._writer is not None:
             with tf.init_scope():
                 self._writer.flush()
 
     def close(self) -> None:
         """Flushes and closes the file writer; a later write reopens a new file."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._write_raw(pending)
         if self._writer is not None:
             with tf.init_scope():
                 self._writer.close()
@@ -166,6 +228,11 @@ class Drainer:
         self.next_step = int(next_step)
         self.saw_nonfinite = False
         self.first_nonfinite_step: Optional[int] = None
+        # Optional `readback.BatchedRead` already holding this drain's values.
+        self.batch: Optional[readback.BatchedRead] = None
+        # Objects with feed_steps(rows, columns) / feed_variables(step, stats, names),
+        # e.g. `instrumentation.live.LiveDiagnosis`; they see exactly what is written.
+        self.listeners: list = []
 
     def drain(self) -> int:
         """Writes every step recorded since the last call.
@@ -174,7 +241,7 @@ class Drainer:
           The number of steps written. On the first non-finite loss, gradient
           norm or non-finite gradient count the writer is flushed at once.
         """
-        ring = self.stats.ring.numpy()  # one device-to-host copy
+        ring = readback.fetch(self.stats.ring, self.batch)  # one device-to-host copy
         fresh = ring[ring[:, 0] >= self.next_step]
         if fresh.shape[0] == 0:
             return 0
@@ -190,13 +257,17 @@ class Drainer:
         steps = fresh[:, 0].astype(np.int64)
         log_steps = steps[steps % self.stats.every == 0]
         if log_steps.size and self.stats.variables:
-            var_stats = self.stats.var_stats.numpy()
-            var_steps = self.stats.var_steps.numpy()
+            var_stats = readback.fetch(self.stats.var_stats, self.batch)
+            var_steps = readback.fetch(self.stats.var_steps, self.batch)
             for step in log_steps:
                 slot = (int(step) // self.stats.every) % self.stats.slots
                 if int(var_steps[slot]) == int(step):
                     self.writer.write_variables(int(step), var_stats[slot], self.stats.names)
+                    for listener in self.listeners:
+                        listener.feed_variables(int(step), var_stats[slot], self.stats.names)
         self.writer.write_steps(fresh)
+        for listener in self.listeners:
+            listener.feed_steps(fresh, getattr(self.stats, "columns", schema.STEP_COLUMNS))
         self.next_step = last + 1
         if not self.saw_nonfinite:
             values = fresh[:, 1:3]

@@ -74,6 +74,23 @@ def _default_detectors(warnings: list[str] | None = None) -> list[Detector]:
     return list(getattr(detectors, "ALL_DETECTORS", []))
 
 
+def _pair_findings(runs: dict[str, RunData], warnings: list[str]) -> list[Finding]:
+    """Findings that need two runs (Keras' ``X/train`` + ``X/validation``)."""
+    try:
+        from tb_stability.detectors import PAIR_DETECTORS
+    except Exception:  # reported by _default_detectors already
+        return []
+    findings: list[Finding] = []
+    for detector in PAIR_DETECTORS:
+        try:
+            findings.extend(f for f in detector(runs) or [] if isinstance(f, Finding))
+        except Exception as error:
+            warnings.append(
+                f"detector {detector_name(detector)} failed: {type(error).__name__}: {error}"
+            )
+    return findings
+
+
 def detector_name(detector: Callable) -> str:
     """A readable name for a detector (``module.function``)."""
     module = getattr(detector, "__module__", "") or ""
@@ -147,14 +164,17 @@ def analyze_logdir(
     """
     logdir = load_logdir(path)
     report = Report(logdir=os.fspath(path), warnings=list(logdir.warnings))
+    pair_findings: list[Finding] = []
     if detectors is None:
         detectors = _default_detectors(report.warnings)
+        pair_findings = _pair_findings(logdir.runs, report.warnings)
     for name in sorted(logdir.runs):
         if run_filter is not None and run_filter not in name:
             continue
         run = logdir.runs[name]
         run_warnings = list(run.warnings)
         findings = analyze_run(run, detectors, run_warnings)
+        findings = sort_findings(findings + [f for f in pair_findings if f.run == name])
         report.runs.append(RunReport(run=name, findings=findings, warnings=run_warnings,
                                      instrumented=run.instrumented))
     return report

@@ -50,8 +50,11 @@ def test_writes_exactly_the_contract_tags(tmp_path):
     x, y = data(n=44)  # 6 steps, the last one a partial batch (a retrace)
     fit(model, tmp_path, every=4, x=x, y=y)
     events = read_events(tmp_path)
-    expected = {(".", schema.TAG_STEPS), (".", schema.TAG_RUN_INFO)} | {
+    expected = {(".", schema.TAG_STEPS), (".", schema.TAG_RUN_INFO), (".", schema.TAG_INPUTS),
+                (".", "epoch_loss")} | {
         (".", schema.variable_tag(q)) for q in schema.VARIABLE_QUANTITIES
+    } | {  # the tanh hidden layer: a saturating activation, so no dead fraction
+        (".", schema.layer_tag(q)) for q in ("saturated_fraction", "act_mean", "act_std")
     }
     assert set(events) == expected
     rows = step_rows(events)

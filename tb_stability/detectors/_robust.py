@@ -13,13 +13,13 @@ ordinary batch noise does not read as a spike.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
+
+from tb_stability.detectors import _windows as W
 
 MAD_TO_STD = 1.4826
 Q99_TO_STD = 2.326
-_CHUNK = 4096
+_DIRECT_MAX = 48
 
 
 def median(values) -> float:
@@ -60,12 +60,15 @@ def trailing_stats(
     min_history: int,
     rel_floor: float = 1e-3,
     abs_floor: float = 1e-12,
+    where=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Median and tail-aware spread of the ``window`` values *before* each index.
 
     Row ``i`` summarises ``values[max(0, i - window):i]`` (the current value is
     excluded). Non-finite values inside a window are ignored; where fewer than
-    ``min_history`` finite values are available the outputs are NaN.
+    ``min_history`` finite values are available the outputs are NaN. The
+    numbers are exactly ``np.nanmedian`` / ``np.nanpercentile`` over each
+    window, computed in O(n log n) for the medians (`_windows.RangeOrder`).
 
     Args:
       values: 1-D array.
@@ -73,6 +76,8 @@ def trailing_stats(
       min_history: Minimum number of finite preceding values.
       rel_floor: Spread floor relative to ``|median|``.
       abs_floor: Absolute spread floor.
+      where: Optional boolean mask: the spread is computed only where it is
+        True (NaN elsewhere); the medians are always complete.
 
     Returns:
       ``(medians, spreads)``, arrays of the same length as ``values``.
@@ -83,50 +88,68 @@ def trailing_stats(
     spread = np.full(n, np.nan)
     if n == 0 or window < 1:
         return med, spread
-    clean = np.where(np.isfinite(x), x, np.nan)
-    padded = np.concatenate([np.full(window, np.nan), clean])
-    views = np.lib.stride_tricks.sliding_window_view(padded[:-1], window)
-    counts = np.lib.stride_tricks.sliding_window_view(
-        np.concatenate([np.zeros(window), np.isfinite(x).astype(np.float64)])[:-1], window
-    ).sum(axis=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for start in range(0, n, _CHUNK):
-            block = views[start:start + _CHUNK]
-            m = np.nanmedian(block, axis=1)
-            d = np.nanmedian(np.abs(block - m[:, None]), axis=1)
-            q = np.nanpercentile(block, 99, axis=1)
+    order = W.RangeOrder(x)
+    idx = np.arange(n)
+    lo, hi = np.maximum(0, idx - window), idx
+    ok = order.count(lo, hi) >= min_history
+    rows = np.flatnonzero(ok)
+    med[rows] = order.median(lo[rows], hi[rows], window)
+    if where is not None:
+        rows = np.flatnonzero(ok & np.asarray(where, dtype=bool))
+    spread[rows] = trailing_spread(x, window, med, rows, rel_floor, abs_floor)
+    return med, spread
+
+
+def trailing_spread(values, window: int, med, rows, rel_floor: float = 1e-3,
+                    abs_floor: float = 1e-12) -> np.ndarray:
+    """Tail-aware spread of the windows of `trailing_stats` at ``rows`` only.
+
+    Args:
+      values: 1-D array.
+      window: Number of preceding values considered.
+      med: The window medians (from `trailing_stats`), indexed by row.
+      rows: Row indices to compute.
+
+    Returns:
+      The spreads at ``rows`` (NaN where a window holds no finite value).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    med = np.asarray(med, dtype=np.float64)
+    out = np.full(rows.size, np.nan)
+    for start, block, c in W.sorted_rows(values, window, rows):
+        m = med[rows[start:start + block.shape[0]]]
+        d = W.middle(np.sort(np.abs(block - m[:, None]), axis=1), c, window)
+        q = W.percentile_of(block, c, 99)
+        with np.errstate(invalid="ignore", over="ignore"):
             s = np.maximum.reduce([
                 MAD_TO_STD * d,
                 (q - m) / Q99_TO_STD,
                 rel_floor * np.abs(m),
                 np.full_like(m, abs_floor),
             ])
-            med[start:start + _CHUNK] = m
-            spread[start:start + _CHUNK] = s
-    ok = counts >= min_history
-    med[~ok] = np.nan
-    spread[~ok] = np.nan
-    return med, spread
+        out[start:start + block.shape[0]] = np.where(c > 0, s, np.nan)
+    return out
 
 
 def rolling_median(values, k: int) -> np.ndarray:
     """Trailing median over the last ``k`` values including the current one.
 
     Non-finite values are ignored; the first ``k - 1`` outputs use the shorter
-    available prefix. NaN where a window holds no finite value.
+    available prefix. NaN where a window holds no finite value. Exactly
+    ``np.nanmedian`` over each window, in O(n log n) (`_windows.RangeOrder`).
     """
     x = np.asarray(values, dtype=np.float64)
     n = x.shape[0]
     if n == 0:
         return np.zeros(0)
     k = max(1, int(k))
-    clean = np.where(np.isfinite(x), x, np.nan)
-    padded = np.concatenate([np.full(k - 1, np.nan), clean])
-    views = np.lib.stride_tricks.sliding_window_view(padded, k)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(views, axis=1)
+    if k <= _DIRECT_MAX:  # short windows: sorting every window is cheaper
+        out = np.empty(n)
+        for start, block, c in W.sorted_rows(x, k, trailing=False):
+            out[start:start + block.shape[0]] = W.middle(block, c, k)
+        return out
+    idx = np.arange(n)
+    return W.RangeOrder(x).median(np.maximum(0, idx - k + 1), idx + 1, k)
 
 
 def true_runs(mask) -> list[tuple[int, int]]:

@@ -11,6 +11,20 @@ at the nearest per-variable record at or after the onset (else before it).
 
 Severity: always ``critical`` (training cannot recover from NaN weights).
 
+Dynamic loss scaling (a ``skipped`` step column, mixed precision): a step the
+LossScaleOptimizer skipped because its *scaled* gradients overflowed, with a
+finite loss, is normal and is not an onset (its non-finite gradient norm,
+``nonfinite_grads`` and per-variable gradient norms are ignored). Skipping
+becomes nan_inf when it persists (>= ``MAX_CONSECUTIVE_SKIPS`` consecutive
+skipped steps) or the loss scale has reached ``LOSS_SCALE_FLOOR`` (then the
+unscaled gradients themselves overflow), or of course when the loss itself is
+non-finite. Benign skips are reported as an ``info`` nan_inf finding (or as
+evidence of the critical one) with their count.
+
+With a ``nonfinite_replicas`` column (``tf.distribute``; bit r = replica r),
+the replicas non-finite at the onset and the first replicas to go non-finite
+are decoded into replica ids.
+
 The remedy depends on what went first: a non-finite loss with healthy gradients
 before it points at the loss computation (log of 0, division); gradients that
 grew >= 10x before the onset, or non-finite gradients with a finite loss, point
@@ -27,6 +41,114 @@ from tb_stability.rundata import Matrix, RunData
 
 GROWTH_BEFORE_ONSET = 10.0  # pre-onset gradient growth that blames the update
 LOOKBACK = 20  # steps before the onset examined for growth
+MAX_CONSECUTIVE_SKIPS = 20  # loss-scale skips in a row that are no longer normal
+LOSS_SCALE_FLOOR = 1.0  # a loss scale at or below this that still overflows is real
+
+
+def decode_replicas(mask) -> list[int]:
+    """Replica ids of a ``nonfinite_replicas`` bit mask (bit r = replica r)."""
+    try:
+        value = float(mask)
+    except (TypeError, ValueError):
+        return []
+    if not np.isfinite(value) or value <= 0:
+        return []
+    bits = int(round(value))
+    return [r for r in range(bits.bit_length()) if (bits >> r) & 1]
+
+
+def skip_runs(skipped) -> np.ndarray:
+    """Length of the run of consecutive skipped steps each step belongs to (0 if not skipped)."""
+    sk = np.asarray(skipped, dtype=np.float64) >= 0.5
+    out = np.zeros(sk.shape[0], dtype=np.int64)
+    i = 0
+    while i < sk.shape[0]:
+        if not sk[i]:
+            i += 1
+            continue
+        j = i
+        while j < sk.shape[0] and sk[j]:
+            j += 1
+        out[i:j] = j - i
+        i = j
+    return out
+
+
+def loss_scale_skips(run: RunData, max_run: int = MAX_CONSECUTIVE_SKIPS,
+                     floor: float = LOSS_SCALE_FLOOR) -> tuple[set[int], dict]:
+    """Benign loss-scaling skips of a run and a summary of all skipped steps.
+
+    A skipped step is benign when its loss is finite, it belongs to fewer than
+    ``max_run`` consecutive skipped steps and its loss scale is above ``floor``.
+
+    Returns:
+      ``(benign_steps, summary)``; summary is empty without a ``skipped`` column
+      or skipped steps.
+    """
+    s = run.steps.get("skipped")
+    if s is None or not len(s):
+        return set(), {}
+    steps = np.asarray(s.steps, dtype=np.int64)
+    sk = np.asarray(s.values, dtype=np.float64) >= 0.5
+    if not sk.any():
+        return set(), {}
+    loss = np.array([C.value_at(run.steps.get("loss"), int(k)) for k in steps], dtype=object)
+    finite_loss = np.array([v is None or bool(np.isfinite(v)) for v in loss])
+    scale_s = run.steps.get("loss_scale")
+    scale = np.array([C.value_at(scale_s, int(k)) for k in steps], dtype=object)
+    at_floor = np.array([v is not None and np.isfinite(v) and v <= floor for v in scale])
+    runs = skip_runs(sk)
+    persistent = sk & (runs >= max_run)
+    benign = sk & finite_loss & ~persistent & ~at_floor
+    scales = [float(v) for v in scale if v is not None and np.isfinite(v)]
+    summary = {
+        "skipped_steps": int(sk.sum()),
+        "steps": int(steps.size),
+        "benign_skipped_steps": int(benign.sum()),
+        "first_skipped_step": int(steps[sk][0]),
+        "last_skipped_step": int(steps[sk][-1]),
+        "max_consecutive_skipped": int(runs.max()),
+        "loss_scale_min": min(scales) if scales else None,
+        "loss_scale_last": scales[-1] if scales else None,
+        "skip_threshold": f"benign: loss finite, < {max_run} consecutive skips, "
+        f"loss scale > {floor:g}",
+    }
+    if persistent.any():
+        summary["first_persistent_skip_step"] = int(steps[persistent][0])
+    if (sk & at_floor).any():
+        summary["first_skip_at_floor_step"] = int(steps[sk & at_floor][0])
+    return {int(k) for k in steps[benign]}, summary
+
+
+def _without_steps(steps, values, drop: set[int], fill: float):
+    """``values`` with the entries at ``drop`` steps replaced by ``fill``."""
+    values = np.asarray(values, dtype=np.float64)
+    if not drop:
+        return values
+    mask = np.isin(np.asarray(steps, dtype=np.int64), np.fromiter(drop, np.int64))
+    return np.where(mask, fill, values)
+
+
+def configured_clipping(run: RunData) -> dict:
+    """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
+    records = run.json.get("stability/run_info") or []
+    if not records or not isinstance(records[0][1], dict):
+        return {}
+    config = records[0][1].get("optimizer_config") or {}
+    inner = config.get("inner_optimizer") if isinstance(config, dict) else None
+    if isinstance(inner, dict):
+        config = inner.get("config", inner)
+    if not isinstance(config, dict):
+        return {}
+    out = {}
+    for key in ("clipnorm", "global_clipnorm", "clipvalue"):
+        try:
+            value = float(config.get(key))
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            out[key] = value
+    return out
 
 
 def first_nonfinite(steps, values) -> int | None:
@@ -99,39 +221,52 @@ def _matrix_onset(m: Matrix | None) -> int | None:
 
 def detect(run: RunData) -> list[Finding]:
     """nan_inf adapter over `RunData` (see module docstring)."""
+    benign, skips = loss_scale_skips(run)
     candidates: dict[str, int] = {}
     lasts: list[int] = []
     for col in ("loss", "grad_norm"):
         s = run.steps.get(col)
         if s is not None and len(s):
-            k = first_nonfinite(s.steps, s.values)
+            values = _without_steps(s.steps, s.values, benign, 0.0) if col == "grad_norm" else s.values
+            k = first_nonfinite(s.steps, values)
             if k is not None:
                 candidates[f"steps:{col}"] = k
-                lasts.append(last_nonfinite(s.steps, s.values))
+                lasts.append(last_nonfinite(s.steps, values))
     s = run.steps.get("nonfinite_grads")
     if s is not None and len(s):
-        k = first_positive(s.steps, s.values)
+        values = _without_steps(s.steps, s.values, benign, 0.0)
+        k = first_positive(s.steps, values)
         if k is not None:
             candidates["steps:nonfinite_grads"] = k
-            lasts.append(int(s.steps[np.flatnonzero(s.values > 0)[-1]]))
+            lasts.append(int(s.steps[np.flatnonzero(values > 0)[-1]]))
+    if "first_persistent_skip_step" in skips or "first_skip_at_floor_step" in skips:
+        candidates["steps:skipped"] = min(
+            skips.get(k, 1 << 62) for k in ("first_persistent_skip_step", "first_skip_at_floor_step")
+        )
+        lasts.append(skips["last_skipped_step"])
     for group, mats in (("variables", run.variables), ("layers", run.layers)):
         for q, m in mats.items():
+            if group == "variables" and benign and m is not None and len(m):
+                keep = ~np.isin(m.steps, np.fromiter(benign, np.int64))
+                m = Matrix(steps=m.steps[keep], names=m.names, values=m.values[keep])
             k = _matrix_onset(m)
             if k is not None:
                 candidates[f"{group}:{q}"] = k
                 lasts.append(int(m.steps[np.flatnonzero((~np.isfinite(m.values)).any(axis=1))[-1]]))
     for tag, s in run.scalars.items():
+        if run.steps and tag.rsplit("/", 1)[-1].startswith("epoch_"):
+            continue  # indexed by epoch, not by step: the per-step columns are exact
         k = first_nonfinite(s.steps, s.values)
         if k is not None:
             candidates[f"scalar:{tag}"] = k
             lasts.append(last_nonfinite(s.steps, s.values))
-    origin_records = run.json.get("stability/nan_origin") or []
+    origin_records = [r for r in run.json.get("stability/nan_origin") or [] if int(r[0]) not in benign]
     origin = None
     if origin_records:
         o_step, origin = min(origin_records, key=lambda r: r[0])
         candidates["stability/nan_origin"] = int(o_step)
     if not candidates:
-        return []
+        return [_skips_finding(run, skips)] if skips else []
 
     onset = min(candidates.values())
     signals = sorted(k for k, v in candidates.items() if v == onset)
@@ -182,6 +317,28 @@ def detect(run: RunData) -> list[Finding]:
     }
     if origin is not None:
         evidence["origin"] = origin
+    if skips:
+        evidence["loss_scale_skips"] = skips
+    replicas_txt = ""
+    rep = run.steps.get("nonfinite_replicas")
+    if rep is not None and len(rep):
+        at_onset = decode_replicas(C.value_at(rep, onset))
+        rows = [i for i in np.flatnonzero(np.nan_to_num(rep.values) > 0)
+                if int(rep.steps[i]) not in benign]
+        evidence["nonfinite_replicas_at_onset"] = at_onset
+        if rows:
+            first_rep_step = int(rep.steps[rows[0]])
+            first_reps = decode_replicas(rep.values[rows[0]])
+            evidence["first_nonfinite_replicas"] = first_reps
+            evidence["first_nonfinite_replicas_step"] = first_rep_step
+            label = "Replica" if len(first_reps) == 1 else "Replicas"
+            replicas_txt = (
+                f" {label} {', '.join(str(r) for r in first_reps)} went non-finite first "
+                f"(step {first_rep_step})."
+            )
+    clipping = configured_clipping(run)
+    if clipping:
+        evidence["configured_clipping"] = clipping
 
     where = f" in {', '.join(names[:5])}" if names else ""
     what = ", ".join(signals)
@@ -194,12 +351,22 @@ def detect(run: RunData) -> list[Finding]:
             f"The gradient norm grew {C.fmt(growth)}x over the {LOOKBACK} steps before, so an "
             "exploding update overflowed the weights."
         )
-        remedy = (
-            f"Clip gradients at about 2x the healthy norm ({C.fmt(healthy)}) and lower the "
-            "learning rate 10x:\n"
-            f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, clipnorm={clip:g})\n"
-            "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
-        )
+        if clipping:
+            remedy = (
+                f"Gradients are already clipped ({_clip_txt(clipping)}), so lower the learning "
+                "rate 10x and look for the op producing Inf/NaN (clipping cannot repair a "
+                "non-finite gradient):\n"
+                f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, {_clip_txt(clipping)})\n"
+                "    tf.debugging.enable_check_numerics()  # before building the model\n"
+                "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
+            )
+        else:
+            remedy = (
+                f"Clip gradients at about 2x the healthy norm ({C.fmt(healthy)}) and lower the "
+                "learning rate 10x:\n"
+                f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, clipnorm={clip:g})\n"
+                "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
+            )
     elif loss_first:
         explanation = (
             f"The loss became non-finite at step {onset} while the gradients before it were "
@@ -223,6 +390,13 @@ def detect(run: RunData) -> list[Finding]:
     if isinstance(origin, dict) and origin:
         summary = ", ".join(f"{k}={v}" for k, v in list(origin.items())[:4])
         explanation += f" Recorded origin: {summary}."
+    explanation += replicas_txt
+    if "steps:skipped" in signals:
+        explanation += (
+            f" The LossScaleOptimizer kept skipping updates ({skips['max_consecutive_skipped']} "
+            f"in a row; loss scale down to {C.fmt(skips['loss_scale_min'])}): the unscaled "
+            "gradients themselves overflow."
+        )
     return [
         Finding(
             kind="nan_inf",
@@ -236,3 +410,31 @@ def detect(run: RunData) -> list[Finding]:
             remedy=remedy,
         )
     ]
+
+
+def _clip_txt(clipping: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in clipping.items())
+
+
+def _skips_finding(run: RunData, skips: dict) -> Finding:
+    """The ``info`` finding for benign loss-scaling skips (no non-finite onset)."""
+    return Finding(
+        kind="nan_inf",
+        severity="info",
+        run=run.name,
+        first_step=skips["first_skipped_step"],
+        last_step=skips["last_skipped_step"],
+        layers=[],
+        evidence=dict(skips),
+        explanation=(
+            f"The LossScaleOptimizer skipped {skips['skipped_steps']} of {skips['steps']} steps "
+            f"(at most {skips['max_consecutive_skipped']} in a row) because the scaled "
+            "gradients overflowed while the loss stayed finite; it lowered the loss scale "
+            f"to {C.fmt(skips['loss_scale_min'])}. This is normal dynamic loss scaling, "
+            "not a NaN in training."
+        ),
+        remedy=(
+            "Nothing to fix. Many skips at the start only mean the initial scale is high:\n"
+            "    optimizer = keras.optimizers.LossScaleOptimizer(inner, initial_scale=2.0**10)"
+        ),
+    )

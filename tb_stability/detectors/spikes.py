@@ -61,7 +61,8 @@ def window_for(n: int) -> int:
 
 
 def flag_spikes(values, window: int | None = None, z: float = Z_THRESHOLD,
-                rel_jump: float = REL_JUMP, min_history: int | None = None):
+                rel_jump: float = REL_JUMP, min_history: int | None = None,
+                all_spreads: bool = True):
     """Flags spike points of a series.
 
     Args:
@@ -70,6 +71,10 @@ def flag_spikes(values, window: int | None = None, z: float = Z_THRESHOLD,
       z: Robust z-score threshold.
       rel_jump: Minimum jump relative to ``|median|``.
       min_history: Minimum finite predecessors (default `min_history_for`).
+      all_spreads: When False, spreads (and scores) are computed only at the
+        candidates ``x - median >= rel_jump * |median|`` and are NaN elsewhere;
+        the flags are the same (a non-candidate is never flagged), at a
+        fraction of the cost. Use `fill_spreads` for other points.
 
     Returns:
       ``(flags, medians, spreads, scores)`` over the *finite* subsequence, plus
@@ -82,12 +87,33 @@ def flag_spikes(values, window: int | None = None, z: float = Z_THRESHOLD,
         min_history = min_history_for(f.size)
     if window is None:
         window = window_for(f.size)
-    med, spread = R.trailing_stats(f, window, min_history)
+    if all_spreads:
+        med, spread = R.trailing_stats(f, window, min_history)
+    else:
+        med, spread = R.trailing_stats(f, window, min_history, where=np.zeros(f.size, bool))
+        with np.errstate(invalid="ignore"):
+            rows = np.flatnonzero((f - med) >= rel_jump * np.abs(med))
+        spread[rows] = R.trailing_spread(f, window, med, rows)
     with np.errstate(invalid="ignore", divide="ignore"):
         score = (f - med) / spread
         flags = (score > z) & ((f - med) >= rel_jump * np.abs(med))
     flags &= np.isfinite(score)
     return flags, med, spread, score, index
+
+
+def fill_spreads(values, med, spread, score, points, window: int | None = None) -> None:
+    """Completes (in place) the spreads and scores of ``points`` left NaN by
+    ``flag_spikes(..., all_spreads=False)``; ``values`` is the finite series."""
+    f = np.asarray(values, dtype=np.float64)
+    if window is None:
+        window = window_for(f.size)
+    pts = np.asarray(sorted(set(int(i) for i in points)), dtype=np.int64)
+    pts = pts[np.isnan(spread[pts]) & np.isfinite(med[pts])] if pts.size else pts
+    if not pts.size:
+        return
+    spread[pts] = R.trailing_spread(f, window, med, pts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score[pts] = (f[pts] - med[pts]) / spread[pts]
 
 
 def classify(values, flags, med, spread, z: float = Z_THRESHOLD, rel_jump: float = REL_JUMP,
@@ -180,12 +206,14 @@ def detect(run: RunData) -> list[Finding]:
     loss, source = C.loss_series(run)
     if loss is None:
         return []
-    flags, med, spread, score, index = flag_spikes(loss.values)
+    flags, med, spread, score, index = flag_spikes(loss.values, all_spreads=False)
     if not flags.any():
         return []
     steps = loss.steps[index]
     values = loss.values[index]
     spikes, final = classify(values, flags, med, spread)
+    fill_spreads(values, med, spread, score,
+                 [i for a, b in spikes + ([final] if final else []) for i in range(a, b + 1)])
     if final is not None and index[final[1]] != len(loss) - 1:
         final = None  # the loss went non-finite afterwards: that is nan_inf
     if not spikes and final is None:

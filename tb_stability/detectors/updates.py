@@ -15,6 +15,10 @@ update_ratio_low
   (1e-5), and the kernel was never flagged high (a kernel that blew up and
   then died is not "learning rate too low"). Severity: ``warning``.
 
+Gradient accumulation (run_info's optimizer config has
+``gradient_accumulation_steps`` k > 1): the weights move only every k-th step,
+so exact-zero ratios are missing values, not "too low", and are ignored.
+
 The remedy scales the learning rate by the measured factor
 ``1e-3 / median ratio`` (clipped to [1e-4, 1e4]; a raised rate is capped at
 1e-2, beyond which a tiny ratio means no gradient rather than a low rate).
@@ -58,6 +62,18 @@ def low_columns(values, low: float = LOW) -> list[int]:
     return [j for j in range(med.size) if np.isfinite(med[j]) and med[j] < low]
 
 
+def accumulation_steps(run: RunData) -> int:
+    """``gradient_accumulation_steps`` from run_info's optimizer config (1 if unset)."""
+    records = run.json.get("stability/run_info") or []
+    config = records[0][1].get("optimizer_config") if records and isinstance(records[0][1], dict) else None
+    if isinstance(config, dict) and isinstance(config.get("inner_optimizer"), dict):
+        config = config["inner_optimizer"].get("config", config["inner_optimizer"])
+    try:
+        return max(1, int((config or {}).get("gradient_accumulation_steps") or 1))
+    except (TypeError, ValueError, AttributeError):
+        return 1
+
+
 def _lr_factor(ratio: float) -> float:
     return float(np.clip(HEALTHY / ratio, 1e-4, 1e4)) if ratio > 0 else 1e4
 
@@ -71,6 +87,8 @@ def detect(run: RunData) -> list[Finding]:
     if not cols:
         return []
     sub = m.values[:, cols]
+    if accumulation_steps(run) > 1:  # no update on this micro-step: not a measurement
+        sub = np.where(sub == 0.0, np.nan, sub)
     names = [m.names[j] for j in cols]
     med, mx = ratio_summary(sub)
     out = []

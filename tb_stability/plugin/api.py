@@ -23,6 +23,12 @@ MAX_SERIES_POINTS = downsample.DEFAULT_MAX_POINTS
 MAX_MATRIX_STEPS = downsample.DEFAULT_MAX_STEPS
 MAX_MATRIX_NAMES = downsample.DEFAULT_MAX_NAMES
 MAX_JSON_RECORDS = 50
+MAX_RUNS = 1000  # runs listed by /runs and /findings
+MAX_FINDINGS_PER_RUN = 200
+MAX_WARNINGS = 50  # per run, and logdir-level
+MAX_TAGS = 500  # per run and kind in /runs
+MAX_NAME_LEN = 1024  # longer tag/layer names are left out of listings
+MAX_TEXT_LEN = 2000  # warnings and finding texts are cut beyond this
 _MAX_PARAM_LEN = 4096
 
 
@@ -60,10 +66,76 @@ def _worst(findings: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
-    """Body of ``/runs``: every run with worst severity, counts and available data."""
+def _cut(text: Any, limit: int = MAX_TEXT_LEN) -> tuple[str, bool]:
+    text = str(text)
+    if len(text) <= limit:
+        return text, False
+    return text[:limit] + "... [truncated]", True
+
+
+def _names(names, limit: int = MAX_TAGS) -> tuple[list[str], bool]:
+    """Sorted names without over-long ones, at most ``limit``; and whether any was left out."""
+    names = sorted(names)
+    kept = [n for n in names if len(n) <= MAX_NAME_LEN][:limit]
+    return kept, len(kept) != len(names)
+
+
+def _warnings(items) -> tuple[list[str], bool]:
+    items = list(items or [])
+    cut = [_cut(w) for w in items[:MAX_WARNINGS]]
+    return [w for w, _ in cut], len(items) > MAX_WARNINGS or any(t for _, t in cut)
+
+
+def bounded_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with at most `MAX_RUNS` runs, `MAX_FINDINGS_PER_RUN` findings and
+    `MAX_WARNINGS` warnings per run, and long texts cut.
+
+    Returns ``report`` itself when nothing had to be cut (so ``/findings``
+    equals ``tb-stability report --format json``); otherwise a copy with
+    ``"truncated": true`` at the top and on each cut run (with
+    ``"total_findings"``/``"total_warnings"``) and ``"total_runs"``.
+    """
+    truncated = False
     runs = []
-    for name in snapshot.run_names():
+    entries = list(report.get("runs", []))
+    for entry in entries[:MAX_RUNS]:
+        findings = list(entry.get("findings", []))
+        warnings, cut_w = _warnings(entry.get("warnings", []))
+        cut_f = len(findings) > MAX_FINDINGS_PER_RUN
+        kept = []
+        for finding in findings[:MAX_FINDINGS_PER_RUN]:
+            finding = dict(finding)
+            for key in ("explanation", "remedy"):
+                if isinstance(finding.get(key), str):
+                    finding[key], cut = _cut(finding[key])
+                    cut_f = cut_f or cut
+            layers = list(finding.get("layers") or [])
+            if len(layers) > MAX_TAGS or any(len(str(l)) > MAX_NAME_LEN for l in layers):
+                finding["layers"] = [_cut(l, MAX_NAME_LEN)[0] for l in layers[:MAX_TAGS]]
+                cut_f = True
+            kept.append(finding)
+        if cut_f or cut_w:
+            truncated = True
+            entry = dict(entry, findings=kept, warnings=warnings, truncated=True,
+                         total_findings=len(findings),
+                         total_warnings=len(entry.get("warnings", [])))
+        runs.append(entry)
+    warnings, cut_w = _warnings(report.get("warnings", []))
+    if not truncated and not cut_w and len(entries) <= MAX_RUNS:
+        return report
+    return dict(report, runs=runs, warnings=warnings, truncated=True, total_runs=len(entries))
+
+
+def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
+    """Body of ``/runs``: every run with worst severity, counts and available data.
+
+    At most `MAX_RUNS` runs (then ``"truncated": true`` and ``"total_runs"``);
+    per run at most `MAX_TAGS` names of each kind, names longer than
+    `MAX_NAME_LEN` left out (then the run has ``"truncated": true``).
+    """
+    runs = []
+    all_names = snapshot.run_names()
+    for name in all_names[:MAX_RUNS]:
         entry = snapshot.report_entry(name) or {"findings": [], "warnings": []}
         findings = entry.get("findings", [])
         data = snapshot.runs.get(name)
@@ -79,22 +151,32 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
             "has_nan_origin": False,
         }
         if data is not None:
-            item["series"] = {"steps": sorted(data.steps), "scalars": sorted(data.scalars)}
-            item["matrices"] = {"variables": sorted(data.variables), "layers": sorted(data.layers)}
+            cut = False
+            for group, kinds in (("series", ("steps", "scalars")),
+                                 ("matrices", ("variables", "layers"))):
+                for kind in kinds:
+                    item[group][kind], cut_here = _names(getattr(data, kind))
+                    cut = cut or cut_here
             item["has_nan_origin"] = bool(data.json.get("stability/nan_origin"))
+            if cut:
+                item["truncated"] = True
         runs.append(item)
-    return _dumps({"runs": runs, "warnings": list(snapshot.report.get("warnings", []))}), JSON_MIME
+    warnings, cut_w = _warnings(snapshot.report.get("warnings", []))
+    body: dict[str, Any] = {"runs": runs, "warnings": warnings}
+    if len(all_names) > MAX_RUNS or cut_w:
+        body.update(truncated=True, total_runs=len(all_names))
+    return _dumps(body), JSON_MIME
 
 
 def findings_impl(snapshot: Snapshot, run: str | None = None) -> tuple[str, str]:
     """Body of ``/findings``: ``report_to_json`` of the logdir, optionally one run."""
     if run is None:
-        return _dumps(snapshot.report), JSON_MIME
+        return _dumps(bounded_report(snapshot.report)), JSON_MIME
     run = _known_run(snapshot, run)
     entry = snapshot.report_entry(run) or {"run": run, "findings": [], "warnings": []}
     body = dict(snapshot.report)
     body["runs"] = [entry]
-    return _dumps(body), JSON_MIME
+    return _dumps(bounded_report(body)), JSON_MIME
 
 
 def series_impl(
@@ -157,6 +239,9 @@ def matrix_impl(
             matrix.steps, matrix.names, matrix.values, max_steps, max_names
         )
     )
+    if any(len(n) > MAX_NAME_LEN for n in body.get("names", [])):
+        body["names"] = [_cut(n, MAX_NAME_LEN)[0] for n in body["names"]]
+        body["truncated_names"] = True
     return _dumps(body), JSON_MIME
 
 
@@ -174,7 +259,7 @@ def info_impl(snapshot: Snapshot, run: str | None) -> tuple[str, str]:
     body = {
         "run": run,
         "records": records,
-        "warnings": list(entry.get("warnings", []))[:MAX_JSON_RECORDS],
+        "warnings": _warnings(entry.get("warnings", []))[0],
     }
     return _dumps(_json_safe(body)), JSON_MIME
 

@@ -12,8 +12,11 @@ files, raises `LogdirError`.
 Parsed files are cached by path: a file whose size and modification time did
 not change is not read again, and a file that grew is read from where the
 last read stopped (event files are append-only). The cache is what makes
-repeated calls (the TensorBoard plugin polls) cheap. Returned `RunData`
-objects share arrays with the cache: treat them as read-only.
+repeated calls (the TensorBoard plugin polls) cheap. The cache keeps each
+file's data as a few compact float64 arrays per tag (no per-record objects),
+and returned `RunData` objects share those arrays whenever no sorting or
+merging is needed: their arrays are read-only (writing raises ValueError).
+Files are read in bounded chunks (`CHUNK_BYTES`), never whole.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class LogdirReader:
     def __init__(self):
         self._lock = threading.Lock()
         self._files: dict[str, FileState] = {}
-        self._runs: dict[str, tuple[tuple, RunData]] = {}
+        self._runs: dict[tuple[str, str], tuple[tuple, RunData]] = {}
 
     def load_logdir(self, path: str | os.PathLike) -> Logdir:
         """Loads every run under ``path``; see `tb_stability.reader.load_logdir`."""
@@ -137,7 +140,9 @@ class LogdirReader:
         signature = tuple(
             (s.path, s.size, s.mtime_ns, s.offset, len(s.all_warnings())) for s in states
         )
-        key = os.path.join(root, name)
+        # Keyed by (root, name), not by the joined path: the same directory is
+        # run "a/b" under one logdir and run "b" under "<logdir>/a".
+        key = (root, name)
         cached = self._runs.get(key)
         if cached is None or cached[0] != signature:
             cached = (signature, build_run(name, states))
@@ -149,6 +154,8 @@ class LogdirReader:
         path = os.path.abspath(entry.path)
         label = label.replace(os.sep, "/")
         state = self._files.get(path)
+        if state is not None and state.label != label:
+            state = None  # read before under another logdir: warnings must name it anew
         try:
             stat = os.stat(path)
         except OSError as error:
@@ -157,16 +164,17 @@ class LogdirReader:
             return state
         if state is None or state.dead or stat.st_size < state.size:
             state = FileState(path=path, label=label)
+        start = state.offset
         try:
             with open(path, "rb") as handle:
-                handle.seek(state.offset)
-                data = handle.read()
+                handle.seek(start)
+                end = _read_chunks(state, handle, start, stat.st_size)
         except OSError as error:
             self._files.pop(path, None)
             return _failed(path, label, error)
-        start = state.offset
-        read_file_into(state, data, start)
-        state.size, state.mtime_ns = start + len(data), stat.st_mtime_ns
+        finally:
+            state.consolidate()
+        state.size, state.mtime_ns = end, stat.st_mtime_ns
         if state.size == 0:
             state.tail_warning = f"{label}: empty event file (0 bytes)"
         self._files[path] = state
@@ -177,9 +185,33 @@ class LogdirReader:
         prefix = os.path.join(os.path.abspath(root), "")
         for path in [p for p in self._files if p.startswith(prefix) and p not in present]:
             del self._files[path]
-        run_keys = {os.path.join(root, name) for name in found}
-        for key in [k for k in self._runs if k.startswith(prefix) and k not in run_keys]:
+        run_keys = {(root, name) for name in found}
+        for key in [k for k in self._runs if k[0] == root and k not in run_keys]:
             del self._runs[key]
+
+
+# Files are read in chunks of this many bytes (more for a larger record), so
+# reading never holds a whole big file in memory.
+CHUNK_BYTES = 16 << 20
+
+
+def _read_chunks(state: FileState, handle, start: int, size: int) -> int:
+    """Parses ``handle`` from ``start`` to its end into ``state``; returns the end offset.
+
+    ``size`` is the file size from ``stat``: a file found corrupt is not read
+    further, and counts as read up to there.
+    """
+    carry = b""
+    while True:
+        chunk = handle.read(CHUNK_BYTES)
+        data = carry + chunk if carry else chunk
+        read_file_into(state, data, start)
+        end = start + len(data)
+        if len(chunk) < CHUNK_BYTES or state.dead:
+            return max(end, size) if state.dead else end
+        # Continue from the first record not consumed (an incomplete one).
+        carry = data[state.offset - start:]
+        start = state.offset
 
 
 def _failed(path: str, label: str, error: OSError) -> FileState:

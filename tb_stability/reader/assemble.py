@@ -1,18 +1,25 @@
-"""Turns the raw records of a run's event files into a `RunData`.
+"""Turns the segments of a run's event files into a `RunData`.
 
 Records from all files of a run are concatenated in file-name order (event
 file names start with a timestamp) and record order, sorted by step, and
 duplicate steps are dropped keeping the last write.
+
+When a quantity comes from a single segment whose steps already increase
+strictly (the usual case: one file per run, written in order), the `RunData`
+arrays are the cached segment arrays themselves (read-only views, no copy),
+and every per-step column of a block shares one steps array.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
 from tb_stability import schema
 from tb_stability.reader.decode import FileState
+from tb_stability.reader.segments import Segment, read_only
 from tb_stability.rundata import Matrix, RunData, Series
 
 _VAR_PREFIX = schema.TAG_PREFIX + "var/"
@@ -29,30 +36,63 @@ def last_wins(steps: np.ndarray) -> np.ndarray:
     return (steps.size - 1 - first_in_reversed).astype(np.int64)
 
 
+def _increasing(steps: np.ndarray) -> bool:
+    return steps.shape[0] < 2 or bool((steps[1:] > steps[:-1]).all())
+
+
+class _Steps:
+    """Concatenated, sorted steps shared by the quantities built from the same pieces."""
+
+    def __init__(self):
+        self._cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray | None]] = {}
+        self._keep: list = []  # keeps the pieces alive so their ids stay unique
+
+    def order(self, pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(sorted unique steps, order)``; ``order`` is None when already sorted."""
+        key = tuple(id(p) for p in pieces)
+        found = self._cache.get(key)
+        if found is None:
+            self._keep.append(pieces)
+            steps = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            if _increasing(steps):
+                found = (read_only(steps), None)
+            else:
+                order = last_wins(steps)
+                found = (read_only(steps[order]), order)
+            self._cache[key] = found
+        return found
+
+
+def _take(values: list[np.ndarray], order, axis: int = 0) -> np.ndarray:
+    array = values[0] if len(values) == 1 else np.concatenate(values, axis=axis)
+    if order is not None:
+        array = np.take(array, order, axis=axis)
+    return read_only(array)
+
+
 def build_run(name: str, states: Sequence[FileState]) -> RunData:
     """Builds the `RunData` of one run from its files' states (in file order)."""
     run = RunData(name=name)
     for state in states:
         run.warnings.extend(state.all_warnings())
-    run.steps = _build_steps([b for s in states for b in s.blocks])
-    tensors: dict[str, list] = {}
+    shared = _Steps()
+    run.steps = _build_steps([b for s in states for b in s.blocks], shared)
+    tensors: dict[str, list[Segment]] = {}
     for state in states:
-        for tag, records in state.tensors.items():
-            tensors.setdefault(tag, []).extend(records)
-    for tag, records in sorted(tensors.items()):
+        for tag, segments in state.tensors.items():
+            tensors.setdefault(tag, []).extend(segments)
+    for tag, segments in sorted(tensors.items()):
         try:
-            _place_tensor(run, tag, records)
+            _place_tensor(run, tag, segments, shared)
         except ValueError as error:
             run.warnings.append(f"tag {tag!r}: {error}; skipped the tag")
-    scalars: dict[str, tuple[list, list]] = {}
+    scalars: dict[str, list[Segment]] = {}
     for state in states:
-        for tag, (steps, values) in state.scalars.items():
-            entry = scalars.setdefault(tag, ([], []))
-            entry[0].extend(steps)
-            entry[1].extend(values)
-    for tag, (steps, values) in sorted(scalars.items()):
-        run.scalars[tag] = _series(np.asarray(steps, dtype=np.int64),
-                                   np.asarray(values, dtype=np.float64))
+        for tag, segments in state.scalars.items():
+            scalars.setdefault(tag, []).extend(segments)
+    for tag, segments in sorted(scalars.items()):
+        steps, order = shared.order([s.steps for s in segments])
+        run.scalars[tag] = Series(steps=steps, values=_take([s.values for s in segments], order))
     json_records: dict[str, list] = {}
     for state in states:
         for tag, records in state.json.items():
@@ -63,93 +103,92 @@ def build_run(name: str, states: Sequence[FileState]) -> RunData:
     return run
 
 
-def _series(steps: np.ndarray, values: np.ndarray) -> Series:
-    order = last_wins(steps)
-    return Series(steps=steps[order], values=values[order])
-
-
-def _build_steps(blocks: list) -> dict[str, Series]:
-    """Expands ``stability/steps`` blocks into one `Series` per column."""
-    if not blocks:
-        return {}
+def _build_steps(blocks: list[Segment], shared: _Steps) -> dict[str, Series]:
+    """Expands ``stability/steps`` segments into one `Series` per column."""
     columns: dict[str, tuple[list, list]] = {}
-    for event_step, names, array in blocks:
-        array = np.asarray(array, dtype=np.float64)
-        if "step" in names:
-            steps = array[:, names.index("step")]
-            finite = np.isfinite(steps)
-            if not finite.all():
-                array, steps = array[finite], steps[finite]
-            steps = steps.astype(np.int64)
-        else:
-            count = array.shape[0]
-            steps = np.arange(event_step - count + 1, event_step + 1, dtype=np.int64)
-        for j, column in enumerate(names):
-            if column == "step":
-                continue
+    for block in blocks:
+        for j, column in enumerate(block.key):
             entry = columns.setdefault(column, ([], []))
-            entry[0].append(steps)
-            entry[1].append(array[:, j])
+            entry[0].append(block.steps)
+            entry[1].append(block.values[j])
     result = {}
     for column, (steps, values) in columns.items():
-        result[column] = _series(np.concatenate(steps), np.concatenate(values))
+        sorted_steps, order = shared.order(steps)
+        result[column] = Series(steps=sorted_steps, values=_take(values, order))
     return result
 
 
-def _matrix(records: list, names_of=lambda content: content.names) -> Matrix:
-    """Stacks (step, content, vector) records into a `Matrix`, sorted, last wins.
+def _vectors(segment: Segment) -> tuple[tuple[str, ...], np.ndarray]:
+    """A segment's names and values as ``[n, size]`` (a view)."""
+    content, shape = segment.key
+    size = math.prod(shape)
+    names = content.names
+    if names and len(names) != size:
+        raise ValueError(f"{size} values for {len(names)} names")
+    return names, segment.values.reshape(segment.values.shape[0], size)
+
+
+def _matrix(segments: list[tuple[tuple[str, ...], np.ndarray, np.ndarray]],
+            shared: _Steps) -> Matrix:
+    """Stacks (names, steps, [n, size] values) pieces into a `Matrix`, sorted, last wins.
 
     When the names change over time (a model grew a layer) the matrix holds the
     union of names in order of first appearance, NaN where a name is missing.
     """
-    steps = np.asarray([r[0] for r in records], dtype=np.int64)
-    name_lists = [tuple(names_of(r[1])) for r in records]
-    vectors = [np.asarray(r[2], dtype=np.float64).reshape(-1) for r in records]
-    for names, vector in zip(name_lists, vectors):
-        if names and len(names) != vector.size:
-            raise ValueError(f"{vector.size} values for {len(names)} names")
-    first = name_lists[0]
-    if all(n == first for n in name_lists) and len({v.size for v in vectors}) == 1:
-        names = first or tuple(str(i) for i in range(vectors[0].size))
-        values = np.stack(vectors) if vectors else np.zeros((0, len(names)))
-    else:
-        index: dict[str, int] = {}
-        for names, vector in zip(name_lists, vectors):
-            for name in names or (str(i) for i in range(vector.size)):
-                index.setdefault(name, len(index))
-        values = np.full((len(vectors), len(index)), np.nan)
-        for i, (names, vector) in enumerate(zip(name_lists, vectors)):
-            names = names or tuple(str(k) for k in range(vector.size))
-            values[i, [index[n] for n in names]] = vector
-        names = tuple(index)
-    order = last_wins(steps)
-    return Matrix(steps=steps[order], names=tuple(names), values=values[order])
+    steps, order = shared.order([s[1] for s in segments])
+    first = segments[0][0]
+    width = segments[0][2].shape[1]
+    if all(s[0] == first and s[2].shape[1] == width for s in segments):
+        names = first or tuple(str(i) for i in range(width))
+        values = _take([s[2] for s in segments], order)
+        return Matrix(steps=steps, names=tuple(names), values=values)
+    index: dict[str, int] = {}
+    for names, _, vectors in segments:
+        for name in names or (str(i) for i in range(vectors.shape[1])):
+            index.setdefault(name, len(index))
+    total = sum(s[2].shape[0] for s in segments)
+    values = np.full((total, len(index)), np.nan)
+    row = 0
+    for names, _, vectors in segments:
+        names = names or tuple(str(k) for k in range(vectors.shape[1]))
+        count = vectors.shape[0]
+        values[row:row + count, [index[n] for n in names]] = vectors
+        row += count
+    return Matrix(steps=steps, names=tuple(index), values=_take([values], order))
 
 
-def _place_tensor(run: RunData, tag: str, records: list) -> None:
+def _pieces(segments: list[Segment]) -> list:
+    return [(names, s.steps, vectors) for s in segments for names, vectors in [_vectors(s)]]
+
+
+def _place_tensor(run: RunData, tag: str, segments: list[Segment], shared: _Steps) -> None:
     if tag.startswith(_VAR_PREFIX):
-        run.variables[tag[len(_VAR_PREFIX):]] = _matrix(records)
+        run.variables[tag[len(_VAR_PREFIX):]] = _matrix(_pieces(segments), shared)
     elif tag.startswith(_LAYER_PREFIX):
-        run.layers[tag[len(_LAYER_PREFIX):]] = _matrix(records)
+        run.layers[tag[len(_LAYER_PREFIX):]] = _matrix(_pieces(segments), shared)
     elif tag == schema.TAG_LABELS:
-        run.labels = _matrix(records)
+        run.labels = _matrix(_pieces(segments), shared)
     elif tag == schema.TAG_PREDICTIONS:
-        run.predictions = _matrix(records)
+        run.predictions = _matrix(_pieces(segments), shared)
     elif tag == schema.TAG_INPUTS:
-        _place_inputs(run, records)
+        _place_inputs(run, segments, shared)
     # Other stability tags are from a newer writer: ignored (forward compatible).
 
 
-def _place_inputs(run: RunData, records: list) -> None:
+def _place_inputs(run: RunData, segments: list[Segment], shared: _Steps) -> None:
     per_row: dict[str, list] = {}
-    for step, content, array in records:
-        array = np.asarray(array, dtype=np.float64)
-        if array.ndim != 2:
-            raise ValueError(f"inputs tensor must be 2-D, got shape {array.shape}")
-        rows = content.rows or schema.INPUT_ROWS[: array.shape[0]]
-        if len(rows) != array.shape[0]:
-            raise ValueError(f"{array.shape[0]} input rows for {len(rows)} row names")
+    for segment in segments:
+        content, shape = segment.key
+        if len(shape) != 2:
+            raise ValueError(f"inputs tensor must be 2-D, got shape {shape}")
+        rows = content.rows or schema.INPUT_ROWS[: shape[0]]
+        if len(rows) != shape[0]:
+            raise ValueError(f"{shape[0]} input rows for {len(rows)} row names")
+        names = content.names
+        if names and len(names) != shape[1]:
+            raise ValueError(f"{shape[1]} values for {len(names)} names")
         for i, row in enumerate(rows):
-            per_row.setdefault(row, []).append((step, content, array[i]))
-    for row, row_records in per_row.items():
-        run.inputs[row] = _matrix(row_records)
+            per_row.setdefault(row, []).append(
+                (names, segment.steps, np.ascontiguousarray(segment.values[:, i, :])))
+    for row, pieces in per_row.items():
+        run.inputs[row] = _matrix(pieces, shared)

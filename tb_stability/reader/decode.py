@@ -1,14 +1,16 @@
-"""Decodes the events of one event file into raw, unsorted per-tag records.
+"""Decodes the events of one event file into compact, unsorted per-tag segments.
 
 A `FileState` holds what has been read from one file so far, and can be
 continued from its saved offset when the file grows (TensorBoard event
-files are append-only).
+files are append-only). Decoded data is kept as a few concatenated float64
+arrays per tag (`tb_stability.reader.segments`), never as per-record objects.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from typing import Any
 
@@ -16,6 +18,7 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2
 
 from tb_stability import schema
+from tb_stability.reader import segments as seg
 from tb_stability.reader.tfrecord import FrameProblem, iter_records
 
 _SCALARS_PLUGIN = "scalars"
@@ -47,7 +50,7 @@ def tensor_to_array(tensor) -> np.ndarray:
       ValueError: For unsupported dtypes or inconsistent sizes.
     """
     shape = tuple(d.size for d in tensor.tensor_shape.dim)
-    size = int(np.prod(shape)) if shape else 1
+    size = math.prod(shape)
     if tensor.dtype == _DT_STRING:
         values = list(tensor.string_val)
         if len(values) == 1 and size != 1:
@@ -86,9 +89,9 @@ class FileState:
       dead: True once a fatal corruption was met; the file is not read further.
       meta: tag -> (plugin name, content bytes) from the first event carrying it.
       contents: tag -> parsed `schema.Content`, or None when unusable.
-      blocks: ``stability/steps`` records: (event step, column names, array).
-      tensors: other stability tags: tag -> list of (step, Content, array).
-      scalars: tag -> ([steps], [values]).
+      blocks: ``stability/steps`` records as column-major `segments.Segment`s.
+      tensors: other stability tags: tag -> list of `segments.Segment`.
+      scalars: tag -> list of `segments.Segment`.
       json: tag -> list of (step, dict).
       warnings: Persistent warnings (corruption in the middle, bad metadata).
       tail_warning: Warning about an incomplete final record, replaced on each
@@ -103,9 +106,9 @@ class FileState:
     dead: bool = False
     meta: dict[str, tuple[str, bytes]] = dataclasses.field(default_factory=dict)
     contents: dict[str, Any] = dataclasses.field(default_factory=dict)
-    blocks: list[tuple[int, tuple[str, ...], np.ndarray]] = dataclasses.field(default_factory=list)
-    tensors: dict[str, list] = dataclasses.field(default_factory=dict)
-    scalars: dict[str, tuple[list, list]] = dataclasses.field(default_factory=dict)
+    blocks: list[seg.Segment] = dataclasses.field(default_factory=list)
+    tensors: dict[str, list[seg.Segment]] = dataclasses.field(default_factory=dict)
+    scalars: dict[str, list[seg.Segment]] = dataclasses.field(default_factory=dict)
     json: dict[str, list] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     tail_warning: str | None = None
@@ -114,13 +117,55 @@ class FileState:
         """Persistent warnings plus the current tail warning."""
         return self.warnings + ([self.tail_warning] if self.tail_warning else [])
 
+    def consolidate(self) -> None:
+        """Merges adjacent segments of each tag (call after a file is read)."""
+        self.blocks = seg.consolidate(self.blocks)
+        for table in (self.tensors, self.scalars):
+            for tag, segments in table.items():
+                table[tag] = seg.consolidate(segments)
+
+
+class _Batch:
+    """Records decoded by one `read_file_into` call, before compaction."""
+
+    __slots__ = ("tensors", "scalars", "last")
+
+    def __init__(self):
+        self.tensors: dict[str, list[seg.Pending]] = {}
+        self.scalars: dict[str, tuple[list, list]] = {}
+        self.last: dict[str, seg.Pending] = {}  # tag -> its latest pending run
+
+    def flush_into(self, state: FileState) -> None:
+        for tag, runs in self.tensors.items():
+            for pending in runs:
+                if tag == schema.TAG_STEPS:
+                    state.blocks.append(seg.steps_segment(pending))
+                else:
+                    state.tensors.setdefault(tag, []).append(seg.tensor_segment(pending))
+        for tag, (steps, values) in self.scalars.items():
+            state.scalars.setdefault(tag, []).append(seg.scalar_segment(steps, values))
+        self.tensors.clear()
+        self.scalars.clear()
+        self.last.clear()
+
 
 def read_file_into(state: FileState, buf: bytes, start: int) -> None:
     """Parses the records of ``buf`` (the file's bytes from offset ``start``).
 
-    Updates ``state`` in place; never raises for bad data.
+    Updates ``state`` in place; never raises for bad data. ``buf`` may end in
+    the middle of a record: ``state.offset`` then points at that record and a
+    tail warning says so (the next call, with more bytes, replaces it).
     """
     state.tail_warning = None
+    batch = _Batch()
+    try:
+        _parse(state, buf, start, batch)
+    finally:
+        batch.flush_into(state)
+
+
+def _parse(state: FileState, buf: bytes, start: int, batch: _Batch) -> None:
+    from_string = event_pb2.Event.FromString
     for offset, end, payload in iter_records(buf):
         offset += start
         if isinstance(payload, FrameProblem):
@@ -144,46 +189,48 @@ def read_file_into(state: FileState, buf: bytes, start: int) -> None:
                 f"{state.label}: data CRC mismatch in record at offset {offset}; "
                 "skipped that record"
             )
-            state.offset = end + start
             continue
         try:
-            event = event_pb2.Event.FromString(payload)
+            event = from_string(payload)
         except Exception:
             state.warnings.append(
                 f"{state.label}: undecodable event at offset {offset}; skipped that record"
             )
         else:
             if event.HasField("summary"):
-                _read_summary(state, event, offset)
-        state.offset = end + start
+                _read_summary(state, event, offset, batch)
     state.offset = start + len(buf)
 
 
-def _read_summary(state: FileState, event, offset: int) -> None:
+def _read_summary(state: FileState, event, offset: int, batch: _Batch) -> None:
     step = event.step
     meta = state.meta
     for value in event.summary.value:
         tag = value.tag
-        plugin = value.metadata.plugin_data
-        if plugin.plugin_name:
-            known = meta.get(tag)
-            if known is None or known != (plugin.plugin_name, plugin.content):
-                meta[tag] = (plugin.plugin_name, plugin.content)
-                state.contents.pop(tag, None)
+        if value.HasField("metadata"):
+            plugin = value.metadata.plugin_data
+            plugin_name = plugin.plugin_name
+            if plugin_name:
+                known = meta.get(tag)
+                if known is None or known != (plugin_name, plugin.content):
+                    meta[tag] = (plugin_name, plugin.content)
+                    state.contents.pop(tag, None)
         kind = value.WhichOneof("value")
         if kind == "simple_value":
-            _add_scalar(state, tag, step, value.simple_value)
+            _add_scalar(batch, tag, step, value.simple_value)
             continue
         if kind != "tensor":
             continue
-        plugin_name = meta[tag][0] if tag in meta else ""
+        known = meta.get(tag)
+        if known is None:
+            continue
         try:
-            if plugin_name == _SCALARS_PLUGIN:
+            if known[0] == schema.PLUGIN_NAME:
+                _read_stability(state, batch, tag, step, value.tensor, known[1])
+            elif known[0] == _SCALARS_PLUGIN:
                 scalar = _scalar_value(value.tensor)
                 if scalar is not None:
-                    _add_scalar(state, tag, step, scalar)
-            elif plugin_name == schema.PLUGIN_NAME:
-                _read_stability(state, tag, step, value.tensor, meta[tag][1])
+                    _add_scalar(batch, tag, step, scalar)
         except Exception as error:  # bad tensor, bad JSON: warn, keep going
             state.warnings.append(
                 f"{state.label}: could not decode tag {tag!r} at step {step} "
@@ -215,10 +262,10 @@ def _scalar_value(tensor) -> float | None:
     return None
 
 
-def _add_scalar(state: FileState, tag: str, step: int, value: float) -> None:
-    entry = state.scalars.get(tag)
+def _add_scalar(batch: _Batch, tag: str, step: int, value: float) -> None:
+    entry = batch.scalars.get(tag)
     if entry is None:
-        entry = state.scalars[tag] = ([], [])
+        entry = batch.scalars[tag] = ([], [])
     entry[0].append(step)
     entry[1].append(value)
 
@@ -238,8 +285,25 @@ def _content(state: FileState, tag: str, raw: bytes):
     return content
 
 
-def _read_stability(state: FileState, tag: str, step: int, tensor, raw: bytes) -> None:
-    content = _content(state, tag, raw)
+# Serialized TensorShapeProto -> shape tuple (a handful of distinct shapes per file).
+_SHAPES: dict[bytes, tuple[int, ...]] = {}
+
+
+def _shape(proto, key: bytes) -> tuple[int, ...]:
+    shape = _SHAPES.get(key)
+    if shape is None:
+        shape = tuple(d.size for d in proto.dim)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"tensor has an unknown shape {shape}")
+        if len(_SHAPES) < 4096:
+            _SHAPES[key] = shape
+    return shape
+
+
+def _read_stability(state: FileState, batch: _Batch, tag: str, step: int, tensor,
+                    raw: bytes) -> None:
+    contents = state.contents
+    content = contents[tag] if tag in contents else _content(state, tag, raw)
     if content is None:
         return
     if tag in schema.JSON_TAGS:
@@ -248,15 +312,44 @@ def _read_stability(state: FileState, tag: str, step: int, tensor, raw: bytes) -
         obj = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
         state.json.setdefault(tag, []).append((step, obj))
         return
-    array = tensor_to_array(tensor)
-    if array.dtype == object:
-        raise ValueError("expected a numeric tensor")
-    if tag == schema.TAG_STEPS:
-        if array.ndim != 2 or array.shape[1] != len(content.names):
-            raise ValueError(
-                f"steps block of shape {array.shape} does not match "
-                f"{len(content.names)} column names"
-            )
-        state.blocks.append((step, content.names, array))
+    code = tensor.dtype
+    proto = tensor.tensor_shape
+    shape_key = proto.SerializeToString()
+    data = tensor.tensor_content
+    # Fast path: same metadata, dtype, shape and size as the tag's previous record.
+    last = batch.last.get(tag)
+    if last is not None and last.match == (content, code, shape_key, len(data)):
+        last.steps.append(step)
+        last.data += data
         return
-    state.tensors.setdefault(tag, []).append((step, content, array))
+    if code == _DT_STRING:
+        raise ValueError("expected a numeric tensor")
+    shape = _shape(proto, shape_key)
+    entry = _DTYPES.get(code)
+    if entry is None:
+        raise ValueError(f"unsupported tensor dtype {code}")
+    dtype = entry[0]
+    match = None
+    if data:
+        if len(data) != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor has {len(data) / dtype.itemsize:g} values "
+                             f"for shape {shape}")
+        match = (content, code, shape_key, len(data))
+    else:
+        data = tensor_to_array(tensor).tobytes()
+    if tag == schema.TAG_STEPS and (len(shape) != 2 or shape[1] != len(content.names)):
+        raise ValueError(
+            f"steps block of shape {shape} does not match "
+            f"{len(content.names)} column names"
+        )
+    runs = batch.tensors.get(tag)
+    if runs is None:
+        runs = batch.tensors[tag] = []
+    key = (content, dtype, shape)
+    if not runs or runs[-1].key != key:
+        runs.append(seg.Pending(key))
+    pending = runs[-1]
+    pending.match = match
+    batch.last[tag] = pending
+    pending.steps.append(step)
+    pending.data += data

@@ -144,12 +144,15 @@ def iter_records(
     offset = start
     unpack_header = _HEADER.unpack_from
     unpack_footer = _FOOTER.unpack_from
+    crc = crc32c  # masked_crc32c inlined below: this loop runs once per event
+    delta, mask = _MASK_DELTA, 0xFFFFFFFF
     while offset < total:
         if total - offset < HEADER_SIZE:
             yield offset, total, FrameProblem(offset, "truncated", True)
             return
         length, length_crc = unpack_header(view, offset)
-        if masked_crc32c(view[offset:offset + 8]) != length_crc:
+        value = crc(view[offset:offset + 8])
+        if (((value >> 15) | (value << 17)) + delta) & mask != length_crc:
             yield offset, total, FrameProblem(offset, "bad_header", True)
             return
         data_start = offset + HEADER_SIZE
@@ -158,8 +161,12 @@ def iter_records(
             yield offset, total, FrameProblem(offset, "truncated", True)
             return
         data = view[data_start:data_start + length]
-        if verify and masked_crc32c(data) != unpack_footer(view, end - FOOTER_SIZE)[0]:
-            yield offset, end, FrameProblem(offset, "bad_data", False)
-        else:
-            yield offset, end, data
+        if verify:
+            value = crc(data)
+            if (((value >> 15) | (value << 17)) + delta) & mask \
+                    != unpack_footer(view, end - FOOTER_SIZE)[0]:
+                yield offset, end, FrameProblem(offset, "bad_data", False)
+                offset = end
+                continue
+        yield offset, end, data
         offset = end

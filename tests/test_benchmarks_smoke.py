@@ -1,0 +1,56 @@
+"""Smoke test of the benchmarks: each script runs with ``--quick`` and prints its table.
+
+No timing assertions (numbers on a shared CI machine are noise); only that each
+script runs end to end on real artefacts and prints a complete ratio table.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> str:
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", script), "--quick", *args],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_overhead_prints_ratio_table():
+    pytest.importorskip("tensorflow")
+    out = _run("overhead.py", "--models", "mlp")
+    assert "median step ms" in out and "ratio" in out
+    for config in ("baseline", "stability defaults", "stability every=1",
+                   "tensorboard hist+batch", "tf debug dump"):
+        assert f"mlp    {config}" in out, out
+    assert "below both peers" in out
+
+
+def test_reader_prints_throughput_table(tmp_path):
+    out = _run("reader.py", "--cache", str(tmp_path), "--loaders",
+               "tb_stability load_logdir", "EventAccumulator (no TF)")
+    assert "events/s" in out and "time vs tb_stability" in out
+    assert "tb_stability load_logdir" in out and "EventAccumulator (no TF)" in out
+    rows = [line for line in out.splitlines()
+            if line.startswith("quick ") and not line.startswith("quick 2x500x10:")]
+    assert len(rows) == 2, out
+    assert (tmp_path / "r2_s500_v10_e50" / "MANIFEST.json").exists()
+
+
+def test_serving_prints_route_and_cli_tables(tmp_path):
+    out = _run("serving.py", "--cache", str(tmp_path))
+    for route in ("/findings", "/runs", "/series", "/matrix"):
+        line = next(l for l in out.splitlines() if l.startswith(route + " "))
+        assert line.split()[1] == "200", line
+    assert "tb-stability --help" in out
+    report = next(l for l in out.splitlines() if l.startswith("tb-stability report"))
+    assert " no " in report and "2 runs" in report, report

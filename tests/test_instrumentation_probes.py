@@ -1,0 +1,198 @@
+"""Activation probes and data statistics against numpy references, and their findings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from instrumentation import StabilityCallback  # noqa: E402
+from tb_stability.analysis import analyze_logdir  # noqa: E402
+from tb_stability.reader import load_run  # noqa: E402
+
+
+def _squash(x):
+    return tf.math.tanh(0.5 * x)
+
+
+def _weights(rng):
+    """Known weights: unit 0..2 of the ReLU layer dead (bias -50), sigmoid layer huge."""
+    w1 = rng.standard_normal((3, 6)).astype("float32")
+    b1 = np.array([-50, -50, -50, 0, 0.5, 0], "float32")
+    w2 = (rng.standard_normal((6, 4)) * 4).astype("float32")
+    b2 = np.zeros(4, "float32")
+    w3 = rng.standard_normal((4, 5)).astype("float32")
+    b3 = np.zeros(5, "float32")
+    w4 = rng.standard_normal((5, 1)).astype("float32")
+    return [w1, b1, w2, b2, w3, b3, w4, np.zeros(1, "float32")]
+
+
+class SubModel(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.d1 = keras.layers.Dense(6, activation="relu", name="relu_dense")
+        self.d2 = keras.layers.Dense(4, activation="sigmoid", name="sig_dense")
+        self.d3 = keras.layers.Dense(5, name="lin")
+        self.act = keras.layers.Activation(_squash, name="custom")
+        self.relu = keras.layers.ReLU(name="relu_layer")
+        self.out = keras.layers.Dense(1, name="out")
+
+    def call(self, x):
+        return self.out(self.relu(self.act(self.d3(self.d2(self.d1(x))))))
+
+
+def _model(kind):
+    if kind == "subclassed":
+        return SubModel()
+    layers = [keras.layers.Dense(6, activation="relu", name="relu_dense"),
+              keras.layers.Dense(4, activation="sigmoid", name="sig_dense"),
+              keras.layers.Dense(5, name="lin"),
+              keras.layers.Activation(_squash, name="custom"),
+              keras.layers.ReLU(name="relu_layer"),
+              keras.layers.Dense(1, name="out")]
+    if kind == "sequential":
+        return keras.Sequential([keras.Input((3,))] + layers)
+    inputs = keras.Input((3,))
+    h = inputs
+    for layer in layers:
+        h = layer(h)
+    return keras.Model(inputs, h)
+
+
+def _reference(weights, x):
+    """Per-layer numpy statistics of the forward pass."""
+    w1, b1, w2, b2, w3, b3, _, _ = [w.astype(np.float64) for w in weights]
+    pre1 = x @ w1 + b1
+    a1 = np.maximum(pre1, 0)
+    pre2 = a1 @ w2 + b2
+    a2 = 1 / (1 + np.exp(-pre2))
+    lin = a2 @ w3 + b3
+    a3 = np.tanh(0.5 * lin)
+    a4 = np.maximum(a3, 0)
+    return {
+        "relu_dense": {"dead": np.mean(~(pre1 > 0).any(axis=0)), "mean": a1.mean(), "std": a1.std()},
+        "sig_dense": {"sat": np.mean((np.abs(pre2) >= 5) | (a2 <= 1e-3) | (a2 >= 1 - 1e-3)),
+                      "mean": a2.mean(), "std": a2.std()},
+        "custom": {"sat": np.mean((a3 <= -1 + 2e-3) | (a3 >= 1 - 2e-3)),
+                   "mean": a3.mean(), "std": a3.std()},
+        "relu_layer": {"dead": np.mean(~(a3 > 0).any(axis=0)), "mean": a4.mean(), "std": a4.std()},
+    }
+
+
+@pytest.mark.parametrize("kind,jit", [("sequential", False), ("sequential", True),
+                                      ("functional", False), ("subclassed", False)])
+def test_layer_statistics_match_numpy_reference(kind, jit, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 3)).astype("float32") * 3
+    y = rng.standard_normal((32, 1)).astype("float32")
+    model = _model(kind)
+    model(x[:1])
+    weights = _weights(rng)
+    model.set_weights(weights)
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=jit)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=1)])
+    run = load_run(str(tmp_path))
+    ref = _reference(weights, x.astype(np.float64))
+    mean, std = run.layers["act_mean"], run.layers["act_std"]
+    assert set(mean.names) == set(ref)  # linear layers are not probed
+    for name, expected in ref.items():
+        j = mean.names.index(name)
+        np.testing.assert_allclose(mean.values[0, j], expected["mean"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(std.values[0, j], expected["std"], rtol=1e-3, atol=1e-5)
+    dead = run.layers["dead_fraction"]
+    assert sorted(dead.names) == ["relu_dense", "relu_layer"]
+    for name in dead.names:
+        assert dead.values[0, dead.names.index(name)] == pytest.approx(ref[name]["dead"])
+    assert ref["relu_dense"]["dead"] >= 0.5  # the -50 biases
+    sat = run.layers["saturated_fraction"]
+    assert sorted(sat.names) == ["custom", "sig_dense"]
+    for name in sat.names:
+        assert sat.values[0, sat.names.index(name)] == pytest.approx(ref[name]["sat"], abs=1e-6)
+    assert ref["sig_dense"]["sat"] > 0.3
+    # Inputs: per-feature statistics of the (only) batch.
+    for row, fn in (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max)):
+        np.testing.assert_allclose(run.inputs[row].values[0], fn(x, axis=0), rtol=1e-4, atol=1e-5)
+    assert run.inputs["mean"].names == ("x[0]", "x[1]", "x[2]")
+
+
+def test_probes_run_every_n_steps_only_and_leave_eval_untouched(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((160, 3)).astype("float32")
+    y = rng.standard_normal((160, 1)).astype("float32")
+    model = _model("sequential")
+    model.compile("adam", "mse")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, validation_split=0.2,
+              callbacks=[StabilityCallback(str(tmp_path), every=4)])
+    run = load_run(str(tmp_path))
+    steps = run.layers["act_mean"].steps
+    assert list(steps) == list(range(0, 16, 4))
+    assert {"epoch_loss", "epoch_val_loss"} <= set(run.scalars)
+    assert len(run.scalars["epoch_loss"]) == 2
+    # After fit the layers are unwrapped and serialise normally.
+    assert model.layers[0].get_config()["activation"] == "relu"
+    assert "activation" not in vars(model.layers[0]) or \
+        getattr(model.layers[0].activation, "__wrapped__", None) is None
+
+
+def _findings(tmp_path, model, x, y, loss, epochs=3, **fit):
+    model.compile(keras.optimizers.Adam(1e-3), loss)
+    model.fit(x, y, batch_size=32, epochs=epochs, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=2)], **fit)
+    return {f.kind: f for run in analyze_logdir(str(tmp_path)).runs for f in run.findings}
+
+
+def test_dead_relu_layer_is_named(tmp_path):
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).standard_normal((128, 4)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(16, activation="relu", name="dead",
+                                                 bias_initializer=keras.initializers.Constant(-100)),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    found = _findings(tmp_path, model, x, y, "binary_crossentropy")
+    assert found["dead_units"].layers == ["dead"]
+
+
+def test_saturated_sigmoid_layer_is_named(tmp_path):
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).standard_normal((128, 4)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(16, activation="sigmoid", name="sat",
+                           kernel_initializer=keras.initializers.RandomNormal(stddev=50.0)),
+        keras.layers.Dense(1, activation="sigmoid")])
+    found = _findings(tmp_path, model, x, y, "binary_crossentropy")
+    assert found["saturated_activations"].layers == ["sat"]
+    assert "dead_units" not in found
+
+
+def test_unscaled_inputs_and_imbalanced_labels_are_found(tmp_path):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 5)).astype("float32") * 1000
+    y = (rng.random((256, 1)) < 0.04).astype("float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1, activation="sigmoid")])
+    found = _findings(tmp_path, model, x, y, "binary_crossentropy", epochs=2)
+    assert "unscaled_inputs" in found
+    assert "class_imbalance" in found
+    run = load_run(str(tmp_path))
+    assert run.labels.names == ("0", "1")
+    assert run.labels.values.sum() == 32 * len(run.labels)
+
+
+def test_sparse_softmax_counts_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 4)).astype("float32")
+    y = np.array([0, 1, 2, 2] * 16)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=1)])
+    run = load_run(str(tmp_path))
+    np.testing.assert_array_equal(run.labels.values[0], [16, 16, 32])
+    assert run.predictions.values[0].sum() == 64

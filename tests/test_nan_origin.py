@@ -1,0 +1,120 @@
+"""NaN origin: loss, layer and gradient origins; artefacts; ``tb-stability replay``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from instrumentation import StabilityCallback  # noqa: E402
+from tb_stability import cli  # noqa: E402
+from tb_stability.analysis import analyze_logdir  # noqa: E402
+from tb_stability.reader import load_run  # noqa: E402
+
+
+@keras.saving.register_keras_serializable("tb_stability_tests")
+class DivideByZero(keras.layers.Layer):
+    """Divides by a zero computed from the input (inf/NaN on every batch)."""
+
+    def call(self, x):
+        zero = tf.cast(tf.shape(x)[0] - tf.shape(x)[0], x.dtype)
+        return x / zero
+
+
+class SqrtOfZero(keras.layers.Layer):
+    """Finite forward (sqrt(0) = 0), infinite derivative: NaN gradients upstream."""
+
+    def call(self, x):
+        return tf.sqrt(tf.nn.relu(x) * 0.0)
+
+
+@keras.saving.register_keras_serializable("tb_stability_tests")
+def log_loss_unclipped(y_true, y_pred):
+    return -tf.reduce_mean(y_true * tf.math.log(y_pred) + (1 - y_true) * tf.math.log(1 - y_pred))
+
+
+def _data(n=64):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 4)).astype("float32")
+    return x, (x[:, :1] > 0).astype("float32")
+
+
+def _train(log_dir, model, loss, jit=False, lr=1e-2):
+    keras.utils.set_random_seed(0)
+    x, y = _data()
+    model.compile(keras.optimizers.SGD(lr), loss, jit_compile=jit)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+              callbacks=[StabilityCallback(str(log_dir), every=2)])
+    run = load_run(str(log_dir))
+    records = run.json.get("stability/nan_origin", [])
+    findings = [f for r in analyze_logdir(str(log_dir)).runs for f in r.findings if f.kind == "nan_inf"]
+    return records, findings
+
+
+@pytest.fixture(scope="module")
+def layer_run(tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("div")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              DivideByZero(name="divide"), keras.layers.Dense(1)])
+    return log_dir, _train(log_dir, model, "mse")
+
+
+def test_layer_origin_is_named_and_saved(layer_run):
+    log_dir, (records, findings) = layer_run
+    assert len(records) == 1
+    step, origin = records[0]
+    assert step == 0 and origin["origin"] == "layer" and origin["layer"] == "divide"
+    # The detector lists the non-finite variables; the recorded origin is in its evidence.
+    assert findings and findings[0].evidence["origin"]["layer"] == "divide"
+    files = set(os.listdir(os.path.join(str(log_dir), "nan_origin")))
+    assert {"batch.npz", "nan_origin.json", "model.keras"} <= files
+    with np.load(os.path.join(str(log_dir), "nan_origin", "batch.npz")) as data:
+        assert data["x_0"].shape == (16, 4)
+        assert np.isfinite(data["w_0"]).all()  # weights before the step
+
+
+def test_replay_prints_the_same_origin(layer_run, capsys):
+    log_dir, _ = layer_run
+    assert cli.main(["replay", str(log_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "origin=layer layer=divide" in out and "same as recorded" in out
+    model_file = os.path.join(str(log_dir), "nan_origin", "model.keras")
+    assert cli.main(["replay", str(log_dir), "--model", model_file]) == 0
+
+
+def test_replay_without_artifacts_is_a_usage_error(tmp_path, capsys):
+    assert cli.main(["replay", str(tmp_path)]) == 2
+    assert "nan_origin.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_log_zero_loss_origin_is_the_loss(jit, tmp_path):
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(1, activation="sigmoid",
+                                                 kernel_initializer=keras.initializers.Constant(100.0))])
+    records, findings = _train(tmp_path, model, log_loss_unclipped, jit=jit)
+    assert records[0][1]["origin"] == "loss"
+    assert findings and findings[0].evidence["origin"]["origin"] == "loss"
+    assert cli.main(["replay", str(tmp_path)]) == 0
+
+
+def test_gradient_origin_names_the_variables(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="before"),
+                              SqrtOfZero(name="sqrt"), keras.layers.Dense(1, name="after")])
+    records, _ = _train(tmp_path, model, "mse")
+    origin = records[0][1]
+    assert origin["origin"] == "gradients"
+    assert any("before" in v for v in origin["variables"])
+    assert origin["model_file"] is None or os.path.isfile(origin["model_file"])
+
+
+def test_healthy_run_saves_nothing(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="relu"),
+                              keras.layers.Dense(1)])
+    records, findings = _train(tmp_path, model, "mse")
+    assert records == [] and findings == []
+    assert not os.path.exists(os.path.join(str(tmp_path), "nan_origin"))
