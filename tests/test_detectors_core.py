@@ -248,6 +248,18 @@ def test_exploding_gradients_1000x():
     assert "learning_rate=0.0001" in f.remedy
 
 
+def test_exploding_with_clipping_already_set_suggests_the_learning_rate():
+    n, k = 600, 300
+    grad = S.healthy_grad(n)
+    grad[k:] *= np.geomspace(1, 1000, n - k)
+    info = {"optimizer_config": {"learning_rate": 0.01, "clipnorm": 1.0}}
+    run = S.make_run(S.healthy_loss(n), grad, json={"stability/run_info": [(0, info)]})
+    (f,) = gradients.detect_exploding(run)
+    assert f.evidence["configured_clipping"] == {"clipnorm": 1.0}
+    assert "already clipped (clipnorm=1)" in f.remedy
+    assert f"clipnorm={f.evidence['suggested_clipnorm']:g}" not in f.remedy
+
+
 def test_single_gradient_spike_is_not_exploding():
     grad = S.healthy_grad(500)
     grad[250] *= 1e4
@@ -319,3 +331,34 @@ def test_detectors_accept_empty_run():
     assert run_all(RunData(name="empty")) == []
     run = RunData(name="short", steps={"loss": Series(np.arange(3), np.array([1.0, 2.0, 3.0]))})
     assert run_all(run) == []
+
+
+@pytest.mark.parametrize(
+    "origin,expected_first,text,remedy",
+    [
+        ({"origin": "layer", "layer": "divide", "variables": []}, "divide",
+         "first non-finite output in layer divide", "divide_no_nan"),
+        ({"origin": "gradients", "layer": None, "variables": ["sequential/dense_1/kernel"]},
+         "sequential/dense_1/kernel", "non-finite gradients of sequential/dense_1/kernel", None),
+        ({"origin": "inputs", "layer": None, "variables": []}, None,
+         "non-finite values in the input batch", "isfinite"),
+    ],
+    ids=["layer", "gradients", "inputs"],
+)
+def test_recorded_origin_leads_layers_explanation_and_remedy(origin, expected_first, text, remedy):
+    n, k = 300, 150
+    loss, grad = S.healthy_loss(n), S.healthy_grad(n)
+    loss[k:] = np.nan
+    grad[k:] = np.nan
+    nonf = np.zeros(n)
+    nonf[k:] = 3
+    var = S.per_variable(n)
+    var.values[var.steps >= k, :] = np.nan
+    run = S.make_run(loss, grad, nonf, variables={"grad_norm": var},
+                     json={"stability/nan_origin": [(k, dict(origin, step=k))]})
+    (finding,) = [f for f in run_all(run) if f.kind == "nan_inf"]
+    if expected_first is not None:
+        assert finding.layers[0] == expected_first
+    assert text in finding.explanation
+    if remedy is not None:
+        assert remedy in finding.remedy

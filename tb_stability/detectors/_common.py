@@ -136,3 +136,25 @@ def round_sig(x: float, digits: int = 2) -> float:
 def num(x):
     """A plain float for evidence (None stays None)."""
     return None if x is None else float(x)
+
+
+def configured_clipping(run: RunData) -> dict:
+    """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
+    records = run.json.get("stability/run_info") or []
+    if not records or not isinstance(records[0][1], dict):
+        return {}
+    config = records[0][1].get("optimizer_config") or {}
+    inner = config.get("inner_optimizer") if isinstance(config, dict) else None
+    if isinstance(inner, dict):
+        config = inner.get("config", inner)
+    if not isinstance(config, dict):
+        return {}
+    out = {}
+    for key in ("clipnorm", "global_clipnorm", "clipvalue"):
+        try:
+            value = float(config.get(key))
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value) and value > 0:
+            out[key] = value
+    return out

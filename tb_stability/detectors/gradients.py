@@ -162,6 +162,9 @@ def detect_exploding(run: RunData) -> list[Finding]:
         "suggested_clipnorm": clip,
         "suggested_lr_factor": factor,
     }
+    clipping = C.configured_clipping(run)
+    if clipping:
+        evidence["configured_clipping"] = clipping
     where = f" (largest in {', '.join(layers[:3])})" if layers else ""
     return [
         Finding(
@@ -177,14 +180,27 @@ def detect_exploding(run: RunData) -> list[Finding]:
                 f"({C.fmt(ex['growth'])}x){where}, crossing {GROWTH_THRESHOLD:g}x at step {cross}. "
                 "Updates this large throw the weights out of the region where the loss is well behaved."
             ),
-            remedy=(
-                f"Clip gradients at ~2x the healthy norm and lower the learning rate {factor:g}x:\n"
-                f"    optimizer = keras.optimizers.Adam({lr_line}clipnorm={clip:g})\n"
-                "    model.compile(optimizer=optimizer, loss=...)\n"
-                "Also check input scaling and weight initialisation if the growth starts at step 0."
-            ),
+            remedy=_remedy(clipping, factor, lr_line, clip),
         )
     ]
+
+
+def _remedy(clipping: dict, factor: float, lr_line: str, clip: float) -> str:
+    if clipping:
+        setting = ", ".join(f"{k}={v:g}" for k, v in clipping.items())
+        return (
+            f"Gradients are already clipped ({setting}) and the pre-clip norm still grows, so "
+            f"clipping only hides it: lower the learning rate {factor:g}x (or add warm-up):\n"
+            f"    optimizer = keras.optimizers.Adam({lr_line}{setting})\n"
+            "    model.compile(optimizer=optimizer, loss=...)\n"
+            "Also check input scaling and weight initialisation if the growth starts at step 0."
+        )
+    return (
+        f"Clip gradients at ~2x the healthy norm and lower the learning rate {factor:g}x:\n"
+        f"    optimizer = keras.optimizers.Adam({lr_line}clipnorm={clip:g})\n"
+        "    model.compile(optimizer=optimizer, loss=...)\n"
+        "Also check input scaling and weight initialisation if the growth starts at step 0."
+    )
 
 
 def layer_norms(names, values) -> tuple[list[str], np.ndarray]:

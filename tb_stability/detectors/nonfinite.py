@@ -129,28 +129,6 @@ def _without_steps(steps, values, drop: set[int], fill: float):
     return np.where(mask, fill, values)
 
 
-def configured_clipping(run: RunData) -> dict:
-    """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
-    records = run.json.get("stability/run_info") or []
-    if not records or not isinstance(records[0][1], dict):
-        return {}
-    config = records[0][1].get("optimizer_config") or {}
-    inner = config.get("inner_optimizer") if isinstance(config, dict) else None
-    if isinstance(inner, dict):
-        config = inner.get("config", inner)
-    if not isinstance(config, dict):
-        return {}
-    out = {}
-    for key in ("clipnorm", "global_clipnorm", "clipvalue"):
-        try:
-            value = float(config.get(key))
-        except (TypeError, ValueError):
-            continue
-        if np.isfinite(value) and value > 0:
-            out[key] = value
-    return out
-
-
 def first_nonfinite(steps, values) -> int | None:
     """Step of the first non-finite value of a series, or None."""
     values = np.asarray(values, dtype=np.float64)
@@ -280,11 +258,14 @@ def detect(run: RunData) -> list[Finding]:
             record_step, names = nonfinite_columns(m.steps, m.names, m.values, onset)
             if names:
                 break
-    if not names and isinstance(origin, dict):
-        for key in ("variables", "variable", "layers", "layer"):
+    # The recorded origin (forensic re-run of the step) is more precise than
+    # "every variable went NaN afterwards": it leads the list.
+    if isinstance(origin, dict):
+        for key in ("layer", "layers", "variables", "variable"):
             v = origin.get(key)
             if v:
-                names = [v] if isinstance(v, str) else [str(x) for x in v]
+                first = [v] if isinstance(v, str) else [str(x) for x in v]
+                names = first + [n for n in names if n not in first]
                 break
 
     grad = C.global_grad_norm(run)
@@ -336,7 +317,7 @@ def detect(run: RunData) -> list[Finding]:
                 f" {label} {', '.join(str(r) for r in first_reps)} went non-finite first "
                 f"(step {first_rep_step})."
             )
-    clipping = configured_clipping(run)
+    clipping = C.configured_clipping(run)
     if clipping:
         evidence["configured_clipping"] = clipping
 
@@ -367,6 +348,23 @@ def detect(run: RunData) -> list[Finding]:
                 f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, clipnorm={clip:g})\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
+    elif isinstance(origin, dict) and origin.get("origin") in ("layer", "inputs"):
+        layer = origin.get("layer")
+        explanation = f"Values became non-finite at step {onset} ({what})."
+        if origin.get("origin") == "inputs":
+            remedy = (
+                "Clean the input pipeline: drop or impute rows with NaN/Inf before batching:\n"
+                "    mask = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))\n"
+                "    x, y = x[mask], y[mask]"
+            )
+        else:
+            remedy = (
+                f"Guard the computation in layer {layer}: avoid division by zero, log of "
+                "non-positive values and overflowing exp, e.g.\n"
+                "    tf.math.divide_no_nan(a, b)        # instead of a / b\n"
+                "    tf.math.log(tf.maximum(x, 1e-7))   # instead of tf.math.log(x)\n"
+                f"Re-run the saved step with `tb-stability replay {run.name}` to check the fix."
+            )
     elif loss_first:
         explanation = (
             f"The loss became non-finite at step {onset} while the gradients before it were "
@@ -388,8 +386,7 @@ def detect(run: RunData) -> list[Finding]:
             "    optimizer = keras.optimizers.Adam(learning_rate=1e-4, clipnorm=1.0)"
         )
     if isinstance(origin, dict) and origin:
-        summary = ", ".join(f"{k}={v}" for k, v in list(origin.items())[:4])
-        explanation += f" Recorded origin: {summary}."
+        explanation += f" {origin_sentence(origin)}"
     explanation += replicas_txt
     if "steps:skipped" in signals:
         explanation += (
@@ -410,6 +407,27 @@ def detect(run: RunData) -> list[Finding]:
             remedy=remedy,
         )
     ]
+
+
+def origin_sentence(origin: dict) -> str:
+    """One sentence on where the first non-finite value came from (forensic re-run)."""
+    kind = origin.get("origin") or origin.get("kind")
+    if kind == "layer" and origin.get("layer"):
+        return f"Re-running the step found the first non-finite output in layer {origin['layer']}."
+    if kind == "inputs":
+        return "Re-running the step found non-finite values in the input batch itself."
+    if kind == "loss":
+        return "Re-running the step found every layer output finite and the loss non-finite."
+    if kind in ("gradients", "gradient"):
+        variables = origin.get("variables") or origin.get("variable") or []
+        if isinstance(variables, str):
+            variables = [variables]
+        listed = ", ".join(str(v) for v in list(variables)[:5])
+        return f"Re-running the step found finite outputs and loss but non-finite gradients of {listed}."
+    keys = [k for k in ("origin", "layer", "variables", "step") if origin.get(k) is not None]
+    keys = keys or list(origin)[:4]  # a record written by another tool: show what it says
+    summary = ", ".join(f"{k}={origin[k]}" for k in keys) or "unknown"
+    return f"Recorded origin: {summary}."
 
 
 def _clip_txt(clipping: dict) -> str:
