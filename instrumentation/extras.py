@@ -73,7 +73,9 @@ class CallbackExtras:
             self.data = DataStats(self.every, mode, logits)
         if self.nan_forensics:
             self.capture = NanCapture(jit=bool(getattr(model, "jit_compile", False)))
-            if hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale"):
+            if hasattr(optimizer, "inner_optimizer") and (
+                    hasattr(optimizer, "dynamic_scale")
+                    or type(optimizer).__name__ == "LossScaleOptimizer"):
                 self.capture.loss_scale_optimizer = optimizer  # benign skips are not NaNs
         patch = self.callback._patch
         patch(model, "train_step", self._make_train_step(model.train_step))

@@ -96,9 +96,11 @@ class NanCapture:
 
             run = tf.where(grads_ok, tf.constant(0, tf.int64), self.skip_run + 1)
             self.skip_run.assign(run)
-            scale = tf.cast(self.loss_scale_optimizer.dynamic_scale, tf.float32)
-            persistent = tf.logical_and(tf.logical_not(grads_ok), tf.logical_or(
-                run >= MAX_CONSECUTIVE_SKIPS, scale <= LOSS_SCALE_FLOOR))
+            stuck = run >= MAX_CONSECUTIVE_SKIPS
+            scale = getattr(self.loss_scale_optimizer, "dynamic_scale", None)
+            if scale is not None:  # not built yet on the first trace: run length only
+                stuck = tf.logical_or(stuck, tf.cast(scale, tf.float32) <= LOSS_SCALE_FLOOR)
+            persistent = tf.logical_and(tf.logical_not(grads_ok), stuck)
             bad = tf.logical_or(tf.logical_not(tf.math.is_finite(loss)), persistent)
         else:
             bad = tf.logical_not(tf.logical_and(tf.math.is_finite(loss), grads_ok))

@@ -65,8 +65,13 @@ class BatchedRead:
 
         @tf.function(autograph=False, reduce_retracing=False)
         def read_all():
-            return tf.concat([tf.reshape(tf.cast(tf.convert_to_tensor(v), tf.float64), [-1])
-                              for v in captured], axis=0)
+            parts = []
+            for v in captured:
+                value = tf.convert_to_tensor(v)
+                if value.dtype != tf.float64:
+                    value = tf.cast(value, tf.float64)
+                parts.append(value if value.shape.rank == 1 else tf.reshape(value, [-1]))
+            return tf.concat(parts, axis=0)
 
         with tf.init_scope():
             read_all.get_concrete_function()

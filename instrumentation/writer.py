@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tensorflow.python.ops import gen_summary_ops  # WriteRawProtoSummary, no public wrapper
+
 from tb_stability import schema
 
 from instrumentation import readback
@@ -102,13 +104,19 @@ class SummaryWriter:
         """Writes ``(step, serialized Summary)`` records: one op per run of equal steps."""
         if not records:
             return
-        with tf.init_scope(), self.writer.as_default():
+        with tf.init_scope():
+            writer = self.writer
+            resource = getattr(writer, "_resource", None)
             start = 0
             for index in range(1, len(records) + 1):
                 if index == len(records) or records[index][0] != records[start][0]:
-                    tf.summary.experimental.write_raw_pb(
-                        tf.constant([r[1] for r in records[start:index]]),
-                        step=records[start][0])
+                    protos = tf.constant([r[1] for r in records[start:index]], tf.string)
+                    step = records[start][0]
+                    if resource is not None:  # the op itself, without write_raw_pb's conds
+                        gen_summary_ops.write_raw_proto_summary(resource, step, protos)
+                    else:
+                        with writer.as_default():
+                            tf.summary.experimental.write_raw_pb(protos, step=step)
                     start = index
 
     @property

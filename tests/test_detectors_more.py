@@ -135,6 +135,20 @@ def test_class_imbalance_labels_and_collapse():
     assert f.evidence["predicted_class"] == "0"
 
 
+@pytest.mark.parametrize(
+    "predicted_majority,severity",
+    [(1000.0, "warning"), (990.0, "warning"), (700.0, "info")],
+    ids=["collapsed", "barely-minority", "weighted"],
+)
+def test_imbalanced_labels_are_info_when_predictions_keep_the_minority(predicted_majority, severity):
+    lab = Matrix(np.array([0, 10]), ("0", "1"), np.array([[970.0, 30.0], [970.0, 30.0]]))
+    pred = Matrix(np.array([0, 10]), ("0", "1"),
+                  np.array([[500.0, 500.0], [predicted_majority, 1000.0 - predicted_majority]]))
+    (f,) = data.detect_imbalance(RunData(name="r", labels=lab, predictions=pred))
+    assert f.severity == severity
+    assert f.evidence["prediction_majority_share"] == pytest.approx(predicted_majority / 1000.0)
+
+
 def epochs(train, val):
     return S.scalar_run({"epoch_loss": train, "epoch_val_loss": val})
 

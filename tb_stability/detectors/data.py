@@ -100,6 +100,20 @@ def detect_unscaled(run: RunData) -> list[Finding]:
     )]
 
 
+def majority_prediction_share(pred: Matrix | None, majority) -> float | None:
+    """Share of the majority class among predictions (second half of training), or None."""
+    if pred is None or not len(pred) or pred.values.shape[1] < 2:
+        return None
+    names = [str(n) for n in pred.names]
+    if str(majority) not in names:
+        return None
+    counts = np.nansum(pred.values[len(pred) // 2:], axis=0)
+    total = counts.sum()
+    if not total > 0:
+        return None
+    return float(counts[names.index(str(majority))] / total)
+
+
 def detect_imbalance(run: RunData) -> list[Finding]:
     """class_imbalance adapter (labels and collapsed predictions)."""
     out = []
@@ -112,16 +126,28 @@ def detect_imbalance(run: RunData) -> list[Finding]:
         label_share = float(counts[top] / counts.sum()) if counts.sum() > 0 else None
         if np.isfinite(share) and (ratio >= IMBALANCE or share >= MAJORITY):
             dist = {str(lab.names[j]): float(counts[j]) for j in range(len(counts))}
-            minority = str(lab.names[int(np.argmin(np.where(counts > 0, counts, np.inf)))])
+            evidence = {"label_counts": dist, "majority_share": share, "majority_to_minority": ratio,
+                        "threshold": f"majority/minority >= {IMBALANCE:g} or majority share >= {MAJORITY:g}; "
+                        "info when predictions keep the minority classes"}
+            handled = majority_prediction_share(run.predictions, lab.names[top])
+            if handled is not None:
+                evidence["prediction_majority_share"] = handled
+            # The model predicts the minority classes at least half as often as they occur.
+            severity = "info" if handled is not None and 1 - handled >= 0.5 * (1 - share) else "warning"
+            explanation = (
+                f"Class {lab.names[top]} holds {share:.0%} of the labels ({C.fmt(ratio)}x the rarest "
+                "class); the model can score well by ignoring the minority classes."
+            )
+            if severity == "info":
+                explanation += (
+                    f" Its predictions are {handled:.0%} class {lab.names[top]}, fewer than the labels: "
+                    "class weighting or resampling seems to be in place."
+                )
             out.append(Finding(
-                kind="class_imbalance", severity="warning", run=run.name,
+                kind="class_imbalance", severity=severity, run=run.name,
                 first_step=int(lab.steps[0]), last_step=int(lab.steps[-1]),
-                evidence={"label_counts": dist, "majority_share": share, "majority_to_minority": ratio,
-                          "threshold": f"majority/minority >= {IMBALANCE:g} or majority share >= {MAJORITY:g}"},
-                explanation=(
-                    f"Class {lab.names[top]} holds {share:.0%} of the labels ({C.fmt(ratio)}x the rarest "
-                    "class); the model can score well by ignoring the minority classes."
-                ),
+                evidence=evidence,
+                explanation=explanation,
                 remedy=(
                     "Weight the classes inversely to their frequency (or resample), and track "
                     "per-class metrics:\n"

@@ -6,7 +6,10 @@ import dataclasses
 import os
 import time
 
+import numpy as np
+
 from tb_stability.analysis import analyze_logdir
+from tb_stability.reader import load_logdir
 from tb_stability.findings import Finding
 from tests.scenarios.registry import Scenario, run_scenario
 
@@ -19,6 +22,7 @@ class Outcome:
     broken: list[Finding]
     fixed: list[Finding]
     train_seconds: float
+    first_nonfinite_step: int | None = None
 
     @property
     def hit(self) -> Finding | None:
@@ -43,9 +47,12 @@ class Outcome:
     def delay(self) -> int | None:
         """Steps from the known onset to the first flag, when the onset is known."""
         hit = self.hit
-        if hit is None or self.scenario.onset_step is None or hit.first_step is None:
+        onset = self.scenario.onset_step
+        if onset == "first_nonfinite":
+            onset = self.first_nonfinite_step
+        if hit is None or onset is None or hit.first_step is None:
             return None
-        return hit.first_step - self.scenario.onset_step
+        return hit.first_step - onset
 
 
 def findings_of(logdir: str) -> list[Finding]:
@@ -62,4 +69,16 @@ def evaluate(scenario: Scenario, workdir: str) -> Outcome:
     run_scenario(scenario, broken_dir, fixed=False)
     run_scenario(scenario, fixed_dir, fixed=True)
     seconds = time.monotonic() - started
-    return Outcome(scenario, findings_of(broken_dir), findings_of(fixed_dir), seconds)
+    return Outcome(scenario, findings_of(broken_dir), findings_of(fixed_dir), seconds,
+                   first_nonfinite_loss(broken_dir))
+
+
+def first_nonfinite_loss(logdir: str) -> int | None:
+    """Ground truth for NaN scenarios: the first step whose raw loss is non-finite."""
+    for run in load_logdir(logdir).runs.values():
+        loss = run.steps.get("loss")
+        if loss is not None:
+            bad = np.flatnonzero(~np.isfinite(loss.values))
+            if bad.size:
+                return int(loss.steps[bad[0]])
+    return None

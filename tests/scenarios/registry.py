@@ -33,7 +33,8 @@ class Scenario:
       train: ``train(log_dir, fixed)`` trains the broken (``fixed=False``) or
         the fixed program, writing stability summaries into ``log_dir``.
       onset_step: Step at which the problem starts, when it is known by
-        construction (used to measure detection delay), else None.
+        construction (used to measure detection delay); ``"first_nonfinite"``
+        for the first step whose raw loss is non-finite; else None.
     """
 
     name: str
@@ -41,7 +42,7 @@ class Scenario:
     seed: str
     description: str
     train: Callable[[str, bool], None]
-    onset_step: int | None = None
+    onset_step: int | str | None = None
 
 
 EVERY = 5
@@ -231,22 +232,23 @@ SCENARIOS: tuple[Scenario, ...] = (
              "deep ReLU MLP, SGD lr 2e-3 momentum 0.9, no clipping; fix: Adam 1e-3 + clipnorm=1.0",
              exploding_gradients),
     Scenario("vanishing_gradients", ("vanishing_gradients",), "001 ex.2",
-             "activation tanh(0.01 x) in three layers; fix: relu", vanishing_gradients),
+             "activation tanh(0.01 x) in three layers; fix: relu", vanishing_gradients, onset_step=0),
     Scenario("unscaled_inputs", ("unscaled_inputs",), "003 ex.3, 001 ex.1",
-             "features x1000 (one x1e6); fix: standardize", unscaled_inputs),
+             "features x1000 (one x1e6); fix: standardize", unscaled_inputs, onset_step=0),
     Scenario("large_learning_rate", ("update_ratio_high", "divergence", "oscillation"), "001 ex.3",
-             "Adam learning rate 1.0; fix: 1e-3", large_learning_rate),
+             "Adam learning rate 1.0; fix: 1e-3", large_learning_rate, onset_step=0),
     Scenario("log_zero_nan", ("nan_inf",), "003 ex.2",
-             "hand-written cross-entropy with log(0); fix: clip the probabilities", log_zero_nan),
+             "hand-written cross-entropy with log(0); fix: clip the probabilities", log_zero_nan,
+             onset_step="first_nonfinite"),
     Scenario("final_batch_outlier", ("final_step_spike",), "000 scen.2",
              "corrupted last batch; fix: clean the data", final_batch_outlier,
              onset_step=FINAL_SPIKE_STEPS - 1),
     Scenario("overfitting", ("overfitting",), "002 ex.1",
              "120 samples, 2x256 MLP, 60 epochs; fix: more data, dropout, early stopping", overfitting),
     Scenario("class_imbalance", ("class_imbalance",), "001, 002",
-             "97% of labels are 0; fix: class weights", class_imbalance),
+             "97% of labels are 0; fix: class weights", class_imbalance, onset_step=0),
     Scenario("small_learning_rate", ("update_ratio_low", "stalled"), "001",
-             "SGD learning rate 1e-7; fix: Adam 1e-3", small_learning_rate),
+             "SGD learning rate 1e-7; fix: Adam 1e-3", small_learning_rate, onset_step=0),
     Scenario("sigmoid_lstm", ("saturated_activations", "vanishing_gradients"), "002 ex.2",
              "LSTM(activation='sigmoid'); fix: relu + clipnorm", sigmoid_lstm),
 )
