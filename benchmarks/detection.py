@@ -49,7 +49,9 @@ def main(argv=None) -> int:
                 str(hit.first_step) if hit else "-",
                 str(outcome.delay) if outcome.delay is not None else "n/a",
                 ", ".join(sorted({f.kind for f in outcome.broken})) or "-",
-                f"{len(outcome.fixed_critical)} / {len(outcome.fixed_same_kind)}",
+                f"{len(outcome.fixed_critical)} / {len(outcome.fixed_same_kind)}"
+                + (f" ({', '.join(sorted({f.severity for f in outcome.fixed_same_kind}))})"
+                   if outcome.fixed_same_kind else ""),
                 f"{outcome.train_seconds:.1f}",
             ))
             print(f"  ran {scenario.name}", file=sys.stderr, flush=True)

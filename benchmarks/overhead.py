@@ -41,8 +41,10 @@ from benchmarks._common import (  # noqa: E402
     emit_result, fmt, format_table, interleaved, machine_description, median, run_worker,
 )
 
-CONFIGS = ("baseline", "stability defaults", "stability every=1",
-           "tensorboard hist+batch", "tf debug dump")
+# "baseline again" is the same fit as "baseline": its ratio is the noise floor of
+# this machine (an A/A comparison), against which the other ratios are read.
+CONFIGS = ("baseline", "baseline again", "stability defaults", "stability no probes",
+           "stability every=1", "tensorboard hist+batch", "tf debug dump")
 MODELS = ("mlp", "cnn", "lstm")
 GOALS = {"stability defaults": 1.02, "stability every=1": 1.10}
 
@@ -103,6 +105,8 @@ def _fit_once(model_name: str, config: str, x, y, args, workdir: str, seed: int)
     callbacks = []
     if config == "stability defaults":
         callbacks.append(StabilityCallback(run_dir))
+    elif config == "stability no probes":
+        callbacks.append(StabilityCallback(run_dir, probe_every=0, nan_forensics=False))
     elif config == "stability every=1":
         callbacks.append(StabilityCallback(run_dir, every=1))
     elif config == "tensorboard hist+batch":
@@ -161,10 +165,12 @@ def summarize(model: str, samples: dict) -> list[list[str]]:
     for config, values in samples.items():
         paired = [v / b for v, b in zip(values, base) if v is not None and b]
         ratio = median(values) / base_median
+        # Noise only adds time: the best repetition is the least disturbed one.
+        best = min(v for v in values if v is not None) / min(b for b in base if b)
         goal = GOALS.get(config)
         verdict = "" if goal is None else ("ok" if ratio <= goal else f"MISS (goal <= {goal})")
         rows.append([model, config, fmt(median(values), 3), fmt(ratio, 3),
-                     fmt(median(paired), 3), verdict])
+                     fmt(median(paired), 3), fmt(best, 3), verdict])
     return rows
 
 
@@ -210,7 +216,8 @@ def main(argv=None) -> int:
         print(f"  {model}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         all_samples[model] = samples
         rows += summarize(model, samples)
-    headers = ("model", "config", "median step ms", "ratio", "paired ratio", "goal")
+    headers = ("model", "config", "median step ms", "ratio", "paired ratio", "best-of-reps ratio",
+               "goal")
     print(format_table(headers, rows, markdown=args.markdown))
     for model in args.models:
         ratios = {c: median(v) / median(all_samples[model]["baseline"])

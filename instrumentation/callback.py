@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from instrumentation import distribute
 from instrumentation import flush_policy
+from instrumentation import optimizer_step
 from instrumentation import readback
 from instrumentation.extras import CallbackExtras
 from instrumentation.live import LiveDiagnosis, warning_line
@@ -61,7 +62,7 @@ class StabilityCallback(keras.callbacks.Callback):
         model's weights) to measure the update ratio exactly.
       probe_every: Activation probes and input/label/prediction statistics
         every ``probe_every`` steps (default: ``every``; 0 disables them).
-      live_warnings: Print one concise line (logger ``tb_stability``) when a
+      live_warnings: Print one concise line (logger ``instrumentation``) when a
         critical finding (nan_inf, exploding_gradients, divergence) first
         appears, using the same detectors as ``tb-stability report``.
       stop_on_nan: Stop training (``model.stop_training = True``) once the
@@ -174,7 +175,7 @@ class StabilityCallback(keras.callbacks.Callback):
         self._loss_graph = None
         self._stats_ready = False
         self._drainer = None
-        self._extra_columns = _extra_columns(model, optimizer)
+        self._extra_columns = optimizer_step.extra_columns(model, optimizer)
         distribute.warn_unmeasured(self, optimizer)  # clipvalue, gradient accumulation
         if model.built and model.trainable_variables:
             self._ensure_stats(model.trainable_variables)
@@ -322,7 +323,7 @@ class StabilityCallback(keras.callbacks.Callback):
                 )
                 stats = callback._ensure_stats(variables)
                 callback._check_loss_captured(stats)
-                state, skipped = _record_step(stats, optimizer, grads, variables)
+                state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables)
                 stats.snapshot(state)
             except Exception as error:  # noqa: BLE001
                 callback._fail(error)
@@ -406,71 +407,6 @@ class StabilityCallback(keras.callbacks.Callback):
             return original(*args, **kwargs)
 
         return fit
-
-
-def _extra_columns(model, optimizer) -> tuple:
-    """Optional step columns (`stats.EXTRA_COLUMNS`) this model/optimizer needs."""
-    columns = []
-    if distribute.clipping_configured(optimizer):
-        columns.append("clipped")
-    if _is_loss_scale_optimizer(optimizer):
-        columns += ["skipped", "loss_scale"]
-    if distribute.num_replicas(getattr(model, "distribute_strategy", None)) > 1:
-        columns.append("nonfinite_replicas")
-    return tuple(columns)
-
-
-def _is_loss_scale_optimizer(optimizer) -> bool:
-    return hasattr(optimizer, "inner_optimizer") and (
-        hasattr(optimizer, "dynamic_scale") or type(optimizer).__name__ == "LossScaleOptimizer"
-    )
-
-
-def _record_step(stats: StepStats, optimizer, grads, variables):
-    """Writes the row of one optimizer step (graph side, inside ``apply``).
-
-    Gradients are taken pre-clip and unscaled (divided by the loss scale). Under
-    a LossScaleOptimizer the step is ``iterations`` plus the skipped steps so
-    far (a skipped update does not advance ``iterations``). Under a
-    ``tf.distribute`` strategy the replicas' statistics are summed with one
-    unconditional all-reduce (`distribute.reduce_local_stats`).
-
-    Returns:
-      ``(GradientState, skips)``; ``skips`` (the skipped steps including this
-      one) is None without loss scaling.
-    """
-    if _is_loss_scale_optimizer(optimizer) and not optimizer.built and variables:
-        optimizer.build(variables)  # creates dynamic_scale (apply would do it next)
-        optimizer.built = True
-    scale = _grad_scale(optimizer)
-    local = stats.local_stats(grads, variables, scale)
-    extras = {}
-    clipped = distribute.clip_fired(optimizer, local) if "clipped" in stats.columns else None
-    replica = distribute.replica_context()
-    if replica is not None:
-        local, reduced = distribute.reduce_local_stats(*replica, local, clipped)
-        extras.update(reduced)
-    elif clipped is not None:
-        extras["clipped"] = clipped
-    skipped = None
-    step = tf.identity(distribute.micro_iterations(optimizer))  # micro-steps under accumulation
-    if _is_loss_scale_optimizer(optimizer):
-        finite = tf.logical_and(tf.math.is_finite(local.total), tf.equal(local.nonfinite, 0.0))
-        skipped = 1.0 - tf.cast(finite, tf.float64)
-        extras["skipped"] = skipped
-        extras["loss_scale"] = tf.identity(optimizer.dynamic_scale)
-        skips = stats.skips.read_value()
-        step = tf.cast(step, tf.int64) + skips
-        skipped = skips + tf.cast(extras["skipped"], tf.int64)  # skips after this step
-    state = stats.write_row(step, local, optimizer.learning_rate, extras)
-    return state, skipped
-
-
-def _grad_scale(optimizer) -> Any:
-    """The factor the incoming gradients are scaled by (loss scaling), or None."""
-    if hasattr(optimizer, "inner_optimizer") and hasattr(optimizer, "dynamic_scale"):
-        return optimizer.dynamic_scale
-    return getattr(optimizer, "loss_scale_factor", None)
 
 
 def _current_graph():

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
         args.logdir = plugin_support.build_logdir(os.path.join(tempfile.mkdtemp(), "logs"))
     if not args.logdir or not os.path.isdir(args.logdir):
         parser.error("give an existing LOGDIR or --demo")
+    args.logdir = os.path.abspath(args.logdir)  # TensorBoard runs in another directory
     from playwright.sync_api import sync_playwright  # pylint: disable=import-outside-toplevel
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -141,7 +141,33 @@ def analyze_run(
             if not item.run:
                 item.run = run.name
             findings.append(item)
-    return sort_findings(findings)
+    return sort_findings(mark_consequences_of_nan(findings))
+
+
+def mark_consequences_of_nan(findings: list[Finding]) -> list[Finding]:
+    """Downgrades findings that begin at or after the first NaN to ``info``.
+
+    Once weights or activations are NaN every statistic is garbage (a NaN
+    activation is never positive, so a ReLU layer reads as dead, predictions
+    collapse to one class, ...). Those findings are consequences, not causes:
+    they stay in the report, as ``info``, with ``evidence["after_nan_step"]``.
+    """
+    onsets = [f.first_step for f in findings
+              if f.kind == "nan_inf" and f.severity == "critical" and f.first_step is not None]
+    if not onsets:
+        return findings
+    onset = min(onsets)
+    for finding in findings:
+        if finding.kind == "nan_inf" or finding.first_step is None or finding.first_step < onset:
+            continue
+        if finding.severity != "info":
+            finding.severity = "info"
+            finding.evidence["after_nan_step"] = onset
+            finding.explanation = (
+                f"After the first non-finite value (step {onset}), so most likely a consequence "
+                f"of it: {finding.explanation}"
+            )
+    return findings
 
 
 def analyze_logdir(

@@ -140,3 +140,30 @@ def test_analyze_run_defaults_warnings_to_the_run(logdir):
 def test_missing_logdir_raises(tmp_path):
     with pytest.raises(LogdirError):
         analysis.analyze_logdir(tmp_path / "nope", detectors=[])
+
+
+def test_findings_after_the_first_nan_are_downgraded_to_consequences():
+    from tb_stability.analysis import mark_consequences_of_nan
+    from tb_stability.findings import Finding
+
+    findings = [
+        Finding("nan_inf", "critical", "r", 28, 95),
+        Finding("dead_units", "critical", "r", 30, 95, ["dense"]),
+        Finding("exploding_gradients", "critical", "r", 6, 14),
+        Finding("class_imbalance", "warning", "r", 50, 95),
+    ]
+    out = {f.kind: f for f in mark_consequences_of_nan(findings)}
+    assert out["nan_inf"].severity == "critical"
+    assert out["exploding_gradients"].severity == "critical"  # before the NaN: a cause
+    for kind in ("dead_units", "class_imbalance"):
+        assert out[kind].severity == "info"
+        assert out[kind].evidence["after_nan_step"] == 28
+        assert out[kind].explanation.startswith("After the first non-finite value (step 28)")
+
+
+def test_without_a_nan_nothing_is_downgraded():
+    from tb_stability.analysis import mark_consequences_of_nan
+    from tb_stability.findings import Finding
+
+    findings = [Finding("dead_units", "critical", "r", 30, 95, ["dense"])]
+    assert mark_consequences_of_nan(findings)[0].severity == "critical"

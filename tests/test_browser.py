@@ -6,6 +6,7 @@ playwright package is missing.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -27,6 +28,10 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 def session(tmp_path_factory):
     """One TensorBoard process, one browser page on the Stability tab."""
     logdir = plugin_support.build_logdir(str(tmp_path_factory.mktemp("browser") / "logs"))
+    # A corrupt event file in the hostile run: its warning names a hostile path.
+    corrupt = os.path.join(logdir, plugin_support.HOSTILE_RUN, "events.out.tfevents.0.corrupt")
+    with open(corrupt, "wb") as handle:
+        handle.write(b"\x00\x01 not an event file <script>alert(2)</script>" * 10)
     events = {"console": [], "dialogs": []}
     with plugin_support.TensorBoardProcess(logdir) as tb, sync_playwright() as playwright:
         browser = browser_support.launch(playwright)
@@ -116,6 +121,20 @@ def test_hostile_run_name_is_inert_text(session):
     session["page"].wait_for_timeout(300)
     assert frame.locator("img").count() == 0
     assert frame.get_by_text(hostile, exact=True).first.is_visible()
+    assert events["dialogs"] == []
+
+
+def test_reader_warnings_are_listed_as_inert_text(session):
+    frame, events = session["frame"], session["events"]
+    details = frame.locator(".reader-warnings")
+    assert details.count() == 1
+    details.locator("summary").click()
+    items = details.locator("li")
+    assert items.count() >= 1
+    texts = items.all_text_contents()
+    assert any("events.out.tfevents.0.corrupt" in t and plugin_support.HOSTILE_RUN in t for t in texts), texts
+    assert frame.locator("img").count() == 0
+    assert frame.locator("script", has_text="alert").count() == 0
     assert events["dialogs"] == []
 
 

@@ -1,7 +1,7 @@
 /** Per-step line charts (uPlot) with finding markers, non-finite ticks and zoom. */
 
 import uPlot from "uplot";
-import { el } from "./dom";
+import { axisLabel, el } from "./dom";
 import { cssVar } from "./theme";
 import type { SeriesResponse } from "./types";
 import { toNumber } from "./types";
@@ -58,7 +58,8 @@ export class LineChart {
       scales: { x: { time: false }, y: opts.logY ? { distr: 3 } : {} },
       axes: [
         { stroke: axis, grid: { stroke: grid }, ticks: { stroke: grid } },
-        { stroke: axis, grid: { stroke: grid }, ticks: { stroke: grid }, size: 60 },
+        { stroke: axis, grid: { stroke: grid }, ticks: { stroke: grid }, size: 60,
+          values: (_u: uPlot, splits: (number | null)[]) => splits.map(axisLabel) },
       ],
       series: [{ label: "step" }, { label: series.tag, stroke: opts.color, width: 1.25, spanGaps: false, points: { show: false } }],
       hooks: {

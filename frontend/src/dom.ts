@@ -47,11 +47,26 @@ export function clear(node: Node): void {
 export function fmt(value: unknown): string {
   if (typeof value === "number") {
     if (!Number.isFinite(value)) return String(value);
-    if (Number.isInteger(value)) return String(value);
     const abs = Math.abs(value);
+    if (Number.isInteger(value) && abs < 1e9) return String(value);
     if (abs !== 0 && (abs < 1e-3 || abs >= 1e5)) return value.toExponential(3);
     return value.toPrecision(4);
   }
   if (typeof value === "string") return value;
-  return JSON.stringify(value) ?? String(value);
+  if (Array.isArray(value)) return `[${value.map(fmt).join(", ")}]`;
+  if (value !== null && typeof value === "object") {
+    return `{${Object.entries(value).map(([k, v]) => `${k}: ${fmt(v)}`).join(", ")}}`;
+  }
+  return String(value);
+}
+
+/** Short axis labels: 7.9e+8 rather than 786,500,000 (which would not fit). */
+export function axisLabel(value: number | null): string {
+  if (value === null || !Number.isFinite(value)) return "";
+  const abs = Math.abs(value);
+  if (abs !== 0 && (abs < 1e-3 || abs >= 1e5)) {
+    const [mantissa, exponent] = value.toExponential(1).split("e");
+    return `${mantissa.replace(/\.0$/, "")}e${Number(exponent)}`;
+  }
+  return String(Number(value.toPrecision(4)));
 }

@@ -25,6 +25,7 @@ class App {
   private readonly findingList = el("div", { class: "finding-list" });
   private readonly viewHolder = el("div", { class: "run-views" });
   private readonly status = el("div", { class: "status muted" });
+  private readonly notices = el("div", { class: "notices" });
 
   constructor(private readonly root: HTMLElement) {}
 
@@ -45,10 +46,32 @@ class App {
       el("aside", { class: "sidebar" }, [el("h2", {}, ["Runs"]), filter, this.runList]),
       el("main", { class: "content" }, [
         el("div", { class: "toolbar" }, [el("h2", {}, ["Findings"]), severity, refresh, this.status]),
+        this.notices,
         el("div", { class: "columns" }, [this.findingList, this.viewHolder]),
       ]),
     ]));
     await this.reload();
+  }
+
+  /** What the reader skipped and what the server cut, as inert text. */
+  private renderNotices(): void {
+    clear(this.notices);
+    const lines: string[] = [];
+    if (this.report.truncated) {
+      lines.push(`Showing ${this.report.runs.length} of ${this.report.total_runs ?? "?"} runs (response capped).`);
+    }
+    for (const run of this.report.runs) {
+      if (run.truncated) lines.push(`${run.run}: showing ${run.findings.length} of ${run.total_findings ?? "?"} findings.`);
+      for (const warning of run.warnings) lines.push(`${run.run}: ${warning}`);
+    }
+    lines.push(...this.report.warnings);
+    if (lines.length === 0) return;
+    const list = el("ul", {}, lines.map((line) => el("li", {}, [line])));
+    const details = el("details", { class: "reader-warnings" }, [
+      el("summary", {}, [`${lines.length} reader warning${lines.length === 1 ? "" : "s"}: data that was skipped`]),
+      list,
+    ]);
+    this.notices.appendChild(details);
   }
 
   private async reload(): Promise<void> {
@@ -70,6 +93,7 @@ class App {
     const total = this.allFindings().length;
     const warnings = this.report.warnings.length ? `, ${this.report.warnings.length} reader warnings` : "";
     this.status.textContent = `${this.runs.length} runs, ${total} findings${warnings}`;
+    this.renderNotices();
     this.root.dataset.ready = "true";
     this.renderRuns();
     this.renderFindingList();

@@ -37,8 +37,11 @@ export interface Finding {
 
 export interface Report {
   version: number;
-  runs: { run: string; findings: Finding[]; warnings: string[] }[];
+  runs: { run: string; findings: Finding[]; warnings: string[]; truncated?: boolean; total_findings?: number }[];
   warnings: string[];
+  /** Set by the plugin when it capped the response (see http_api.md). */
+  truncated?: boolean;
+  total_runs?: number;
 }
 
 export interface SeriesResponse {
