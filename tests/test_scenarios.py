@@ -4,26 +4,17 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from tests.scenarios.matrix import evaluate  # noqa: E402
-from tests.scenarios.registry import HEALTHY, SCENARIOS, run_scenario  # noqa: E402
-from tests.scenarios.matrix import findings_of  # noqa: E402
+from tests.scenarios.matrix import evaluate, findings_of  # noqa: E402
+from tests.scenarios.registry import EVERY, HEALTHY, SCENARIOS, run_scenario  # noqa: E402
 
 
-# Seed 002's claim that a sigmoid LSTM saturates does not reproduce at this scale: the
-# probes measure 0% saturated units and gradients do not vanish (see README, detection table).
-PENDING = {"sigmoid_lstm"}
-
-
-@pytest.mark.parametrize(
-    "scenario",
-    [pytest.param(s, marks=pytest.mark.xfail(reason="article claim does not reproduce", strict=False))
-     if s.name in PENDING else s for s in SCENARIOS],
-    ids=[s.name for s in SCENARIOS],
-)
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_scenario_is_flagged_and_fixed_twin_is_clean(scenario, tmp_path):
     outcome = evaluate(scenario, str(tmp_path))
     kinds = sorted({f.kind for f in outcome.broken})
     assert outcome.hit is not None, f"{scenario.name}: expected one of {scenario.kinds}, got {kinds}"
+    if outcome.delay is not None:  # onset known: flagged at it, or within two log intervals
+        assert 0 <= outcome.delay <= 2 * EVERY, (scenario.name, outcome.delay)
     assert not outcome.fixed_critical, (
         f"{scenario.name}_fixed has critical findings: "
         f"{[(f.kind, f.evidence) for f in outcome.fixed_critical]}"

@@ -200,19 +200,24 @@ def small_learning_rate(log_dir: str, fixed: bool) -> None:
 
 
 def sigmoid_lstm(log_dir: str, fixed: bool) -> None:
-    """Seed 002 example 2: an LSTM with ``activation='sigmoid'``; fix: relu + clipnorm."""
+    """Seed 002 example 2: LSTMs with ``activation='sigmoid'``; fix: relu + clipnorm.
+
+    Stacked five deep: the sigmoid's derivative (at most 0.25) shrinks the
+    gradient at every layer, which is what the article describes; a single
+    layer trains about as well as the fix at this scale.
+    """
     rng = _rng()
-    x = rng.standard_normal((256, 12, 10)).astype("float32")
+    x = rng.standard_normal((256, 30, 10)).astype("float32")
     labels = (x[:, :, 0].sum(axis=1) > 0).astype("int64") + 2 * (x[:, -1, 1] > 0).astype("int64")
     y = keras.utils.to_categorical(labels, 5)
-    model = keras.Sequential([
-        keras.Input((None, 10)),
-        keras.layers.LSTM(32, activation="relu" if fixed else "sigmoid"),
-        keras.layers.Dense(5, activation="softmax"),
-    ])
+    activation = "relu" if fixed else "sigmoid"
+    layers = [keras.Input((None, 10))]
+    layers += [keras.layers.LSTM(32, activation=activation, return_sequences=i < 4) for i in range(5)]
+    layers.append(keras.layers.Dense(5, activation="softmax"))
+    model = keras.Sequential(layers)
     optimizer = keras.optimizers.Adam(1e-3, clipnorm=1.0) if fixed else keras.optimizers.Adam(1e-3)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy")
-    model.fit(x, y, epochs=4, batch_size=32, verbose=0, callbacks=[_callback(log_dir)])
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0, callbacks=[_callback(log_dir)])
 
 
 def healthy_baseline(log_dir: str, fixed: bool) -> None:
@@ -250,7 +255,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("small_learning_rate", ("update_ratio_low", "stalled"), "001",
              "SGD learning rate 1e-7; fix: Adam 1e-3", small_learning_rate, onset_step=0),
     Scenario("sigmoid_lstm", ("saturated_activations", "vanishing_gradients"), "002 ex.2",
-             "LSTM(activation='sigmoid'); fix: relu + clipnorm", sigmoid_lstm),
+             "5 stacked LSTM(activation='sigmoid'); fix: relu + clipnorm", sigmoid_lstm,
+             onset_step=0),
 )
 
 HEALTHY = Scenario("healthy_baseline", (), "000 ex.1", "a healthy run", healthy_baseline)
