@@ -33,7 +33,7 @@ from instrumentation import readback
 from instrumentation.extras import CallbackExtras
 from instrumentation.live import LiveDiagnosis, warning_line
 from instrumentation.stats import ColumnsWriter, StepStats
-from instrumentation.writer import Drainer, SummaryWriter, run_info
+from instrumentation.writer import Drainer, SummaryWriter, run_info, warn_disabled
 from tb_stability import schema
 
 logger = logging.getLogger("instrumentation")
@@ -153,13 +153,7 @@ class StabilityCallback(keras.callbacks.Callback):
 
     def _fail(self, error: BaseException) -> None:
         if not self._broken:
-            warnings.warn(
-                f"tb-stability: instrumentation disabled for this run after an "
-                f"internal error ({type(error).__name__}: {error}); training continues",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            logger.debug("instrumentation error", exc_info=error)
+            warn_disabled("instrumentation", error, logger)
         self._broken = True
 
     def _begin(self) -> None:

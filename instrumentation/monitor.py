@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Optional, Sequence
 
 import tensorflow as tf
@@ -31,7 +30,7 @@ import tensorflow as tf
 from instrumentation import distribute
 from instrumentation import flush_policy
 from instrumentation.stats import ColumnsWriter, StepStats, plain_variable
-from instrumentation.writer import Drainer, SummaryWriter, run_info
+from instrumentation.writer import Drainer, SummaryWriter, run_info, warn_disabled
 from tb_stability import schema
 
 logger = logging.getLogger("instrumentation")
@@ -209,11 +208,5 @@ class StabilityMonitor:
 
     def _fail(self, error: BaseException) -> None:
         if not self._broken:
-            warnings.warn(
-                f"tb-stability: monitor disabled after an internal error "
-                f"({type(error).__name__}: {error}); training continues",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            logger.debug("monitor error", exc_info=error)
+            warn_disabled("monitor", error, logger)
         self._broken = True

@@ -347,3 +347,14 @@ def _jsonable(value: Any) -> Any:
     if callable(value):
         return _describe(value)
     return str(value)
+
+
+def warn_disabled(what: str, error: BaseException, log: logging.Logger) -> None:
+    """The one warning our own failure produces: ``what`` is switched off, training goes on."""
+    warnings.warn(
+        f"tb-stability: {what} disabled after an internal error "
+        f"({type(error).__name__}: {error}); training continues",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    log.debug("%s error", what, exc_info=error)

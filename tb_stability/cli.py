@@ -58,11 +58,18 @@ def _add_replay_parser(commands) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    """Runs ``tb-stability replay``; imports TensorFlow lazily."""
+    """Runs ``tb-stability replay`` (the training side, `instrumentation.replay`).
+
+    The reader side never imports TensorFlow itself; replaying a Keras step needs
+    the instrumentation package, which does.
+    """
+    import importlib.util
+
     try:
-        import tensorflow  # noqa: F401
+        if importlib.util.find_spec("tensorflow") is None:
+            raise ImportError("No module named 'tensorflow'")
         from instrumentation import replay
-    except ImportError as error:
+    except (ImportError, ValueError) as error:
         return _error(f"replay needs TensorFlow and the instrumentation package ({error})")
     return replay.run(args.run_dir, args.model)
 

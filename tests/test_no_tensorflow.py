@@ -62,13 +62,20 @@ SCRIPT = textwrap.dedent(
         if fmt == "json":
             runs = [r["run"] for r in json.loads(out.getvalue())["runs"]]
 
+    # `replay` needs the training side: a clear one-line error, exit 2, no traceback.
+    with contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()) as err:
+        codes["replay"] = cli.main(["replay", logdir])
+    replay_error = err.getvalue()
+
     # Every module of the package, the plugin and the detectors included once present.
     imported = []
     for info in pkgutil.walk_packages(tb_stability.__path__, "tb_stability."):
         importlib.import_module(info.name)
         imported.append(info.name)
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras"))
-    print(json.dumps({"codes": codes, "runs": runs, "imported": imported, "leaked": leaked}))
+    print(json.dumps({"codes": codes, "runs": runs, "imported": imported, "leaked": leaked,
+                      "replay_error": replay_error}))
     """
 )
 
@@ -85,6 +92,10 @@ def test_reader_cli_and_every_module_work_without_tensorflow(tmp_path):
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["leaked"] == []
     assert data["runs"] == ["nested/run"]
+    replay_code = data["codes"].pop("replay")
     assert set(data["codes"].values()) <= {0, 1}
+    assert replay_code == 2
+    assert data["replay_error"].startswith("tb-stability: error: replay needs TensorFlow")
+    assert data["replay_error"].count("\n") == 1
     assert {"tb_stability.reader", "tb_stability.writer", "tb_stability.cli",
             "tb_stability.analysis", "tb_stability.report_format"} <= set(data["imported"])
