@@ -70,6 +70,19 @@ def test_stalled_flat_loss_and_frozen_weights():
     assert trends.detect_stalled(S.make_run(loss, variables={"update_ratio": moving})) == []
 
 
+def test_stalled_ignores_micro_steps_without_update_under_accumulation():
+    rng = np.random.default_rng(0)
+    loss = 0.69 + rng.normal(0, 0.01, 400)
+    ur = S.per_variable(400, scale=[1e-3] * 6)
+    ur.values[ur.steps % 30 != 20] = 0.0  # k=3 with every=10: two of three records are 0
+    info = {"optimizer_config": {"learning_rate": 1e-3, "gradient_accumulation_steps": 3}}
+    accumulated = S.make_run(loss, variables={"update_ratio": ur},
+                             json={"stability/run_info": [(0, info)]})
+    assert trends.detect_stalled(accumulated) == []  # the weights do move, every third step
+    plain = S.make_run(loss, variables={"update_ratio": ur})
+    assert [f.kind for f in trends.detect_stalled(plain)] == ["stalled"]
+
+
 def test_oscillation_see_saw_without_progress():
     t = np.arange(400)
     loss = 1.0 + 0.6 * (-1) ** t

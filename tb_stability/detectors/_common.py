@@ -158,3 +158,15 @@ def configured_clipping(run: RunData) -> dict:
         if np.isfinite(value) and value > 0:
             out[key] = value
     return out
+
+
+def accumulation_steps(run: RunData) -> int:
+    """``gradient_accumulation_steps`` from run_info's optimizer config (1 if unset)."""
+    records = run.json.get("stability/run_info") or []
+    config = records[0][1].get("optimizer_config") if records and isinstance(records[0][1], dict) else None
+    if isinstance(config, dict) and isinstance(config.get("inner_optimizer"), dict):
+        config = config["inner_optimizer"].get("config", config["inner_optimizer"])
+    try:
+        return max(1, int((config or {}).get("gradient_accumulation_steps") or 1))
+    except (TypeError, ValueError, AttributeError):
+        return 1

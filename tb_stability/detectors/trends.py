@@ -131,7 +131,10 @@ def _median_kernel_update(run: RunData, after_step=None) -> float | None:
     rows = np.arange(len(m) // 10, len(m)) if after_step is None else np.flatnonzero(m.steps >= after_step)
     if not rows.size:
         return None
-    v = R.median(m.values[np.ix_(rows, cols)])
+    values = m.values[np.ix_(rows, cols)]
+    if C.accumulation_steps(run) > 1:  # micro-steps without an update are not measurements
+        values = np.where(values == 0.0, np.nan, values)
+    v = R.median(values)
     return v if np.isfinite(v) else None
 
 

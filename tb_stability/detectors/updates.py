@@ -62,18 +62,6 @@ def low_columns(values, low: float = LOW) -> list[int]:
     return [j for j in range(med.size) if np.isfinite(med[j]) and med[j] < low]
 
 
-def accumulation_steps(run: RunData) -> int:
-    """``gradient_accumulation_steps`` from run_info's optimizer config (1 if unset)."""
-    records = run.json.get("stability/run_info") or []
-    config = records[0][1].get("optimizer_config") if records and isinstance(records[0][1], dict) else None
-    if isinstance(config, dict) and isinstance(config.get("inner_optimizer"), dict):
-        config = config["inner_optimizer"].get("config", config["inner_optimizer"])
-    try:
-        return max(1, int((config or {}).get("gradient_accumulation_steps") or 1))
-    except (TypeError, ValueError, AttributeError):
-        return 1
-
-
 def _lr_factor(ratio: float) -> float:
     return float(np.clip(HEALTHY / ratio, 1e-4, 1e4)) if ratio > 0 else 1e4
 
@@ -87,7 +75,7 @@ def detect(run: RunData) -> list[Finding]:
     if not cols:
         return []
     sub = m.values[:, cols]
-    if accumulation_steps(run) > 1:  # no update on this micro-step: not a measurement
+    if C.accumulation_steps(run) > 1:  # no update on this micro-step: not a measurement
         sub = np.where(sub == 0.0, np.nan, sub)
     names = [m.names[j] for j in cols]
     med, mx = ratio_summary(sub)
