@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from tb_stability.findings import Finding, severity_rank, sort_findings
 from tb_stability.reader import load_logdir
@@ -227,9 +227,3 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "runs": [run_report_to_json(r) for r in sorted(report.runs, key=lambda r: r.run)],
         "warnings": list(report.warnings),
     }
-
-
-def iter_findings(report: Report) -> Iterable[Finding]:
-    """Every finding of every run, runs in name order."""
-    for run_report in report.runs:
-        yield from run_report.findings
