@@ -8,6 +8,17 @@ How it attaches (Keras 3, TensorFlow backend):
   (``make_train_function(force=True)``) so the next trace carries the
   statistics ops, and wraps ``model.train_function`` to read the statistics
   every ``every`` steps and to flush when training raises.
+* With one step per call and ``every > 1`` it builds *two* train functions
+  and the host picks one per step: on log steps (``step % every == 0``) one
+  that computes everything (per-variable norms, update ratios, probes, data
+  statistics) with no condition in the graph; on the other steps a lean one
+  that only writes the per-step row (loss, gradient norm, non-finite count,
+  learning rate) and keeps the NaN capture. Conditions in the graph cost every
+  step (the executor visits the untaken branch, and a branch that reads the
+  weights orders the optimizer's update after it), so the steps in between
+  pay for nothing they do not record. Each function is traced on first use.
+  ``every == 1`` uses the first only; ``steps_per_execution > 1`` one function
+  that decides in the graph (`instrumentation.stats.LOG_MODES`).
 * ``on_train_end`` (or the error path) drains, flushes, restores every
   original attribute and resets ``model.train_function`` so a later ``fit``
   without the callback runs none of these ops.
@@ -95,8 +106,12 @@ class StabilityCallback(keras.callbacks.Callback):
         self._broken = False
         self._warned_loss = False
         self._loss_graph = None
+        self._loss_tensor = None
         self._info_written = False
         self._since_read = 0
+        self._next_step = 0
+        self._functions: dict = {}
+        self._trace_mode = "cond"
         self._spe = 1
         self._capacity = 0
         self._start_step = 0
@@ -164,6 +179,7 @@ class StabilityCallback(keras.callbacks.Callback):
         self._spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
         self._capacity = self.every + self._spe + 1
         self._start_step = int(distribute.micro_iterations(optimizer).numpy())
+        self._next_step = self._start_step  # host count of the next step
         self._since_read = 0
         self._info_written = False
         self._loss_graph = None
@@ -216,8 +232,26 @@ class StabilityCallback(keras.callbacks.Callback):
         self._patch(model, "compute_loss", self._make_loss_hook(model.compute_loss, scale=False))
         self._patch(model, "fit", self._make_fit_guard(model.fit))
         self._install_extras(model, optimizer)
-        model.make_train_function(force=True)
-        model.train_function = self._make_train_function(model.train_function)
+        self._functions = self._train_functions(model)
+        model.train_function = self._make_train_function(self._functions)
+
+    def _train_functions(self, model) -> dict:
+        """The train functions the host chooses from, by log mode (`stats.LOG_MODES`).
+
+        With one step per call and ``every > 1`` there are two: ``"always"``
+        for log steps (every statistic, no condition in the graph) and
+        ``"never"`` for the others (only the per-step row), so the steps in
+        between pay for nothing else. With ``every == 1`` only ``"always"``;
+        with ``steps_per_execution > 1`` (several steps per call) a single
+        ``"cond"`` function decides in the graph. Each is traced on first use.
+        """
+        modes = ("cond",) if self._spe > 1 else ("always",) if self.every == 1 \
+            else ("always", "never")
+        functions = {}
+        for mode in modes:
+            model.make_train_function(force=True)
+            functions[mode] = model.train_function
+        return functions
 
     def _patch(self, obj, name: str, value) -> None:
         had = name in vars(obj)
@@ -236,6 +270,7 @@ class StabilityCallback(keras.callbacks.Callback):
             except Exception as error:  # noqa: BLE001
                 self._fail(error)
         self._saved = []
+        self._functions = {}
         if self.model is not None:
             self.model.train_function = None
 
@@ -316,12 +351,16 @@ class StabilityCallback(keras.callbacks.Callback):
                     else list(getattr(optimizer, "_trainable_variables", []) or []) or None
                 )
                 stats = callback._ensure_stats(variables)
-                callback._check_loss_captured(stats)
-                state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables)
+                stats.log_mode = callback._trace_mode
+                loss = callback._captured_loss()
+                state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
+                                                            loss=loss)
                 stats.snapshot(state)
             except Exception as error:  # noqa: BLE001
                 callback._fail(error)
                 return original(grads, trainable_variables)
+            # NaN capture (before the update), reusing this step's non-finite count.
+            callback._extras.before_update(optimizer, grads, variables, state.local_nonfinite)
             result = original(grads, trainable_variables)
             try:
                 if skipped is not None:  # a skipped step does not advance iterations
@@ -344,8 +383,10 @@ class StabilityCallback(keras.callbacks.Callback):
             if loss is None:
                 return result
             try:
-                stats = callback._ensure_stats()
-                stats.record_loss(loss)
+                callback._ensure_stats()
+                # Kept as a tensor of this graph (no variable, no extra op): the
+                # wrapped apply of the same trace reads it.
+                callback._loss_tensor = loss
                 callback._loss_graph = _current_graph()
             except Exception as error:  # noqa: BLE001
                 callback._fail(error)
@@ -353,11 +394,12 @@ class StabilityCallback(keras.callbacks.Callback):
 
         return hook
 
-    def _check_loss_captured(self, stats: StepStats) -> None:
+    def _captured_loss(self):
+        """The loss tensor compute_loss/scale_loss produced in this trace (NaN if none)."""
         captured = self._loss_graph is not None and self._loss_graph is _current_graph()
-        self._loss_graph = None
+        loss, self._loss_tensor, self._loss_graph = self._loss_tensor, None, None
         if captured:
-            return
+            return loss
         if not self._warned_loss:
             self._warned_loss = True
             warnings.warn(
@@ -366,12 +408,20 @@ class StabilityCallback(keras.callbacks.Callback):
                 RuntimeWarning,
                 stacklevel=4,
             )
-        stats.pending_loss.assign(tf.constant(float("nan"), tf.float64))
+        return tf.constant(float("nan"), tf.float64)
 
-    def _make_train_function(self, original):
+    def _make_train_function(self, functions: dict):
         callback = self
+        split = len(functions) == 2
+        single_mode, single = next(iter(functions.items()))
 
         def train_function(iterator):
+            if split:
+                mode = "always" if callback._next_step % callback.every == 0 else "never"
+            else:
+                mode = single_mode
+            original = functions[mode] if split else single
+            callback._trace_mode = mode  # read only while a function is traced
             try:
                 logs = original(iterator)
             except _NORMAL_END:
@@ -380,6 +430,7 @@ class StabilityCallback(keras.callbacks.Callback):
                 if callback._active:
                     callback._guard(callback._finish)
                 raise
+            callback._next_step += callback._spe
             if callback._active and not callback._broken:
                 callback._since_read += callback._spe
                 if callback._since_read >= callback.every:

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import readback
+from instrumentation.graph_ops import rare_cond
 
 logger = logging.getLogger("instrumentation")
 
@@ -54,8 +55,12 @@ class DataStats:
 
     # ----------------------------------------------------------------- graph
 
-    def record(self, step, x, y, y_pred) -> None:
-        """Adds the capture ops for one traced train step (call while tracing)."""
+    def record(self, step, x, y, y_pred, always: bool = False) -> None:
+        """Adds the capture ops for one traced train step (call while tracing).
+
+        Args:
+          always: Capture at every step of this trace, without a condition.
+        """
         step = tf.cast(step, tf.int64)
         features = self._feature_matrices(x)
         y_t = _first(y)
@@ -76,8 +81,10 @@ class DataStats:
             self.step.assign(step)
             return tf.constant(True)
 
-        tf.cond(tf.equal(tf.math.floormod(step, self.every), 0), capture,
-                lambda: tf.constant(False))
+        if always:
+            capture()
+        else:
+            rare_cond(tf.equal(tf.math.floormod(step, self.every), 0), capture)
 
     def _feature_matrices(self, x) -> list:
         flat = [t for t in tf.nest.flatten(x) if tf.is_tensor(t) and t.dtype.is_floating]

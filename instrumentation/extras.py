@@ -7,9 +7,10 @@ read), `CallbackExtras.epoch_end` and `CallbackExtras.uninstall`.
 
 Patches, on the instances only and through the callback's ``_patch`` (so the
 callback restores them): ``model.train_step`` (marks the train-step trace, so
-nothing is added to evaluation or prediction graphs), ``model.compute_loss``
-(x, y, y_pred, loss of the traced step) and ``optimizer.apply`` (outermost:
-the one-time NaN capture before the update). A failure here disables only
+nothing is added to evaluation or prediction graphs) and ``model.compute_loss``
+(x, y, y_pred, loss of the traced step). The callback's wrapped
+``optimizer.apply`` calls `CallbackExtras.before_update` (the one-time NaN
+capture before the update). A failure here disables only
 these extras, with one warning; the callback's own statistics go on.
 """
 
@@ -47,6 +48,7 @@ class CallbackExtras:
         self.probe_every = probe_every
         self.nan_forensics = bool(nan_forensics)
         self.tracing = False
+        self.log_mode = "cond"
         self.broken = False
         self.probes: Optional[ActivationProbes] = None
         self.data: Optional[DataStats] = None
@@ -80,7 +82,6 @@ class CallbackExtras:
         patch = self.callback._patch
         patch(model, "train_step", self._make_train_step(model.train_step))
         patch(model, "compute_loss", self._make_compute_loss(model.compute_loss, optimizer))
-        patch(optimizer, "apply", self._make_apply(optimizer, optimizer.apply))
 
     def uninstall(self) -> None:
         """Restores the probed layers (the callback restores its own patches)."""
@@ -101,7 +102,7 @@ class CallbackExtras:
         extras = self
 
         def train_step(*args, **kwargs):
-            extras._set_tracing(True)
+            extras._set_tracing(True, getattr(extras.callback, "_trace_mode", "cond"))
             if extras.tracing and extras.probes is not None:
                 extras.probes.begin_step()
             try:
@@ -113,10 +114,13 @@ class CallbackExtras:
 
         return train_step
 
-    def _set_tracing(self, value: bool) -> None:
+    def _set_tracing(self, value: bool, log_mode: str = "cond") -> None:
+        """Marks the train-step trace; ``log_mode`` as `instrumentation.stats.LOG_MODES`."""
         self.tracing = value and not self.broken
+        self.log_mode = log_mode
         if self.probes is not None:
-            self.probes.tracing = self.tracing
+            self.probes.tracing = self.tracing and log_mode != "never"
+            self.probes.log_mode = log_mode
 
     def _make_compute_loss(self, original, optimizer):
         extras = self
@@ -126,13 +130,14 @@ class CallbackExtras:
             if not extras.tracing or extras.broken:
                 return result
             try:
-                if extras.probes is not None:
+                if extras.probes is not None and extras.probes.tracing:
                     extras.probes.finish_step()  # forward pass done: one cond for all probes
                 values = dict(zip(_LOSS_ARGS, args))
                 values.update({k: kwargs[k] for k in _LOSS_ARGS if k in kwargs})
                 x, y, y_pred = values.get("x"), values.get("y"), values.get("y_pred")
-                if extras.data is not None and x is not None:
-                    extras.data.record(optimizer.iterations, x, y, y_pred)
+                if extras.data is not None and x is not None and extras.log_mode != "never":
+                    extras.data.record(optimizer.iterations, x, y, y_pred,
+                                       always=extras.log_mode == "always")
                 if extras.capture is not None:
                     extras.capture.record_batch(x, y, values.get("sample_weight"), result)
             except Exception as error:  # noqa: BLE001
@@ -141,21 +146,25 @@ class CallbackExtras:
 
         return compute_loss
 
-    def _make_apply(self, optimizer, original):
-        extras = self
+    def before_update(self, optimizer, grads, variables, nonfinite=None) -> None:
+        """Adds the one-time NaN capture; the callback's ``apply`` calls it before the update.
 
-        def apply(grads, trainable_variables=None):
-            if extras.tracing and not extras.broken and extras.capture is not None:
-                try:
-                    grads = list(grads)
-                    variables = list(trainable_variables) if trainable_variables is not None \
-                        else list(extras.callback.model.trainable_variables)
-                    extras.capture.on_apply(optimizer.iterations, grads, variables)
-                except Exception as error:  # noqa: BLE001
-                    extras._fail(error)
-            return original(grads, trainable_variables)
-
-        return apply
+        Args:
+          optimizer: The model's optimizer (its ``iterations`` numbers the step).
+          grads: This step's gradients.
+          variables: Their variables (None: the model's trainable variables).
+          nonfinite: This replica's non-finite gradient count, already
+            computed by the statistics (saves a pass over the gradients).
+        """
+        if not self.tracing or self.broken or self.capture is None:
+            return
+        try:
+            variables = list(variables) if variables is not None \
+                else list(self.callback.model.trainable_variables)
+            self.capture.on_apply(optimizer.iterations, list(grads), variables,
+                                  nonfinite=nonfinite)
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
 
     # ------------------------------------------------------------------ host
 

@@ -132,8 +132,7 @@ class StabilityMonitor:
                 learning_rate = (
                     self.optimizer.learning_rate if self.optimizer is not None else float("nan")
                 )
-            stats.record_loss(loss)
-            local = stats.local_stats(list(gradients), variables, grad_scale)
+            local = stats.local_stats(list(gradients), variables, grad_scale, loss=loss)
             extras = {}
             replica = distribute.replica_context()
             if replica is not None:

@@ -35,6 +35,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from instrumentation.graph_ops import rare_cond
 from instrumentation.probes import _layers
 
 logger = logging.getLogger("instrumentation")
@@ -79,18 +80,27 @@ class NanCapture:
         self._pending = (x, y, sample_weight, loss)
         self._graph = tf.compat.v1.get_default_graph()
 
-    def on_apply(self, step, grads: Sequence[Any], variables: Sequence[Any]) -> None:
-        """Adds the finiteness test and the one-time capture (before the update)."""
+    def on_apply(self, step, grads: Sequence[Any], variables: Sequence[Any],
+                 nonfinite: Any = None) -> None:
+        """Adds the finiteness test and the one-time capture (before the update).
+
+        Args:
+          nonfinite: Optional count of non-finite values in ``grads`` already
+            computed by the caller; without it the gradients are summed here.
+        """
         pending = self._pending if self._graph is tf.compat.v1.get_default_graph() else None
         self._pending = None
         if pending is None:
             return
         x, y, sample_weight, loss = pending
         self._ensure(variables, x, y, sample_weight)
-        sums = [tf.reduce_sum(tf.cast(_values(g), tf.float32)) for g in grads if g is not None]
-        total = tf.add_n(sums) if sums else tf.constant(0.0)
+        if nonfinite is not None:
+            grads_ok = tf.equal(nonfinite, 0.0)
+        else:
+            sums = [tf.reduce_sum(tf.cast(_values(g), tf.float32)) for g in grads
+                    if g is not None]
+            grads_ok = tf.math.is_finite(tf.add_n(sums) if sums else tf.constant(0.0))
         loss = tf.reduce_sum(tf.cast(loss, tf.float32))
-        grads_ok = tf.math.is_finite(total)
         if self.loss_scale_optimizer is not None:
             from tb_stability.detectors.nonfinite import LOSS_SCALE_FLOOR, MAX_CONSECUTIVE_SKIPS
 
@@ -125,7 +135,7 @@ class NanCapture:
             self.step.assign(step)
             return tf.constant(True)
 
-        tf.cond(tf.logical_and(bad, self.step < 0), capture, lambda: tf.constant(False))
+        rare_cond(tf.logical_and(bad, self.step < 0), capture)
 
     def _ensure(self, variables, x, y, sample_weight) -> None:
         with tf.init_scope():

@@ -33,7 +33,7 @@ def is_loss_scale_optimizer(optimizer) -> bool:
     )
 
 
-def record_step(stats: StepStats, optimizer, grads, variables):
+def record_step(stats: StepStats, optimizer, grads, variables, loss=None):
     """Writes the row of one optimizer step (graph side, inside ``apply``).
 
     Gradients are taken pre-clip and unscaled (divided by the loss scale). Under
@@ -41,6 +41,9 @@ def record_step(stats: StepStats, optimizer, grads, variables):
     far (a skipped update does not advance ``iterations``). Under a
     ``tf.distribute`` strategy the replicas' statistics are summed with one
     unconditional all-reduce (`distribute.reduce_local_stats`).
+
+    Args:
+      loss: This step's loss tensor (default: the one `StepStats.record_loss` stored).
 
     Returns:
       ``(GradientState, skips)``; ``skips`` (the skipped steps including this
@@ -50,7 +53,8 @@ def record_step(stats: StepStats, optimizer, grads, variables):
         optimizer.build(variables)  # creates dynamic_scale (apply would do it next)
         optimizer.built = True
     scale = grad_scale(optimizer)
-    local = stats.local_stats(grads, variables, scale)
+    local = stats.local_stats(grads, variables, scale, loss=loss)
+    local_before_reduce = local
     extras = {}
     clipped = distribute.clip_fired(optimizer, local) if "clipped" in stats.columns else None
     replica = distribute.replica_context()
@@ -69,7 +73,9 @@ def record_step(stats: StepStats, optimizer, grads, variables):
         skips = stats.skips.read_value()
         step = tf.cast(step, tf.int64) + skips
         skipped = skips + tf.cast(extras["skipped"], tf.int64)  # skips after this step
+    local_nonfinite = local_before_reduce.nonfinite
     state = stats.write_row(step, local, optimizer.learning_rate, extras)
+    state.local_nonfinite = local_nonfinite
     return state, skipped
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import readback
+from instrumentation.graph_ops import rare_cond
 
 logger = logging.getLogger("instrumentation")
 
@@ -180,6 +181,9 @@ class ActivationProbes:
         self.every = max(1, int(every))
         self.step_fn = step_fn
         self.tracing = False
+        # "cond" (probe when step % every == 0) or "always" (every traced
+        # step is a probe step); see `instrumentation.stats.LOG_MODES`.
+        self.log_mode = "cond"
         self.probes: list[_Probe] = []
         self.unprobed: dict[str, str] = {}
         self._saved: list = []
@@ -291,7 +295,10 @@ class ActivationProbes:
         try:
             self._graph = tf.compat.v1.get_default_graph()
             self._step = tf.cast(self.step_fn(), tf.int64)
-            self._pred = tf.equal(tf.math.floormod(self._step, self.every), 0)
+            if self.log_mode == "always":  # every traced step probes: no condition
+                self._pred = True
+            else:
+                self._pred = tf.equal(tf.math.floormod(self._step, self.every), 0)
         except Exception:  # noqa: BLE001 - fall back to per-call predicates
             logger.debug("probe predicate failed", exc_info=True)
             self._graph = self._step = self._pred = None
@@ -315,7 +322,10 @@ class ActivationProbes:
             return tf.constant(True)
 
         try:
-            tf.cond(self._pred, update, lambda: tf.constant(False))
+            if self._pred is True:
+                update()
+            else:
+                rare_cond(self._pred, update)
         except Exception:  # noqa: BLE001
             logger.debug("probes failed", exc_info=True)
             for probe, _, _ in pending:
@@ -343,7 +353,10 @@ class ActivationProbes:
                 probe.update(step, pre, out)
                 return tf.constant(True)
 
-            tf.cond(pred, update, lambda: tf.constant(False))
+            if pred is True:
+                update()
+            else:
+                rare_cond(pred, update)
         except Exception:  # noqa: BLE001 - a probe must never break training
             logger.debug("probe %s failed", probe.name, exc_info=True)
             self.unprobed[probe.name] = "probe failed while tracing"

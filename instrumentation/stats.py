@@ -18,6 +18,16 @@ State kept by `StepStats`:
   ``var_steps[slot] == step``.
 * ``snapshots``: one variable per tracked variable, the weights before the
   update on log steps (``|Δw|`` needs them).
+
+How a traced step decides whether it is a log step (`StepStats.log_mode`, read
+while tracing):
+
+* ``"cond"``: in the graph, ``step % every == 0``, with the per-variable work
+  under a `rare_cond` (custom loops, ``steps_per_execution > 1``);
+* ``"always"``: every traced step is a log step, no condition at all (the
+  train function the callback calls on log steps, or ``every=1``);
+* ``"never"``: no per-variable work at all (the callback's train function for
+  the other steps: the host picks which function to call).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from instrumentation.graph_ops import rare_cond
 from tb_stability import schema
 
 NUM_COLUMNS = len(schema.STEP_COLUMNS)
@@ -40,6 +51,7 @@ GRAD_NORM, WEIGHT_NORM, UPDATE_RATIO = range(3)
 #   loss_scale          the loss scale the step's gradients were divided by
 #   nonfinite_replicas  bit mask: bit r set when replica r had non-finite values
 EXTRA_COLUMNS = ("clipped", "skipped", "loss_scale", "nonfinite_replicas")
+LOG_MODES = ("cond", "always", "never")
 
 
 def variable_name(variable: Any) -> str:
@@ -67,9 +79,9 @@ def _values(tensor: Any) -> tf.Tensor:
     return tf.convert_to_tensor(tensor)
 
 
-def _sum_squares(tensor: Any) -> tf.Tensor:
-    values = tf.cast(_values(tensor), tf.float32)
-    return tf.reduce_sum(tf.square(values))
+def _half_sum_squares(tensor: Any) -> tf.Tensor:
+    """``sum(g**2) / 2`` in float32: one fused ``L2Loss`` op, no temporary."""
+    return tf.nn.l2_loss(tf.cast(_values(tensor), tf.float32))
 
 
 def _count_nonfinite(tensor: Any) -> tf.Tensor:
@@ -104,14 +116,18 @@ class GradientState:
 
     Attributes:
       step: int64 scalar, the 0-based global step.
-      is_log: bool scalar, whether this step records per-variable statistics.
+      is_log: whether this step records per-variable statistics: a bool
+        scalar tensor, or a Python bool when decided while tracing.
       sum_squares: float32 ``[num_vars]`` squared gradient norms (zeros for
         variables without a gradient this step).
+      local_nonfinite: float64 scalar, this replica's non-finite gradient
+        count (before any cross-replica aggregation), when known.
     """
 
     step: tf.Tensor
     is_log: tf.Tensor
     sum_squares: tf.Tensor
+    local_nonfinite: Optional[tf.Tensor] = None
 
 
 class StepStats:
@@ -147,6 +163,7 @@ class StepStats:
         self.variables = list(variables)
         self.names = tuple(variable_name(v) for v in self.variables)
         self.every = max(1, int(every))
+        self.log_mode = "cond"
         self.capacity = max(2, int(capacity))
         self.slots = self.capacity // self.every + 2
         self._index = {}
@@ -227,37 +244,51 @@ class StepStats:
         return self.write_row(step, local, learning_rate, extras)
 
     def local_stats(
-        self, grads: Sequence[Any], variables: Optional[Sequence[Any]], grad_scale: Any = None
+        self, grads: Sequence[Any], variables: Optional[Sequence[Any]], grad_scale: Any = None,
+        loss: Any = None,
     ) -> "LocalStats":
-        """Squared gradient norms and non-finite count of the given gradients."""
+        """Squared gradient norms and non-finite count of the given gradients.
+
+        One fused ``L2Loss`` op per gradient; the loss scale (if any) divides
+        the squared norms, not the gradients. ``loss`` (a tensor of this
+        graph) defaults to the value stored by `record_loss`.
+        """
         if variables is None:
             variables = self.variables
-        per_var = [tf.constant(0.0, tf.float32)] * len(self.variables)
-        present = []
+        zero = tf.constant(0.0, tf.float32)
+        per_var = [zero] * len(self.variables)
+        present, others = [], []
         for grad, variable in zip(grads, variables):
             if grad is None:
                 continue
-            if grad_scale is not None:
-                grad = _values(grad) / tf.cast(grad_scale, _values(grad).dtype)
             present.append(grad)
             index = self._lookup(variable)
             if index is not None:
-                per_var[index] = _sum_squares(grad)
-        others = [_sum_squares(g) for g, v in zip(grads, variables)
-                  if g is not None and self._lookup(v) is None]
-        sum_squares = tf.stack(per_var) if per_var else tf.zeros([0], tf.float32)
+                per_var[index] = _half_sum_squares(grad)
+            else:
+                others.append(_half_sum_squares(grad))
+        factor = tf.constant(2.0, tf.float32)
+        if grad_scale is not None:
+            factor = factor / tf.square(tf.cast(grad_scale, tf.float32))
+        sum_squares = factor * tf.stack(per_var) if per_var else tf.zeros([0], tf.float32)
         total = tf.reduce_sum(tf.cast(sum_squares, tf.float64))
-        for extra in others:
-            total += tf.cast(extra, tf.float64)
+        if others:
+            total += tf.cast(factor * tf.add_n(others), tf.float64)
         # Non-finite values are counted only when the squared norm is not
         # finite (never on a healthy step). The cond holds no collective.
-        nonfinite = tf.cond(
-            tf.math.is_finite(total),
-            lambda: tf.constant(0.0, tf.float64),
+        nonfinite = rare_cond(
+            tf.logical_not(tf.math.is_finite(total)),
             lambda: tf.add_n([_count_nonfinite(g) for g in present] + [tf.constant(0.0, tf.float64)]),
+            lambda: tf.constant(0.0, tf.float64),
         )
+        if loss is None:
+            loss = tf.identity(self.pending_loss)
+        else:
+            loss = tf.convert_to_tensor(loss)
+            if loss.shape.rank != 0:
+                loss = tf.reduce_mean(loss)
         return LocalStats(
-            loss=tf.identity(self.pending_loss), sum_squares=sum_squares,
+            loss=loss, sum_squares=sum_squares,
             total=total, nonfinite=nonfinite,
         )
 
@@ -281,16 +312,25 @@ class StepStats:
         width = len(self.columns)
         index = tf.math.floormod(step, self.capacity)
         self.ring.scatter_nd_update(tf.reshape(index, [1, 1]), tf.reshape(row, [1, width]))
-        is_log = tf.equal(tf.math.floormod(step, self.every), 0)
-        return GradientState(step=step, is_log=is_log, sum_squares=local.sum_squares)
+        return GradientState(step=step, is_log=self._is_log(step), sum_squares=local.sum_squares)
+
+    def _is_log(self, step) -> Any:
+        if self.log_mode == "always":
+            return True
+        if self.log_mode == "never":
+            return False
+        return tf.equal(tf.math.floormod(step, self.every), 0)
 
     def snapshot(self, state: GradientState) -> None:
         """Copies the weights on log steps (call before the update)."""
         self.snapshot_when(state.is_log)
 
     def snapshot_when(self, predicate: Any) -> None:
-        """Copies the current weights into the snapshots where ``predicate`` holds."""
-        if not self.snapshots:
+        """Copies the current weights into the snapshots where ``predicate`` holds.
+
+        ``predicate`` may be a Python bool (no condition in the graph).
+        """
+        if not self.snapshots or predicate is False:
             return
 
         def copy():
@@ -298,7 +338,10 @@ class StepStats:
                 snap.assign(_read(variable))
             return tf.constant(True)
 
-        tf.cond(tf.convert_to_tensor(predicate), copy, lambda: tf.constant(False))
+        if predicate is True:
+            copy()
+        else:
+            rare_cond(tf.convert_to_tensor(predicate), copy)
 
     def record_update(self, state: GradientState) -> None:
         """On log steps stores gradient norm, weight norm and update ratio per variable.
@@ -336,7 +379,10 @@ class StepStats:
             )
             return tf.constant(True)
 
-        tf.cond(state.is_log, compute, lambda: tf.constant(False))
+        if state.is_log is True:
+            compute()
+        elif state.is_log is not False:
+            rare_cond(state.is_log, compute)
 
     def observe_apply(
         self,

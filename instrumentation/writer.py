@@ -262,17 +262,18 @@ class Drainer:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        steps = fresh[:, 0].astype(np.int64)
-        log_steps = steps[steps % self.stats.every == 0]
-        if log_steps.size and self.stats.variables:
-            var_stats = readback.fetch(self.stats.var_stats, self.batch)
-            var_steps = readback.fetch(self.stats.var_steps, self.batch)
-            for step in log_steps:
-                slot = (int(step) // self.stats.every) % self.stats.slots
-                if int(var_steps[slot]) == int(step):
-                    self.writer.write_variables(int(step), var_stats[slot], self.stats.names)
+        if self.stats.variables:
+            # Log steps are whatever steps the slots hold in this range: the
+            # host may choose them (the callback's two train functions).
+            var_steps = readback.fetch(self.stats.var_steps, self.batch).astype(np.int64)
+            in_range = np.flatnonzero((var_steps >= first) & (var_steps <= last))
+            if in_range.size:
+                var_stats = readback.fetch(self.stats.var_stats, self.batch)
+                for slot in in_range[np.argsort(var_steps[in_range], kind="stable")]:
+                    step = int(var_steps[slot])
+                    self.writer.write_variables(step, var_stats[slot], self.stats.names)
                     for listener in self.listeners:
-                        listener.feed_variables(int(step), var_stats[slot], self.stats.names)
+                        listener.feed_variables(step, var_stats[slot], self.stats.names)
         self.writer.write_steps(fresh)
         for listener in self.listeners:
             listener.feed_steps(fresh, getattr(self.stats, "columns", schema.STEP_COLUMNS))

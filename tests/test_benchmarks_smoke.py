@@ -35,6 +35,16 @@ def test_overhead_prints_ratio_table():
     assert "below both peers" in out
 
 
+def test_overhead_steps_prints_interleaved_ratio_table():
+    pytest.importorskip("tensorflow")
+    out = _run("overhead_steps.py", "--models", "mlp")
+    assert "ratio (median of blocks)" in out and "interquartile range" in out
+    for config in ("baseline", "baseline again", "stability defaults", "stability every=1",
+                   "tensorboard hist+batch"):
+        assert f"mlp    {config}" in out, out
+    assert "below the TensorBoard callback" in out
+
+
 def test_reader_prints_throughput_table(tmp_path):
     out = _run("reader.py", "--cache", str(tmp_path), "--loaders",
                "tb_stability load_logdir", "EventAccumulator (no TF)")

@@ -247,3 +247,76 @@ def test_train_step_without_loss_hooks_records_nan_loss_with_one_warning(tmp_pat
     assert column(rows, "step").tolist() == list(range(6))
     assert np.isnan(column(rows, "loss")).all()
     assert np.isfinite(column(rows, "grad_norm")).all()
+
+
+@pytest.mark.parametrize("every,spe", [(1, 1), (3, 1), (3, 2)],
+                         ids=["every1-always", "every3-two-functions", "every3-spe2-cond"])
+def test_log_steps_match_reference_in_every_log_mode(tmp_path, every, spe):
+    # every=1: one function, no condition; every>1: the host alternates a
+    # log-step function and a lean one; steps_per_execution>1: in-graph cond.
+    x, y = data()
+    steps = len(x) // BATCH
+    model = make_model("functional")
+    model.compile(keras.optimizers.SGD(LR), "mse", steps_per_execution=spe)
+    callback = fit(model, tmp_path, every=every, x=x, y=y)
+    assert not callback._broken
+    ref = reference_run(x, y, LR, BATCH, steps)
+    events = read_events(tmp_path)
+    rows = step_rows(events)
+    assert column(rows, "step").tolist() == list(range(steps))
+    assert_close(column(rows, "grad_norm"), ref["grad_norm"])
+    grads = var_vectors(events, "grad_norm")
+    ratios = var_vectors(events, "update_ratio")
+    assert sorted(grads) == list(range(0, steps, every))
+    for step in grads:
+        assert_close(grads[step], ref["var_grad"][step])
+        assert_close(ratios[step], ref["var_ratio"][step], rtol=1e-4)
+    layer_steps = [e.step for e in events[(".", schema.layer_tag("act_mean"))]]
+    assert layer_steps and all(step % every == 0 for step in layer_steps)
+
+
+def _captured_variable_ids(function) -> set:
+    """Ids of the variables the traced tf.functions inside a Keras train function capture."""
+    found, seen, stack = set(), set(), [function]
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        if hasattr(fn, "_list_all_concrete_functions"):
+            for concrete in fn._list_all_concrete_functions():
+                found |= {id(v) for v in concrete.graph.variables}
+                found |= {id(getattr(v, "value", v)) for v in concrete.graph.variables}
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                stack.append(cell.cell_contents)
+            except ValueError:
+                continue
+    return found
+
+
+def test_steps_between_log_steps_run_a_lean_function(tmp_path):
+    # The function the host calls between log steps touches none of the
+    # snapshot, per-variable, probe or data variables: those steps pay for the
+    # per-step row only.
+    model = make_model("functional")
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    x, y = data()
+    callback = StabilityCallback(str(tmp_path), every=3)
+    seen = {}
+
+    class Grab(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.update(callback._functions)
+
+    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+              callbacks=[callback, Grab()])
+    assert set(seen) == {"always", "never"}
+    stats, extras = callback._stats, callback._extras
+    log_only = [stats.var_stats, stats.var_steps, *stats.snapshots,
+                *extras.probes.variables(), *extras.data.variables()]
+    always = _captured_variable_ids(seen["always"])
+    never = _captured_variable_ids(seen["never"])
+    assert {id(v) for v in log_only} <= always
+    assert not {id(v) for v in log_only} & never
+    assert id(stats.ring) in never and id(stats.ring) in always

@@ -1,0 +1,203 @@
+"""Training overhead resolved to ~1 %: configurations interleaved step by step.
+
+    python benchmarks/overhead_steps.py [--models mlp cnn lstm] [--blocks 20]
+                                        [--steps 100] [--batch 64] [--quick] [--markdown]
+
+`overhead.py` times whole ``model.fit`` runs, one configuration after another;
+on a shared machine the load changes between two fits by more than the 2 %
+the defaults are allowed, so its ratios cannot resolve that goal. This script
+runs ``model.fit``'s own loop (a ``keras.callbacks.CallbackList`` built as
+``fit`` builds it, ``make_train_function`` then ``on_train_begin``, then per
+step ``on_train_batch_begin``, ``train_function``, ``on_train_batch_end``,
+and ``on_epoch_begin``/``on_epoch_end`` around every block) for every
+configuration *at once* in one process: one model per configuration, and
+step ``s`` of every configuration runs before step ``s + 1`` of any (the order
+rotates every step). A burst of load therefore hits all configurations alike.
+
+A block is ``--steps`` steps (100: exactly one host read of the defaults,
+``every=100``, and one epoch end, where the Keras TensorBoard callback writes
+its histograms). Per block and configuration the wall time of its steps and
+epoch hooks is summed; the ratio of a configuration is the median over blocks
+of its block time divided by the baseline's block time of the same block.
+The first block (tracing) is excluded. "baseline again" is an A/A control.
+TensorFlow's debugger dump is global (it instruments every function traced
+while it is on), so it cannot be interleaved: `overhead.py` measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._common import (  # noqa: E402
+    emit_result, fmt, format_table, machine_description, median, run_worker,
+)
+from benchmarks.overhead import GOALS, MODELS, _build_model, _data  # noqa: E402
+
+CONFIGS = ("baseline", "baseline again", "stability defaults", "stability no probes",
+           "stability every=1", "tensorboard hist+batch")
+
+
+def _callbacks(config: str, run_dir: str) -> list:
+    import keras
+
+    from instrumentation import StabilityCallback
+
+    if config == "stability defaults":
+        return [StabilityCallback(run_dir)]
+    if config == "stability no probes":
+        return [StabilityCallback(run_dir, probe_every=0, nan_forensics=False)]
+    if config == "stability every=1":
+        return [StabilityCallback(run_dir, every=1)]
+    if config == "tensorboard hist+batch":
+        return [keras.callbacks.TensorBoard(run_dir, histogram_freq=1, update_freq="batch")]
+    return []
+
+
+class _Loop:
+    """One configuration's model, callbacks and data iterator, stepped by hand like fit."""
+
+    def __init__(self, model_name: str, config: str, x, y, batch: int, workdir: str):
+        import keras
+        import tensorflow as tf
+
+        self.model = _build_model(model_name, seed=0)
+        run_dir = tempfile.mkdtemp(dir=workdir)
+        self.callbacks = keras.callbacks.CallbackList(
+            _callbacks(config, run_dir), add_history=False, add_progbar=False,
+            model=self.model, epochs=10**6, steps=None, verbose=0)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).repeat()
+        self.iterator = iter(dataset)
+        self.model.stop_training = False
+        self.model.make_train_function()
+        self.callbacks.on_train_begin()
+        self.step = 0
+        self.logs = None
+
+    def run_step(self) -> float:
+        start = time.perf_counter()
+        self.callbacks.on_train_batch_begin(self.step)
+        self.logs = self.model.train_function(self.iterator)
+        self.callbacks.on_train_batch_end(self.step, self.logs)
+        float(self.logs["loss"])  # same host sync for every configuration
+        self.step += 1
+        return time.perf_counter() - start
+
+    def epoch(self, epoch: int, begin: bool) -> float:
+        start = time.perf_counter()
+        if begin:
+            self.callbacks.on_epoch_begin(epoch)
+        else:
+            self.callbacks.on_epoch_end(epoch, {k: float(v) for k, v in self.logs.items()})
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.callbacks.on_train_end()
+
+
+def worker(args) -> None:
+    """Steps every configuration of one model in lockstep; emits block times (s)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    x, y = _data(args.worker, args.steps * args.batch)
+    workdir = tempfile.mkdtemp(prefix="tbs_overhead_steps_")
+    try:
+        loops = {c: _Loop(args.worker, c, x, y, args.batch, workdir) for c in args.configs}
+        configs = list(args.configs)
+        blocks = {c: [] for c in configs}
+        for block in range(args.blocks + 1):
+            spent = {c: loops[c].epoch(block, begin=True) for c in configs}
+            for step in range(args.steps):
+                shift = (block * args.steps + step) % len(configs)
+                for config in configs[shift:] + configs[:shift]:
+                    spent[config] += loops[config].run_step()
+            for config in configs:
+                spent[config] += loops[config].epoch(block, begin=False)
+                if block > 0:  # block 0 traces
+                    blocks[config].append(spent[config])
+            print(f"  {args.worker} block {block}: " + " ".join(
+                f"{c}={spent[c] / args.steps * 1000:.2f}" for c in configs),
+                file=sys.stderr, flush=True)
+        for loop in loops.values():
+            loop.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    emit_result(blocks)
+
+
+def summarize(model: str, blocks: dict, steps: int) -> list[list[str]]:
+    """Rows: config, median ms/step, median per-block ratio and its interquartile range."""
+    import numpy as np
+
+    base = blocks["baseline"]
+    rows = []
+    for config, values in blocks.items():
+        ratios = np.array([v / b for v, b in zip(values, base)])
+        q1, q3 = np.percentile(ratios, [25, 75])
+        ratio = float(np.median(ratios))
+        goal = GOALS.get(config)
+        verdict = "" if goal is None else ("ok" if ratio <= goal else f"MISS (goal <= {goal})")
+        rows.append([model, config, fmt(median(values) / steps * 1000.0, 3), fmt(ratio, 3),
+                     f"{fmt(q1, 3)}-{fmt(q3, 3)}", verdict])
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--blocks", type=int, default=20, help="measured blocks per model")
+    parser.add_argument("--steps", type=int, default=100, help="steps per block")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes for the smoke test (2 blocks of 3 steps)")
+    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.blocks, args.steps, args.batch = 2, 3, 8
+    if "baseline" not in args.configs:
+        args.configs.insert(0, "baseline")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    print(f"machine: {machine_description()}")
+    print(f"sizes: blocks={args.blocks} (+1 excluded) steps/block={args.steps} "
+          f"batch={args.batch}", flush=True)
+    rows, ratios = [], {}
+    for model in args.models:
+        start = time.perf_counter()
+        blocks = run_worker([os.path.abspath(__file__), "--worker", model,
+                             "--blocks", str(args.blocks), "--steps", str(args.steps),
+                             "--batch", str(args.batch), "--configs", *args.configs])
+        print(f"  {model}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        model_rows = summarize(model, blocks, args.steps)
+        rows += model_rows
+        ratios[model] = {row[1]: float(row[3]) for row in model_rows}
+    print(format_table(("model", "config", "median ms/step", "ratio (median of blocks)",
+                        "interquartile range", "goal"), rows, markdown=args.markdown))
+    for model, by_config in ratios.items():
+        peer = by_config.get("tensorboard hist+batch")
+        for config in ("stability defaults", "stability every=1"):
+            if config in by_config and peer is not None:
+                below = by_config[config] < peer
+                print(f"{model}: {config} below the TensorBoard callback: "
+                      f"{'yes' if below else 'NO'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

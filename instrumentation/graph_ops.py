@@ -1,0 +1,45 @@
+"""Graph helpers for the statistics ops added to the user's train step.
+
+A ``tf.cond`` inside a ``tf.function`` is normally lowered to ``Switch``/``Merge``
+ops: the executor then visits every op of the branch that is *not* taken, as a
+dead tensor, on every step. The statistics add conds whose true branch runs
+once every ``every`` steps and holds dozens to hundreds of ops (one per
+variable or probe), so lowering would make the 99 idle steps pay for them.
+`rare_cond` keeps the ``If`` op a function call instead: an idle step costs one
+op, whatever the branch holds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+_IF_TYPES = ("If", "StatelessIf")
+
+
+def rare_cond(pred, true_fn: Callable[[], object],
+              false_fn: Optional[Callable[[], object]] = None):
+    """``tf.cond(pred, true_fn, false_fn)`` whose ``If`` op is not lowered.
+
+    Args:
+      pred: Scalar boolean tensor.
+      true_fn: The branch taken when ``pred`` holds (returns a tensor).
+      false_fn: The other branch; defaults to one returning ``False``.
+
+    Returns:
+      The cond's output.
+    """
+    if false_fn is None:
+        false_fn = lambda: tf.constant(False)  # noqa: E731
+    if tf.executing_eagerly():
+        return tf.cond(pred, true_fn, false_fn)
+    graph = tf.compat.v1.get_default_graph()
+    before = len(graph.get_operations())
+    result = tf.cond(pred, true_fn, false_fn)
+    for op in graph.get_operations()[before:]:
+        if op.type in _IF_TYPES:
+            # Same attribute `tf.cond` sets to True (cond_v2, control_flow_util_v2).
+            op._set_attr("_lower_using_switch_merge",  # pylint: disable=protected-access
+                         tf.compat.v1.AttrValue(b=False))
+    return result
