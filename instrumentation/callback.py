@@ -49,6 +49,18 @@ from tb_stability import schema
 
 logger = logging.getLogger("instrumentation")
 _NORMAL_END = (StopIteration, tf.errors.OutOfRangeError)
+MIN_READ_STEPS = 32
+
+
+def read_interval(every: int) -> int:
+    """Steps between two host reads: ``every``, or its first multiple >= `MIN_READ_STEPS`.
+
+    Each read costs about a millisecond of host time (one batched
+    device-to-host copy, one summary write); with a small ``every`` the
+    records of several log steps wait in device-side slots instead.
+    """
+    every = max(1, int(every))
+    return every * -(-MIN_READ_STEPS // every)
 
 
 class StabilityCallback(keras.callbacks.Callback):
@@ -67,8 +79,11 @@ class StabilityCallback(keras.callbacks.Callback):
 
     Args:
       log_dir: Run directory for the event files (e.g. ``logs/run1``).
-      every: Read the statistics back and log per-variable vectors every
-        ``every`` steps.
+      every: Log per-variable vectors (and, by default, probe activations
+        and data) every ``every`` steps. The host reads the statistics back
+        every ``every`` steps, or every first multiple of ``every`` >= 32
+        when ``every`` is smaller (`read_interval`): nothing is lost, the
+        records wait in device-side slots.
       snapshot_weights: Keep a copy of the weights (extra memory equal to the
         model's weights) to measure the update ratio exactly.
       probe_every: Activation probes and input/label/prediction statistics
@@ -78,11 +93,14 @@ class StabilityCallback(keras.callbacks.Callback):
         appears, using the same detectors as ``tb-stability report``.
       stop_on_nan: Stop training (``model.stop_training = True``) once the
         host sees the first non-finite loss or gradient, after flushing. The
-        host reads every ``every`` steps, so training stops within ``every``
+        host reads every `read_interval` steps, so training stops within those
         steps of the first NaN; its step is recorded exactly either way.
       nan_forensics: Capture the first non-finite step (batch and weights
         before it; one extra copy of the weights), find its origin and save
         it under ``<log_dir>/nan_origin/`` (`instrumentation.nan_origin`).
+      read_every: Steps between two host reads (default: `read_interval`
+        of ``every``). Smaller: findings and ``stop_on_nan`` react sooner;
+        larger: less host time per step.
     """
 
     # Batch hooks are not overridden: host work runs in the wrapped train
@@ -91,12 +109,16 @@ class StabilityCallback(keras.callbacks.Callback):
 
     def __init__(self, log_dir: str, every: int = 100, snapshot_weights: bool = True,
                  probe_every: Optional[int] = None, nan_forensics: bool = True,
-                 live_warnings: bool = True, stop_on_nan: bool = False):
+                 live_warnings: bool = True, stop_on_nan: bool = False,
+                 read_every: Optional[int] = None):
         super().__init__()
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.log_dir = str(log_dir)
         self.every = int(every)
+        if read_every is not None and int(read_every) < 1:
+            raise ValueError(f"read_every must be >= 1, got {read_every}")
+        self.read_every = int(read_every) if read_every is not None else None
         self.snapshot_weights = bool(snapshot_weights)
         self._writer: Optional[SummaryWriter] = None
         self._stats: Optional[StepStats] = None
@@ -113,6 +135,7 @@ class StabilityCallback(keras.callbacks.Callback):
         self._functions: dict = {}
         self._trace_mode = "cond"
         self._spe = 1
+        self._read_interval = self.every
         self._capacity = 0
         self._start_step = 0
         self._stats_ready = False
@@ -133,7 +156,7 @@ class StabilityCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self._active and not self._broken:
-            self._extras.epoch_end(epoch, logs)
+            self._guard(self._extras.epoch_end, epoch, logs)
 
     def on_train_end(self, logs=None):
         if self._active:
@@ -177,7 +200,8 @@ class StabilityCallback(keras.callbacks.Callback):
         if optimizer is None:
             raise ValueError("the model has no optimizer; compile it first")
         self._spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
-        self._capacity = self.every + self._spe + 1
+        self._read_interval = self.read_every or read_interval(self.every)
+        self._capacity = self._read_interval + self._spe + 1
         self._start_step = int(distribute.micro_iterations(optimizer).numpy())
         self._next_step = self._start_step  # host count of the next step
         self._since_read = 0
@@ -243,10 +267,16 @@ class StabilityCallback(keras.callbacks.Callback):
         ``"never"`` for the others (only the per-step row), so the steps in
         between pay for nothing else. With ``every == 1`` only ``"always"``;
         with ``steps_per_execution > 1`` (several steps per call) a single
-        ``"cond"`` function decides in the graph. Each is traced on first use.
+        ``"cond"`` function decides in the graph (also when ``probe_every``
+        differs from ``every``). Each is traced on first use.
         """
-        modes = ("cond",) if self._spe > 1 else ("always",) if self.every == 1 \
-            else ("always", "never")
+        probe_every = self._extras.every
+        if self._spe > 1 or probe_every not in (0, self.every):
+            modes = ("cond",)  # several steps per call, or probes on their own schedule
+        elif self.every == 1:
+            modes = ("always",)
+        else:
+            modes = ("always", "never")
         functions = {}
         for mode in modes:
             model.make_train_function(force=True)
@@ -353,14 +383,17 @@ class StabilityCallback(keras.callbacks.Callback):
                 stats = callback._ensure_stats(variables)
                 stats.log_mode = callback._trace_mode
                 loss = callback._captured_loss()
+                # The NaN capture, inside the statistics' own non-finite branch.
+                hook = callback._extras.nonfinite_hook(optimizer, variables)
                 state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
-                                                            loss=loss)
+                                                            loss=loss, on_nonfinite=hook)
                 stats.snapshot(state)
             except Exception as error:  # noqa: BLE001
                 callback._fail(error)
                 return original(grads, trainable_variables)
-            # NaN capture (before the update), reusing this step's non-finite count.
-            callback._extras.before_update(optimizer, grads, variables, state.local_nonfinite)
+            if hook is None:  # loss scaling: the capture counts skips at every step
+                callback._extras.before_update(optimizer, grads, variables,
+                                               state.local_nonfinite)
             result = original(grads, trainable_variables)
             try:
                 if skipped is not None:  # a skipped step does not advance iterations
@@ -433,7 +466,7 @@ class StabilityCallback(keras.callbacks.Callback):
             callback._next_step += callback._spe
             if callback._active and not callback._broken:
                 callback._since_read += callback._spe
-                if callback._since_read >= callback.every:
+                if callback._since_read >= callback._read_interval:
                     callback._since_read = 0
                     callback._guard(callback._drain)
                 flush_policy.after_train_call(callback)  # time-based flush (crash safety)

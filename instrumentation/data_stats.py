@@ -40,8 +40,9 @@ class DataStats:
       logits: Whether the model outputs logits (binary threshold 0, not 0.5).
     """
 
-    def __init__(self, every: int, mode: Optional[str], logits: bool = False):
+    def __init__(self, every: int, mode: Optional[str], logits: bool = False, slots: int = 2):
         self.every = max(1, int(every))
+        self.slots = max(2, int(slots))
         self.mode = mode
         self.logits = bool(logits)
         self.names: tuple[str, ...] = ()
@@ -69,16 +70,21 @@ class DataStats:
         self._ensure(sum(int(f.shape[1]) for _, f in features), classes)
 
         def capture():
+            slot = tf.math.floormod(tf.math.floordiv(step, self.every), self.slots)
+
+            def put(variable, value):
+                tf.raw_ops.ResourceScatterUpdate(resource=variable.handle, indices=slot,
+                                                 updates=value)
+
             if features:
-                stats = [_column_stats(f) for _, f in features]
-                self.inputs.assign(tf.concat(stats, axis=1))
+                put(self.inputs, tf.concat([_column_stats(f) for _, f in features], axis=1))
             if self.classes and y_t is not None and p_t is not None:
-                self.labels.assign(self._label_counts(y_t, p_t))
-                self.predictions.assign(self._pred_counts(p_t))
+                put(self.labels, self._label_counts(y_t, p_t))
+                put(self.predictions, self._pred_counts(p_t))
             if y_t is not None and (y_t.dtype.is_floating or y_t.dtype.is_integer):
                 yf = tf.cast(y_t, tf.float32)
                 self.label_range.assign(tf.stack([tf.reduce_min(yf), tf.reduce_max(yf)]))
-            self.step.assign(step)
+            put(self.step, step)
             return tf.constant(True)
 
         if always:
@@ -113,17 +119,18 @@ class DataStats:
 
     def _ensure(self, features: int, classes: int) -> None:
         with tf.init_scope():
-            if self.inputs is None or int(self.inputs.shape[1]) != features:
-                self.inputs = tf.Variable(tf.zeros([4, features]), trainable=False,
+            n = self.slots
+            if self.inputs is None or tuple(self.inputs.shape) != (n, 4, features):
+                self.inputs = tf.Variable(tf.zeros([n, 4, features]), trainable=False,
                                           name="stability_inputs")
-            if classes and (self.labels is None or int(self.labels.shape[0]) != classes):
-                self.labels = tf.Variable(tf.zeros([classes]), trainable=False,
+            if classes and (self.labels is None or tuple(self.labels.shape) != (n, classes)):
+                self.labels = tf.Variable(tf.zeros([n, classes]), trainable=False,
                                           name="stability_labels")
-                self.predictions = tf.Variable(tf.zeros([classes]), trainable=False,
+                self.predictions = tf.Variable(tf.zeros([n, classes]), trainable=False,
                                                name="stability_predictions")
-            if self.step is None:
-                self.step = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
-                                        name="stability_data_step")
+            if self.step is None or int(self.step.shape[0]) != n:
+                self.step = tf.Variable(tf.fill([n], tf.constant(-1, tf.int64)),
+                                        trainable=False, name="stability_data_step")
                 self.label_range = tf.Variable(tf.fill([2], np.nan), dtype=tf.float32,
                                                trainable=False, name="stability_label_range")
         self.classes = classes
@@ -153,32 +160,35 @@ class DataStats:
         return [v for v in (self.step, self.inputs, self.label_range, self.labels,
                             self.predictions) if v is not None]
 
-    def read(self, batch=None) -> Optional[dict]:
-        """New statistics since the last read, or None.
+    def read(self, batch=None) -> list[dict]:
+        """Every record since the last read, oldest first (``slots`` are kept).
 
         Args:
           batch: Optional `readback.BatchedRead` holding this read's values.
 
         Returns:
-          ``{"step", "inputs" ([4, F]), "names", "labels", "predictions",
-          "label_range"}`` (counts None for regression).
+          A list of ``{"step", "inputs" ([4, F]), "names", "labels",
+          "predictions", "label_range"}`` (counts None for regression;
+          ``label_range`` is that of the latest record).
         """
         if self.step is None:
-            return None
-        step = int(readback.fetch(self.step, batch))
-        if step < 0 or step <= self._last_step:
-            return None
-        self._last_step = step
-        out: dict[str, Any] = {"step": step, "names": self.names,
-                               "inputs": readback.fetch(self.inputs, batch) if self.names
-                               else None,
-                               "labels": None, "predictions": None,
-                               "label_range": [float(v) for v in
-                                               readback.fetch(self.label_range, batch)]}
-        if self.classes and self.labels is not None:
-            out["labels"] = readback.fetch(self.labels, batch)
-            out["predictions"] = readback.fetch(self.predictions, batch)
-        return out
+            return []
+        steps = readback.fetch(self.step, batch).astype(np.int64)
+        fresh = [int(slot) for slot in np.argsort(steps, kind="stable")
+                 if steps[slot] >= 0 and steps[slot] > self._last_step]
+        if not fresh:
+            return []
+        self._last_step = int(steps[fresh[-1]])
+        inputs = readback.fetch(self.inputs, batch) if self.names else None
+        counts = self.classes and self.labels is not None
+        labels = readback.fetch(self.labels, batch) if counts else None
+        predictions = readback.fetch(self.predictions, batch) if counts else None
+        label_range = [float(v) for v in readback.fetch(self.label_range, batch)]
+        return [{"step": int(steps[slot]), "names": self.names,
+                 "inputs": inputs[slot] if inputs is not None else None,
+                 "labels": labels[slot] if counts else None,
+                 "predictions": predictions[slot] if counts else None,
+                 "label_range": label_range} for slot in fresh]
 
 
 def _column_stats(matrix) -> tf.Tensor:

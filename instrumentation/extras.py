@@ -67,12 +67,14 @@ class CallbackExtras:
         self.origin = None
         step_fn = lambda: optimizer.iterations  # noqa: E731
         if self.every > 0:
+            # Enough slots for every probe step between two host reads.
+            slots = max(1, int(getattr(self.callback, "_read_interval", 1))) // self.every + 2
             if self.probes is None or self.probes.model is not model:
-                self.probes = ActivationProbes(model, self.every, step_fn)
-            self.probes.every = self.every
+                self.probes = ActivationProbes(model, self.every, step_fn, slots)
+            self.probes.every, self.probes.slots = self.every, slots
             self.probes.attach()
             mode, logits = config_check.classification_mode(model)
-            self.data = DataStats(self.every, mode, logits)
+            self.data = DataStats(self.every, mode, logits, slots)
         if self.nan_forensics:
             self.capture = NanCapture(jit=bool(getattr(model, "jit_compile", False)))
             if hasattr(optimizer, "inner_optimizer") and (
@@ -103,7 +105,7 @@ class CallbackExtras:
 
         def train_step(*args, **kwargs):
             extras._set_tracing(True, getattr(extras.callback, "_trace_mode", "cond"))
-            if extras.tracing and extras.probes is not None:
+            if extras.tracing and extras.probes is not None and extras.probes.tracing:
                 extras.probes.begin_step()
             try:
                 return original(*args, **kwargs)
@@ -145,6 +147,33 @@ class CallbackExtras:
             return result
 
         return compute_loss
+
+    def nonfinite_hook(self, optimizer, variables):
+        """The NaN capture as a hook for the statistics' non-finite branch, or None.
+
+        None when there is nothing to capture in this trace or the capture
+        must test every step itself (loss scaling: then call `before_update`).
+        """
+        if not self.tracing or self.broken or self.capture is None:
+            return None
+        try:
+            variables = list(variables) if variables is not None \
+                else list(self.callback.model.trainable_variables)
+            capture = self.capture.nonfinite_hook(optimizer.iterations, variables)
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+            return None
+        if capture is None:
+            return None
+        extras = self
+
+        def hook(count, loss):
+            try:
+                capture(count, loss)
+            except Exception as error:  # noqa: BLE001 - only the extras stop
+                extras._fail(error)
+
+        return hook
 
     def before_update(self, optimizer, grads, variables, nonfinite=None) -> None:
         """Adds the one-time NaN capture; the callback's ``apply`` calls it before the update.
@@ -209,12 +238,10 @@ class CallbackExtras:
         writer = self.callback.writer
         try:
             if self.probes is not None:
-                found = self.probes.read(batch)
-                if found is not None:
-                    writer.write_layers(*found)
+                for step, table in self.probes.read(batch):
+                    writer.write_layers(step, table)
             if self.data is not None:
-                record = self.data.read(batch)
-                if record is not None:
+                for record in self.data.read(batch):
                     if record["inputs"] is not None:
                         writer.write_inputs(record["step"], record["inputs"], record["names"])
                     if record["labels"] is not None:
@@ -262,8 +289,6 @@ class CallbackExtras:
         """Writes every Keras log value as an ordinary scalar ``epoch_<key>``."""
         if not logs:
             return
-        try:
-            self.callback.writer.write_scalars(
-                int(epoch), {f"epoch_{key}": value for key, value in logs.items()})
-        except Exception as error:  # noqa: BLE001
-            self._fail(error)
+        # A failure here is the writer's: it propagates to the callback's guard.
+        self.callback.writer.write_scalars(
+            int(epoch), {f"epoch_{key}": value for key, value in logs.items()})

@@ -32,7 +32,11 @@ def rare_cond(pred, true_fn: Callable[[], object],
     """
     if false_fn is None:
         false_fn = lambda: tf.constant(False)  # noqa: E731
-    if tf.executing_eagerly():
+    if tf.executing_eagerly() or _several_replicas():
+        # Under a multi-device strategy a function-call ``If`` would have to
+        # sit on one device with every resource it touches (mirrored variables
+        # live on each replica's device): the placer refuses. Lowered
+        # Switch/Merge ops are placed one by one.
         return tf.cond(pred, true_fn, false_fn)
     graph = tf.compat.v1.get_default_graph()
     before = len(graph.get_operations())
@@ -43,3 +47,8 @@ def rare_cond(pred, true_fn: Callable[[], object],
             op._set_attr("_lower_using_switch_merge",  # pylint: disable=protected-access
                          tf.compat.v1.AttrValue(b=False))
     return result
+
+
+def _several_replicas() -> bool:
+    strategy = tf.distribute.get_strategy()
+    return int(getattr(strategy, "num_replicas_in_sync", 1) or 1) > 1

@@ -4,11 +4,13 @@ Approach:
 
 1. Graph side (`NanCapture`), inside the compiled train step: the callback's
    ``compute_loss`` hook hands over the traced batch ``(x, y, sample_weight)``
-   and loss; its ``optimizer.apply`` hook (before the update) computes one
-   cheap finiteness test (the loss, and the sum of all gradient sums) and,
-   only on the *first* non-finite step, copies the batch and the weights
-   before the update into non-trainable variables (``tf.cond``: a healthy
-   step pays one reduction over the gradients and a scalar test). Without
+   and loss; its ``optimizer.apply`` hook (before the update) tests the step
+   for finiteness and, only on the *first* non-finite step, copies the batch
+   and the weights before the update into non-trainable variables. Under
+   `StabilityCallback` the test is the statistics' own (`nonfinite_hook`:
+   the capture sits inside the branch that runs only when ``loss + |g|^2``
+   is not finite, so a healthy step pays nothing for it); elsewhere
+   `on_apply` adds a reduction over the gradients and a scalar test. Without
    XLA the batch variables have a dynamic shape; under XLA (variables
    cannot change shape) they are padded buffers of a fixed number of rows
    (the static batch size, else at most ``max_rows`` / ``max_bytes``) and a
@@ -88,8 +90,7 @@ class NanCapture:
           nonfinite: Optional count of non-finite values in ``grads`` already
             computed by the caller; without it the gradients are summed here.
         """
-        pending = self._pending if self._graph is tf.compat.v1.get_default_graph() else None
-        self._pending = None
+        pending = self._take_pending()
         if pending is None:
             return
         x, y, sample_weight, loss = pending
@@ -114,6 +115,40 @@ class NanCapture:
             bad = tf.logical_or(tf.logical_not(tf.math.is_finite(loss)), persistent)
         else:
             bad = tf.logical_not(tf.logical_and(tf.math.is_finite(loss), grads_ok))
+        capture = self._capture_fn(step, x, y, sample_weight)
+        rare_cond(tf.logical_and(bad, self.step < 0), capture)
+
+    def nonfinite_hook(self, step, variables: Sequence[Any]):
+        """The capture as a function to call where the step is already known to be non-finite.
+
+        For the callback's statistics, which test ``loss + |g|^2`` for
+        finiteness at every step anyway: the returned ``hook(count, loss)``
+        runs only inside that rare branch, so a healthy step pays nothing for
+        the capture. Returns None when there is nothing to capture in this
+        trace, or under loss scaling (whose skip counting needs every step: use
+        `on_apply`).
+        """
+        if self.loss_scale_optimizer is not None:
+            return None
+        pending = self._take_pending()
+        if pending is None:
+            return None
+        x, y, sample_weight, _ = pending
+        self._ensure(variables, x, y, sample_weight)
+        capture = self._capture_fn(step, x, y, sample_weight)
+
+        def hook(count, loss):
+            bad = tf.logical_or(count > 0, tf.logical_not(tf.math.is_finite(loss)))
+            rare_cond(tf.logical_and(bad, self.step < 0), capture)
+
+        return hook
+
+    def _take_pending(self):
+        pending = self._pending if self._graph is tf.compat.v1.get_default_graph() else None
+        self._pending = None
+        return pending
+
+    def _capture_fn(self, step, x, y, sample_weight):
         step = tf.cast(step, tf.int64)
         parts = {"x": tf.nest.flatten(x), "y": tf.nest.flatten(y) if y is not None else [],
                  "sw": tf.nest.flatten(sample_weight) if sample_weight is not None else []}
@@ -135,7 +170,7 @@ class NanCapture:
             self.step.assign(step)
             return tf.constant(True)
 
-        rare_cond(tf.logical_and(bad, self.step < 0), capture)
+        return capture
 
     def _ensure(self, variables, x, y, sample_weight) -> None:
         with tf.init_scope():

@@ -100,27 +100,32 @@ class _Probe:
         self.kind = kind
         self.limits = limits
         self.is_output = is_output
-        self.stats = None  # float64 [5]: step, count, saturated, sum, sum_sq
-        self.fired = None  # float32 [units]: 1 where the unit was ever positive
+        self.every = 1
+        self.slots = 2
+        self.stats = None  # float64 [slots, 5]: step, count, saturated, sum, sum_sq
+        self.fired = None  # float32 [slots, units]: 1 where the unit was ever positive
 
     def ensure_variables(self, units: int) -> None:
-        if self.fired is not None and int(self.fired.shape[0]) == units:
+        if self.fired is not None and tuple(self.fired.shape) == (self.slots, units):
             return
         with tf.init_scope():
-            self.stats = tf.Variable(tf.constant([-1.0, 0, 0, 0, 0], tf.float64),
-                                     trainable=False, name="stability_probe")
-            self.fired = tf.Variable(tf.zeros([units], tf.float32), trainable=False,
-                                     name="stability_probe_fired")
+            empty = np.zeros([self.slots, 5])
+            empty[:, 0] = -1.0
+            self.stats = tf.Variable(empty, dtype=tf.float64, trainable=False,
+                                     name="stability_probe")
+            self.fired = tf.Variable(tf.zeros([self.slots, units], tf.float32),
+                                     trainable=False, name="stability_probe_fired")
 
     def update(self, step, pre, out) -> None:
-        """Accumulates the statistics of one call (graph side)."""
+        """Accumulates the statistics of one call into the slot of ``step`` (graph side)."""
         out = tf.cast(out, tf.float32)
         units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
         self.ensure_variables(units)
         flat = tf.reshape(out, [-1, units])
         count = tf.cast(tf.size(flat), tf.float64)
-        total = tf.reduce_sum(tf.cast(flat, tf.float64))
-        total_sq = tf.reduce_sum(tf.square(tf.cast(flat, tf.float64)))
+        flat64 = tf.cast(flat, tf.float64)  # float64 sums: std survives a large mean
+        total = tf.reduce_sum(flat64)
+        total_sq = 2.0 * tf.nn.l2_loss(flat64)
         saturated = tf.constant(0.0, tf.float64)
         if self.kind == "saturating":
             lo, hi = self.limits
@@ -135,31 +140,43 @@ class _Probe:
             source = pre if pre is not None else out
             source = tf.reshape(tf.cast(source, tf.float32), [-1, units])
             fired_now = tf.cast(tf.reduce_any(source > 0, axis=0), tf.float32)
+        step = tf.cast(step, tf.int64)
+        slot = tf.math.floormod(tf.math.floordiv(step, self.every), self.slots)
         step = tf.cast(step, tf.float64)
-        same = tf.equal(self.stats[0], step)
-        base = tf.where(same, self.stats[1:], tf.zeros([4], tf.float64))
-        self.stats.assign(tf.concat([[step], base + tf.stack([count, saturated, total, total_sq])], 0))
-        self.fired.assign(tf.maximum(tf.where(same, self.fired, tf.zeros_like(self.fired)), fired_now))
+        row = tf.gather(self.stats, slot)
+        same = tf.equal(row[0], step)  # a layer called again in this step accumulates
+        base = tf.where(same, row[1:], tf.zeros([4], tf.float64))
+        new_row = tf.concat([[step], base + tf.stack([count, saturated, total, total_sq])], 0)
+        fired = tf.where(same, tf.gather(self.fired, slot), tf.zeros([units], tf.float32))
+        tf.raw_ops.ResourceScatterUpdate(resource=self.stats.handle, indices=slot,
+                                         updates=new_row)
+        tf.raw_ops.ResourceScatterUpdate(resource=self.fired.handle, indices=slot,
+                                         updates=tf.maximum(fired, fired_now))
 
-    def values(self, batch=None) -> Optional[tuple[int, dict]]:
-        """Host side: ``(step, {quantity: value})`` of the latest probe step.
+    def values(self, batch=None) -> list[tuple[int, dict]]:
+        """Host side: ``(step, {quantity: value})`` of every recorded slot, by step.
 
         Args:
           batch: Optional `readback.BatchedRead` holding this read's values.
         """
         if self.stats is None:
-            return None
-        step, count, saturated, total, total_sq = readback.fetch(self.stats, batch).tolist()
-        if step < 0 or count <= 0:
-            return None
-        mean = total / count
-        var = max(total_sq / count - mean * mean, 0.0)
-        out = {"act_mean": mean, "act_std": float(np.sqrt(var))}
-        if self.kind == "relu":
-            out["dead_fraction"] = float(1.0 - np.mean(readback.fetch(self.fired, batch)))
-        if self.kind == "saturating" and not self.is_output:
-            out["saturated_fraction"] = saturated / count
-        return int(step), out
+            return []
+        stats = readback.fetch(self.stats, batch)
+        fired = readback.fetch(self.fired, batch) if self.kind == "relu" else None
+        found = []
+        for slot in np.argsort(stats[:, 0], kind="stable"):
+            step, count, saturated, total, total_sq = stats[slot].tolist()
+            if step < 0 or count <= 0:
+                continue
+            mean = total / count
+            var = max(total_sq / count - mean * mean, 0.0)
+            out = {"act_mean": mean, "act_std": float(np.sqrt(var))}
+            if fired is not None:
+                out["dead_fraction"] = float(1.0 - np.mean(fired[slot]))
+            if self.kind == "saturating" and not self.is_output:
+                out["saturated_fraction"] = saturated / count
+            found.append((int(step), out))
+        return found
 
 
 def activation_name_known_pre(probe: _Probe) -> bool:
@@ -176,9 +193,10 @@ class ActivationProbes:
       step_fn: Returns the current 0-based step as a tensor (inside the step).
     """
 
-    def __init__(self, model, every: int, step_fn: Callable[[], Any]):
+    def __init__(self, model, every: int, step_fn: Callable[[], Any], slots: int = 2):
         self.model = model
         self.every = max(1, int(every))
+        self.slots = max(2, int(slots))
         self.step_fn = step_fn
         self.tracing = False
         # "cond" (probe when step % every == 0) or "always" (every traced
@@ -240,6 +258,7 @@ class ActivationProbes:
         probe = known.get(name)
         if probe is None or probe.kind != kind:
             probe = _Probe(name, kind, limits, is_output)
+            probe.every, probe.slots = self.every, self.slots
             self.probes = [p for p in self.probes if p.name != name] + [probe]
         return probe
 
@@ -292,6 +311,8 @@ class ActivationProbes:
         self._graph = None
         self._step = None
         self._pred = None
+        for probe in self.probes:
+            probe.every, probe.slots = self.every, self.slots
         try:
             self._graph = tf.compat.v1.get_default_graph()
             self._step = tf.cast(self.step_fn(), tf.int64)
@@ -367,32 +388,32 @@ class ActivationProbes:
         """The probe variables the host reads (for one batched read)."""
         return [v for p in self.probes for v in (p.stats, p.fired) if v is not None]
 
-    def read(self, batch=None) -> Optional[tuple[int, dict]]:
-        """New probe results: ``(step, {quantity: (names, values)})`` or None.
+    def read(self, batch=None) -> list[tuple[int, dict]]:
+        """New probe results, oldest first: ``[(step, {quantity: (names, values)})]``.
 
-        Only layers probed at the latest probe step are included; a step is
-        returned once.
+        Every probe step recorded since the last read (each probe keeps
+        ``slots`` of them) is returned once, with the layers probed at it.
 
         Args:
           batch: Optional `readback.BatchedRead` holding this read's values.
         """
-        results = [(p, p.values(batch)) for p in self.probes]
-        results = [(p, v) for p, v in results if v is not None]
-        if not results:
-            return None
-        step = max(v[0] for _, v in results)
-        if step <= self._last_step:
-            return None
-        self._last_step = step
-        table: dict = {}
-        for probe, (s, values) in results:
-            if s != step:
-                continue
-            for quantity, value in values.items():
-                names, vals = table.setdefault(quantity, ([], []))
-                names.append(probe.name)
-                vals.append(value)
-        return step, table
+        by_step: dict = {}
+        for probe in self.probes:
+            for step, values in probe.values(batch):
+                if step > self._last_step:
+                    by_step.setdefault(step, []).append((probe, values))
+        out = []
+        for step in sorted(by_step):
+            table: dict = {}
+            for probe, values in by_step[step]:
+                for quantity, value in values.items():
+                    names, vals = table.setdefault(quantity, ([], []))
+                    names.append(probe.name)
+                    vals.append(value)
+            out.append((step, table))
+        if out:
+            self._last_step = out[-1][0]
+        return out
 
 
 class _Named:

@@ -9,8 +9,8 @@ side (`instrumentation.writer`) reads the variables back every few steps.
 State kept by `StepStats`:
 
 * ``ring``: float64 ``[capacity, len(columns)]``; row ``step % capacity``
-  holds ``(step, loss, grad_norm, nonfinite_grads, learning_rate)`` of one
-  step, followed by the optional `EXTRA_COLUMNS` the `StepStats` was created
+  holds ``(step, loss, grad_norm**2, nonfinite_grads, learning_rate)`` of one
+  step (the host takes the square root: one op less per step), followed by the optional `EXTRA_COLUMNS` the `StepStats` was created
   with (clipping, loss scaling, replicas). Unused rows have ``step == -1``.
 * ``var_stats``: float32 ``[slots, 3, num_vars]``; slot
   ``(step // every) % slots`` holds the per-variable gradient norm, weight
@@ -245,52 +245,61 @@ class StepStats:
 
     def local_stats(
         self, grads: Sequence[Any], variables: Optional[Sequence[Any]], grad_scale: Any = None,
-        loss: Any = None,
+        loss: Any = None, on_nonfinite: Optional[Callable[[Any, Any], None]] = None,
     ) -> "LocalStats":
         """Squared gradient norms and non-finite count of the given gradients.
 
-        One fused ``L2Loss`` op per gradient; the loss scale (if any) divides
-        the squared norms, not the gradients. ``loss`` (a tensor of this
-        graph) defaults to the value stored by `record_loss`.
+        One fused ``L2Loss`` op per gradient and one ``AddN`` for the total;
+        the loss scale (if any) divides the squared norms, not the gradients.
+        A healthy step then pays one finiteness test of ``loss + |g|^2``; only
+        when it fails does a `rare_cond` count the non-finite values exactly
+        and call ``on_nonfinite(count, loss)`` (e.g. the NaN capture).
+
+        Args:
+          loss: This step's loss (a tensor of this graph); defaults to the
+            value stored by `record_loss`.
+          on_nonfinite: Optional graph-side hook run inside that branch.
         """
         if variables is None:
             variables = self.variables
         zero = tf.constant(0.0, tf.float32)
         per_var = [zero] * len(self.variables)
-        present, others = [], []
+        present, halves = [], []
         for grad, variable in zip(grads, variables):
             if grad is None:
                 continue
             present.append(grad)
+            half = _half_sum_squares(grad)
+            halves.append(half)
             index = self._lookup(variable)
             if index is not None:
-                per_var[index] = _half_sum_squares(grad)
-            else:
-                others.append(_half_sum_squares(grad))
+                per_var[index] = half
         factor = tf.constant(2.0, tf.float32)
         if grad_scale is not None:
             factor = factor / tf.square(tf.cast(grad_scale, tf.float32))
+        # Only built into the graph where something uses it (log steps, replicas, clipping).
         sum_squares = factor * tf.stack(per_var) if per_var else tf.zeros([0], tf.float32)
-        total = tf.reduce_sum(tf.cast(sum_squares, tf.float64))
-        if others:
-            total += tf.cast(factor * tf.add_n(others), tf.float64)
-        # Non-finite values are counted only when the squared norm is not
-        # finite (never on a healthy step). The cond holds no collective.
-        nonfinite = rare_cond(
-            tf.logical_not(tf.math.is_finite(total)),
-            lambda: tf.add_n([_count_nonfinite(g) for g in present] + [tf.constant(0.0, tf.float64)]),
-            lambda: tf.constant(0.0, tf.float64),
-        )
+        total = tf.cast(factor * tf.add_n(halves), tf.float64) if halves \
+            else tf.constant(0.0, tf.float64)
         if loss is None:
             loss = tf.identity(self.pending_loss)
         else:
             loss = tf.convert_to_tensor(loss)
             if loss.shape.rank != 0:
                 loss = tf.reduce_mean(loss)
-        return LocalStats(
-            loss=loss, sum_squares=sum_squares,
-            total=total, nonfinite=nonfinite,
-        )
+        loss = tf.cast(loss, tf.float64)
+
+        def count():
+            found = tf.add_n([_count_nonfinite(g) for g in present]
+                             + [tf.constant(0.0, tf.float64)])
+            if on_nonfinite is not None:
+                on_nonfinite(found, loss)
+            return found
+
+        # The cond holds no collective (see `instrumentation.distribute`).
+        nonfinite = rare_cond(tf.logical_not(tf.math.is_finite(total + loss)), count,
+                              lambda: tf.constant(0.0, tf.float64))
+        return LocalStats(loss=loss, sum_squares=sum_squares, total=total, nonfinite=nonfinite)
 
     def write_row(
         self, step: Any, local: "LocalStats", learning_rate: Any, extras: Optional[dict] = None
@@ -301,17 +310,16 @@ class StepStats:
         values = [
             tf.cast(step, tf.float64),
             tf.cast(local.loss, tf.float64),
-            tf.sqrt(tf.cast(local.total, tf.float64)),
+            tf.cast(local.total, tf.float64),  # squared: the host takes the root
             tf.cast(local.nonfinite, tf.float64),
-            tf.cast(tf.reshape(tf.convert_to_tensor(learning_rate), []), tf.float64),
+            _scalar(learning_rate),
         ]
         for name in self.columns[len(values):]:
             value = extras.get(name, np.nan)
-            values.append(tf.cast(tf.reshape(tf.convert_to_tensor(value), []), tf.float64))
-        row = tf.stack(values)
-        width = len(self.columns)
+            values.append(_scalar(value))
         index = tf.math.floormod(step, self.capacity)
-        self.ring.scatter_nd_update(tf.reshape(index, [1, 1]), tf.reshape(row, [1, width]))
+        tf.raw_ops.ResourceScatterUpdate(resource=self.ring.handle, indices=index,
+                                         updates=tf.stack(values))
         return GradientState(step=step, is_log=self._is_log(step), sum_squares=local.sum_squares)
 
     def _is_log(self, step) -> Any:
@@ -436,6 +444,14 @@ class ColumnsWriter:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._writer, name)
+
+
+def _scalar(value: Any) -> tf.Tensor:
+    """A float64 scalar tensor (no op for what already is one)."""
+    value = tf.convert_to_tensor(value)
+    if value.shape.rank != 0:
+        value = tf.reshape(value, [])
+    return tf.cast(value, tf.float64)
 
 
 def _read(variable: Any) -> tf.Tensor:

@@ -254,6 +254,7 @@ class Drainer:
         if fresh.shape[0] == 0:
             return 0
         fresh = fresh[np.argsort(fresh[:, 0], kind="stable")]
+        fresh[:, 2] = np.sqrt(fresh[:, 2])  # the ring holds the squared norm
         first, last = int(fresh[0, 0]), int(fresh[-1, 0])
         if first > self.next_step:
             warnings.warn(
