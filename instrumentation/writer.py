@@ -1,22 +1,34 @@
 """Host-side writing: reads `StepStats` variables and writes the schema's summaries.
 
-Runs eagerly, outside any compiled step (``tf.summary`` does not work under
-XLA). The only module of `instrumentation` that writes event files; every tag
-and metadata comes from `tb_stability.schema`.
+Runs eagerly, outside any compiled step. The only module of `instrumentation`
+that writes event files; every tag and metadata comes from
+`tb_stability.schema`.
+
+Events are encoded here (``Event`` and ``Summary`` protos written field by
+field, as TensorFlow's summary kernels would) and appended with
+``tf.io.TFRecordWriter`` (TFRecord framing and CRCs in C++). One host read
+writes dozens of events (one per step, tag and record); through the
+``tf.summary`` ops that cost one op dispatch per step, here it is one
+function call per event.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import json
 import logging
+import os
+import socket
+import struct
+import time
 import warnings
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from tensorflow.python.ops import gen_summary_ops  # WriteRawProtoSummary, no public wrapper
 
 from tb_stability import schema
 
@@ -61,14 +73,43 @@ def encode_summary(tag: str, array: np.ndarray, metadata: bytes) -> bytes:
     return _field(1, value)
 
 
+def encode_event(step: int, summary: bytes, wall_time: Optional[float] = None) -> bytes:
+    """A serialized ``Event`` (wall_time, step, summary) around a serialized ``Summary``."""
+    wall_time = time.time() if wall_time is None else float(wall_time)
+    return (b"\x09" + struct.pack("<d", wall_time)
+            + b"\x10" + _varint(int(step) & 0xFFFFFFFFFFFFFFFF)
+            + _field(5, summary))
+
+
+def encode_string_summary(tag: str, text: str, metadata: bytes) -> bytes:
+    """A serialized ``Summary`` holding one scalar string tensor (``tf.summary.write``)."""
+    tensor = b"\x08\x07" + _field(2, b"") + _field(8, text.encode("utf-8"))  # DT_STRING
+    return _field(1, _field(1, tag.encode("utf-8")) + _field(8, tensor) + _field(9, metadata))
+
+
+_FILE_VERSION = b"\x09" + struct.pack("<d", 0.0) + _field(3, b"brain.Event:2")
+_FILE_COUNTER = itertools.count(1)
+
+
 def _metadata(quantity: str, names: Sequence[str] = (), rows: Sequence[str] = ()) -> bytes:
     return schema.create_summary_metadata(quantity, names=names, rows=rows).SerializeToString()
+
+
+@functools.lru_cache(maxsize=1)
+def _scalar_metadata() -> bytes:
+    """The metadata ``tf.summary.scalar`` writes (plugin ``scalars``, scalar data class)."""
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.plugins.scalar import metadata as scalar_metadata
+
+    meta = scalar_metadata.create_summary_metadata(display_name="", description="")
+    meta.data_class = summary_pb2.DATA_CLASS_SCALAR
+    return meta.SerializeToString()
 
 
 class SummaryWriter:
     """Writes stability summaries into one run directory.
 
-    The underlying ``tf.summary`` file writer is created on first use.
+    The event file (`writer`) is created on first use.
 
     Args:
       log_dir: The run directory.
@@ -94,40 +135,38 @@ class SummaryWriter:
             self._write_raw(pending)
 
     def _emit(self, tag: str, array: np.ndarray, step: int, metadata: bytes) -> None:
-        record = (int(step), encode_summary(tag, array, metadata))
-        if self._pending is not None:
-            self._pending.append(record)
-        else:
-            self._write_raw([record])
+        self._emit_summary(int(step), encode_summary(tag, array, metadata))
 
-    def _write_raw(self, records: list) -> None:
-        """Writes ``(step, serialized Summary)`` records: one op per run of equal steps."""
-        if not records:
+    def _emit_summary(self, step: int, summary: bytes) -> None:
+        event = encode_event(step, summary)
+        if self._pending is not None:
+            self._pending.append(event)
+        else:
+            self._write_raw([event])
+
+    def _write_raw(self, events: list) -> None:
+        """Appends serialized ``Event`` records to this writer's event file."""
+        if not events:
             return
-        with tf.init_scope():
-            writer = self.writer
-            resource = getattr(writer, "_resource", None)
-            start = 0
-            for index in range(1, len(records) + 1):
-                if index == len(records) or records[index][0] != records[start][0]:
-                    protos = tf.constant([r[1] for r in records[start:index]], tf.string)
-                    step = records[start][0]
-                    if resource is not None:  # the op itself, without write_raw_pb's conds
-                        gen_summary_ops.write_raw_proto_summary(resource, step, protos)
-                    else:
-                        with writer.as_default():
-                            tf.summary.experimental.write_raw_pb(protos, step=step)
-                    start = index
+        writer = self.writer
+        for event in events:
+            writer.write(event)
 
     @property
     def writer(self):
-        """The lazily created ``tf.summary`` file writer."""
-        if self._writer is None:
-            with tf.init_scope():
-                from instrumentation.flush_policy import FLUSH_MILLIS
+        """The lazily created ``tf.io.TFRecordWriter`` of this run's event file.
 
-                self._writer = tf.summary.create_file_writer(self.log_dir,
-                                                             flush_millis=FLUSH_MILLIS)
+        The file is named like TensorFlow's (``events.out.tfevents.<time>.
+        <host>.<pid>.<n>``) with the suffix ``.stability.v2``; it starts with
+        the ``brain.Event:2`` file-version event.
+        """
+        if self._writer is None:
+            tf.io.gfile.makedirs(self.log_dir)
+            name = "events.out.tfevents.%010d.%s.%d.%d.stability.v2" % (
+                int(time.time()), socket.gethostname(), os.getpid(), next(_FILE_COUNTER))
+            writer = tf.io.TFRecordWriter(os.path.join(self.log_dir, name))
+            writer.write(_FILE_VERSION)
+            self._writer = writer
         return self._writer
 
     def _meta(self, quantity: str, names: Sequence[str] = ()) -> bytes:
@@ -160,10 +199,7 @@ class SummaryWriter:
             raise ValueError(f"not a JSON tag: {tag!r}")
         quantity = schema.quantity_of_tag(tag)
         text = json.dumps(record, default=str, sort_keys=True)
-        with tf.init_scope(), self.writer.as_default():
-            tf.summary.write(
-                tag, tf.constant(text, tf.string), step=int(step), metadata=self._meta(quantity)
-            )
+        self._emit_summary(int(step), encode_string_summary(tag, text, self._meta(quantity)))
 
     # -- activation probes, data statistics and epoch logs (probes/data_stats) --
 
@@ -193,13 +229,12 @@ class SummaryWriter:
 
     def write_scalars(self, step: int, values: dict) -> None:
         """Writes ordinary scalars (plugin ``scalars``, as ``tf.summary.scalar``)."""
-        with tf.init_scope(), self.writer.as_default():
-            for tag, value in values.items():
-                try:
-                    value = float(np.asarray(value))
-                except (TypeError, ValueError):
-                    continue
-                tf.summary.scalar(str(tag), value, step=int(step))
+        for tag, value in values.items():
+            try:
+                value = np.float32(float(np.asarray(value)))
+            except (TypeError, ValueError):
+                continue
+            self._emit(str(tag), np.asarray(value, np.float32), int(step), _scalar_metadata())
 
     def flush(self) -> None:
         """Flushes pending events to disk (no-op before the first write)."""
@@ -207,8 +242,7 @@ class SummaryWriter:
             pending, self._pending = self._pending, []
             self._write_raw(pending)
         if self._writer is not None:
-            with tf.init_scope():
-                self._writer.flush()
+            self._writer.flush()
 
     def close(self) -> None:
         """Flushes and closes the file writer; a later write reopens a new file."""
@@ -216,8 +250,7 @@ class SummaryWriter:
             pending, self._pending = self._pending, []
             self._write_raw(pending)
         if self._writer is not None:
-            with tf.init_scope():
-                self._writer.close()
+            self._writer.close()
             self._writer = None
 
 

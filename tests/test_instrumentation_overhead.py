@@ -78,3 +78,31 @@ def test_benign_loss_scale_skips_do_not_trigger_nan_forensics(tmp_path, caplog):
     assert run.steps["skipped"].values.sum() >= 1  # the scenario really skipped steps
     assert not (tmp_path / "nan_origin").exists()
     assert not any("non-finite values at step" in r.getMessage() for r in caplog.records)
+
+
+def test_hand_encoded_events_are_what_tensorboard_reads(tmp_path):
+    # The writer encodes Event/Summary protos itself: TensorBoard's own data
+    # provider must see the epoch scalars as scalars and the JSON as a string.
+    from tensorboard.backend.event_processing import data_provider as tb_data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    with writer.batch():
+        writer.write_scalars(0, {"epoch_loss": 0.75, "epoch_lr": np.float32(0.01)})
+        writer.write_scalars(1, {"epoch_loss": 0.5, "not_a_number": "x"})
+    writer.write_json("stability/run_info", 0, {"every": 7})
+    writer.close()
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    provider = tb_data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    from tensorboard import context as tb_context
+
+    context = tb_context.RequestContext()
+    scalars = provider.list_scalars(context, experiment_id="", plugin_name="scalars")
+    assert set(scalars["run"]) == {"epoch_loss", "epoch_lr"}
+    read = provider.read_scalars(context, experiment_id="", plugin_name="scalars",
+                                 downsample=100, run_tag_filter=None)
+    assert [(p.step, p.value) for p in read["run"]["epoch_loss"]] == [(0, 0.75), (1, 0.5)]
+    (event,) = multiplexer.Tensors("run", "stability/run_info")
+    assert tf.make_ndarray(event.tensor_proto).item() == b'{"every": 7}'

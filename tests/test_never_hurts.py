@@ -91,10 +91,26 @@ def _raise(*_args, **_kwargs):
     raise RuntimeError("injected failure")
 
 
+class _UnwritableRecordFile:
+    """Stands in for ``tf.io.TFRecordWriter`` on a disk that refuses writes."""
+
+    def __init__(self, path, *args, **kwargs):
+        self.path = path
+
+    def write(self, record):
+        raise OSError(28, "injected failure: no space left on device", self.path)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
 FAILURES = {
     "writer": lambda mp: mp.setattr(writer_module.SummaryWriter, "write_steps", _raise),
     "drain": lambda mp: mp.setattr(writer_module.Drainer, "drain", _raise),
-    "tf_summary": lambda mp: mp.setattr(tf.summary, "write", _raise),
+    "event_file": lambda mp: mp.setattr(tf.io, "TFRecordWriter", _UnwritableRecordFile),
     "graph_stats": lambda mp: mp.setattr(stats_module.StepStats, "write_row", _raise),
     "flush": lambda mp: mp.setattr(writer_module.SummaryWriter, "flush", _raise),
 }
