@@ -75,7 +75,7 @@ class LiveDiagnosis:
             self._row_count -= self._rows.popleft().shape[0]
 
     def feed_variables(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
-        """Adds one per-variable record ``[3, num_variables]`` (rows as `VARIABLE_ROWS`)."""
+        """Adds one per-variable record ``[rows, num_variables]`` (rows as `VARIABLE_ROWS`)."""
         self._names = tuple(names)
         self._records.append((int(step), np.array(stats, dtype=np.float64, copy=True)))
 
@@ -90,8 +90,9 @@ class LiveDiagnosis:
                     run.steps[column] = Series(steps, block[:, index])
         if self._records:
             steps = np.array([step for step, _ in self._records], np.int64)
-            stacked = np.stack([stats for _, stats in self._records])  # [T, 3, V]
-            for index, quantity in enumerate(VARIABLE_ROWS):
+            rows = min(stats.shape[0] for _, stats in self._records)
+            stacked = np.stack([stats[:rows] for _, stats in self._records])  # [T, rows, V]
+            for index, quantity in enumerate(VARIABLE_ROWS[:rows]):
                 run.variables[quantity] = Matrix(steps, self._names, stacked[:, index, :])
         return run
 

@@ -162,7 +162,9 @@ class _Probe:
         if self.stats is None:
             return []
         stats = readback.fetch(self.stats, batch)
-        fired = readback.fetch(self.fired, batch) if self.kind == "relu" else None
+        dead = None
+        if self.kind == "relu":
+            dead = 1.0 - readback.fetch(self.fired, batch).mean(axis=1, dtype=np.float64)
         found = []
         for slot in np.argsort(stats[:, 0], kind="stable"):
             step, count, saturated, total, total_sq = stats[slot].tolist()
@@ -171,8 +173,8 @@ class _Probe:
             mean = total / count
             var = max(total_sq / count - mean * mean, 0.0)
             out = {"act_mean": mean, "act_std": float(np.sqrt(var))}
-            if fired is not None:
-                out["dead_fraction"] = float(1.0 - np.mean(fired[slot]))
+            if dead is not None:
+                out["dead_fraction"] = float(dead[slot])
             if self.kind == "saturating" and not self.is_output:
                 out["saturated_fraction"] = saturated / count
             found.append((int(step), out))

@@ -42,6 +42,8 @@ _DT = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}  # tensorflow DataType 
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while True:
         bits = value & 0x7F
@@ -51,6 +53,9 @@ def _varint(value: int) -> bytes:
         else:
             out.append(bits)
             return bytes(out)
+
+
+_ONE_BYTE = tuple(bytes((value,)) for value in range(0x80))
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -63,14 +68,25 @@ def encode_summary(tag: str, array: np.ndarray, metadata: bytes) -> bytes:
 
     The same fields as TensorFlow's ``WriteSummary`` kernel (``tag``, a
     ``TensorProto`` with ``dtype``, ``tensor_shape`` and ``tensor_content``,
-    and the metadata), encoded directly: float32/float64 arrays only.
+    and the metadata), encoded directly: float32/float64 arrays only. The
+    parts that repeat from one step to the next are cached.
     """
     array = np.ascontiguousarray(array)
-    shape = b"".join(_field(2, b"\x08" + _varint(int(d))) if d else _field(2, b"")
-                     for d in array.shape)
-    tensor = b"\x08" + _varint(_DT[array.dtype]) + _field(2, shape) + _field(4, array.tobytes())
-    value = _field(1, tag.encode("utf-8")) + _field(8, tensor) + _field(9, metadata)
-    return _field(1, value)
+    tensor = _tensor_header(_DT[array.dtype], array.shape) + _field(4, array.tobytes())
+    tag_field, meta_field = _value_parts(tag, metadata)
+    return _field(1, tag_field + _field(8, tensor) + meta_field)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_header(dtype: int, shape: tuple) -> bytes:
+    dims = b"".join(_field(2, b"\x08" + _varint(int(d))) if d else _field(2, b"")
+                    for d in shape)
+    return b"\x08" + _varint(dtype) + _field(2, dims)
+
+
+@functools.lru_cache(maxsize=256)
+def _value_parts(tag: str, metadata: bytes) -> tuple[bytes, bytes]:
+    return _field(1, tag.encode("utf-8")), _field(9, metadata)
 
 
 def encode_event(step: int, summary: bytes, wall_time: Optional[float] = None) -> bytes:
@@ -183,13 +199,18 @@ class SummaryWriter:
         self._emit(schema.TAG_STEPS, rows, int(rows[-1, 0]), self._meta("steps", columns))
 
     def write_variables(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
-        """Writes ``stats[GRAD_NORM|WEIGHT_NORM|UPDATE_RATIO]`` vectors for one step."""
+        """Writes ``stats[GRAD_NORM|WEIGHT_NORM|UPDATE_RATIO]`` vectors for one step.
+
+        ``stats`` may hold only the first two rows (no update ratio measured).
+        """
         names = tuple(names)
         for quantity, row in (
             ("grad_norm", GRAD_NORM),
             ("weight_norm", WEIGHT_NORM),
             ("update_ratio", UPDATE_RATIO),
         ):
+            if row >= len(stats):
+                continue
             self._emit(schema.variable_tag(quantity), np.asarray(stats[row], np.float32),
                        step, self._meta(quantity, names))
 
@@ -224,8 +245,8 @@ class SummaryWriter:
         if tag not in (schema.TAG_LABELS, schema.TAG_PREDICTIONS):
             raise ValueError(f"not a class-count tag: {tag!r}")
         counts = np.asarray(counts, np.float32)
-        names = tuple(str(i) for i in range(counts.shape[0]))
-        self._emit(tag, counts, step, self._meta(schema.quantity_of_tag(tag), names))
+        self._emit(tag, counts, step,
+                   self._meta(schema.quantity_of_tag(tag), _class_names(counts.shape[0])))
 
     def write_scalars(self, step: int, values: dict) -> None:
         """Writes ordinary scalars (plugin ``scalars``, as ``tf.summary.scalar``)."""
@@ -252,6 +273,11 @@ class SummaryWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+@functools.lru_cache(maxsize=16)
+def _class_names(classes: int) -> tuple[str, ...]:
+    return tuple(str(i) for i in range(classes))
 
 
 class Drainer:
@@ -303,11 +329,15 @@ class Drainer:
             in_range = np.flatnonzero((var_steps >= first) & (var_steps <= last))
             if in_range.size:
                 var_stats = readback.fetch(self.stats.var_stats, self.batch)
+                # Without weight snapshots the update ratio is not measured (NaN):
+                # it is left out rather than written as a non-finite value.
+                rows = UPDATE_RATIO + (self.stats.snapshots is not None)
                 for slot in in_range[np.argsort(var_steps[in_range], kind="stable")]:
                     step = int(var_steps[slot])
-                    self.writer.write_variables(step, var_stats[slot], self.stats.names)
+                    record = var_stats[slot][:rows]
+                    self.writer.write_variables(step, record, self.stats.names)
                     for listener in self.listeners:
-                        listener.feed_variables(step, var_stats[slot], self.stats.names)
+                        listener.feed_variables(step, record, self.stats.names)
         self.writer.write_steps(fresh)
         for listener in self.listeners:
             listener.feed_steps(fresh, getattr(self.stats, "columns", schema.STEP_COLUMNS))

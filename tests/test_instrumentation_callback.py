@@ -324,3 +324,19 @@ def test_steps_between_log_steps_run_a_lean_function(tmp_path):
     assert log_handles <= always
     assert not log_handles & never
     assert id(stats.ring.handle) in never and id(stats.ring.handle) in always
+
+
+def test_without_snapshots_the_update_ratio_is_left_out_not_nan(tmp_path, caplog):
+    # snapshot_weights=False measures no update ratio: nothing non-finite may
+    # be written for it (a NaN vector would read as a critical nan_inf).
+    x, y = data()
+    model = make_model("sequential")
+    model.compile(keras.optimizers.SGD(LR), "mse")
+    callback = StabilityCallback(str(tmp_path), every=2, snapshot_weights=False)
+    with caplog.at_level("WARNING", logger="instrumentation"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[callback])
+    events = read_events(tmp_path)
+    assert (".", schema.variable_tag("update_ratio")) not in events
+    assert sorted(var_vectors(events, "weight_norm")) == list(range(0, len(x) // BATCH, 2))
+    assert not [r for r in caplog.records if "CRITICAL" in r.getMessage()]
