@@ -1,12 +1,11 @@
 """Time-based flushing: bounds what a killed training process can lose.
 
-The host reads the statistics every ``every`` steps. With slow steps that can
-be minutes apart, and ``tf.summary`` file writers only flush on their own when
-an event is written. So, in addition, the host checks a monotonic clock after
-every call of the train function (one ``time.monotonic()`` call, ~50 ns) and,
-when more than `FLUSH_SECONDS` have passed since the last flush, drains the
-device buffers and flushes the event file even though ``every`` steps have not
-passed.
+The host reads the statistics every ``read_every`` steps. With slow steps that
+can be minutes apart, and the event file is only flushed when the host asks.
+So, in addition, the host checks a monotonic clock after every call of the
+train function (one ``time.monotonic()`` call, ~50 ns) and, when more than
+`FLUSH_SECONDS` have passed since the last flush, drains the device buffers
+and flushes the event file even though ``read_every`` steps have not passed.
 
 Worst case on ``SIGKILL`` (or a power cut): the steps recorded since the last
 flush, i.e. at most ``FLUSH_SECONDS`` plus the duration of one call of the
@@ -23,8 +22,6 @@ from typing import Callable
 FLUSH_SECONDS = 5.0
 """Seconds between two time-based drains + flushes of the event file."""
 
-FLUSH_MILLIS = int(FLUSH_SECONDS * 1000)
-"""``flush_millis`` of the ``tf.summary`` file writers (same cadence)."""
 
 
 class FlushPolicy:

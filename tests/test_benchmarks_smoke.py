@@ -38,7 +38,7 @@ def test_overhead_prints_ratio_table():
 def test_overhead_steps_prints_interleaved_ratio_table():
     pytest.importorskip("tensorflow")
     out = _run("overhead_steps.py", "--models", "mlp")
-    assert "ratio (median of blocks)" in out and "interquartile range" in out
+    assert "per-process range" in out and "processes=1" in out
     for config in ("baseline", "baseline again", "stability defaults", "stability every=1",
                    "tensorboard hist+batch"):
         assert f"mlp    {config}" in out, out
