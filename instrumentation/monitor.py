@@ -132,7 +132,7 @@ class StabilityMonitor:
                 learning_rate = (
                     self.optimizer.learning_rate if self.optimizer is not None else float("nan")
                 )
-            local = stats.local_stats(list(gradients), variables, grad_scale, loss=loss)
+            local = stats.local_stats(list(gradients), variables, loss, grad_scale)
             extras = {}
             replica = distribute.replica_context()
             if replica is not None:

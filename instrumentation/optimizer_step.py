@@ -33,7 +33,7 @@ def is_loss_scale_optimizer(optimizer) -> bool:
     )
 
 
-def record_step(stats: StepStats, optimizer, grads, variables, loss=None, on_nonfinite=None):
+def record_step(stats: StepStats, optimizer, grads, variables, loss, on_nonfinite=None):
     """Writes the row of one optimizer step (graph side, inside ``apply``).
 
     Gradients are taken pre-clip and unscaled (divided by the loss scale). Under
@@ -43,7 +43,7 @@ def record_step(stats: StepStats, optimizer, grads, variables, loss=None, on_non
     unconditional all-reduce (`distribute.reduce_local_stats`).
 
     Args:
-      loss: This step's loss tensor (default: the one `StepStats.record_loss` stored).
+      loss: This step's loss tensor.
       on_nonfinite: Optional hook for `StepStats.local_stats` (the NaN capture).
 
     Returns:
@@ -54,7 +54,7 @@ def record_step(stats: StepStats, optimizer, grads, variables, loss=None, on_non
         optimizer.build(variables)  # creates dynamic_scale (apply would do it next)
         optimizer.built = True
     scale = grad_scale(optimizer)
-    local = stats.local_stats(grads, variables, scale, loss=loss, on_nonfinite=on_nonfinite)
+    local = stats.local_stats(grads, variables, loss, scale, on_nonfinite=on_nonfinite)
     local_before_reduce = local
     extras = {}
     clipped = distribute.clip_fired(optimizer, local) if "clipped" in stats.columns else None

@@ -173,9 +173,6 @@ class StepStats:
         n = len(self.variables)
         with tf.init_scope():
             self.ring = plain_variable(self._empty_ring(), "stability_ring")
-            self.pending_loss = plain_variable(
-                tf.constant(np.nan, tf.float64), "stability_loss"
-            )
             self.var_stats = plain_variable(
                 tf.zeros([self.slots, 3, n], tf.float32), "stability_var_stats"
             )
@@ -199,53 +196,13 @@ class StepStats:
         """Marks every row and slot unused (eager, host side)."""
         self.ring.assign(self._empty_ring())
         self.var_steps.assign(tf.fill([self.slots], tf.constant(-1, tf.int64)))
-        self.pending_loss.assign(np.nan)
         self.skips.assign(0)
 
     # ------------------------------------------------------------------ graph
 
-    def record_loss(self, loss: Any) -> None:
-        """Stores the raw loss of the current step (consumed by `record_gradients`)."""
-        loss = tf.convert_to_tensor(loss)
-        if loss.shape.rank != 0:
-            loss = tf.reduce_mean(loss)
-        self.pending_loss.assign(tf.cast(loss, tf.float64))
-
-    def record_gradients(
-        self,
-        step: Any,
-        grads: Sequence[Any],
-        variables: Optional[Sequence[Any]],
-        learning_rate: Any,
-        grad_scale: Any = None,
-        extras: Optional[dict] = None,
-        reduce: Optional[Callable[["LocalStats"], "LocalStats"]] = None,
-    ) -> GradientState:
-        """Writes this step's row: loss, global gradient norm, non-finite count, LR.
-
-        Args:
-          step: The 0-based global step (scalar integer tensor).
-          grads: Gradients, aligned with ``variables`` (``None`` allowed).
-          variables: The variables the gradients belong to; ``None`` means the
-            tracked variables, in order.
-          learning_rate: The learning rate used for this update.
-          grad_scale: Optional loss-scale factor the gradients are multiplied by.
-          extras: Values of the optional columns (``EXTRA_COLUMNS``) this
-            `StepStats` has; missing ones are written as NaN.
-          reduce: Optional function turning this replica's `LocalStats` into
-            statistics of the aggregated step (``tf.distribute``).
-
-        Returns:
-          A `GradientState` for `record_update`.
-        """
-        local = self.local_stats(grads, variables, grad_scale)
-        if reduce is not None:
-            local = reduce(local)
-        return self.write_row(step, local, learning_rate, extras)
-
     def local_stats(
-        self, grads: Sequence[Any], variables: Optional[Sequence[Any]], grad_scale: Any = None,
-        loss: Any = None, on_nonfinite: Optional[Callable[[Any, Any], None]] = None,
+        self, grads: Sequence[Any], variables: Optional[Sequence[Any]], loss: Any,
+        grad_scale: Any = None, on_nonfinite: Optional[Callable[[Any, Any], None]] = None,
     ) -> "LocalStats":
         """Squared gradient norms and non-finite count of the given gradients.
 
@@ -256,8 +213,7 @@ class StepStats:
         and call ``on_nonfinite(count, loss)`` (e.g. the NaN capture).
 
         Args:
-          loss: This step's loss (a tensor of this graph); defaults to the
-            value stored by `record_loss`.
+          loss: This step's loss (a tensor of this graph).
           on_nonfinite: Optional graph-side hook run inside that branch.
         """
         if variables is None:
@@ -281,12 +237,9 @@ class StepStats:
         sum_squares = factor * tf.stack(per_var) if per_var else tf.zeros([0], tf.float32)
         total = tf.cast(factor * tf.add_n(halves), tf.float64) if halves \
             else tf.constant(0.0, tf.float64)
-        if loss is None:
-            loss = tf.identity(self.pending_loss)
-        else:
-            loss = tf.convert_to_tensor(loss)
-            if loss.shape.rank != 0:
-                loss = tf.reduce_mean(loss)
+        loss = tf.convert_to_tensor(loss)
+        if loss.shape.rank != 0:
+            loss = tf.reduce_mean(loss)
         loss = tf.cast(loss, tf.float64)
 
         def count():
@@ -391,22 +344,6 @@ class StepStats:
             compute()
         elif state.is_log is not False:
             rare_cond(state.is_log, compute)
-
-    def observe_apply(
-        self,
-        step: Any,
-        grads: Sequence[Any],
-        variables: Optional[Sequence[Any]],
-        learning_rate: Any,
-        apply_fn: Callable[[], Any],
-        grad_scale: Any = None,
-    ) -> Any:
-        """Records one step around ``apply_fn`` (the optimizer update)."""
-        state = self.record_gradients(step, grads, variables, learning_rate, grad_scale)
-        self.snapshot(state)
-        result = apply_fn()
-        self.record_update(state)
-        return result
 
     def _lookup(self, variable: Any) -> Optional[int]:
         for key in _variable_keys(variable):
