@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import os
-import socket
 import struct
 import time
 import warnings
@@ -31,6 +29,7 @@ import tensorflow as tf
 
 
 from tb_stability import schema
+from tb_stability.writer import event_file_name
 
 from instrumentation import readback
 from instrumentation.stats import GRAD_NORM, UPDATE_RATIO, WEIGHT_NORM, StepStats
@@ -104,7 +103,6 @@ def encode_string_summary(tag: str, text: str, metadata: bytes) -> bytes:
 
 
 _FILE_VERSION = b"\x09" + struct.pack("<d", 0.0) + _field(3, b"brain.Event:2")
-_FILE_COUNTER = itertools.count(1)
 
 
 def _metadata(quantity: str, names: Sequence[str] = (), rows: Sequence[str] = ()) -> bytes:
@@ -178,8 +176,7 @@ class SummaryWriter:
         """
         if self._writer is None:
             tf.io.gfile.makedirs(self.log_dir)
-            name = "events.out.tfevents.%010d.%s.%d.%d.stability.v2" % (
-                int(time.time()), socket.gethostname(), os.getpid(), next(_FILE_COUNTER))
+            name = event_file_name(".stability.v2")
             writer = tf.io.TFRecordWriter(os.path.join(self.log_dir, name))
             writer.write(_FILE_VERSION)
             self._writer = writer

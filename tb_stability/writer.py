@@ -38,6 +38,16 @@ _DTYPES = {
 }
 
 
+def event_file_name(suffix: str = "") -> str:
+    """A new event file name, shaped like TensorFlow's.
+
+    ``events.out.tfevents.<time>.<host>.<pid>.<n><suffix>``, where ``n``
+    counts the files named in this process, so two writers never collide.
+    """
+    return "events.out.tfevents.%010d.%s.%d.%d%s" % (
+        int(time.time()), socket.gethostname(), os.getpid(), next(_FILE_COUNTER), suffix)
+
+
 def make_tensor_proto(array: Any) -> tensor_pb2.TensorProto:
     """Encodes a numeric numpy array (float32/64, int32/64) as a `TensorProto`.
 
@@ -86,11 +96,7 @@ class StabilityWriter:
     def __init__(self, run_dir: str | os.PathLike, filename_suffix: str = ".stability",
                  wall_time: float | None = None):
         os.makedirs(run_dir, exist_ok=True)
-        name = "events.out.tfevents.%010d.%s.%d.%d%s" % (
-            int(time.time()), socket.gethostname(), os.getpid(), next(_FILE_COUNTER),
-            filename_suffix,
-        )
-        self.path = os.path.join(os.fspath(run_dir), name)
+        self.path = os.path.join(os.fspath(run_dir), event_file_name(filename_suffix))
         self._wall_time = wall_time
         self._file = open(self.path, "wb")
         self._tags_seen: set[str] = set()
