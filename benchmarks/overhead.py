@@ -40,6 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -167,6 +168,22 @@ def worker(args) -> None:
 # ------------------------------------------------------------------- main
 
 
+def goal_verdict(config: str, ratio: float) -> str:
+    """"ok" or "MISS (goal <= x)" for a configuration with a goal, else ""."""
+    goal = GOALS.get(config)
+    if goal is None:
+        return ""
+    return "ok" if ratio <= goal else f"MISS (goal <= {goal})"
+
+
+def peer_lines(model: str, ratios: dict, peers: Sequence[str], label: str) -> list[str]:
+    """Whether each goal configuration's ratio is below every one of ``peers``."""
+    peer_ratios = [ratios[c] for c in peers if c in ratios]
+    return [f"{model}: {config} below {label}: "
+            f"{'yes' if all(ratios[config] < p for p in peer_ratios) else 'NO'}"
+            for config in GOALS if config in ratios and peer_ratios]
+
+
 def paired_ratios(samples: dict) -> dict:
     """Per configuration, the median of its per-round ratios to the baseline."""
     base = samples["baseline"]
@@ -181,11 +198,9 @@ def summarize(model: str, samples: dict) -> list[list[str]]:
     rows = []
     for config, values in samples.items():
         rounds = [v / b for v, b in zip(values, base) if v is not None and b]
-        goal = GOALS.get(config)
-        ratio = paired[config]
-        verdict = "" if goal is None else ("ok" if ratio <= goal else f"MISS (goal <= {goal})")
-        rows.append([model, config, fmt(median(values), 3), fmt(ratio, 3),
-                     f"{fmt(min(rounds), 3)}-{fmt(max(rounds), 3)}", verdict])
+        rows.append([model, config, fmt(median(values), 3), fmt(paired[config], 3),
+                     f"{fmt(min(rounds), 3)}-{fmt(max(rounds), 3)}",
+                     goal_verdict(config, paired[config])])
     return rows
 
 
@@ -234,12 +249,9 @@ def main(argv=None) -> int:
     headers = ("model", "config", "median step ms", "paired ratio", "per-round range", "goal")
     print(format_table(headers, rows, markdown=args.markdown))
     for model in args.models:
-        ratios = paired_ratios(all_samples[model])
-        peers = [ratios[c] for c in ("tensorboard hist+batch", "tf debug dump") if c in ratios]
-        for config in ("stability defaults", "stability every=1"):
-            if config in ratios and peers:
-                below = all(ratios[config] < p for p in peers)
-                print(f"{model}: {config} below both peers: {'yes' if below else 'NO'}")
+        for line in peer_lines(model, paired_ratios(all_samples[model]),
+                               ("tensorboard hist+batch", "tf debug dump"), "both peers"):
+            print(line)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(all_samples, handle, indent=1)

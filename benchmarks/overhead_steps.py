@@ -45,7 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._common import (  # noqa: E402
     emit_result, fmt, format_table, machine_description, median, run_worker,
 )
-from benchmarks.overhead import GOALS, MODELS, _build_model, _data  # noqa: E402
+from benchmarks.overhead import (  # noqa: E402
+    MODELS, _build_model, _data, goal_verdict, peer_lines,
+)
 
 CONFIGS = ("baseline", "baseline again", "stability defaults", "stability no probes",
            "stability every=1", "tensorboard hist+batch")
@@ -145,18 +147,22 @@ def worker(args) -> None:
     emit_result(blocks)
 
 
+def process_ratios(runs: list) -> dict:
+    """Per configuration, each process's median block ratio to the baseline."""
+    return {config: [median([v / b for v, b in zip(blocks[config], blocks["baseline"])])
+                     for blocks in runs]
+            for config in runs[0]}
+
+
 def summarize(model: str, runs: list, steps: int) -> list[list[str]]:
     """Rows: config, median ms/step, median of the per-process median ratios, their range."""
     rows = []
-    for config in runs[0]:
-        per_process = [median([v / b for v, b in zip(blocks[config], blocks["baseline"])])
-                       for blocks in runs]
+    for config, per_process in process_ratios(runs).items():
         ratio = median(per_process)
         ms = median([median(blocks[config]) for blocks in runs]) / steps * 1000.0
-        goal = GOALS.get(config)
-        verdict = "" if goal is None else ("ok" if ratio <= goal else f"MISS (goal <= {goal})")
         rows.append([model, config, fmt(ms, 3), fmt(ratio, 3),
-                     f"{fmt(min(per_process), 3)}-{fmt(max(per_process), 3)}", verdict])
+                     f"{fmt(min(per_process), 3)}-{fmt(max(per_process), 3)}",
+                     goal_verdict(config, ratio)])
     return rows
 
 
@@ -200,18 +206,14 @@ def main(argv=None) -> int:
                             "--configs", *args.configs])
                 for process in range(args.processes)]
         print(f"  {model}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        model_rows = summarize(model, runs, args.steps)
-        rows += model_rows
-        ratios[model] = {row[1]: float(row[3]) for row in model_rows}
+        rows += summarize(model, runs, args.steps)
+        ratios[model] = {c: median(r) for c, r in process_ratios(runs).items()}
     print(format_table(("model", "config", "median ms/step", "ratio", "per-process range",
                         "goal"), rows, markdown=args.markdown))
     for model, by_config in ratios.items():
-        peer = by_config.get("tensorboard hist+batch")
-        for config in ("stability defaults", "stability every=1"):
-            if config in by_config and peer is not None:
-                below = by_config[config] < peer
-                print(f"{model}: {config} below the TensorBoard callback: "
-                      f"{'yes' if below else 'NO'}")
+        for line in peer_lines(model, by_config, ("tensorboard hist+batch",),
+                               "the TensorBoard callback"):
+            print(line)
     return 0
 
 
