@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.test_instrumentation_support import (
+    ManualStep,
     column,
     data,
     make_model,
@@ -231,17 +232,8 @@ def test_own_failure_is_one_warning_and_training_continues(tmp_path):
 
 
 def test_train_step_without_loss_hooks_records_nan_loss_with_one_warning(tmp_path):
-    class Manual(keras.Model):
-        def train_step(self, data):
-            x, y = data
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
-            grads = tape.gradient(loss, self.trainable_variables)
-            self.optimizer.apply(grads, self.trainable_variables)
-            return {"loss": loss}
-
     inputs = keras.Input((4,))
-    model = Manual(inputs, keras.layers.Dense(1)(inputs))
+    model = ManualStep(inputs, keras.layers.Dense(1)(inputs))
     with pytest.warns(RuntimeWarning, match="per-step loss is recorded as NaN"):
         fit(model, tmp_path, every=3)
     rows = step_rows(read_events(tmp_path))

@@ -73,6 +73,18 @@ def _init(seed):
     return keras.initializers.GlorotUniform(seed=seed)
 
 
+class ManualStep(keras.Model):
+    """A train step that calls neither ``compute_loss`` nor ``scale_loss``."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        return {"loss": loss}
+
+
 class Subclassed(keras.Model):
     """A subclassed two-layer MLP (built lazily, inside the first train step)."""
 

@@ -24,6 +24,7 @@ from instrumentation import StabilityCallback, StabilityMonitor  # noqa: E402
 from instrumentation import stats as stats_module  # noqa: E402
 from instrumentation import writer as writer_module  # noqa: E402
 from tb_stability.reader import LogdirReader  # noqa: E402
+from tests.test_instrumentation_support import ManualStep  # noqa: E402
 
 BATCH = 8
 EPOCHS = 2
@@ -155,18 +156,6 @@ def test_with_grappler_weights_agree_to_rounding(tmp_path):
 
 
 # ---------------------------------------------------------------- degraded models
-
-
-class ManualStep(keras.Model):
-    """A train step that calls neither ``compute_loss`` nor ``scale_loss``."""
-
-    def train_step(self, data):
-        x, y = data
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
-        grads = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply(grads, self.trainable_variables)
-        return {"loss": loss}
 
 
 def _manual_model():
