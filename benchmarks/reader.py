@@ -227,24 +227,34 @@ def measure_case(label: str, path: str, manifest: dict, loaders, reps: int) -> l
     return rows
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_logdir_args(parser: argparse.ArgumentParser) -> None:
+    """The synthetic logdir's size options (shared with ``serving.py``, which reuses it)."""
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--variables", type=int, default=200)
     parser.add_argument("--every", type=int, default=100,
                         help="per-variable vectors every N steps; steps blocks of N rows")
+    parser.add_argument("--cache", default=DEFAULT_CACHE, help="where generated logdirs live")
+
+
+def use_quick_logdir(args: argparse.Namespace) -> None:
+    """The smoke tests' tiny logdir: 2 runs x 500 steps x 10 variables."""
+    args.runs, args.steps, args.variables, args.every = 2, 500, 10, 50
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_logdir_args(parser)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
     parser.add_argument("--no-small", action="store_true", help="skip the small case")
-    parser.add_argument("--cache", default=DEFAULT_CACHE, help="where generated logdirs live")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for the smoke test")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--worker", nargs=2, metavar=("LOADER", "LOGDIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.steps, args.variables, args.every, args.reps = 2, 500, 10, 50, 1
-        args.no_small = True
+        use_quick_logdir(args)
+        args.reps, args.no_small = 1, True
     return args
 
 

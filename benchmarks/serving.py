@@ -192,22 +192,18 @@ def bench_cli(logdir: str, reps: int) -> list[list[str]]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--variables", type=int, default=200)
-    parser.add_argument("--every", type=int, default=100)
+    reader_bench.add_logdir_args(parser)
     parser.add_argument("--reps", type=int, default=10, help="warm requests per route")
     parser.add_argument("--cli-reps", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds to wait for one request")
     parser.add_argument("--load-fast", default=None, choices=("true", "false", "auto"),
                         help="TensorBoard's --load_fast (default: TensorBoard's default)")
-    parser.add_argument("--cache", default=reader_bench.DEFAULT_CACHE)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for the smoke test")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.steps, args.variables, args.every = 2, 500, 10, 50
+        reader_bench.use_quick_logdir(args)
         args.reps, args.cli_reps = 2, 1
     return args
 
