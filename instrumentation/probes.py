@@ -9,12 +9,16 @@ Mechanism (Keras 3, TensorFlow backend):
   ``Softmax``). The wrapper sees the pre-activation and the output.
 * The wrappers add ops only while the *train step* is being traced
   (`ActivationProbes.tracing` is set by the callback's ``train_step`` patch),
-  so evaluation, prediction and eager calls are untouched. Inside the step a
-  ``tf.cond`` on ``optimizer.iterations % every == 0`` accumulates, per probe,
-  ``[step, count, saturated, sum, sum_sq]`` (float64) and a per-unit "ever
-  fired" mask into non-trainable variables (XLA-safe: no summaries, no
+  so evaluation, prediction and eager calls are untouched. Inside the step,
+  on probe steps (a ``tf.cond`` on ``step % every == 0``, or no condition
+  at all in the callback's log-step train function), each probe's slot gets
+  ``[step, count, saturated, sum, sum_sq]`` (float64, from float32
+  reductions) and a per-unit "ever fired" mask (XLA-safe: no summaries, no
   Python side effects on tensor values). A layer called several times in one
-  step (an RNN cell inside its loop, a shared layer) accumulates.
+  step (a shared layer) is summed; an RNN cell's activation, which runs inside
+  the RNN's time loop, adds into its slot once per timestep (the slot is
+  cleared before the loop; the extra call Keras makes before the loop to learn
+  the output shape is not counted).
 * `ActivationProbes.read` (host, every N steps) turns the variables into the
   ``stability/layer/<quantity>`` vectors.
 
@@ -47,6 +51,8 @@ SATURATING = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softmax": (0.0, 1.0),
               "hard_sigmoid": (0.0, 1.0), "softsign": (-1.0, 1.0), "hard_tanh": (-1.0, 1.0)}
 PRE_THRESHOLD = 5.0  # |x| >= 5: derivative of sigmoid/tanh ~ 0 (DeepDiagnosis)
 LIMIT_TOLERANCE = 1e-3
+# Element-wise, monotone activations whose |pre| >= 5 rule is a bound on the output.
+_ELEMENTWISE_PRE_RULE = {"sigmoid": tf.math.sigmoid, "tanh": tf.math.tanh}
 _ACTIVATION_LAYERS = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "ELU": "elu",
                       "PReLU": "prelu", "Softmax": "softmax"}
 
@@ -95,15 +101,19 @@ def classify(fn: Callable) -> tuple[str, Optional[tuple[float, float]]]:
 class _Probe:
     """State of one probed activation (one layer)."""
 
-    def __init__(self, name: str, kind: str, limits, is_output: bool):
+    def __init__(self, name: str, kind: str, limits, is_output: bool, activation: str = "",
+                 cell: bool = False):
         self.name = name
+        self.cell = cell  # an RNN cell's activation: called once per timestep
         self.kind = kind
         self.limits = limits
         self.is_output = is_output
+        self.activation = activation
         self.every = 1
         self.slots = 2
         self.stats = None  # float64 [slots, 5]: step, count, saturated, sum, sum_sq
         self.fired = None  # float32 [slots, units]: 1 where the unit was ever positive
+        self._bounds = None
 
     def ensure_variables(self, units: int) -> None:
         if self.fired is not None and tuple(self.fired.shape) == (self.slots, units):
@@ -116,42 +126,90 @@ class _Probe:
             self.fired = tf.Variable(tf.zeros([self.slots, units], tf.float32),
                                      trainable=False, name="stability_probe_fired")
 
-    def update(self, step, pre, out) -> None:
-        """Accumulates the statistics of one call into the slot of ``step`` (graph side)."""
+    def saturation_bounds(self) -> tuple[float, float]:
+        """Output values at or beyond which an element counts as saturated.
+
+        Within `LIMIT_TOLERANCE` of a limit; for the element-wise sigmoid and
+        tanh also ``|pre-activation| >= 5``, which for a monotone function is
+        the output at ``-5`` / ``+5`` (evaluated once with the same kernel).
+        """
+        if self._bounds is None:
+            lo, hi = self.limits
+            tol = LIMIT_TOLERANCE * (hi - lo)
+            low, high = lo + tol, hi - tol
+            function = _ELEMENTWISE_PRE_RULE.get(self.activation)
+            if function is not None:
+                with tf.init_scope():
+                    at = function(tf.constant([-PRE_THRESHOLD, PRE_THRESHOLD], tf.float32))
+                    at = np.asarray(at, np.float32)
+                low, high = max(low, float(at[0])), min(high, float(at[1]))
+            self._bounds = (np.float32(low), np.float32(high))
+        return self._bounds
+
+    def contribution(self, pre, out) -> tuple[tf.Tensor, Optional[tf.Tensor]]:
+        """Statistics of one call (graph side): ``([count, saturated, sum, sum_sq], fired)``.
+
+        float64 values from float32 reductions (no float64 copy of the
+        activation). Bounded outputs (sigmoid, tanh, ...: ``|x| <= 1``) are
+        summed directly; unbounded ones are centred on their mean first, so the
+        standard deviation survives a large mean. ``fired`` (ReLU family only,
+        else None) is 1 for units with a positive pre-activation in this call.
+        Few ops on purpose: inside an RNN loop this runs at every timestep.
+        """
         out = tf.cast(out, tf.float32)
         units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
         self.ensure_variables(units)
-        flat = tf.reshape(out, [-1, units])
-        count = tf.cast(tf.size(flat), tf.float64)
-        flat64 = tf.cast(flat, tf.float64)  # float64 sums: std survives a large mean
-        total = tf.reduce_sum(flat64)
-        total_sq = 2.0 * tf.nn.l2_loss(flat64)
-        saturated = tf.constant(0.0, tf.float64)
+        size = out.shape.num_elements()
+        count = tf.constant([float(size)], tf.float64) if size is not None \
+            else tf.reshape(tf.cast(tf.size(out), tf.float64), [1])
+        if self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0:
+            sums = [tf.reduce_sum(out), 2.0 * tf.nn.l2_loss(out)]
+        else:
+            mean = tf.reduce_mean(out)
+            centred = tf.cast(2.0 * tf.nn.l2_loss(out - mean), tf.float64)
+            total = count * tf.cast(mean, tf.float64)
+            sums = [total, centred + total * tf.cast(mean, tf.float64)]
+            sums = [tf.reshape(tf.concat(sums, 0), [2])]
+        saturated = tf.constant(0.0, tf.float32)
         if self.kind == "saturating":
-            lo, hi = self.limits
-            tol = LIMIT_TOLERANCE * (hi - lo)
-            near = tf.logical_or(flat <= lo + tol, flat >= hi - tol)
-            if pre is not None and activation_name_known_pre(self):
-                pre_flat = tf.reshape(tf.cast(pre, tf.float32), [-1, units])
-                near = tf.logical_or(near, tf.abs(pre_flat) >= PRE_THRESHOLD)
-            saturated = tf.reduce_sum(tf.cast(near, tf.float64))
-        fired_now = tf.zeros([units], tf.float32)
+            low, high = self.saturation_bounds()
+            middle, half = (low + high) / np.float32(2), (high - low) / np.float32(2)
+            near = tf.abs(out - middle if middle else out) >= half
+            if pre is not None and self.activation not in _ELEMENTWISE_PRE_RULE \
+                    and activation_name_known_pre(self):
+                near = tf.logical_or(near, tf.abs(tf.cast(pre, tf.float32)) >= PRE_THRESHOLD)
+            saturated = tf.reduce_sum(tf.cast(near, tf.float32))
+        if len(sums) == 2:  # bounded: one float32 vector, one cast
+            values = tf.concat([count, tf.cast(tf.stack([saturated] + sums), tf.float64)], 0)
+        else:
+            values = tf.concat([count, tf.cast(tf.reshape(saturated, [1]), tf.float64),
+                                sums[0]], 0)
+        fired = None
         if self.kind == "relu":
             source = pre if pre is not None else out
             source = tf.reshape(tf.cast(source, tf.float32), [-1, units])
-            fired_now = tf.cast(tf.reduce_any(source > 0, axis=0), tf.float32)
-        step = tf.cast(step, tf.int64)
-        slot = tf.math.floormod(tf.math.floordiv(step, self.every), self.slots)
-        step = tf.cast(step, tf.float64)
-        row = tf.gather(self.stats, slot)
-        same = tf.equal(row[0], step)  # a layer called again in this step accumulates
-        base = tf.where(same, row[1:], tf.zeros([4], tf.float64))
-        new_row = tf.concat([[step], base + tf.stack([count, saturated, total, total_sq])], 0)
-        fired = tf.where(same, tf.gather(self.fired, slot), tf.zeros([units], tf.float32))
-        tf.raw_ops.ResourceScatterUpdate(resource=self.stats.handle, indices=slot,
-                                         updates=new_row)
-        tf.raw_ops.ResourceScatterUpdate(resource=self.fired.handle, indices=slot,
-                                         updates=tf.maximum(fired, fired_now))
+            fired = tf.cast(tf.reduce_max(source, axis=0) > 0, tf.float32)
+        return values, fired
+
+    def slot(self, step) -> tf.Tensor:
+        """The ring slot of ``step`` (graph side)."""
+        return tf.math.floormod(tf.math.floordiv(step, self.every), self.slots)
+
+    def write(self, step, slot, values, fired) -> None:
+        """Sets ``slot`` to one step's summed contributions (graph side)."""
+        row = tf.concat([[tf.cast(step, tf.float64)], values], 0)
+        tf.raw_ops.ResourceScatterUpdate(resource=self.stats.handle, indices=slot, updates=row)
+        if fired is None:
+            fired = tf.zeros(self.fired.shape[1:], tf.float32)
+        tf.raw_ops.ResourceScatterUpdate(resource=self.fired.handle, indices=slot, updates=fired)
+
+    def accumulate(self, slot, values, fired) -> None:
+        """Adds contributions to ``slot`` (after `write` of the same step)."""
+        row = tf.pad(values, [[1, 0]])
+        tf.raw_ops.ResourceScatterAdd(resource=self.stats.handle, indices=slot, updates=row)
+        if fired is not None:
+            tf.raw_ops.ResourceScatterMax(resource=self.fired.handle, indices=slot,
+                                          updates=fired)
 
     def values(self, batch=None) -> list[tuple[int, dict]]:
         """Host side: ``(step, {quantity: value})`` of every recorded slot, by step.
@@ -209,6 +267,7 @@ class ActivationProbes:
         self._saved: list = []
         self._last_step = -1
         self._pending: list = []
+        self._opened: set = set()
         self._graph = None
         self._step = None
         self._pred = None
@@ -235,7 +294,7 @@ class ActivationProbes:
                         getattr(cell, "recurrent_activation", None)) == "sigmoid":
                     self.unprobed[name] = "cuDNN-eligible RNN on GPU (wrapping disables cuDNN)"
                     continue
-                self._wrap_attr(cell, "activation", name, layer in outputs, known)
+                self._wrap_attr(cell, "activation", name, layer in outputs, known, cell=True)
             elif type(layer).__name__ in _ACTIVATION_LAYERS:
                 self._wrap_call(layer, name, layer in outputs, known)
             elif callable(getattr(layer, "activation", None)) and not hasattr(layer, "cell"):
@@ -253,13 +312,14 @@ class ActivationProbes:
                 logger.debug("could not restore %s", attr, exc_info=True)
         self._saved = []
 
-    def _probe(self, name, fn, is_output, known) -> Optional[_Probe]:
+    def _probe(self, name, fn, is_output, known, cell=False) -> Optional[_Probe]:
         kind, limits = classify(fn)
         if kind == "linear":
             return None
         probe = known.get(name)
-        if probe is None or probe.kind != kind:
-            probe = _Probe(name, kind, limits, is_output)
+        if probe is None or (probe.kind, probe.limits, probe.activation) != (
+                kind, limits, activation_name(fn)):
+            probe = _Probe(name, kind, limits, is_output, activation_name(fn), cell)
             probe.every, probe.slots = self.every, self.slots
             self.probes = [p for p in self.probes if p.name != name] + [probe]
         return probe
@@ -269,9 +329,9 @@ class ActivationProbes:
         self._saved.append((obj, attr, had, vars(obj).get(attr)))
         object.__setattr__(obj, attr, value)
 
-    def _wrap_attr(self, obj, attr, name, is_output, known) -> None:
+    def _wrap_attr(self, obj, attr, name, is_output, known, cell=False) -> None:
         original = getattr(obj, attr)
-        probe = self._probe(name, original, is_output, known)
+        probe = self._probe(name, original, is_output, known, cell)
         if probe is None:
             return
         probes = self
@@ -304,44 +364,64 @@ class ActivationProbes:
         """Starts a traced train step: computes the probe-step predicate once.
 
         Called at the start of the train step's trace, in its graph. Probes
-        recorded in that graph are collected and updated together under one
-        ``tf.cond`` (`finish_step`); probes recorded in a nested graph (an RNN
-        cell inside its time loop) use this predicate, captured into the loop
-        body, instead of reading the step counter at every timestep.
+        recorded in that graph are summed per probe and written together under
+        one ``tf.cond`` (`finish_step`). Probes recorded in a nested graph (an
+        RNN cell inside its time loop) add into their slot with one scatter op
+        per call, under this predicate captured into the loop body; their slot
+        is cleared once in the step's graph, before the loop (`_open`).
         """
         self._pending = []
+        self._opened = set()
         self._graph = None
-        self._step = None
+        self._step = self._slot = None
         self._pred = None
         for probe in self.probes:
             probe.every, probe.slots = self.every, self.slots
         try:
             self._graph = tf.compat.v1.get_default_graph()
             self._step = tf.cast(self.step_fn(), tf.int64)
+            self._slot = tf.math.floormod(tf.math.floordiv(self._step, self.every), self.slots)
             if self.log_mode == "always":  # every traced step probes: no condition
                 self._pred = True
             else:
                 self._pred = tf.equal(tf.math.floormod(self._step, self.every), 0)
         except Exception:  # noqa: BLE001 - fall back to per-call predicates
             logger.debug("probe predicate failed", exc_info=True)
-            self._graph = self._step = self._pred = None
+            self._graph = self._step = self._slot = self._pred = None
 
     def finish_step(self) -> None:
-        """Adds one ``tf.cond`` updating every probe collected in the step's graph."""
+        """Adds one ``tf.cond`` writing every probe collected in the step's graph."""
         pending, self._pending = getattr(self, "_pending", []), []
         if not pending:
             return
         if self._graph is not tf.compat.v1.get_default_graph():
             return  # not in the graph the activations came from (should not happen)
-        step = self._step
+        step, slot, opened = self._step, self._slot, set(getattr(self, "_opened", ()))
 
         def update():
+            summed: dict = {}  # a layer called several times in one step: one row
             for probe, pre, out in pending:
+                if probe.cell and id(probe) in opened:
+                    # Keras runs the cell once before its loop for the output
+                    # shape and discards the result; the loop covers every
+                    # timestep. Not reading it also lets the call be pruned.
+                    continue
                 try:
-                    probe.update(step, pre, out)
+                    values, fired = probe.contribution(pre, out)
                 except Exception:  # noqa: BLE001 - a probe must never break training
                     logger.debug("probe %s failed", probe.name, exc_info=True)
                     self.unprobed[probe.name] = "probe failed while tracing"
+                    continue
+                if id(probe) in summed:
+                    _, values_before, fired_before = summed[id(probe)]
+                    values = values + values_before
+                    fired = fired if fired_before is None else tf.maximum(fired, fired_before)
+                summed[id(probe)] = (probe, values, fired)
+            for probe, values, fired in summed.values():
+                if id(probe) in opened:  # its slot was cleared before an RNN loop
+                    probe.accumulate(slot, values, fired)
+                else:
+                    probe.write(step, slot, values, fired)
             return tf.constant(True)
 
         try:
@@ -353,6 +433,30 @@ class ActivationProbes:
             logger.debug("probes failed", exc_info=True)
             for probe, _, _ in pending:
                 self.unprobed[probe.name] = "probe failed while tracing"
+
+    def _open(self, probe: _Probe, out) -> None:
+        """Clears ``probe``'s slot of this step in the step's graph (once per trace).
+
+        Called while a nested graph (a loop body) is traced: the clearing op is
+        created in the outer graph now, hence ordered before the loop op that
+        will add into the slot.
+        """
+        if id(probe) in self._opened:
+            return
+        units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
+        probe.ensure_variables(units)
+        step, slot = self._step, self._slot
+
+        def clear():
+            probe.write(step, slot, tf.zeros([4], tf.float64), None)
+            return tf.constant(True)
+
+        with self._graph.as_default():
+            if self._pred is True:
+                clear()
+            else:
+                rare_cond(self._pred, clear)
+        self._opened.add(id(probe))
 
     def _record(self, probe: _Probe, pre, out) -> None:
         if not self.tracing:
@@ -366,14 +470,21 @@ class ActivationProbes:
             if pred is not None and graph is self._graph:
                 self._pending.append((probe, pre, out))
                 return
-            if pred is not None:
-                step = self._step  # captured from the train step's graph
-            else:
+            if pred is not None:  # nested graph: add into the slot cleared before the loop
+                slot = self._slot  # captured from the train step's graph
+                self._open(probe, out)
+
+                def store(values, fired):
+                    probe.accumulate(slot, values, fired)
+            else:  # no step predicate: each call sets the slot on its own
                 step = tf.cast(self.step_fn(), tf.int64)
                 pred = tf.equal(tf.math.floormod(step, self.every), 0)
 
+                def store(values, fired):
+                    probe.write(step, probe.slot(step), values, fired)
+
             def update():
-                probe.update(step, pre, out)
+                store(*probe.contribution(pre, out))
                 return tf.constant(True)
 
             if pred is True:

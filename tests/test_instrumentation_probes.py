@@ -118,6 +118,81 @@ def test_layer_statistics_match_numpy_reference(kind, jit, tmp_path):
     assert run.inputs["mean"].names == ("x[0]", "x[1]", "x[2]")
 
 
+def _rnn_weights(rng):
+    """tanh RNN (saturating), ReLU RNN with two dead units, ReLU layer with mean ~1e4."""
+    return [(rng.standard_normal((3, 4)) * 3).astype("float32"),
+            (rng.standard_normal((4, 4)) * 0.5).astype("float32"),
+            np.zeros(4, "float32"),
+            rng.standard_normal((4, 5)).astype("float32"),
+            (rng.standard_normal((5, 5)) * 0.3).astype("float32"),
+            np.array([-50, -50, 0, 0.5, 0], "float32"),
+            (rng.standard_normal((5, 3)) * 2).astype("float32"),
+            np.full(3, 1e4, "float32"),
+            rng.standard_normal((3, 1)).astype("float32"),
+            np.zeros(1, "float32")]
+
+
+def _rnn_reference(weights, x):
+    """Statistics over every timestep's activation (the cell runs once per timestep)."""
+    k1, u1, b1, k2, u2, b2, k3, b3 = [w.astype(np.float64) for w in weights[:8]]
+    h1, h2, pre1, out1, pre2, out2 = np.zeros((len(x), 4)), np.zeros((len(x), 5)), [], [], [], []
+    for t in range(x.shape[1]):
+        pre = x[:, t] @ k1 + h1 @ u1 + b1
+        h1 = np.tanh(pre)
+        pre1.append(pre)
+        out1.append(h1)
+        pre = h1 @ k2 + h2 @ u2 + b2
+        h2 = np.maximum(pre, 0)
+        pre2.append(pre)
+        out2.append(h2)
+    pre1, out1, pre2, out2 = map(np.stack, (pre1, out1, pre2, out2))
+    offset = np.maximum(h2 @ k3 + b3, 0)
+    return {
+        "rnn_tanh": {"sat": np.mean((np.abs(pre1) >= 5) | (np.abs(out1) >= 1 - 2e-3)),
+                     "mean": out1.mean(), "std": out1.std()},
+        "rnn_relu": {"dead": np.mean(~(pre2 > 0).any(axis=(0, 1))),
+                     "mean": out2.mean(), "std": out2.std()},
+        "offset": {"dead": 0.0, "mean": offset.mean(), "std": offset.std()},
+    }
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_rnn_cells_accumulate_every_timestep_and_std_survives_a_large_mean(jit, tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 6, 3)).astype("float32")
+    y = rng.standard_normal((32, 1)).astype("float32")
+    inputs = keras.Input((6, 3))
+    h = keras.layers.SimpleRNN(4, activation="tanh", return_sequences=True,
+                               name="rnn_tanh")(inputs)
+    h = keras.layers.SimpleRNN(5, activation="relu", name="rnn_relu")(h)
+    h = keras.layers.Dense(3, activation="relu", name="offset")(h)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
+    weights = _rnn_weights(rng)
+    model.set_weights(weights)
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=jit)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=1)])
+    run = load_run(str(tmp_path))
+    ref = _rnn_reference(weights, x.astype(np.float64))
+    mean, std = run.layers["act_mean"], run.layers["act_std"]
+    assert set(mean.names) == set(ref)
+    assert list(mean.steps) == [0, 1]  # the second step's slot starts from zero again
+    for name, expected in ref.items():
+        j = mean.names.index(name)
+        for step in (0, 1):
+            np.testing.assert_allclose(mean.values[step, j], expected["mean"], rtol=1e-4)
+            np.testing.assert_allclose(std.values[step, j], expected["std"], rtol=1e-3)
+    assert 0.5 < ref["offset"]["std"] < 1e3 <= ref["offset"]["mean"]
+    dead = run.layers["dead_fraction"]
+    assert sorted(dead.names) == ["offset", "rnn_relu"]
+    assert dead.values[1, dead.names.index("rnn_relu")] == pytest.approx(ref["rnn_relu"]["dead"])
+    assert ref["rnn_relu"]["dead"] == pytest.approx(0.4)  # the -50 biases
+    sat = run.layers["saturated_fraction"]
+    assert sat.names == ("rnn_tanh",)
+    assert sat.values[1, 0] == pytest.approx(ref["rnn_tanh"]["sat"], abs=1e-6)
+    assert ref["rnn_tanh"]["sat"] > 0.1
+
+
 def test_probes_run_every_n_steps_only_and_leave_eval_untouched(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((160, 3)).astype("float32")
