@@ -1,0 +1,216 @@
+"""One probed activation: its kind, its device-side slots and their statistics.
+
+`classify` decides what a layer's activation is (ReLU family, saturating with
+which limits, linear, other); `Probe` holds one layer's float64
+``[slots, 5]`` statistics (``step, count, saturated, sum, sum_sq``) and
+float32 ``[slots, units]`` "ever fired" mask, computes one call's
+contribution in graph (`Probe.contribution`), writes or adds it into a slot,
+and turns the slots back into per-step quantities on the host
+(`Probe.values`). `instrumentation.probes` wraps the layers and decides when
+these run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from instrumentation import readback
+
+RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu",
+                         "swish", "celu", "hard_silu", "hard_swish", "mish", "prelu"})
+SATURATING = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softmax": (0.0, 1.0),
+              "hard_sigmoid": (0.0, 1.0), "softsign": (-1.0, 1.0), "hard_tanh": (-1.0, 1.0)}
+PRE_THRESHOLD = 5.0  # |x| >= 5: derivative of sigmoid/tanh ~ 0 (DeepDiagnosis)
+LIMIT_TOLERANCE = 1e-3
+# Element-wise, monotone activations whose |pre| >= 5 rule is a bound on the output.
+_ELEMENTWISE_PRE_RULE = {"sigmoid": tf.math.sigmoid, "tanh": tf.math.tanh}
+
+
+def activation_name(fn: Any) -> str:
+    """Canonical lower-case name of an activation callable ("" when none)."""
+    if fn is None:
+        return ""
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return str(name).lower()
+
+
+def classify(fn: Callable) -> tuple[str, Optional[tuple[float, float]]]:
+    """Kind of an activation: ``("relu"|"saturating"|"linear"|"other", limits)``.
+
+    Known names are looked up; custom callables are evaluated once, eagerly,
+    on a grid: ``max(x, 0)``-like functions are ReLU family, functions flat at
+    both ends are saturating with those limits.
+    """
+    name = activation_name(fn)
+    if name in ("linear", "identity", ""):
+        return "linear", None
+    if name in RELU_FAMILY:
+        return "relu", None
+    if name in SATURATING:
+        return "saturating", SATURATING[name]
+    try:
+        with tf.init_scope():
+            grid = np.concatenate([[-1e5, -9e4], np.linspace(-50, 50, 201), [9e4, 1e5]])
+            ys = np.asarray(fn(tf.constant(grid, tf.float32)), np.float64)
+    except Exception:  # noqa: BLE001 - an exotic callable: mean/std only
+        return "other", None
+    if ys.shape != grid.shape or not np.isfinite(ys[2:-2]).all():
+        return "other", None
+    if np.allclose(ys, np.maximum(grid, 0.0), rtol=1e-4, atol=1e-4):
+        return "relu", None
+    if np.allclose(ys, grid, rtol=1e-4, atol=1e-4):
+        return "linear", None
+    lo, hi = ys[0], ys[-1]
+    if np.isfinite([lo, hi]).all() and abs(ys[1] - lo) < 1e-6 and abs(ys[-2] - hi) < 1e-6 \
+            and hi - lo > 0 and (ys >= lo - 1e-6).all() and (ys <= hi + 1e-6).all():
+        return "saturating", (float(lo), float(hi))
+    return "other", None
+
+
+class Probe:
+    """State of one probed activation (one layer)."""
+
+    def __init__(self, name: str, kind: str, limits, is_output: bool, activation: str = "",
+                 cell: bool = False):
+        self.name = name
+        self.cell = cell  # an RNN cell's activation: called once per timestep
+        self.kind = kind
+        self.limits = limits
+        self.is_output = is_output
+        self.activation = activation
+        self.every = 1
+        self.slots = 2
+        self.stats = None  # float64 [slots, 5]: step, count, saturated, sum, sum_sq
+        self.fired = None  # float32 [slots, units]: 1 where the unit was ever positive
+        self._bounds = None
+
+    def ensure_variables(self, units: int) -> None:
+        if self.fired is not None and tuple(self.fired.shape) == (self.slots, units):
+            return
+        with tf.init_scope():
+            empty = np.zeros([self.slots, 5])
+            empty[:, 0] = -1.0
+            self.stats = tf.Variable(empty, dtype=tf.float64, trainable=False,
+                                     name="stability_probe")
+            self.fired = tf.Variable(tf.zeros([self.slots, units], tf.float32),
+                                     trainable=False, name="stability_probe_fired")
+
+    def saturation_bounds(self) -> tuple[float, float]:
+        """Output values at or beyond which an element counts as saturated.
+
+        Within `LIMIT_TOLERANCE` of a limit; for the element-wise sigmoid and
+        tanh also ``|pre-activation| >= 5``, which for a monotone function is
+        the output at ``-5`` / ``+5`` (evaluated once with the same kernel).
+        """
+        if self._bounds is None:
+            lo, hi = self.limits
+            tol = LIMIT_TOLERANCE * (hi - lo)
+            low, high = lo + tol, hi - tol
+            function = _ELEMENTWISE_PRE_RULE.get(self.activation)
+            if function is not None:
+                with tf.init_scope():
+                    at = function(tf.constant([-PRE_THRESHOLD, PRE_THRESHOLD], tf.float32))
+                    at = np.asarray(at, np.float32)
+                low, high = max(low, float(at[0])), min(high, float(at[1]))
+            self._bounds = (np.float32(low), np.float32(high))
+        return self._bounds
+
+    def contribution(self, pre, out) -> tuple[tf.Tensor, Optional[tf.Tensor]]:
+        """Statistics of one call (graph side): ``([count, saturated, sum, sum_sq], fired)``.
+
+        float64 values from float32 reductions (no float64 copy of the
+        activation). Bounded outputs (sigmoid, tanh, ...: ``|x| <= 1``) are
+        summed directly; unbounded ones are centred on their mean first, so the
+        standard deviation survives a large mean. ``fired`` (ReLU family only,
+        else None) is 1 for units with a positive pre-activation in this call.
+        Few ops on purpose: inside an RNN loop this runs at every timestep.
+        """
+        out = tf.cast(out, tf.float32)
+        units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
+        self.ensure_variables(units)
+        size = out.shape.num_elements()
+        count = tf.constant([float(size)], tf.float64) if size is not None \
+            else tf.reshape(tf.cast(tf.size(out), tf.float64), [1])
+        if self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0:
+            sums = [tf.reduce_sum(out), 2.0 * tf.nn.l2_loss(out)]
+        else:
+            mean = tf.reduce_mean(out)
+            centred = tf.cast(2.0 * tf.nn.l2_loss(out - mean), tf.float64)
+            total = count * tf.cast(mean, tf.float64)
+            sums = [total, centred + total * tf.cast(mean, tf.float64)]
+            sums = [tf.reshape(tf.concat(sums, 0), [2])]
+        saturated = tf.constant(0.0, tf.float32)
+        if self.kind == "saturating":
+            low, high = self.saturation_bounds()
+            middle, half = (low + high) / np.float32(2), (high - low) / np.float32(2)
+            near = tf.abs(out - middle if middle else out) >= half
+            if pre is not None and self.activation not in _ELEMENTWISE_PRE_RULE \
+                    and activation_name_known_pre(self):
+                near = tf.logical_or(near, tf.abs(tf.cast(pre, tf.float32)) >= PRE_THRESHOLD)
+            saturated = tf.reduce_sum(tf.cast(near, tf.float32))
+        if len(sums) == 2:  # bounded: one float32 vector, one cast
+            values = tf.concat([count, tf.cast(tf.stack([saturated] + sums), tf.float64)], 0)
+        else:
+            values = tf.concat([count, tf.cast(tf.reshape(saturated, [1]), tf.float64),
+                                sums[0]], 0)
+        fired = None
+        if self.kind == "relu":
+            source = pre if pre is not None else out
+            source = tf.reshape(tf.cast(source, tf.float32), [-1, units])
+            fired = tf.cast(tf.reduce_max(source, axis=0) > 0, tf.float32)
+        return values, fired
+
+    def slot(self, step) -> tf.Tensor:
+        """The ring slot of ``step`` (graph side)."""
+        return tf.math.floormod(tf.math.floordiv(step, self.every), self.slots)
+
+    def write(self, step, slot, values, fired) -> None:
+        """Sets ``slot`` to one step's summed contributions (graph side)."""
+        row = tf.concat([[tf.cast(step, tf.float64)], values], 0)
+        tf.raw_ops.ResourceScatterUpdate(resource=self.stats.handle, indices=slot, updates=row)
+        if fired is None:
+            fired = tf.zeros(self.fired.shape[1:], tf.float32)
+        tf.raw_ops.ResourceScatterUpdate(resource=self.fired.handle, indices=slot, updates=fired)
+
+    def accumulate(self, slot, values, fired) -> None:
+        """Adds contributions to ``slot`` (after `write` of the same step)."""
+        row = tf.pad(values, [[1, 0]])
+        tf.raw_ops.ResourceScatterAdd(resource=self.stats.handle, indices=slot, updates=row)
+        if fired is not None:
+            tf.raw_ops.ResourceScatterMax(resource=self.fired.handle, indices=slot,
+                                          updates=fired)
+
+    def values(self, batch=None) -> list[tuple[int, dict]]:
+        """Host side: ``(step, {quantity: value})`` of every recorded slot, by step.
+
+        Args:
+          batch: Optional `readback.BatchedRead` holding this read's values.
+        """
+        if self.stats is None:
+            return []
+        stats = readback.fetch(self.stats, batch)
+        dead = None
+        if self.kind == "relu":
+            dead = 1.0 - readback.fetch(self.fired, batch).mean(axis=1, dtype=np.float64)
+        found = []
+        for slot in np.argsort(stats[:, 0], kind="stable"):
+            step, count, saturated, total, total_sq = stats[slot].tolist()
+            if step < 0 or count <= 0:
+                continue
+            mean = total / count
+            var = max(total_sq / count - mean * mean, 0.0)
+            out = {"act_mean": mean, "act_std": float(np.sqrt(var))}
+            if dead is not None:
+                out["dead_fraction"] = float(dead[slot])
+            if self.kind == "saturating" and not self.is_output:
+                out["saturated_fraction"] = saturated / count
+            found.append((int(step), out))
+        return found
+
+
+def activation_name_known_pre(probe: Probe) -> bool:
+    """Whether the |pre-activation| >= 5 rule applies (standard sigmoid/tanh)."""
+    return probe.limits in ((0.0, 1.0), (-1.0, 1.0)) and probe.kind == "saturating"
