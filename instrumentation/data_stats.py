@@ -193,7 +193,7 @@ class DataStats:
 
 def _column_stats(matrix) -> tf.Tensor:
     mean = tf.reduce_mean(matrix, axis=0)
-    std = tf.sqrt(tf.maximum(tf.reduce_mean(tf.square(matrix - mean), axis=0), 0.0))
+    std = tf.sqrt(tf.maximum(tf.reduce_mean(tf.math.squared_difference(matrix, mean), axis=0), 0.0))
     return tf.stack([mean, std, tf.reduce_min(matrix, axis=0), tf.reduce_max(matrix, axis=0)])
 
 

@@ -319,16 +319,13 @@ class StepStats:
                 for snap, variable in zip(self.snapshots, self.variables):
                     before = tf.cast(tf.convert_to_tensor(snap), tf.float32)
                     after = tf.cast(_read(variable), tf.float32)
-                    weight.append(tf.norm(tf.reshape(before, [-1])))
-                    delta.append(tf.norm(tf.reshape(after - before, [-1])))
-                weight_norm = tf.stack(weight) if weight else tf.zeros([0], tf.float32)
-                delta_norm = tf.stack(delta) if delta else tf.zeros([0], tf.float32)
-                ratio = tf.math.divide_no_nan(delta_norm, weight_norm)
+                    weight.append(tf.nn.l2_loss(before))  # fused: no squared temporary
+                    delta.append(tf.nn.l2_loss(after - before))
+                weight_norm = _norms_from_halves(weight)
+                ratio = tf.math.divide_no_nan(_norms_from_halves(delta), weight_norm)
             else:
-                weight_norm = tf.stack([
-                    tf.norm(tf.reshape(tf.cast(_read(v), tf.float32), [-1]))
-                    for v in self.variables
-                ]) if self.variables else tf.zeros([0], tf.float32)
+                weight_norm = _norms_from_halves([
+                    tf.nn.l2_loss(tf.cast(_read(v), tf.float32)) for v in self.variables])
                 ratio = tf.fill(tf.shape(weight_norm), tf.constant(np.nan, tf.float32))
             stats = tf.stack([grad_norm, weight_norm, ratio])
             slot = tf.math.floormod(tf.math.floordiv(state.step, self.every), self.slots)
@@ -389,6 +386,13 @@ def _scalar(value: Any) -> tf.Tensor:
     if value.shape.rank != 0:
         value = tf.reshape(value, [])
     return tf.cast(value, tf.float64)
+
+
+def _norms_from_halves(halves: Sequence[tf.Tensor]) -> tf.Tensor:
+    """``[sqrt(2 * h) for h in halves]`` as one float32 vector (``h = sum(x**2) / 2``)."""
+    if not halves:
+        return tf.zeros([0], tf.float32)
+    return tf.sqrt(2.0 * tf.stack(halves))
 
 
 def _read(variable: Any) -> tf.Tensor:
