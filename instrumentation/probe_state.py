@@ -119,29 +119,20 @@ class Probe:
         return self._bounds
 
     def contribution(self, pre, out) -> tuple[tf.Tensor, Optional[tf.Tensor]]:
-        """Statistics of one call (graph side): ``([count, saturated, sum, sum_sq], fired)``.
+        """Statistics of one call (graph side): ``(row, fired)``.
 
-        float64 values from float32 reductions (no float64 copy of the
-        activation). Bounded outputs (sigmoid, tanh, ...: ``|x| <= 1``) are
-        summed directly; unbounded ones are centred on their mean first, so the
-        standard deviation survives a large mean. ``fired`` (ReLU family only,
-        else None) is 1 for units with a positive pre-activation in this call.
-        Few ops on purpose: inside an RNN loop this runs at every timestep.
+        ``row`` is float64 ``[0, count, saturated, sum, sum_sq]`` (a zero in
+        the step column, so rows add up), from float32 reductions: no float64
+        copy of the activation. Bounded outputs (sigmoid, tanh, ...:
+        ``|x| <= 1``) are summed directly; unbounded ones are centred on their
+        mean first, so the standard deviation survives a large mean. ``fired``
+        (ReLU family only, else None) is 1 for units with a positive
+        pre-activation in this call. Few ops on purpose: inside an RNN loop
+        this runs at every timestep.
         """
         out = tf.cast(out, tf.float32)
         units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
         self.ensure_variables(units)
-        size = out.shape.num_elements()
-        count = tf.constant([float(size)], tf.float64) if size is not None \
-            else tf.reshape(tf.cast(tf.size(out), tf.float64), [1])
-        if self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0:
-            sums = [tf.reduce_sum(out), 2.0 * tf.nn.l2_loss(out)]
-        else:
-            mean = tf.reduce_mean(out)
-            centred = tf.cast(2.0 * tf.nn.l2_loss(out - mean), tf.float64)
-            total = count * tf.cast(mean, tf.float64)
-            sums = [total, centred + total * tf.cast(mean, tf.float64)]
-            sums = [tf.reshape(tf.concat(sums, 0), [2])]
         saturated = tf.constant(0.0, tf.float32)
         if self.kind == "saturating":
             low, high = self.saturation_bounds()
@@ -151,33 +142,43 @@ class Probe:
                     and activation_name_known_pre(self):
                 near = tf.logical_or(near, tf.abs(tf.cast(pre, tf.float32)) >= PRE_THRESHOLD)
             saturated = tf.reduce_sum(tf.cast(near, tf.float32))
-        if len(sums) == 2:  # bounded: one float32 vector, one cast
-            values = tf.concat([count, tf.cast(tf.stack([saturated] + sums), tf.float64)], 0)
+        size = out.shape.num_elements()
+        bounded = self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0
+        if bounded and size is not None and size < 2 ** 24:  # exact in float32
+            row = tf.stack([0.0, float(size), saturated, tf.reduce_sum(out),
+                            2.0 * tf.nn.l2_loss(out)])
+            row = tf.cast(row, tf.float64)  # one cast for the whole row
         else:
-            values = tf.concat([count, tf.cast(tf.reshape(saturated, [1]), tf.float64),
-                                sums[0]], 0)
+            count = tf.cast(tf.size(out), tf.float64)
+            mean = tf.reduce_mean(out)
+            mean64 = tf.cast(mean, tf.float64)
+            centred = tf.cast(2.0 * tf.nn.l2_loss(out - mean if not bounded else out),
+                              tf.float64)
+            total = count * mean64
+            total_sq = centred + total * mean64 if not bounded else centred
+            row = tf.stack([tf.constant(0.0, tf.float64), count,
+                            tf.cast(saturated, tf.float64), total, total_sq])
         fired = None
         if self.kind == "relu":
             source = pre if pre is not None else out
             source = tf.reshape(tf.cast(source, tf.float32), [-1, units])
             fired = tf.cast(tf.reduce_max(source, axis=0) > 0, tf.float32)
-        return values, fired
+        return row, fired
 
     def slot(self, step) -> tf.Tensor:
         """The ring slot of ``step`` (graph side)."""
         return tf.math.floormod(tf.math.floordiv(step, self.every), self.slots)
 
-    def write(self, step, slot, values, fired) -> None:
-        """Sets ``slot`` to one step's summed contributions (graph side)."""
-        row = tf.concat([[tf.cast(step, tf.float64)], values], 0)
+    def write(self, step, slot, row, fired) -> None:
+        """Sets ``slot`` to one step's summed contribution rows (graph side)."""
+        row = tf.concat([[tf.cast(step, tf.float64)], row[1:]], 0)
         tf.raw_ops.ResourceScatterUpdate(resource=self.stats.handle, indices=slot, updates=row)
         if fired is None:
             fired = tf.zeros(self.fired.shape[1:], tf.float32)
         tf.raw_ops.ResourceScatterUpdate(resource=self.fired.handle, indices=slot, updates=fired)
 
-    def accumulate(self, slot, values, fired) -> None:
-        """Adds contributions to ``slot`` (after `write` of the same step)."""
-        row = tf.pad(values, [[1, 0]])
+    def accumulate(self, slot, row, fired) -> None:
+        """Adds a contribution row to ``slot`` (after `write` of the same step)."""
         tf.raw_ops.ResourceScatterAdd(resource=self.stats.handle, indices=slot, updates=row)
         if fired is not None:
             tf.raw_ops.ResourceScatterMax(resource=self.fired.handle, indices=slot,

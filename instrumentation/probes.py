@@ -252,7 +252,7 @@ class ActivationProbes:
         step, slot = self._step, self._slot
 
         def clear():
-            probe.write(step, slot, tf.zeros([4], tf.float64), None)
+            probe.write(step, slot, tf.zeros([5], tf.float64), None)
             return tf.constant(True)
 
         with self._graph.as_default():
