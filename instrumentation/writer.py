@@ -43,6 +43,8 @@ _DT = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}  # tensorflow DataType 
 def _varint(value: int) -> bytes:
     if value < 0x80:
         return _ONE_BYTE[value]
+    if value < 0x4000:  # steps below 16384, lengths of summaries below 16 KiB
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while True:
         bits = value & 0x7F
@@ -67,25 +69,31 @@ def encode_summary(tag: str, array: np.ndarray, metadata: bytes) -> bytes:
 
     The same fields as TensorFlow's ``WriteSummary`` kernel (``tag``, a
     ``TensorProto`` with ``dtype``, ``tensor_shape`` and ``tensor_content``,
-    and the metadata), encoded directly: float32/float64 arrays only. The
-    parts that repeat from one step to the next are cached.
+    and the metadata), encoded directly: float32/float64 arrays only. For a
+    given tag, metadata, dtype and shape every byte but the tensor content is
+    the same from one step to the next, so those bytes are cached.
     """
     array = np.ascontiguousarray(array)
-    tensor = _tensor_header(_DT[array.dtype], array.shape) + _field(4, array.tobytes())
-    tag_field, meta_field = _value_parts(tag, metadata)
-    return _field(1, tag_field + _field(8, tensor) + meta_field)
+    prefix, suffix = _summary_frame(tag, metadata, _DT[array.dtype], array.shape,
+                                    array.nbytes)
+    return prefix + array.tobytes() + suffix
 
 
 @functools.lru_cache(maxsize=256)
-def _tensor_header(dtype: int, shape: tuple) -> bytes:
+def _summary_frame(tag: str, metadata: bytes, dtype: int, shape: tuple,
+                   nbytes: int) -> tuple[bytes, bytes]:
+    """The bytes of `encode_summary` before and after the tensor content."""
     dims = b"".join(_field(2, b"\x08" + _varint(int(d))) if d else _field(2, b"")
                     for d in shape)
-    return b"\x08" + _varint(dtype) + _field(2, dims)
-
-
-@functools.lru_cache(maxsize=256)
-def _value_parts(tag: str, metadata: bytes) -> tuple[bytes, bytes]:
-    return _field(1, tag.encode("utf-8")), _field(9, metadata)
+    header = b"\x08" + _varint(dtype) + _field(2, dims)
+    if nbytes:  # proto3 leaves an empty tensor_content out
+        header += _varint(4 << 3 | 2) + _varint(nbytes)
+    tag_field, meta_field = _field(1, tag.encode("utf-8")), _field(9, metadata)
+    tensor_len = len(header) + nbytes
+    tensor_head = _varint(8 << 3 | 2) + _varint(tensor_len)
+    value_len = len(tag_field) + len(tensor_head) + tensor_len + len(meta_field)
+    prefix = _varint(1 << 3 | 2) + _varint(value_len) + tag_field + tensor_head + header
+    return prefix, meta_field
 
 
 def encode_event(step: int, summary: bytes, wall_time: Optional[float] = None) -> bytes:

@@ -22,7 +22,10 @@ def test_encoded_summary_parses_like_tf_summary_write(array):
     from tensorflow.core.framework import summary_pb2
 
     meta = _metadata("grad_norm", ["a", "b"])
-    value = summary_pb2.Summary.FromString(encode_summary("stability/x", array, meta)).value[0]
+    encoded = encode_summary("stability/x", array, meta)
+    summary = summary_pb2.Summary.FromString(encoded)
+    assert summary.SerializeToString() == encoded  # protobuf's own bytes, field for field
+    value = summary.value[0]
     back = tf.make_ndarray(value.tensor)
     assert value.tag == "stability/x"
     assert value.metadata.SerializeToString() == meta
