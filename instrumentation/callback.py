@@ -38,9 +38,9 @@ import keras
 import tensorflow as tf
 
 from instrumentation import distribute
-from instrumentation import flush_policy
 from instrumentation import optimizer_step
 from instrumentation import readback
+from instrumentation import train_hooks
 from instrumentation.extras import CallbackExtras
 from instrumentation.live import LiveDiagnosis, warning_line
 from instrumentation.stats import ColumnsWriter, StepStats
@@ -48,21 +48,6 @@ from instrumentation.writer import Drainer, SummaryWriter, run_info, warn_disabl
 from tb_stability import schema
 
 logger = logging.getLogger("instrumentation")
-_NORMAL_END = (StopIteration, tf.errors.OutOfRangeError)
-MIN_READ_STEPS = 32
-
-
-def read_interval(every: int) -> int:
-    """Steps between two host reads: ``every``, or its first multiple >= `MIN_READ_STEPS`.
-
-    Each read costs about a millisecond of host time (one batched
-    device-to-host copy, one summary write); with a small ``every`` the
-    records of several log steps wait in device-side slots instead.
-    """
-    every = max(1, int(every))
-    return every * -(-MIN_READ_STEPS // every)
-
-
 class StabilityCallback(keras.callbacks.Callback):
     """Records per-step and per-variable training-stability signals.
 
@@ -200,7 +185,7 @@ class StabilityCallback(keras.callbacks.Callback):
         if optimizer is None:
             raise ValueError("the model has no optimizer; compile it first")
         self._spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
-        self._read_interval = self.read_every or read_interval(self.every)
+        self._read_interval = self.read_every or train_hooks.read_interval(self.every)
         self._capacity = self._read_interval + self._spe + 1
         self._start_step = int(distribute.micro_iterations(optimizer).numpy())
         self._next_step = self._start_step  # host count of the next step
@@ -251,13 +236,13 @@ class StabilityCallback(keras.callbacks.Callback):
 
     def _install(self, model, optimizer) -> None:
         self._saved = []
-        self._patch(optimizer, "apply", self._make_apply(optimizer, optimizer.apply))
-        self._patch(optimizer, "scale_loss", self._make_loss_hook(optimizer.scale_loss, scale=True))
-        self._patch(model, "compute_loss", self._make_loss_hook(model.compute_loss, scale=False))
-        self._patch(model, "fit", self._make_fit_guard(model.fit))
+        self._patch(optimizer, "apply", train_hooks.make_apply(self, optimizer, optimizer.apply))
+        self._patch(optimizer, "scale_loss", train_hooks.make_loss_hook(self, optimizer.scale_loss, scale=True))
+        self._patch(model, "compute_loss", train_hooks.make_loss_hook(self, model.compute_loss, scale=False))
+        self._patch(model, "fit", train_hooks.make_fit_guard(self, model.fit))
         self._install_extras(model, optimizer)
         self._functions = self._train_functions(model)
-        model.train_function = self._make_train_function(self._functions)
+        model.train_function = train_hooks.make_train_function(self, self._functions)
 
     def _train_functions(self, model) -> dict:
         """The train functions the host chooses from, by log mode (`stats.LOG_MODES`).
@@ -364,132 +349,6 @@ class StabilityCallback(keras.callbacks.Callback):
     def _install_extras(self, model, optimizer) -> None:
         """Probes, data statistics and NaN capture; see `instrumentation.extras`."""
         self._extras.install(model, optimizer)
-
-    # ------------------------------------------------------------- wrappers
-
-    def _make_apply(self, optimizer, original):
-        callback = self
-
-        def apply(grads, trainable_variables=None):
-            if not callback._active or callback._broken:
-                return original(grads, trainable_variables)
-            try:
-                grads = list(grads)
-                variables = (
-                    list(trainable_variables)
-                    if trainable_variables is not None
-                    else list(getattr(optimizer, "_trainable_variables", []) or []) or None
-                )
-                stats = callback._ensure_stats(variables)
-                stats.log_mode = callback._trace_mode
-                loss = callback._captured_loss()
-                # The NaN capture, inside the statistics' own non-finite branch.
-                hook = callback._extras.nonfinite_hook(optimizer, variables)
-                state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
-                                                            loss=loss, on_nonfinite=hook)
-                stats.snapshot(state)
-            except Exception as error:  # noqa: BLE001
-                callback._fail(error)
-                return original(grads, trainable_variables)
-            if hook is None:  # loss scaling: the capture counts skips at every step
-                callback._extras.before_update(optimizer, grads, variables,
-                                               state.local_nonfinite)
-            result = original(grads, trainable_variables)
-            try:
-                if skipped is not None:  # a skipped step does not advance iterations
-                    stats.skips.assign(skipped)
-                stats.record_update(state)
-            except Exception as error:  # noqa: BLE001
-                callback._fail(error)
-            return result
-
-        return apply
-
-    def _make_loss_hook(self, original, scale: bool):
-        callback = self
-
-        def hook(*args, **kwargs):
-            result = original(*args, **kwargs)
-            if not callback._active or callback._broken or kwargs.get("training") is False:
-                return result
-            loss = args[0] if scale else result
-            if loss is None:
-                return result
-            try:
-                callback._ensure_stats()
-                # Kept as a tensor of this graph (no variable, no extra op): the
-                # wrapped apply of the same trace reads it.
-                callback._loss_tensor = loss
-                callback._loss_graph = _current_graph()
-            except Exception as error:  # noqa: BLE001
-                callback._fail(error)
-            return result
-
-        return hook
-
-    def _captured_loss(self):
-        """The loss tensor compute_loss/scale_loss produced in this trace (NaN if none)."""
-        captured = self._loss_graph is not None and self._loss_graph is _current_graph()
-        loss, self._loss_tensor, self._loss_graph = self._loss_tensor, None, None
-        if captured:
-            return loss
-        if not self._warned_loss:
-            self._warned_loss = True
-            warnings.warn(
-                "tb-stability: the train step calls neither optimizer.scale_loss "
-                "nor model.compute_loss; the per-step loss is recorded as NaN",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        return tf.constant(float("nan"), tf.float64)
-
-    def _make_train_function(self, functions: dict):
-        callback = self
-        split = len(functions) == 2
-        single_mode, single = next(iter(functions.items()))
-
-        def train_function(iterator):
-            if split:
-                mode = "always" if callback._next_step % callback.every == 0 else "never"
-            else:
-                mode = single_mode
-            original = functions[mode] if split else single
-            callback._trace_mode = mode  # read only while a function is traced
-            try:
-                logs = original(iterator)
-            except _NORMAL_END:
-                raise
-            except BaseException:
-                if callback._active:
-                    callback._guard(callback._finish)
-                raise
-            callback._next_step += callback._spe
-            if callback._active and not callback._broken:
-                callback._since_read += callback._spe
-                if callback._since_read >= callback._read_interval:
-                    callback._since_read = 0
-                    callback._guard(callback._drain)
-                flush_policy.after_train_call(callback)  # time-based flush (crash safety)
-            return logs
-
-        return train_function
-
-    def _make_fit_guard(self, original):
-        callback = self
-
-        def fit(*args, **kwargs):
-            # Only reached when a previous fit raised outside the train step
-            # (e.g. in another callback) and never called on_train_end.
-            if callback._active:
-                callback._guard(callback._finish)
-            return original(*args, **kwargs)
-
-        return fit
-
-
-def _current_graph():
-    return tf.compat.v1.get_default_graph()
-
 
 def _flush_at_exit(ref) -> None:
     callback = ref()

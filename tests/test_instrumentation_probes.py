@@ -81,6 +81,15 @@ def _reference(weights, x):
     }
 
 
+def _fit_frozen(model, weights, x, y, jit, tmp_path, epochs):
+    """Fits with known weights and a zero learning rate (one batch per epoch), every=1."""
+    model.set_weights(weights)
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=jit)
+    model.fit(x, y, batch_size=len(x), epochs=epochs, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=1)])
+    return load_run(str(tmp_path))
+
+
 @pytest.mark.parametrize("kind,jit", [("sequential", False), ("sequential", True),
                                       ("functional", False), ("subclassed", False)])
 def test_layer_statistics_match_numpy_reference(kind, jit, tmp_path):
@@ -90,11 +99,7 @@ def test_layer_statistics_match_numpy_reference(kind, jit, tmp_path):
     model = _model(kind)
     model(x[:1])
     weights = _weights(rng)
-    model.set_weights(weights)
-    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=jit)
-    model.fit(x, y, batch_size=32, epochs=1, verbose=0,
-              callbacks=[StabilityCallback(str(tmp_path), every=1)])
-    run = load_run(str(tmp_path))
+    run = _fit_frozen(model, weights, x, y, jit, tmp_path, epochs=1)
     ref = _reference(weights, x.astype(np.float64))
     mean, std = run.layers["act_mean"], run.layers["act_std"]
     assert set(mean.names) == set(ref)  # linear layers are not probed
@@ -168,11 +173,7 @@ def test_rnn_cells_accumulate_every_timestep_and_std_survives_a_large_mean(jit, 
     h = keras.layers.Dense(3, activation="relu", name="offset")(h)
     model = keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
     weights = _rnn_weights(rng)
-    model.set_weights(weights)
-    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=jit)
-    model.fit(x, y, batch_size=32, epochs=2, verbose=0,
-              callbacks=[StabilityCallback(str(tmp_path), every=1)])
-    run = load_run(str(tmp_path))
+    run = _fit_frozen(model, weights, x, y, jit, tmp_path, epochs=2)
     ref = _rnn_reference(weights, x.astype(np.float64))
     mean, std = run.layers["act_mean"], run.layers["act_std"]
     assert set(mean.names) == set(ref)

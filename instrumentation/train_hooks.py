@@ -1,0 +1,166 @@
+"""The graph- and host-side wrappers `StabilityCallback` installs for one fit.
+
+* `make_apply` wraps ``optimizer.apply``: the per-step row, the NaN capture
+  and the weight snapshot before the update, the per-variable record after.
+* `make_loss_hook` wraps ``optimizer.scale_loss`` and ``model.compute_loss``
+  to keep the raw loss tensor of the trace (Keras' logged loss is a running
+  mean); `captured_loss` hands it to the wrapped ``apply``.
+* `make_train_function` is the ``model.train_function`` the host calls: it
+  picks the log-step or lean train function, reads the statistics every
+  `read_interval` steps and flushes on errors and on time.
+* `make_fit_guard` wraps ``model.fit`` (a previous fit that raised outside the
+  train step is finished first).
+
+Each takes the callback whose state it reads and writes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import tensorflow as tf
+
+from instrumentation import flush_policy
+from instrumentation import optimizer_step
+
+_NORMAL_END = (StopIteration, tf.errors.OutOfRangeError)
+MIN_READ_STEPS = 32
+
+
+def read_interval(every: int) -> int:
+    """Steps between two host reads: ``every``, or its first multiple >= `MIN_READ_STEPS`.
+
+    Each read costs about a millisecond of host time (one batched
+    device-to-host copy, one summary write); with a small ``every`` the
+    records of several log steps wait in device-side slots instead.
+    """
+    every = max(1, int(every))
+    return every * -(-MIN_READ_STEPS // every)
+
+
+def make_apply(callback, optimizer, original):
+    """The wrapped ``optimizer.apply``: the step's statistics before and after the update."""
+
+    def apply(grads, trainable_variables=None):
+        if not callback._active or callback._broken:
+            return original(grads, trainable_variables)
+        try:
+            grads = list(grads)
+            variables = (
+                list(trainable_variables)
+                if trainable_variables is not None
+                else list(getattr(optimizer, "_trainable_variables", []) or []) or None
+            )
+            stats = callback._ensure_stats(variables)
+            stats.log_mode = callback._trace_mode
+            loss = captured_loss(callback)
+            # The NaN capture, inside the statistics' own non-finite branch.
+            hook = callback._extras.nonfinite_hook(optimizer, variables)
+            state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
+                                                        loss=loss, on_nonfinite=hook)
+            stats.snapshot(state)
+        except Exception as error:  # noqa: BLE001
+            callback._fail(error)
+            return original(grads, trainable_variables)
+        if hook is None:  # loss scaling: the capture counts skips at every step
+            callback._extras.before_update(optimizer, grads, variables,
+                                           state.local_nonfinite)
+        result = original(grads, trainable_variables)
+        try:
+            if skipped is not None:  # a skipped step does not advance iterations
+                stats.skips.assign(skipped)
+            stats.record_update(state)
+        except Exception as error:  # noqa: BLE001
+            callback._fail(error)
+        return result
+
+    return apply
+
+
+def make_loss_hook(callback, original, scale: bool):
+    """Wraps ``scale_loss``/``compute_loss`` to keep this trace's raw loss tensor."""
+
+    def hook(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if not callback._active or callback._broken or kwargs.get("training") is False:
+            return result
+        loss = args[0] if scale else result
+        if loss is None:
+            return result
+        try:
+            callback._ensure_stats()
+            # Kept as a tensor of this graph (no variable, no extra op): the
+            # wrapped apply of the same trace reads it.
+            callback._loss_tensor = loss
+            callback._loss_graph = _current_graph()
+        except Exception as error:  # noqa: BLE001
+            callback._fail(error)
+        return result
+
+    return hook
+
+
+def captured_loss(callback):
+    """The loss tensor compute_loss/scale_loss produced in this trace (NaN if none)."""
+    captured = callback._loss_graph is not None and callback._loss_graph is _current_graph()
+    loss, callback._loss_tensor, callback._loss_graph = callback._loss_tensor, None, None
+    if captured:
+        return loss
+    if not callback._warned_loss:
+        callback._warned_loss = True
+        warnings.warn(
+            "tb-stability: the train step calls neither optimizer.scale_loss "
+            "nor model.compute_loss; the per-step loss is recorded as NaN",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return tf.constant(float("nan"), tf.float64)
+
+
+def make_train_function(callback, functions: dict):
+    """The ``model.train_function`` the callback installs: picks a function, reads, flushes."""
+    split = len(functions) == 2
+    single_mode, single = next(iter(functions.items()))
+
+    def train_function(iterator):
+        if split:
+            mode = "always" if callback._next_step % callback.every == 0 else "never"
+        else:
+            mode = single_mode
+        original = functions[mode] if split else single
+        callback._trace_mode = mode  # read only while a function is traced
+        try:
+            logs = original(iterator)
+        except _NORMAL_END:
+            raise
+        except BaseException:
+            if callback._active:
+                callback._guard(callback._finish)
+            raise
+        callback._next_step += callback._spe
+        if callback._active and not callback._broken:
+            callback._since_read += callback._spe
+            if callback._since_read >= callback._read_interval:
+                callback._since_read = 0
+                callback._guard(callback._drain)
+            flush_policy.after_train_call(callback)  # time-based flush (crash safety)
+        return logs
+
+    return train_function
+
+
+def make_fit_guard(callback, original):
+    """Wraps ``model.fit`` to finish a previous fit that never reached ``on_train_end``."""
+
+    def fit(*args, **kwargs):
+        # Only reached when a previous fit raised outside the train step
+        # (e.g. in another callback) and never called on_train_end.
+        if callback._active:
+            callback._guard(callback._finish)
+        return original(*args, **kwargs)
+
+    return fit
+
+
+def _current_graph():
+    return tf.compat.v1.get_default_graph()
