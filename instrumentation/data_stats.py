@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import readback
-from instrumentation.graph_ops import rare_cond
+from instrumentation.graph_ops import rare_cond, ring_slot
 
 logger = logging.getLogger("instrumentation")
 
@@ -70,7 +70,7 @@ class DataStats:
         self._ensure(sum(int(f.shape[1]) for _, f in features), classes)
 
         def capture():
-            slot = tf.math.floormod(tf.math.floordiv(step, self.every), self.slots)
+            slot = ring_slot(step, self.every, self.slots)
 
             def put(variable, value):
                 tf.raw_ops.ResourceScatterUpdate(resource=variable.handle, indices=slot,
@@ -87,10 +87,7 @@ class DataStats:
             put(self.step, step)
             return tf.constant(True)
 
-        if always:
-            capture()
-        else:
-            rare_cond(tf.equal(tf.math.floormod(step, self.every), 0), capture)
+        rare_cond(True if always else tf.equal(tf.math.floormod(step, self.every), 0), capture)
 
     def _feature_matrices(self, x) -> list:
         flat = [t for t in tf.nest.flatten(x) if tf.is_tensor(t) and t.dtype.is_floating]

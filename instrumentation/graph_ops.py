@@ -23,7 +23,9 @@ def rare_cond(pred, true_fn: Callable[[], object],
     """``tf.cond(pred, true_fn, false_fn)`` whose ``If`` op is not lowered.
 
     Args:
-      pred: Scalar boolean tensor.
+      pred: Scalar boolean tensor, or a Python bool when the answer is known
+        while tracing: then the chosen branch is built inline, with no
+        condition in the graph.
       true_fn: The branch taken when ``pred`` holds (returns a tensor).
       false_fn: The other branch; defaults to one returning ``False``.
 
@@ -32,6 +34,8 @@ def rare_cond(pred, true_fn: Callable[[], object],
     """
     if false_fn is None:
         false_fn = lambda: tf.constant(False)  # noqa: E731
+    if isinstance(pred, bool):
+        return true_fn() if pred else false_fn()
     if tf.executing_eagerly() or _several_replicas():
         # Under a multi-device strategy a function-call ``If`` would have to
         # sit on one device with every resource it touches (mirrored variables
@@ -47,6 +51,11 @@ def rare_cond(pred, true_fn: Callable[[], object],
             op._set_attr("_lower_using_switch_merge",  # pylint: disable=protected-access
                          tf.compat.v1.AttrValue(b=False))
     return result
+
+
+def ring_slot(step, every: int, slots: int):
+    """The device-side slot of log step ``step``: ``(step // every) % slots`` (graph side)."""
+    return tf.math.floormod(tf.math.floordiv(step, every), slots)
 
 
 def _several_replicas() -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import readback
+from instrumentation.graph_ops import ring_slot
 
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu",
                          "swish", "celu", "hard_silu", "hard_swish", "mish", "prelu"})
@@ -87,6 +88,12 @@ class Probe:
         self.fired = None  # float32 [slots, units]: 1 where the unit was ever positive
         self._bounds = None
 
+    def ensure_variables_for(self, out) -> int:
+        """Creates the variables for an activation shaped like ``out``; returns its units."""
+        units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
+        self.ensure_variables(units)
+        return units
+
     def ensure_variables(self, units: int) -> None:
         if self.fired is not None and tuple(self.fired.shape) == (self.slots, units):
             return
@@ -131,8 +138,7 @@ class Probe:
         this runs at every timestep.
         """
         out = tf.cast(out, tf.float32)
-        units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
-        self.ensure_variables(units)
+        units = self.ensure_variables_for(out)
         saturated = tf.constant(0.0, tf.float32)
         if self.kind == "saturating":
             low, high = self.saturation_bounds()
@@ -167,7 +173,7 @@ class Probe:
 
     def slot(self, step) -> tf.Tensor:
         """The ring slot of ``step`` (graph side)."""
-        return tf.math.floormod(tf.math.floordiv(step, self.every), self.slots)
+        return ring_slot(step, self.every, self.slots)
 
     def write(self, step, slot, row, fired) -> None:
         """Sets ``slot`` to one step's summed contribution rows (graph side)."""

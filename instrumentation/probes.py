@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional
 
 import tensorflow as tf
 
-from instrumentation.graph_ops import rare_cond
+from instrumentation.graph_ops import rare_cond, ring_slot
 from instrumentation.probe_state import Probe, activation_name, classify
 
 logger = logging.getLogger("instrumentation")
@@ -184,7 +184,7 @@ class ActivationProbes:
         try:
             self._graph = tf.compat.v1.get_default_graph()
             self._step = tf.cast(self.step_fn(), tf.int64)
-            self._slot = tf.math.floormod(tf.math.floordiv(self._step, self.every), self.slots)
+            self._slot = ring_slot(self._step, self.every, self.slots)
             if self.log_mode == "always":  # every traced step probes: no condition
                 self._pred = True
             else:
@@ -229,10 +229,7 @@ class ActivationProbes:
             return tf.constant(True)
 
         try:
-            if self._pred is True:
-                update()
-            else:
-                rare_cond(self._pred, update)
+            rare_cond(self._pred, update)
         except Exception:  # noqa: BLE001
             logger.debug("probes failed", exc_info=True)
             for probe, _, _ in pending:
@@ -247,8 +244,7 @@ class ActivationProbes:
         """
         if id(probe) in self._opened:
             return
-        units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
-        probe.ensure_variables(units)
+        probe.ensure_variables_for(out)
         step, slot = self._step, self._slot
 
         def clear():
@@ -256,10 +252,7 @@ class ActivationProbes:
             return tf.constant(True)
 
         with self._graph.as_default():
-            if self._pred is True:
-                clear()
-            else:
-                rare_cond(self._pred, clear)
+            rare_cond(self._pred, clear)
         self._opened.add(id(probe))
 
     def _record(self, probe: Probe, pre, out) -> None:
@@ -291,10 +284,7 @@ class ActivationProbes:
                 store(*probe.contribution(pre, out))
                 return tf.constant(True)
 
-            if pred is True:
-                update()
-            else:
-                rare_cond(pred, update)
+            rare_cond(pred, update)
         except Exception:  # noqa: BLE001 - a probe must never break training
             logger.debug("probe %s failed", probe.name, exc_info=True)
             self.unprobed[probe.name] = "probe failed while tracing"

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from instrumentation.graph_ops import rare_cond
+from instrumentation.graph_ops import rare_cond, ring_slot
 from tb_stability import schema
 
 NUM_COLUMNS = len(schema.STEP_COLUMNS)
@@ -291,7 +291,7 @@ class StepStats:
 
         ``predicate`` may be a Python bool (no condition in the graph).
         """
-        if not self.snapshots or predicate is False:
+        if not self.snapshots:
             return
 
         def copy():
@@ -299,10 +299,7 @@ class StepStats:
                 snap.assign(_read(variable))
             return tf.constant(True)
 
-        if predicate is True:
-            copy()
-        else:
-            rare_cond(tf.convert_to_tensor(predicate), copy)
+        rare_cond(predicate, copy)
 
     def record_update(self, state: GradientState) -> None:
         """On log steps stores gradient norm, weight norm and update ratio per variable.
@@ -328,7 +325,7 @@ class StepStats:
                     tf.nn.l2_loss(tf.cast(_read(v), tf.float32)) for v in self.variables])
                 ratio = tf.fill(tf.shape(weight_norm), tf.constant(np.nan, tf.float32))
             stats = tf.stack([grad_norm, weight_norm, ratio])
-            slot = tf.math.floormod(tf.math.floordiv(state.step, self.every), self.slots)
+            slot = ring_slot(state.step, self.every, self.slots)
             self.var_stats.scatter_nd_update(
                 tf.reshape(slot, [1, 1]), tf.expand_dims(stats, 0)
             )
@@ -337,10 +334,7 @@ class StepStats:
             )
             return tf.constant(True)
 
-        if state.is_log is True:
-            compute()
-        elif state.is_log is not False:
-            rare_cond(state.is_log, compute)
+        rare_cond(state.is_log, compute)
 
     def _lookup(self, variable: Any) -> Optional[int]:
         for key in _variable_keys(variable):
