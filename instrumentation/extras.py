@@ -157,8 +157,7 @@ class CallbackExtras:
         if not self.tracing or self.broken or self.capture is None:
             return None
         try:
-            variables = list(variables) if variables is not None \
-                else list(self.callback.model.trainable_variables)
+            variables = self._variables(variables)
             capture = self.capture.nonfinite_hook(optimizer.iterations, variables)
         except Exception as error:  # noqa: BLE001
             self._fail(error)
@@ -175,6 +174,12 @@ class CallbackExtras:
 
         return hook
 
+    def _variables(self, variables) -> list:
+        """``variables`` as a list; None means the model's trainable variables."""
+        if variables is not None:
+            return list(variables)
+        return list(self.callback.model.trainable_variables)
+
     def before_update(self, optimizer, grads, variables, nonfinite=None) -> None:
         """Adds the one-time NaN capture; the callback's ``apply`` calls it before the update.
 
@@ -188,8 +193,7 @@ class CallbackExtras:
         if not self.tracing or self.broken or self.capture is None:
             return
         try:
-            variables = list(variables) if variables is not None \
-                else list(self.callback.model.trainable_variables)
+            variables = self._variables(variables)
             self.capture.on_apply(optimizer.iterations, list(grads), variables,
                                   nonfinite=nonfinite)
         except Exception as error:  # noqa: BLE001
