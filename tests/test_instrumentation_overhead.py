@@ -8,7 +8,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from instrumentation import readback  # noqa: E402
-from instrumentation.writer import SummaryWriter, _metadata, encode_summary  # noqa: E402
+from instrumentation.event_encoding import encode_summary  # noqa: E402
+from instrumentation.writer import SummaryWriter, _metadata  # noqa: E402
 from tb_stability.reader import load_run  # noqa: E402
 
 
