@@ -48,6 +48,8 @@ from instrumentation.writer import Drainer, SummaryWriter, run_info, warn_disabl
 from tb_stability import schema
 
 logger = logging.getLogger("instrumentation")
+
+
 class StabilityCallback(keras.callbacks.Callback):
     """Records per-step and per-variable training-stability signals.
 
@@ -237,8 +239,10 @@ class StabilityCallback(keras.callbacks.Callback):
     def _install(self, model, optimizer) -> None:
         self._saved = []
         self._patch(optimizer, "apply", train_hooks.make_apply(self, optimizer, optimizer.apply))
-        self._patch(optimizer, "scale_loss", train_hooks.make_loss_hook(self, optimizer.scale_loss, scale=True))
-        self._patch(model, "compute_loss", train_hooks.make_loss_hook(self, model.compute_loss, scale=False))
+        self._patch(optimizer, "scale_loss",
+                    train_hooks.make_loss_hook(self, optimizer.scale_loss, scale=True))
+        self._patch(model, "compute_loss",
+                    train_hooks.make_loss_hook(self, model.compute_loss, scale=False))
         self._patch(model, "fit", train_hooks.make_fit_guard(self, model.fit))
         self._install_extras(model, optimizer)
         self._functions = self._train_functions(model)
