@@ -184,23 +184,26 @@ def peer_lines(model: str, ratios: dict, peers: Sequence[str], label: str) -> li
             for config in GOALS if config in ratios and peer_ratios]
 
 
+def round_ratios(values: list, base: list) -> list[float]:
+    """Each round's value over the baseline's value of the same round."""
+    return [v / b for v, b in zip(values, base) if v is not None and b]
+
+
 def paired_ratios(samples: dict) -> dict:
     """Per configuration, the median of its per-round ratios to the baseline."""
-    base = samples["baseline"]
-    return {config: median([v / b for v, b in zip(values, base) if v is not None and b])
+    return {config: median(round_ratios(values, samples["baseline"]))
             for config, values in samples.items()}
 
 
 def summarize(model: str, samples: dict) -> list[list[str]]:
     """Table rows of one model: config, median ms, paired ratio and its range, verdict."""
-    base = samples["baseline"]
-    paired = paired_ratios(samples)
     rows = []
     for config, values in samples.items():
-        rounds = [v / b for v, b in zip(values, base) if v is not None and b]
-        rows.append([model, config, fmt(median(values), 3), fmt(paired[config], 3),
+        rounds = round_ratios(values, samples["baseline"])
+        paired = median(rounds)
+        rows.append([model, config, fmt(median(values), 3), fmt(paired, 3),
                      f"{fmt(min(rounds), 3)}-{fmt(max(rounds), 3)}",
-                     goal_verdict(config, paired[config])])
+                     goal_verdict(config, paired)])
     return rows
 
 

@@ -46,7 +46,7 @@ from benchmarks._common import (  # noqa: E402
     emit_result, fmt, format_table, machine_description, median, run_worker,
 )
 from benchmarks.overhead import (  # noqa: E402
-    MODELS, _build_model, _data, goal_verdict, peer_lines,
+    MODELS, _build_model, _data, goal_verdict, paired_ratios, peer_lines,
 )
 
 CONFIGS = ("baseline", "baseline again", "stability defaults", "stability no probes",
@@ -149,9 +149,8 @@ def worker(args) -> None:
 
 def process_ratios(runs: list) -> dict:
     """Per configuration, each process's median block ratio to the baseline."""
-    return {config: [median([v / b for v, b in zip(blocks[config], blocks["baseline"])])
-                     for blocks in runs]
-            for config in runs[0]}
+    per_process = [paired_ratios(blocks) for blocks in runs]
+    return {config: [ratios[config] for ratios in per_process] for config in runs[0]}
 
 
 def summarize(model: str, runs: list, steps: int) -> list[list[str]]:
