@@ -148,17 +148,23 @@ class CallbackExtras:
 
         return compute_loss
 
-    def nonfinite_hook(self, optimizer, variables):
+    def nonfinite_hook(self, optimizer, variables, sources_for=None):
         """The NaN capture as a hook for the statistics' non-finite branch, or None.
 
         None when there is nothing to capture in this trace or the capture
         must test every step itself (loss scaling: then call `before_update`).
+
+        Args:
+          sources_for: Optional ``f(variables)`` giving variables that already
+            hold their pre-update values in this step (weight snapshots), or
+            None where it has none for some; see `NanCapture.nonfinite_hook`.
         """
         if not self.tracing or self.broken or self.capture is None:
             return None
         try:
             variables = self._variables(variables)
-            capture = self.capture.nonfinite_hook(optimizer.iterations, variables)
+            sources = sources_for(variables) if sources_for is not None else None
+            capture = self.capture.nonfinite_hook(optimizer.iterations, variables, sources)
         except Exception as error:  # noqa: BLE001
             self._fail(error)
             return None

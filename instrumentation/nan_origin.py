@@ -118,7 +118,8 @@ class NanCapture:
         capture = self._capture_fn(step, x, y, sample_weight)
         rare_cond(tf.logical_and(bad, self.step < 0), capture)
 
-    def nonfinite_hook(self, step, variables: Sequence[Any]):
+    def nonfinite_hook(self, step, variables: Sequence[Any],
+                       sources: Optional[Sequence[Any]] = None):
         """The capture as a function to call where the step is already known to be non-finite.
 
         For the callback's statistics, which test ``loss + |g|^2`` for
@@ -127,6 +128,14 @@ class NanCapture:
         the capture. Returns None when there is nothing to capture in this
         trace, or under loss scaling (whose skip counting needs every step: use
         `on_apply`).
+
+        Args:
+          sources: Optional variables holding the pre-update values of
+            ``variables`` (the statistics' weight snapshots of this step, one
+            per variable). The capture then copies from them and never reads
+            the weights themselves, so the optimizer's updates need not wait
+            for the finiteness test (a branch reading the weights orders every
+            update after it).
         """
         if self.loss_scale_optimizer is not None:
             return None
@@ -135,7 +144,7 @@ class NanCapture:
             return None
         x, y, sample_weight, _ = pending
         self._ensure(variables, x, y, sample_weight)
-        capture = self._capture_fn(step, x, y, sample_weight)
+        capture = self._capture_fn(step, x, y, sample_weight, sources)
 
         def hook(count, loss):
             bad = tf.logical_or(count > 0, tf.logical_not(tf.math.is_finite(loss)))
@@ -148,14 +157,17 @@ class NanCapture:
         self._pending = None
         return pending
 
-    def _capture_fn(self, step, x, y, sample_weight):
+    def _capture_fn(self, step, x, y, sample_weight, sources=None):
         step = tf.cast(step, tf.int64)
+        sources = list(self.variables if sources is None else sources)
+        if len(sources) != len(self.variables):
+            raise ValueError(f"{len(sources)} weight sources for {len(self.variables)} variables")
         parts = {"x": tf.nest.flatten(x), "y": tf.nest.flatten(y) if y is not None else [],
                  "sw": tf.nest.flatten(sample_weight) if sample_weight is not None else []}
 
         def capture():
-            for copy, variable in zip(self.copies, self.variables):
-                copy.assign(tf.convert_to_tensor(variable))
+            for copy, source in zip(self.copies, sources):
+                copy.assign(tf.convert_to_tensor(source))
             for part, index, buffer, rows in self.buffers:
                 tensor = tf.convert_to_tensor(parts[part][index])
                 if rows is None:

@@ -301,6 +301,15 @@ class StepStats:
 
         rare_cond(predicate, copy)
 
+    def snapshots_of(self, variables: Sequence[Any]) -> Optional[list]:
+        """The snapshot variable of each of ``variables``, or None if one has none."""
+        if not self.snapshots:
+            return None
+        indices = [self._lookup(v) for v in variables]
+        if any(i is None for i in indices):
+            return None
+        return [self.snapshots[i] for i in indices]
+
     def record_update(self, state: GradientState) -> None:
         """On log steps stores gradient norm, weight norm and update ratio per variable.
 

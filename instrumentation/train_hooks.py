@@ -54,11 +54,19 @@ def make_apply(callback, optimizer, original):
             stats = callback._ensure_stats(variables)
             stats.log_mode = callback._trace_mode
             loss = captured_loss(callback)
+            # A step that snapshots the weights anyway does it first; the NaN
+            # capture then copies the snapshots, not the weights, and the
+            # updates need not wait for its finiteness test.
+            early = stats.log_mode == "always" and bool(stats.snapshots)
+            if early:
+                stats.snapshot_when(True)
             # The NaN capture, inside the statistics' own non-finite branch.
-            hook = callback._extras.nonfinite_hook(optimizer, variables)
+            hook = callback._extras.nonfinite_hook(
+                optimizer, variables, sources_for=stats.snapshots_of if early else None)
             state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
                                                         loss=loss, on_nonfinite=hook)
-            stats.snapshot(state)
+            if not early:
+                stats.snapshot(state)
         except Exception as error:  # noqa: BLE001
             callback._fail(error)
             return original(grads, trainable_variables)

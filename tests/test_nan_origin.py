@@ -118,3 +118,43 @@ def test_healthy_run_saves_nothing(tmp_path):
     records, findings = _train(tmp_path, model, "mse")
     assert records == [] and findings == []
     assert not os.path.exists(os.path.join(str(tmp_path), "nan_origin"))
+
+
+class _WeightsAfterEachStep(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.after = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after[batch] = [np.array(w.numpy()) for w in self.model.trainable_weights]
+
+
+@pytest.mark.parametrize(
+    "every,bad_step",
+    [(1, 3), (2, 4), (2, 3)],
+    ids=["every1-from-snapshot", "log-step-from-snapshot", "lean-step-from-weights"],
+)
+def test_captured_weights_are_those_before_the_bad_step(every, bad_step, tmp_path):
+    """The saved weights equal the model's weights after the step before the bad one.
+
+    Log steps copy them from the statistics' snapshot, the other steps from the
+    weights themselves; both must give the pre-update values of the bad step.
+    """
+    keras.utils.set_random_seed(0)
+    x, y = _data(16 * 6)
+    x[16 * bad_step + 5, 2] = np.inf
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    recorder = _WeightsAfterEachStep()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
+              callbacks=[StabilityCallback(str(tmp_path), every=every), recorder])
+    step, origin = load_run(str(tmp_path)).json["stability/nan_origin"][0]
+    assert step == bad_step and origin["origin"] == "inputs"
+    with np.load(os.path.join(str(tmp_path), "nan_origin", "batch.npz")) as data:
+        saved = [data[f"w_{i}"] for i in range(len(model.trainable_weights))]
+    expected = recorder.after[bad_step - 1]
+    assert len(saved) == len(expected) == 4
+    for got, want in zip(saved, expected):
+        np.testing.assert_array_equal(got, want)
+    assert not all(np.array_equal(a, b) for a, b in zip(expected, recorder.after[bad_step - 2]))
