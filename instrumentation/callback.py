@@ -71,8 +71,11 @@ class StabilityCallback(keras.callbacks.Callback):
         every ``every`` steps, or every first multiple of ``every`` >= 32
         when ``every`` is smaller (`read_interval`): nothing is lost, the
         records wait in device-side slots.
-      snapshot_weights: Keep a copy of the weights (extra memory equal to the
-        model's weights) to measure the update ratio exactly.
+      snapshot_weights: Measure the update ratio exactly, from the weights
+        before the update. Log steps hold them as tensors until the update is
+        done (no extra memory between steps); only with
+        ``steps_per_execution > 1`` are they copied into variables (one extra
+        copy of the weights). ``False``: no update ratio is written.
       probe_every: Activation probes and input/label/prediction statistics
         every ``probe_every`` steps (default: ``every``; 0 disables them).
       live_warnings: Print one concise line (logger ``instrumentation``) when a
@@ -218,7 +221,7 @@ class StabilityCallback(keras.callbacks.Callback):
             or stats.capacity != self._capacity
             or stats.every != self.every
             or [id(v) for v in stats.variables] != [id(v) for v in variables]
-            or (stats.snapshots is not None) != self.snapshot_weights
+            or stats.measure_update != self.snapshot_weights
             or stats.columns[len(schema.STEP_COLUMNS):] != self._extra_columns
         ):
             stats = StepStats(variables, self.every, self._capacity, self.snapshot_weights,

@@ -16,8 +16,12 @@ State kept by `StepStats`:
   ``(step // every) % slots`` holds the per-variable gradient norm, weight
   norm and update ratio of log step ``step`` (``step % every == 0``), and
   ``var_steps[slot] == step``.
-* ``snapshots``: one variable per tracked variable, the weights before the
-  update on log steps (``|Δw|`` needs them).
+* the weights before the update on log steps (``|Δw|`` needs them): in a
+  step traced as a log step (``"always"``) simply the values read before the
+  update, held as tensors until it is done (TensorFlow's copy-on-write keeps
+  them intact: no variable, no copy beyond the one the update makes);
+  elsewhere (``"cond"``, custom loops) ``snapshots``, one variable per tracked
+  variable, created on first such use.
 
 How a traced step decides whether it is a log step (`StepStats.log_mode`, read
 while tracing):
@@ -33,6 +37,7 @@ while tracing):
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -142,8 +147,9 @@ class StepStats:
         ``step % every == 0``.
       capacity: Rows of the per-step ring buffer; the host must read it at
         least every ``capacity`` steps.
-      snapshot: Whether to keep pre-update weight copies for the update ratio
-        (costs one extra copy of the weights in memory).
+      snapshot: Whether to measure the update ratio, from the weights before
+        the update (held as tensors in a log-step trace, otherwise copied into
+        snapshot variables: one extra copy of the weights in memory).
     """
 
     def __init__(
@@ -180,12 +186,11 @@ class StepStats:
             self.var_steps = plain_variable(
                 tf.fill([self.slots], tf.constant(-1, tf.int64)), "stability_var_steps"
             )
-            self.snapshots = None
-            if snapshot:
-                self.snapshots = [
-                    plain_variable(tf.zeros(v.shape, _dtype(v)), "stability_snapshot")
-                    for v in self.variables
-                ]
+        self.measure_update = bool(snapshot)
+        self.snapshots: Optional[list] = None  # created by the first conditional snapshot
+        # Per tracing thread (a MirroredStrategy traces each replica in its own
+        # thread, into one graph): (graph, pre-update values) of the log step.
+        self._held: dict = {}
 
     def _empty_ring(self) -> np.ndarray:
         ring = np.zeros([self.capacity, len(self.columns)], np.float64)
@@ -287,28 +292,64 @@ class StepStats:
         self.snapshot_when(state.is_log)
 
     def snapshot_when(self, predicate: Any) -> None:
-        """Copies the current weights into the snapshots where ``predicate`` holds.
+        """Keeps the current weights (before the update) where ``predicate`` holds.
 
-        ``predicate`` may be a Python bool (no condition in the graph).
+        ``predicate`` may be a Python bool (no condition in the graph). When it
+        is True inside a traced function the weights are only read, and the
+        values are held as tensors until `record_update` of the same trace;
+        otherwise they are copied into the snapshot variables.
         """
-        if not self.snapshots:
+        if not self.measure_update or predicate is False:
             return
+        if predicate is True and not tf.executing_eagerly():
+            self._held[threading.get_ident()] = (_current_graph(),
+                                                  [_read(v) for v in self.variables])
+            return
+        snapshots = self._snapshot_variables()
 
         def copy():
-            for snap, variable in zip(self.snapshots, self.variables):
+            for snap, variable in zip(snapshots, self.variables):
                 snap.assign(_read(variable))
             return tf.constant(True)
 
         rare_cond(predicate, copy)
 
+    def _snapshot_variables(self) -> list:
+        if self.snapshots is None:
+            with tf.init_scope():
+                self.snapshots = [
+                    plain_variable(tf.zeros(v.shape, _dtype(v)), "stability_snapshot")
+                    for v in self.variables
+                ]
+        return self.snapshots
+
+    def _before_update(self, release: bool = False) -> Optional[list]:
+        """The pre-update weights of this trace: held values, snapshot variables or None.
+
+        Args:
+          release: Forget the held values (the last use, after the update).
+        """
+        key = threading.get_ident()
+        graph, held = self._held.get(key, (None, None))
+        if release:
+            self._held.pop(key, None)
+        if held and graph is _current_graph():
+            return held
+        return self.snapshots
+
     def snapshots_of(self, variables: Sequence[Any]) -> Optional[list]:
-        """The snapshot variable of each of ``variables``, or None if one has none."""
-        if not self.snapshots:
+        """The pre-update values of ``variables`` in this trace, or None if one has none.
+
+        Tensors held by ``snapshot_when(True)`` in this trace, else the
+        snapshot variables (whose copy must precede the caller's reads).
+        """
+        before = self._before_update()
+        if not before:
             return None
         indices = [self._lookup(v) for v in variables]
         if any(i is None for i in indices):
             return None
-        return [self.snapshots[i] for i in indices]
+        return [before[i] for i in indices]
 
     def record_update(self, state: GradientState) -> None:
         """On log steps stores gradient norm, weight norm and update ratio per variable.
@@ -320,9 +361,10 @@ class StepStats:
 
         def compute():
             grad_norm = tf.sqrt(state.sum_squares)
-            if self.snapshots:
+            snapshots = self._before_update(release=True)
+            if snapshots:
                 weight, delta = [], []
-                for snap, variable in zip(self.snapshots, self.variables):
+                for snap, variable in zip(snapshots, self.variables):
                     before = tf.cast(tf.convert_to_tensor(snap), tf.float32)
                     after = tf.cast(_read(variable), tf.float32)
                     weight.append(tf.nn.l2_loss(before))  # fused: no squared temporary
@@ -401,6 +443,10 @@ def _norms_from_halves(halves: Sequence[tf.Tensor]) -> tf.Tensor:
 def _read(variable: Any) -> tf.Tensor:
     """The current value of a Keras or TF variable as a tensor."""
     return tf.convert_to_tensor(variable)
+
+
+def _current_graph():
+    return tf.compat.v1.get_default_graph()
 
 
 def _dtype(variable: Any) -> tf.DType:

@@ -54,10 +54,10 @@ def make_apply(callback, optimizer, original):
             stats = callback._ensure_stats(variables)
             stats.log_mode = callback._trace_mode
             loss = captured_loss(callback)
-            # A step that snapshots the weights anyway does it first; the NaN
-            # capture then copies the snapshots, not the weights, and the
+            # A log step keeps the pre-update weights anyway: it does so first
+            # and the NaN capture copies those values, not the weights, so the
             # updates need not wait for its finiteness test.
-            early = stats.log_mode == "always" and bool(stats.snapshots)
+            early = stats.log_mode == "always" and stats.measure_update
             if early:
                 stats.snapshot_when(True)
             # The NaN capture, inside the statistics' own non-finite branch.

@@ -262,7 +262,7 @@ class Drainer:
                 var_stats = readback.fetch(self.stats.var_stats, self.batch)
                 # Without weight snapshots the update ratio is not measured (NaN):
                 # it is left out rather than written as a non-finite value.
-                rows = UPDATE_RATIO + (self.stats.snapshots is not None)
+                rows = UPDATE_RATIO + bool(self.stats.measure_update)
                 for slot in in_range[np.argsort(var_steps[in_range], kind="stable")]:
                     step = int(var_steps[slot])
                     record = var_stats[slot][:rows]

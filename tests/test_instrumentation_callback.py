@@ -308,7 +308,10 @@ def test_steps_between_log_steps_run_a_lean_function(tmp_path):
               callbacks=[callback, Grab()])
     assert set(seen) == {"always", "never"}
     stats, extras = callback._stats, callback._extras
-    log_only = [stats.var_stats, stats.var_steps, *stats.snapshots,
+    # The log-step function holds the pre-update weights as tensors: no
+    # snapshot variables, no second copy of the weights kept in memory.
+    assert stats.measure_update and stats.snapshots is None
+    log_only = [stats.var_stats, stats.var_steps,
                 *extras.probes.variables(), *extras.data.variables()]
     always = _captured_handle_ids(seen["always"])
     never = _captured_handle_ids(seen["never"])
