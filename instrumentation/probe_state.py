@@ -2,9 +2,10 @@
 
 `classify` decides what a layer's activation is (ReLU family, saturating with
 which limits, linear, other); `Probe` holds one layer's float64
-``[slots, 5]`` statistics (``step, count, saturated, sum, sum_sq``) and
-float32 ``[slots, units]`` "ever fired" mask, computes one call's
-contribution in graph (`Probe.contribution`), writes or adds it into a slot,
+``[slots, 6]`` statistics (`COLUMNS`: step, count, saturated, first two
+moments about a center) and float32 ``[slots, units]`` largest output
+per unit (a unit fired when it is > 0), computes one call's contribution in
+graph (`Probe.contribution`), writes or adds it into a slot,
 and turns the slots back into per-step quantities on the host
 (`Probe.values`). `instrumentation.probes` wraps the layers and decides when
 these run.
@@ -71,8 +72,24 @@ def classify(fn: Callable) -> tuple[str, Optional[tuple[float, float]]]:
     return "other", None
 
 
+COLUMNS = ("step", "count", "saturated", "sum", "sum_sq", "center")
+STEP, COUNT, SATURATED, SUM, SUM_SQ, CENTER = range(len(COLUMNS))
+
+
 class Probe:
-    """State of one probed activation (one layer)."""
+    """State of one probed activation (one layer).
+
+    ``stats`` is float64 ``[slots, 6]`` (`COLUMNS`): per slot the step, the
+    element count, the saturated count and the first two moments about
+    ``center``: ``sum = Σ(x - center)``, ``sum_sq = Σ(x - center)²``. An
+    additive row (`contribution`) has ``center = 0`` and raw sums, so the
+    rows of an RNN cell's timesteps add up in the slot; a single call's row
+    (``centered=True``) is centred on its own mean (``sum = 0``), which costs
+    fewer ops and keeps the variance exact for any mean. ``fired`` is float32
+    ``[slots, units]``: each unit's largest output (ReLU family: > 0 exactly
+    where the input is), so a unit fired when its value is ``> 0``; slots are
+    cleared to 0.
+    """
 
     def __init__(self, name: str, kind: str, limits, is_output: bool, activation: str = "",
                  cell: bool = False):
@@ -84,8 +101,8 @@ class Probe:
         self.activation = activation
         self.every = 1
         self.slots = 2
-        self.stats = None  # float64 [slots, 5]: step, count, saturated, sum, sum_sq
-        self.fired = None  # float32 [slots, units]: 1 where the unit was ever positive
+        self.stats = None  # float64 [slots, 6]: see COLUMNS
+        self.fired = None  # float32 [slots, units]: largest output per unit
         self._bounds = None
 
     def ensure_variables_for(self, out) -> int:
@@ -98,8 +115,8 @@ class Probe:
         if self.fired is not None and tuple(self.fired.shape) == (self.slots, units):
             return
         with tf.init_scope():
-            empty = np.zeros([self.slots, 5])
-            empty[:, 0] = -1.0
+            empty = np.zeros([self.slots, len(COLUMNS)])
+            empty[:, STEP] = -1.0
             self.stats = tf.Variable(empty, dtype=tf.float64, trainable=False,
                                      name="stability_probe")
             self.fired = tf.Variable(tf.zeros([self.slots, units], tf.float32),
@@ -125,17 +142,21 @@ class Probe:
             self._bounds = (np.float32(low), np.float32(high))
         return self._bounds
 
-    def contribution(self, pre, out) -> tuple[tf.Tensor, Optional[tf.Tensor]]:
+    def contribution(self, pre, out, centered: bool = False
+                     ) -> tuple[tf.Tensor, Optional[tf.Tensor]]:
         """Statistics of one call (graph side): ``(row, fired)``.
 
-        ``row`` is float64 ``[0, count, saturated, sum, sum_sq]`` (a zero in
-        the step column, so rows add up), from float32 reductions: no float64
-        copy of the activation. Bounded outputs (sigmoid, tanh, ...:
-        ``|x| <= 1``) are summed directly; unbounded ones are centred on their
-        mean first, so the standard deviation survives a large mean. ``fired``
-        (ReLU family only, else None) is 1 for units with a positive
-        pre-activation in this call. Few ops on purpose: inside an RNN loop
-        this runs at every timestep.
+        ``row`` is float64 ``[0, count, saturated, sum, sum_sq, center]``
+        (`COLUMNS`, a zero in the step column) from float32 reductions: no
+        float64 copy of the activation. By default the row is additive
+        (``center = 0``): bounded outputs (sigmoid, tanh, ...: ``|x| <= 1``)
+        are summed directly, unbounded ones are centred on their mean first
+        and the raw sums formed in float64, so the standard deviation survives
+        a large mean. ``centered=True`` (a single call per step) keeps them
+        centred on the mean instead: fewer ops, not additive. ``fired`` (ReLU
+        family only, else None) is each unit's largest output in this call
+        (of the pre-activation for PReLU), > 0 where the unit fired. Few ops on purpose: inside an RNN loop this runs at every
+        timestep.
         """
         out = tf.cast(out, tf.float32)
         units = self.ensure_variables_for(out)
@@ -149,11 +170,17 @@ class Probe:
                 near = tf.logical_or(near, tf.abs(tf.cast(pre, tf.float32)) >= PRE_THRESHOLD)
             saturated = tf.reduce_sum(tf.cast(near, tf.float32))
         size = out.shape.num_elements()
+        exact = size is not None and size < 2 ** 24  # the count is exact in float32
         bounded = self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0
-        if bounded and size is not None and size < 2 ** 24:  # exact in float32
-            row = tf.stack([0.0, float(size), saturated, tf.reduce_sum(out),
-                            2.0 * tf.nn.l2_loss(out)])
-            row = tf.cast(row, tf.float64)  # one cast for the whole row
+        if exact and (bounded or centered):
+            if bounded:
+                first, second, center = tf.reduce_sum(out), tf.nn.l2_loss(out), 0.0
+            else:
+                center = tf.reduce_mean(out)
+                first, second = 0.0, tf.nn.l2_loss(out - center)
+            # One float32 vector, one cast; 2 * half sum of squares via the scale.
+            row = tf.stack([0.0, float(size), saturated, first, second, center])
+            row = tf.cast(row * _HALF_SQUARES_SCALE, tf.float64)
         else:
             count = tf.cast(tf.size(out), tf.float64)
             mean = tf.reduce_mean(out)
@@ -162,13 +189,19 @@ class Probe:
                               tf.float64)
             total = count * mean64
             total_sq = centred + total * mean64 if not bounded else centred
-            row = tf.stack([tf.constant(0.0, tf.float64), count,
-                            tf.cast(saturated, tf.float64), total, total_sq])
+            zero = tf.constant(0.0, tf.float64)
+            row = tf.stack([zero, count, tf.cast(saturated, tf.float64), total, total_sq, zero])
         fired = None
         if self.kind == "relu":
-            source = pre if pre is not None else out
-            source = tf.reshape(tf.cast(source, tf.float32), [-1, units])
-            fired = tf.cast(tf.reduce_max(source, axis=0) > 0, tf.float32)
+            # In the ReLU family the output is > 0 exactly where the input is,
+            # so the output serves and the pre-activation stays free for the
+            # kernel fusions (MatMul + BiasAdd + Relu). PReLU's learned slope
+            # may be negative: its input is used.
+            use_pre = pre is not None and self.activation == "prelu"
+            source = tf.cast(pre if use_pre else out, tf.float32)
+            if source.shape.rank != 2 or source.shape[-1] != units:
+                source = tf.reshape(source, [-1, units])
+            fired = tf.reduce_max(source, axis=0)
         return row, fired
 
     def slot(self, step) -> tf.Tensor:
@@ -176,15 +209,21 @@ class Probe:
         return ring_slot(step, self.every, self.slots)
 
     def write(self, step, slot, row, fired) -> None:
-        """Sets ``slot`` to one step's summed contribution rows (graph side)."""
-        row = tf.concat([[tf.cast(step, tf.float64)], row[1:]], 0)
+        """Sets ``slot`` to one step's row (graph side).
+
+        Args:
+          step: The step, as a float64 ``[1]`` vector or an integer scalar.
+        """
+        if step.dtype != tf.float64 or step.shape.rank != 1:
+            step = tf.reshape(tf.cast(step, tf.float64), [1])
+        row = tf.concat([step, row[1:]], 0)
         tf.raw_ops.ResourceScatterUpdate(resource=self.stats.handle, indices=slot, updates=row)
         if fired is None:
             fired = tf.zeros(self.fired.shape[1:], tf.float32)
         tf.raw_ops.ResourceScatterUpdate(resource=self.fired.handle, indices=slot, updates=fired)
 
     def accumulate(self, slot, row, fired) -> None:
-        """Adds a contribution row to ``slot`` (after `write` of the same step)."""
+        """Adds an additive contribution row to ``slot`` (after `write` of the same step)."""
         tf.raw_ops.ResourceScatterAdd(resource=self.stats.handle, indices=slot, updates=row)
         if fired is not None:
             tf.raw_ops.ResourceScatterMax(resource=self.fired.handle, indices=slot,
@@ -201,21 +240,26 @@ class Probe:
         stats = readback.fetch(self.stats, batch)
         dead = None
         if self.kind == "relu":
-            dead = 1.0 - readback.fetch(self.fired, batch).mean(axis=1, dtype=np.float64)
+            fired = readback.fetch(self.fired, batch) > 0
+            dead = 1.0 - fired.mean(axis=1, dtype=np.float64)
         found = []
-        for slot in np.argsort(stats[:, 0], kind="stable"):
-            step, count, saturated, total, total_sq = stats[slot].tolist()
+        for slot in np.argsort(stats[:, STEP], kind="stable"):
+            step, count, saturated, first, second, center = stats[slot].tolist()
             if step < 0 or count <= 0:
                 continue
-            mean = total / count
-            var = max(total_sq / count - mean * mean, 0.0)
-            out = {"act_mean": mean, "act_std": float(np.sqrt(var))}
+            shift = first / count
+            var = max(second / count - shift * shift, 0.0)
+            out = {"act_mean": center + shift, "act_std": float(np.sqrt(var))}
             if dead is not None:
                 out["dead_fraction"] = float(dead[slot])
             if self.kind == "saturating" and not self.is_output:
                 out["saturated_fraction"] = saturated / count
             found.append((int(step), out))
         return found
+
+
+# `Probe.contribution`'s float32 row holds half sums of squares (L2Loss).
+_HALF_SQUARES_SCALE = np.array([1.0, 1.0, 1.0, 1.0, 2.0, 1.0], np.float32)
 
 
 def activation_name_known_pre(probe: Probe) -> bool:

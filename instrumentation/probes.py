@@ -12,9 +12,9 @@ Mechanism (Keras 3, TensorFlow backend):
   so evaluation, prediction and eager calls are untouched. Inside the step,
   on probe steps (a ``tf.cond`` on ``step % every == 0``, or no condition
   at all in the callback's log-step train function), each probe's slot gets
-  ``[step, count, saturated, sum, sum_sq]`` (float64, from float32
-  reductions) and a per-unit "ever fired" mask (XLA-safe: no summaries, no
-  Python side effects on tensor values). A layer called several times in one
+  ``[step, count, saturated, sum, sum_sq, center]`` (float64, from float32
+  reductions; `probe_state.COLUMNS`) and each unit's largest output
+  (XLA-safe: no summaries, no Python side effects on tensor values). A layer called several times in one
   step (a shared layer) is summed; an RNN cell's activation, which runs inside
   the RNN's time loop, adds into its slot once per timestep (the slot is
   cleared before the loop; the extra call Keras makes before the loop to learn
@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import tensorflow as tf
 
 from instrumentation.graph_ops import rare_cond, ring_slot
-from instrumentation.probe_state import Probe, activation_name, classify
+from instrumentation.probe_state import COLUMNS, Probe, activation_name, classify
 
 logger = logging.getLogger("instrumentation")
 
@@ -201,8 +201,12 @@ class ActivationProbes:
         if self._graph is not tf.compat.v1.get_default_graph():
             return  # not in the graph the activations came from (should not happen)
         step, slot, opened = self._step, self._slot, set(getattr(self, "_opened", ()))
+        calls: dict = {}
+        for probe, _, _ in pending:
+            calls[id(probe)] = calls.get(id(probe), 0) + 1
 
         def update():
+            step_column = tf.reshape(tf.cast(step, tf.float64), [1])  # shared by every write
             summed: dict = {}  # a layer called several times in one step: one row
             for probe, pre, out in pending:
                 if probe.cell and id(probe) in opened:
@@ -210,8 +214,12 @@ class ActivationProbes:
                     # shape and discards the result; the loop covers every
                     # timestep. Not reading it also lets the call be pruned.
                     continue
+                # A layer called once in the step, with no loop adding to its
+                # slot, writes a row centred on its own mean (fewer ops); rows
+                # that are summed must be additive.
+                centered = calls[id(probe)] == 1 and id(probe) not in opened
                 try:
-                    values, fired = probe.contribution(pre, out)
+                    values, fired = probe.contribution(pre, out, centered=centered)
                 except Exception:  # noqa: BLE001 - a probe must never break training
                     logger.debug("probe %s failed", probe.name, exc_info=True)
                     self.unprobed[probe.name] = "probe failed while tracing"
@@ -225,7 +233,7 @@ class ActivationProbes:
                 if id(probe) in opened:  # its slot was cleared before an RNN loop
                     probe.accumulate(slot, values, fired)
                 else:
-                    probe.write(step, slot, values, fired)
+                    probe.write(step_column, slot, values, fired)
             return tf.constant(True)
 
         try:
@@ -248,7 +256,7 @@ class ActivationProbes:
         step, slot = self._step, self._slot
 
         def clear():
-            probe.write(step, slot, tf.zeros([5], tf.float64), None)
+            probe.write(step, slot, tf.zeros([len(COLUMNS)], tf.float64), None)
             return tf.constant(True)
 
         with self._graph.as_default():

@@ -194,6 +194,47 @@ def test_rnn_cells_accumulate_every_timestep_and_std_survives_a_large_mean(jit, 
     assert ref["rnn_tanh"]["sat"] > 0.1
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_layer_called_twice_in_a_step_is_summed_over_both_calls(jit, tmp_path):
+    # A shared layer's two calls add up in one slot (additive rows); a layer
+    # called once writes a row centred on its own mean. Both against numpy,
+    # with a mean of ~1e4 and a std of ~1 in the shared layer.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 4)).astype("float32")
+    y = rng.standard_normal((32, 1)).astype("float32")
+    shared = keras.layers.Dense(4, activation="relu", name="shared")
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(4, activation="relu", name="once")(inputs)
+    h = shared(shared(h) * 1e-4)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
+    w_once = rng.standard_normal((4, 4)).astype("float32")
+    b_once = np.array([-50, 0, 0, 0.5], "float32")
+    w_shared = (rng.standard_normal((4, 4)) * 0.5).astype("float32")
+    b_shared = np.array([1e4, 1e4, -50, 1e4], "float32")
+    weights = [w_once, b_once, w_shared, b_shared,
+               rng.standard_normal((4, 1)).astype("float32"), np.zeros(1, "float32")]
+    run = _fit_frozen(model, weights, x, y, jit, tmp_path, epochs=1)
+    w = [v.astype(np.float64) for v in weights]
+    pre_once = x.astype(np.float64) @ w[0] + w[1]
+    once = np.maximum(pre_once, 0)
+    pre_first = once @ w[2] + w[3]
+    first = np.maximum(pre_first, 0)
+    pre_second = (first * 1e-4) @ w[2] + w[3]
+    both = np.concatenate([first, np.maximum(pre_second, 0)])
+    fired = (pre_first > 0).any(axis=0) | (pre_second > 0).any(axis=0)
+    mean, std = run.layers["act_mean"], run.layers["act_std"]
+    dead = run.layers["dead_fraction"]
+    expected = {"once": (once.mean(), once.std(), np.mean(~(pre_once > 0).any(axis=0))),
+                "shared": (both.mean(), both.std(), np.mean(~fired))}
+    assert set(mean.names) == set(expected)
+    for name, (m, s, d) in expected.items():
+        j = mean.names.index(name)
+        np.testing.assert_allclose(mean.values[0, j], m, rtol=1e-5)
+        np.testing.assert_allclose(std.values[0, j], s, rtol=1e-3)
+        assert dead.values[0, dead.names.index(name)] == pytest.approx(d)
+    assert both.mean() > 1e3 and expected["shared"][2] == 0.25
+
+
 def test_probes_run_every_n_steps_only_and_leave_eval_untouched(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((160, 3)).astype("float32")
