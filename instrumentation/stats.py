@@ -351,12 +351,18 @@ class StepStats:
             return None
         return [before[i] for i in indices]
 
-    def record_update(self, state: GradientState) -> None:
+    def record_update(self, state: GradientState,
+                      deltas: Optional[Sequence[Optional[tf.Tensor]]] = None) -> None:
         """On log steps stores gradient norm, weight norm and update ratio per variable.
 
         Call after the update; the weight norm is that of the weights before
         the update (the snapshot) and the update ratio is
         ``|w_after - w_before| / |w_before|`` (0 where ``|w_before| == 0``).
+
+        Args:
+          deltas: Optional per-variable update tensors known to be the whole
+            change of this step (`instrumentation.update_capture`); their norm
+            replaces ``|w_after - w_before|`` (None entries: not known).
         """
 
         def compute():
@@ -364,11 +370,15 @@ class StepStats:
             snapshots = self._before_update(release=True)
             if snapshots:
                 weight, delta = [], []
-                for snap, variable in zip(snapshots, self.variables):
+                for index, (snap, variable) in enumerate(zip(snapshots, self.variables)):
                     before = tf.cast(tf.convert_to_tensor(snap), tf.float32)
-                    after = tf.cast(_read(variable), tf.float32)
                     weight.append(tf.nn.l2_loss(before))  # fused: no squared temporary
-                    delta.append(tf.nn.l2_loss(after - before))
+                    known = deltas[index] if deltas is not None else None
+                    if known is not None:
+                        delta.append(tf.nn.l2_loss(tf.cast(known, tf.float32)))
+                    else:
+                        after = tf.cast(_read(variable), tf.float32)
+                        delta.append(tf.nn.l2_loss(after - before))
                 weight_norm = _norms_from_halves(weight)
                 ratio = tf.math.divide_no_nan(_norms_from_halves(delta), weight_norm)
             else:

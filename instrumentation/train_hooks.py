@@ -16,12 +16,15 @@ Each takes the callback whose state it reads and writes.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import tensorflow as tf
 
+from instrumentation import distribute
 from instrumentation import flush_policy
 from instrumentation import optimizer_step
+from instrumentation import update_capture
 
 _NORMAL_END = (StopIteration, tf.errors.OutOfRangeError)
 MIN_READ_STEPS = 32
@@ -54,15 +57,23 @@ def make_apply(callback, optimizer, original):
             stats = callback._ensure_stats(variables)
             stats.log_mode = callback._trace_mode
             loss = captured_loss(callback)
-            # A log step keeps the pre-update weights anyway: it does so first
-            # and the NaN capture copies those values, not the weights, so the
-            # updates need not wait for its finiteness test.
+            # A log step reads the pre-update weights first. |Δw| comes from
+            # the optimizer's own update tensors where they are expected to be
+            # the whole change (`update_capture`); then those values must not
+            # outlive the update (it would copy the weights), so the NaN
+            # capture reads the weights and the update waits for its test.
+            # Otherwise |Δw| needs them after the update anyway, and the
+            # capture copies them instead: the update need not wait.
             early = stats.log_mode == "always" and stats.measure_update
             if early:
                 stats.snapshot_when(True)
+            deltas_expected = early and update_capture.expected(
+                optimizer, distribute.num_replicas(
+                    getattr(callback.model, "distribute_strategy", None)))
             # The NaN capture, inside the statistics' own non-finite branch.
             hook = callback._extras.nonfinite_hook(
-                optimizer, variables, sources_for=stats.snapshots_of if early else None)
+                optimizer, variables,
+                sources_for=stats.snapshots_of if early and not deltas_expected else None)
             state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
                                                         loss=loss, on_nonfinite=hook)
             if not early:
@@ -73,11 +84,15 @@ def make_apply(callback, optimizer, original):
         if hook is None:  # loss scaling: the capture counts skips at every step
             callback._extras.before_update(optimizer, grads, variables,
                                            state.local_nonfinite)
-        result = original(grads, trainable_variables)
+        capture = (update_capture.UpdateCapture(stats._lookup, len(stats.variables))
+                   if early else None)
+        with capture.watch(optimizer) if capture is not None else contextlib.nullcontext():
+            result = original(grads, trainable_variables)
         try:
             if skipped is not None:  # a skipped step does not advance iterations
                 stats.skips.assign(skipped)
-            stats.record_update(state)
+            deltas = capture.deltas(stats.variables) if capture is not None else None
+            stats.record_update(state, deltas)
         except Exception as error:  # noqa: BLE001
             callback._fail(error)
         return result

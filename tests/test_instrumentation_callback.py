@@ -335,3 +335,58 @@ def test_without_snapshots_the_update_ratio_is_left_out_not_nan(tmp_path, caplog
     assert (".", schema.variable_tag("update_ratio")) not in events
     assert sorted(var_vectors(events, "weight_norm")) == list(range(0, len(x) // BATCH, 2))
     assert not [r for r in caplog.records if "CRITICAL" in r.getMessage()]
+
+
+class _WeightsEachStep(keras.callbacks.Callback):
+    """The model's weights before the first step and after every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_train_begin(self, logs=None):
+        self.weights = [[np.array(w.numpy(), np.float64) for w in self.model.trainable_weights]]
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append([np.array(w.numpy(), np.float64) for w in self.model.trainable_weights])
+
+
+class CustomSGD(keras.optimizers.SGD):
+    """Not a Keras built-in: the callback cannot expect its update tensors."""
+
+
+def _optimizer(name):
+    return {
+        "sgd": lambda: keras.optimizers.SGD(LR),  # update tensors: one assign_sub
+        "adam": lambda: keras.optimizers.Adam(0.01),
+        "momentum": lambda: keras.optimizers.SGD(LR, momentum=0.9),  # assign_add
+        "adamw": lambda: keras.optimizers.AdamW(0.01, weight_decay=0.1),  # decay written aside
+        "custom": lambda: CustomSGD(LR),  # after - before, capture from the held values
+    }[name]()
+
+
+@pytest.mark.parametrize("constraint", [False, True], ids=["plain", "max-norm-constraint"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "momentum", "adamw", "custom"])
+def test_update_ratio_is_the_realized_change_for_every_optimizer(tmp_path, name, constraint):
+    # The ratio comes from the optimizer's own update tensor where that is the
+    # whole change, else from after - before: either way it must equal the
+    # change of the weights between two steps (weight decay written aside,
+    # a constraint projecting the kernel after the update).
+    x, y = data()
+    model = keras.Sequential([
+        keras.Input((4,)),
+        keras.layers.Dense(5, activation="tanh",
+                           kernel_constraint=keras.constraints.MaxNorm(0.5) if constraint else None),
+        keras.layers.Dense(1)])
+    model.compile(_optimizer(name), "mse")
+    recorder = _WeightsEachStep()
+    fit(model, tmp_path, every=1, x=x, y=y, callbacks=[recorder])
+    ratios = var_vectors(read_events(tmp_path), "update_ratio")
+    steps = len(x) // BATCH
+    assert sorted(ratios) == list(range(steps))
+    for step in range(steps):
+        before, after = recorder.weights[step], recorder.weights[step + 1]
+        want = [np.linalg.norm(a - b) / np.linalg.norm(b) if np.linalg.norm(b) else 0.0
+                for a, b in zip(after, before)]  # 0 for the zero-initialised biases at step 0
+        assert_close(ratios[step], want, rtol=2e-3)
+    assert min(min(ratios[step]) for step in range(1, steps)) > 0

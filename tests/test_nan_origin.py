@@ -129,23 +129,29 @@ class _WeightsAfterEachStep(keras.callbacks.Callback):
         self.after[batch] = [np.array(w.numpy()) for w in self.model.trainable_weights]
 
 
+class CustomSGD(keras.optimizers.SGD):
+    """Not a Keras built-in: log steps keep the pre-update values for |Δw| and the capture."""
+
+
 @pytest.mark.parametrize(
-    "every,bad_step",
-    [(1, 3), (2, 4), (2, 3)],
-    ids=["every1-from-snapshot", "log-step-from-snapshot", "lean-step-from-weights"],
+    "every,bad_step,optimizer",
+    [(1, 3, keras.optimizers.SGD), (1, 3, CustomSGD), (2, 4, CustomSGD), (2, 3, CustomSGD)],
+    ids=["every1-from-weights", "every1-from-held-values", "log-step-from-held-values",
+         "lean-step-from-weights"],
 )
-def test_captured_weights_are_those_before_the_bad_step(every, bad_step, tmp_path):
+def test_captured_weights_are_those_before_the_bad_step(every, bad_step, optimizer, tmp_path):
     """The saved weights equal the model's weights after the step before the bad one.
 
-    Log steps copy them from the statistics' snapshot, the other steps from the
-    weights themselves; both must give the pre-update values of the bad step.
+    Log steps whose |Δw| needs the pre-update values copy those, the other
+    steps read the weights themselves (the update waits); both must give the
+    pre-update values of the bad step.
     """
     keras.utils.set_random_seed(0)
     x, y = _data(16 * 6)
     x[16 * bad_step + 5, 2] = np.inf
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
                               keras.layers.Dense(1)])
-    model.compile(keras.optimizers.SGD(0.1), "mse")
+    model.compile(optimizer(0.1), "mse")
     recorder = _WeightsAfterEachStep()
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False,
               callbacks=[StabilityCallback(str(tmp_path), every=every), recorder])
