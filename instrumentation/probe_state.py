@@ -72,8 +72,8 @@ def classify(fn: Callable) -> tuple[str, Optional[tuple[float, float]]]:
     return "other", None
 
 
-COLUMNS = ("step", "count", "saturated", "sum", "sum_sq", "center")
-STEP, COUNT, SATURATED, SUM, SUM_SQ, CENTER = range(len(COLUMNS))
+COLUMNS = ("step", "count", "saturated", "sum", "half_sum_sq", "center")
+STEP, COUNT, SATURATED, SUM, HALF_SUM_SQ, CENTER = range(len(COLUMNS))
 
 
 class Probe:
@@ -81,7 +81,8 @@ class Probe:
 
     ``stats`` is float64 ``[slots, 6]`` (`COLUMNS`): per slot the step, the
     element count, the saturated count and the first two moments about
-    ``center``: ``sum = Σ(x - center)``, ``sum_sq = Σ(x - center)²``. An
+    ``center``: ``sum = Σ(x - center)``, ``half_sum_sq = Σ(x - center)² / 2``
+    (what one fused ``L2Loss`` gives). An
     additive row (`contribution`) has ``center = 0`` and raw sums, so the
     rows of an RNN cell's timesteps add up in the slot; a single call's row
     (``centered=True``) is centred on its own mean (``sum = 0``), which costs
@@ -146,7 +147,7 @@ class Probe:
                      ) -> tuple[tf.Tensor, Optional[tf.Tensor]]:
         """Statistics of one call (graph side): ``(row, fired)``.
 
-        ``row`` is float64 ``[0, count, saturated, sum, sum_sq, center]``
+        ``row`` is float64 ``[0, count, saturated, sum, half_sum_sq, center]``
         (`COLUMNS`, a zero in the step column) from float32 reductions: no
         float64 copy of the activation. By default the row is additive
         (``center = 0``): bounded outputs (sigmoid, tanh, ...: ``|x| <= 1``)
@@ -169,26 +170,24 @@ class Probe:
                     and activation_name_known_pre(self):
                 near = tf.logical_or(near, tf.abs(tf.cast(pre, tf.float32)) >= PRE_THRESHOLD)
             saturated = tf.reduce_sum(tf.cast(near, tf.float32))
-        size = out.shape.num_elements()
-        exact = size is not None and size < 2 ** 24  # the count is exact in float32
         bounded = self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0
-        if exact and (bounded or centered):
+        if bounded or centered:
+            size = out.shape.num_elements()  # None with a dynamic batch size
+            count = float(size) if size is not None else tf.cast(tf.size(out), tf.float32)
             if bounded:
                 first, second, center = tf.reduce_sum(out), tf.nn.l2_loss(out), 0.0
             else:
                 center = tf.reduce_mean(out)
                 first, second = 0.0, tf.nn.l2_loss(out - center)
-            # One float32 vector, one cast; 2 * half sum of squares via the scale.
-            row = tf.stack([0.0, float(size), saturated, first, second, center])
-            row = tf.cast(row * _HALF_SQUARES_SCALE, tf.float64)
+            row = tf.cast(tf.stack([0.0, count, saturated, first, second, center]),
+                          tf.float64)  # one float32 vector, one cast
         else:
             count = tf.cast(tf.size(out), tf.float64)
             mean = tf.reduce_mean(out)
             mean64 = tf.cast(mean, tf.float64)
-            centred = tf.cast(2.0 * tf.nn.l2_loss(out - mean if not bounded else out),
-                              tf.float64)
+            centred = tf.cast(tf.nn.l2_loss(out - mean if not bounded else out), tf.float64)
             total = count * mean64
-            total_sq = centred + total * mean64 if not bounded else centred
+            total_sq = centred + 0.5 * total * mean64 if not bounded else centred
             zero = tf.constant(0.0, tf.float64)
             row = tf.stack([zero, count, tf.cast(saturated, tf.float64), total, total_sq, zero])
         fired = None
@@ -248,7 +247,7 @@ class Probe:
             if step < 0 or count <= 0:
                 continue
             shift = first / count
-            var = max(second / count - shift * shift, 0.0)
+            var = max(2.0 * second / count - shift * shift, 0.0)
             out = {"act_mean": center + shift, "act_std": float(np.sqrt(var))}
             if dead is not None:
                 out["dead_fraction"] = float(dead[slot])
@@ -257,9 +256,6 @@ class Probe:
             found.append((int(step), out))
         return found
 
-
-# `Probe.contribution`'s float32 row holds half sums of squares (L2Loss).
-_HALF_SQUARES_SCALE = np.array([1.0, 1.0, 1.0, 1.0, 2.0, 1.0], np.float32)
 
 
 def activation_name_known_pre(probe: Probe) -> bool:
