@@ -237,24 +237,25 @@ class Probe:
         if self.stats is None:
             return []
         stats = readback.fetch(self.stats, batch)
-        dead = None
+        order = np.argsort(stats[:, STEP], kind="stable")
+        order = order[(stats[order, STEP] >= 0) & (stats[order, COUNT] > 0)]
+        if not order.size:
+            return []
+        rows = stats[order]
+        count = rows[:, COUNT]
+        shift = rows[:, SUM] / count
+        columns = {"act_mean": rows[:, CENTER] + shift,
+                   "act_std": np.sqrt(np.maximum(2.0 * rows[:, HALF_SUM_SQ] / count
+                                                 - shift * shift, 0.0))}
         if self.kind == "relu":
-            fired = readback.fetch(self.fired, batch) > 0
-            dead = 1.0 - fired.mean(axis=1, dtype=np.float64)
-        found = []
-        for slot in np.argsort(stats[:, STEP], kind="stable"):
-            step, count, saturated, first, second, center = stats[slot].tolist()
-            if step < 0 or count <= 0:
-                continue
-            shift = first / count
-            var = max(2.0 * second / count - shift * shift, 0.0)
-            out = {"act_mean": center + shift, "act_std": float(np.sqrt(var))}
-            if dead is not None:
-                out["dead_fraction"] = float(dead[slot])
-            if self.kind == "saturating" and not self.is_output:
-                out["saturated_fraction"] = saturated / count
-            found.append((int(step), out))
-        return found
+            fired = readback.fetch(self.fired, batch)[order] > 0
+            columns["dead_fraction"] = 1.0 - fired.mean(axis=1, dtype=np.float64)
+        if self.kind == "saturating" and not self.is_output:
+            columns["saturated_fraction"] = rows[:, SATURATED] / count
+        names = list(columns)
+        table = np.stack([columns[name] for name in names], axis=1).tolist()
+        return [(int(step), dict(zip(names, values)))
+                for step, values in zip(rows[:, STEP].tolist(), table)]
 
 
 

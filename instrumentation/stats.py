@@ -232,7 +232,7 @@ class StepStats:
             present.append(grad)
             half = _half_sum_squares(grad)
             halves.append(half)
-            index = self._lookup(variable)
+            index = self.index_of(variable)
             if index is not None:
                 per_var[index] = half
         factor = tf.constant(2.0, tf.float32)
@@ -346,7 +346,7 @@ class StepStats:
         before = self._before_update()
         if not before:
             return None
-        indices = [self._lookup(v) for v in variables]
+        indices = [self.index_of(v) for v in variables]
         if any(i is None for i in indices):
             return None
         return [before[i] for i in indices]
@@ -397,7 +397,8 @@ class StepStats:
 
         rare_cond(state.is_log, compute)
 
-    def _lookup(self, variable: Any) -> Optional[int]:
+    def index_of(self, variable: Any) -> Optional[int]:
+        """Index of ``variable`` (Keras or TF) among the tracked variables, or None."""
         for key in _variable_keys(variable):
             if key in self._index:
                 return self._index[key]

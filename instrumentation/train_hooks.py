@@ -84,7 +84,7 @@ def make_apply(callback, optimizer, original):
         if hook is None:  # loss scaling: the capture counts skips at every step
             callback._extras.before_update(optimizer, grads, variables,
                                            state.local_nonfinite)
-        capture = (update_capture.UpdateCapture(stats._lookup, len(stats.variables))
+        capture = (update_capture.UpdateCapture(stats.index_of, len(stats.variables))
                    if early else None)
         with capture.watch(optimizer) if capture is not None else contextlib.nullcontext():
             result = original(grads, trainable_variables)
