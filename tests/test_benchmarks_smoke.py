@@ -45,6 +45,15 @@ def test_overhead_steps_prints_interleaved_ratio_table():
     assert "below the TensorBoard callback" in out
 
 
+def test_versus_compares_a_revision_with_the_tree_in_one_process():
+    pytest.importorskip("tensorflow")
+    out = _run("versus.py", "--rev", "HEAD", "--models", "mlp")
+    assert "rev: HEAD" in out and "block range" in out
+    for config in ("baseline", "baseline again", "rev defaults", "tree defaults",
+                   "rev every=1", "tree every=1"):
+        assert f"mlp    {config}" in out, out
+
+
 def test_reader_prints_throughput_table(tmp_path):
     out = _run("reader.py", "--cache", str(tmp_path), "--loaders",
                "tb_stability load_logdir", "EventAccumulator (no TF)")
