@@ -71,11 +71,13 @@ class StabilityCallback(keras.callbacks.Callback):
         every ``every`` steps, or every first multiple of ``every`` >= 32
         when ``every`` is smaller (`read_interval`): nothing is lost, the
         records wait in device-side slots.
-      snapshot_weights: Measure the update ratio exactly, from the weights
-        before the update. Log steps hold them as tensors until the update is
-        done (no extra memory between steps); only with
-        ``steps_per_execution > 1`` are they copied into variables (one extra
-        copy of the weights). ``False``: no update ratio is written.
+      snapshot_weights: Measure the update ratio ``|Δw| / |w|``: ``Δw`` is the
+        optimizer's own update tensor where it is verifiably the variable's
+        whole change (`instrumentation.update_capture`), else the weights after
+        minus before. Log steps hold the weights before the update as tensors
+        (no extra memory between steps); only with ``steps_per_execution > 1``
+        are they copied into variables (one extra copy of the weights).
+        ``False``: no update ratio is written.
       probe_every: Activation probes and input/label/prediction statistics
         every ``probe_every`` steps (default: ``every``; 0 disables them).
       live_warnings: Print one concise line (logger ``instrumentation``) when a
