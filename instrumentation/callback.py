@@ -43,8 +43,8 @@ from instrumentation import readback
 from instrumentation import train_hooks
 from instrumentation.extras import CallbackExtras
 from instrumentation.live import LiveDiagnosis, warning_line
-from instrumentation.stats import ColumnsWriter, StepStats
-from instrumentation.writer import Drainer, SummaryWriter, run_info, warn_disabled
+from instrumentation.stats import StepStats
+from instrumentation.writer import ColumnsWriter, Drainer, SummaryWriter, run_info, warn_disabled
 from tb_stability import schema
 
 logger = logging.getLogger("instrumentation")

@@ -29,8 +29,9 @@ import tensorflow as tf
 
 from instrumentation import distribute
 from instrumentation import flush_policy
-from instrumentation.stats import ColumnsWriter, StepStats, plain_variable
-from instrumentation.writer import Drainer, SummaryWriter, run_info, warn_disabled
+from instrumentation.graph_values import plain_variable
+from instrumentation.stats import StepStats
+from instrumentation.writer import ColumnsWriter, Drainer, SummaryWriter, run_info, warn_disabled
 from tb_stability import schema
 
 logger = logging.getLogger("instrumentation")

@@ -44,6 +44,18 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation.graph_ops import rare_cond, ring_slot
+from instrumentation.graph_values import (
+    count_nonfinite,
+    current_graph,
+    float64_scalar,
+    half_sum_squares,
+    norms_from_halves,
+    plain_variable,
+    read_value,
+    variable_dtype,
+    variable_keys,
+    variable_name,
+)
 from tb_stability import schema
 
 NUM_COLUMNS = len(schema.STEP_COLUMNS)
@@ -57,44 +69,6 @@ GRAD_NORM, WEIGHT_NORM, UPDATE_RATIO = range(3)
 #   nonfinite_replicas  bit mask: bit r set when replica r had non-finite values
 EXTRA_COLUMNS = ("clipped", "skipped", "loss_scale", "nonfinite_replicas")
 LOG_MODES = ("cond", "always", "never")
-
-
-def variable_name(variable: Any) -> str:
-    """A stable, human-readable name of a Keras or TF variable (its path)."""
-    for attr in ("path", "name"):
-        name = getattr(variable, attr, None)
-        if isinstance(name, str) and name:
-            return name[:-2] if name.endswith(":0") else name
-    return f"variable_{id(variable)}"
-
-
-def _variable_keys(variable: Any) -> list[int]:
-    """Identity keys under which a variable may be passed to the optimizer."""
-    keys = [id(variable)]
-    inner = getattr(variable, "value", None)
-    if isinstance(inner, tf.Variable) and inner is not variable:
-        keys.append(id(inner))
-    return keys
-
-
-def _values(tensor: Any) -> tf.Tensor:
-    """Dense values of a gradient (the ``values`` of an `IndexedSlices`)."""
-    if isinstance(tensor, tf.IndexedSlices):
-        tensor = tensor.values
-    return tf.convert_to_tensor(tensor)
-
-
-def _half_sum_squares(tensor: Any) -> tf.Tensor:
-    """``sum(g**2) / 2`` in float32: one fused ``L2Loss`` op, no temporary."""
-    return tf.nn.l2_loss(tf.cast(_values(tensor), tf.float32))
-
-
-def _count_nonfinite(tensor: Any) -> tf.Tensor:
-    values = _values(tensor)
-    if not values.dtype.is_floating:
-        return tf.constant(0.0, tf.float64)
-    bad = tf.logical_not(tf.math.is_finite(values))
-    return tf.cast(tf.math.count_nonzero(bad, dtype=tf.int64), tf.float64)
 
 
 @dataclasses.dataclass
@@ -174,7 +148,7 @@ class StepStats:
         self.slots = self.capacity // self.every + 2
         self._index = {}
         for i, variable in enumerate(self.variables):
-            for key in _variable_keys(variable):
+            for key in variable_keys(variable):
                 self._index.setdefault(key, i)
         n = len(self.variables)
         with tf.init_scope():
@@ -230,7 +204,7 @@ class StepStats:
             if grad is None:
                 continue
             present.append(grad)
-            half = _half_sum_squares(grad)
+            half = half_sum_squares(grad)
             halves.append(half)
             index = self.index_of(variable)
             if index is not None:
@@ -248,7 +222,7 @@ class StepStats:
         loss = tf.cast(loss, tf.float64)
 
         def count():
-            found = tf.add_n([_count_nonfinite(g) for g in present]
+            found = tf.add_n([count_nonfinite(g) for g in present]
                              + [tf.constant(0.0, tf.float64)])
             if on_nonfinite is not None:
                 on_nonfinite(found, loss)
@@ -270,11 +244,11 @@ class StepStats:
             tf.cast(local.loss, tf.float64),
             tf.cast(local.total, tf.float64),  # squared: the host takes the root
             tf.cast(local.nonfinite, tf.float64),
-            _scalar(learning_rate),
+            float64_scalar(learning_rate),
         ]
         for name in self.columns[len(values):]:
             value = extras.get(name, np.nan)
-            values.append(_scalar(value))
+            values.append(float64_scalar(value))
         index = tf.math.floormod(step, self.capacity)
         tf.raw_ops.ResourceScatterUpdate(resource=self.ring.handle, indices=index,
                                          updates=tf.stack(values))
@@ -302,14 +276,14 @@ class StepStats:
         if not self.measure_update or predicate is False:
             return
         if predicate is True and not tf.executing_eagerly():
-            self._held[threading.get_ident()] = (_current_graph(),
-                                                  [_read(v) for v in self.variables])
+            self._held[threading.get_ident()] = (current_graph(),
+                                                  [read_value(v) for v in self.variables])
             return
         snapshots = self._snapshot_variables()
 
         def copy():
             for snap, variable in zip(snapshots, self.variables):
-                snap.assign(_read(variable))
+                snap.assign(read_value(variable))
             return tf.constant(True)
 
         rare_cond(predicate, copy)
@@ -318,7 +292,7 @@ class StepStats:
         if self.snapshots is None:
             with tf.init_scope():
                 self.snapshots = [
-                    plain_variable(tf.zeros(v.shape, _dtype(v)), "stability_snapshot")
+                    plain_variable(tf.zeros(v.shape, variable_dtype(v)), "stability_snapshot")
                     for v in self.variables
                 ]
         return self.snapshots
@@ -333,7 +307,7 @@ class StepStats:
         graph, held = self._held.get(key, (None, None))
         if release:
             self._held.pop(key, None)
-        if held and graph is _current_graph():
+        if held and graph is current_graph():
             return held
         return self.snapshots
 
@@ -377,13 +351,13 @@ class StepStats:
                     if known is not None:
                         delta.append(tf.nn.l2_loss(tf.cast(known, tf.float32)))
                     else:
-                        after = tf.cast(_read(variable), tf.float32)
+                        after = tf.cast(read_value(variable), tf.float32)
                         delta.append(tf.nn.l2_loss(after - before))
-                weight_norm = _norms_from_halves(weight)
-                ratio = tf.math.divide_no_nan(_norms_from_halves(delta), weight_norm)
+                weight_norm = norms_from_halves(weight)
+                ratio = tf.math.divide_no_nan(norms_from_halves(delta), weight_norm)
             else:
-                weight_norm = _norms_from_halves([
-                    tf.nn.l2_loss(tf.cast(_read(v), tf.float32)) for v in self.variables])
+                weight_norm = norms_from_halves([
+                    tf.nn.l2_loss(tf.cast(read_value(v), tf.float32)) for v in self.variables])
                 ratio = tf.fill(tf.shape(weight_norm), tf.constant(np.nan, tf.float32))
             stats = tf.stack([grad_norm, weight_norm, ratio])
             slot = ring_slot(state.step, self.every, self.slots)
@@ -399,66 +373,7 @@ class StepStats:
 
     def index_of(self, variable: Any) -> Optional[int]:
         """Index of ``variable`` (Keras or TF) among the tracked variables, or None."""
-        for key in _variable_keys(variable):
+        for key in variable_keys(variable):
             if key in self._index:
                 return self._index[key]
         return None
-
-
-def plain_variable(initial_value: Any, name: str) -> tf.Variable:
-    """A non-trainable resource variable that ignores any ``tf.distribute`` scope.
-
-    Statistics variables must stay ordinary (not mirrored) variables: each
-    replica writes the same aggregated values into them without a collective,
-    and every worker reads its own copy on the host. Constructing the
-    `ResourceVariable` class directly bypasses the variable-creator scopes a
-    strategy installs.
-    """
-    from tensorflow.python.ops import resource_variable_ops  # no public equivalent
-
-    return resource_variable_ops.ResourceVariable(
-        initial_value, trainable=False, name=name
-    )
-
-
-class ColumnsWriter:
-    """Wraps a `SummaryWriter` so that steps blocks carry ``columns`` as names."""
-
-    def __init__(self, writer: Any, columns: Sequence[str]):
-        self._writer = writer
-        self.columns = tuple(columns)
-
-    def write_steps(self, rows: Any, columns: Optional[Sequence[str]] = None) -> None:
-        """Writes a steps block with this writer's column names."""
-        self._writer.write_steps(rows, columns or self.columns)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._writer, name)
-
-
-def _scalar(value: Any) -> tf.Tensor:
-    """A float64 scalar tensor (no op for what already is one)."""
-    value = tf.convert_to_tensor(value)
-    if value.shape.rank != 0:
-        value = tf.reshape(value, [])
-    return tf.cast(value, tf.float64)
-
-
-def _norms_from_halves(halves: Sequence[tf.Tensor]) -> tf.Tensor:
-    """``[sqrt(2 * h) for h in halves]`` as one float32 vector (``h = sum(x**2) / 2``)."""
-    if not halves:
-        return tf.zeros([0], tf.float32)
-    return tf.sqrt(2.0 * tf.stack(halves))
-
-
-def _read(variable: Any) -> tf.Tensor:
-    """The current value of a Keras or TF variable as a tensor."""
-    return tf.convert_to_tensor(variable)
-
-
-def _current_graph():
-    return tf.compat.v1.get_default_graph()
-
-
-def _dtype(variable: Any) -> tf.DType:
-    return tf.as_dtype(getattr(variable, "dtype", tf.float32))

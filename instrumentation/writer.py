@@ -354,3 +354,18 @@ def warn_disabled(what: str, error: BaseException, log: logging.Logger) -> None:
         stacklevel=4,
     )
     log.debug("%s error", what, exc_info=error)
+
+
+class ColumnsWriter:
+    """Wraps a `SummaryWriter` so that steps blocks carry ``columns`` as names."""
+
+    def __init__(self, writer: Any, columns: Sequence[str]):
+        self._writer = writer
+        self.columns = tuple(columns)
+
+    def write_steps(self, rows: Any, columns: Optional[Sequence[str]] = None) -> None:
+        """Writes a steps block with this writer's column names."""
+        self._writer.write_steps(rows, columns or self.columns)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)

@@ -1,0 +1,99 @@
+"""Tensors and variables of the statistics: names, norms, counts, plain variables.
+
+Small graph-side helpers shared by `instrumentation.stats` (the per-step and
+per-variable statistics) and its neighbours: a variable's stable name and
+identity keys, a gradient's dense values, its half sum of squares (one fused
+``L2Loss``), its non-finite count, and the plain (never mirrored) variables
+the statistics live in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import tensorflow as tf
+
+
+def variable_name(variable: Any) -> str:
+    """A stable, human-readable name of a Keras or TF variable (its path)."""
+    for attr in ("path", "name"):
+        name = getattr(variable, attr, None)
+        if isinstance(name, str) and name:
+            return name[:-2] if name.endswith(":0") else name
+    return f"variable_{id(variable)}"
+
+
+def variable_keys(variable: Any) -> list[int]:
+    """Identity keys under which a variable may be passed to the optimizer."""
+    keys = [id(variable)]
+    inner = getattr(variable, "value", None)
+    if isinstance(inner, tf.Variable) and inner is not variable:
+        keys.append(id(inner))
+    return keys
+
+
+def dense_values(tensor: Any) -> tf.Tensor:
+    """Dense values of a gradient (the ``values`` of an `IndexedSlices`)."""
+    if isinstance(tensor, tf.IndexedSlices):
+        tensor = tensor.values
+    return tf.convert_to_tensor(tensor)
+
+
+def half_sum_squares(tensor: Any) -> tf.Tensor:
+    """``sum(g**2) / 2`` in float32: one fused ``L2Loss`` op, no temporary."""
+    return tf.nn.l2_loss(tf.cast(dense_values(tensor), tf.float32))
+
+
+def count_nonfinite(tensor: Any) -> tf.Tensor:
+    """Number of non-finite values of a gradient, as a float64 scalar."""
+    values = dense_values(tensor)
+    if not values.dtype.is_floating:
+        return tf.constant(0.0, tf.float64)
+    bad = tf.logical_not(tf.math.is_finite(values))
+    return tf.cast(tf.math.count_nonzero(bad, dtype=tf.int64), tf.float64)
+
+
+def plain_variable(initial_value: Any, name: str) -> tf.Variable:
+    """A non-trainable resource variable that ignores any ``tf.distribute`` scope.
+
+    Statistics variables must stay ordinary (not mirrored) variables: each
+    replica writes the same aggregated values into them without a collective,
+    and every worker reads its own copy on the host. Constructing the
+    `ResourceVariable` class directly bypasses the variable-creator scopes a
+    strategy installs.
+    """
+    from tensorflow.python.ops import resource_variable_ops  # no public equivalent
+
+    return resource_variable_ops.ResourceVariable(
+        initial_value, trainable=False, name=name
+    )
+
+
+def float64_scalar(value: Any) -> tf.Tensor:
+    """A float64 scalar tensor (no op for what already is one)."""
+    value = tf.convert_to_tensor(value)
+    if value.shape.rank != 0:
+        value = tf.reshape(value, [])
+    return tf.cast(value, tf.float64)
+
+
+def norms_from_halves(halves: Sequence[tf.Tensor]) -> tf.Tensor:
+    """``[sqrt(2 * h) for h in halves]`` as one float32 vector (``h = sum(x**2) / 2``)."""
+    if not halves:
+        return tf.zeros([0], tf.float32)
+    return tf.sqrt(2.0 * tf.stack(halves))
+
+
+def read_value(variable: Any) -> tf.Tensor:
+    """The current value of a Keras or TF variable as a tensor."""
+    return tf.convert_to_tensor(variable)
+
+
+def current_graph():
+    """The graph ops are being added to (the eager context's outside functions)."""
+    return tf.compat.v1.get_default_graph()
+
+
+def variable_dtype(variable: Any) -> tf.DType:
+    """The dtype of a Keras or TF variable (float32 when it has none)."""
+    return tf.as_dtype(getattr(variable, "dtype", tf.float32))
