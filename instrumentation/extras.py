@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 from instrumentation import config_check
 from instrumentation.data_stats import DataStats
-from instrumentation.nan_origin import (ARTIFACT_DIR, NanCapture, describe, find_origin, rebuild,
+from instrumentation.nan_capture import NanCapture
+from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, rebuild,
                                         save_artifacts, swapped_weights, variable_path)
 from instrumentation.probes import ActivationProbes
 from tb_stability import schema
