@@ -74,6 +74,7 @@ def classify(fn: Callable) -> tuple[str, Optional[tuple[float, float]]]:
 
 COLUMNS = ("step", "count", "saturated", "sum", "half_sum_sq", "center")
 STEP, COUNT, SATURATED, SUM, HALF_SUM_SQ, CENTER = range(len(COLUMNS))
+MEAN_COLUMNS = ("calls", "saturated_mean", "mean", "mean_sq")
 
 
 class Probe:
@@ -82,14 +83,17 @@ class Probe:
     ``stats`` is float64 ``[slots, 6]`` (`COLUMNS`): per slot the step, the
     element count, the saturated count and the first two moments about
     ``center``: ``sum = Σ(x - center)``, ``half_sum_sq = Σ(x - center)² / 2``
-    (what one fused ``L2Loss`` gives). An
-    additive row (`contribution`) has ``center = 0`` and raw sums, so the
-    rows of an RNN cell's timesteps add up in the slot; a single call's row
+    (what one fused ``L2Loss`` gives). An additive row (`contribution`) has
+    ``center = 0`` and raw sums, so the rows of an unbounded RNN cell's
+    timesteps add up in the slot; a single call's row
     (``centered=True``) is centred on its own mean (``sum = 0``), which costs
     fewer ops and keeps the variance exact for any mean. ``fired`` is float32
     ``[slots, units]``: each unit's largest output (ReLU family: > 0 exactly
     where the input is), so a unit fired when its value is ``> 0``; slots are
-    cleared to 0.
+    cleared to 0. ``means`` (bounded RNN cells only) is float32 ``[slots, 4]``
+    (`MEAN_COLUMNS`): inside the time loop each call adds its *means* there
+    (every call of one step has the same batch and units, so their average is
+    the step's), which needs no element count and no float64 cast per call.
     """
 
     def __init__(self, name: str, kind: str, limits, is_output: bool, activation: str = "",
@@ -104,6 +108,7 @@ class Probe:
         self.slots = 2
         self.stats = None  # float64 [slots, 6]: see COLUMNS
         self.fired = None  # float32 [slots, units]: largest output per unit
+        self.means = None  # float32 [slots, 4] for bounded RNN cells: see MEAN_COLUMNS
         self._bounds = None
 
     def ensure_variables_for(self, out) -> int:
@@ -122,6 +127,18 @@ class Probe:
                                      name="stability_probe")
             self.fired = tf.Variable(tf.zeros([self.slots, units], tf.float32),
                                      trainable=False, name="stability_probe_fired")
+            self.means = None
+            if self.averages_calls:
+                self.means = tf.Variable(tf.zeros([self.slots, len(MEAN_COLUMNS)], tf.float32),
+                                         trainable=False, name="stability_probe_means")
+
+    @property
+    def averages_calls(self) -> bool:
+        """Whether calls inside a loop add means (`mean_contribution`): bounded RNN cells."""
+        return self.cell and self.kind == "saturating" and self._bounded()
+
+    def _bounded(self) -> bool:
+        return self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0
 
     def saturation_bounds(self) -> tuple[float, float]:
         """Output values at or beyond which an element counts as saturated.
@@ -163,14 +180,8 @@ class Probe:
         units = self.ensure_variables_for(out)
         saturated = tf.constant(0.0, tf.float32)
         if self.kind == "saturating":
-            low, high = self.saturation_bounds()
-            middle, half = (low + high) / np.float32(2), (high - low) / np.float32(2)
-            near = tf.abs(out - middle if middle else out) >= half
-            if pre is not None and self.activation not in _ELEMENTWISE_PRE_RULE \
-                    and activation_name_known_pre(self):
-                near = tf.logical_or(near, tf.abs(tf.cast(pre, tf.float32)) >= PRE_THRESHOLD)
-            saturated = tf.reduce_sum(tf.cast(near, tf.float32))
-        bounded = self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0
+            saturated = tf.reduce_sum(self._saturated(pre, out))
+        bounded = self._bounded()
         if bounded or centered:
             size = out.shape.num_elements()  # None with a dynamic batch size
             count = float(size) if size is not None else tf.cast(tf.size(out), tf.float32)
@@ -203,6 +214,31 @@ class Probe:
             fired = tf.reduce_max(source, axis=0)
         return row, fired
 
+    def _saturated(self, pre, out) -> tf.Tensor:
+        """1.0 where an element of ``out`` (float32) is saturated, else 0.0."""
+        low, high = self.saturation_bounds()
+        middle, half = (low + high) / np.float32(2), (high - low) / np.float32(2)
+        near = tf.abs(out - middle if middle else out) >= half
+        if pre is not None and self.activation not in _ELEMENTWISE_PRE_RULE \
+                and activation_name_known_pre(self):
+            near = tf.logical_or(near, tf.abs(tf.cast(pre, tf.float32)) >= PRE_THRESHOLD)
+        return tf.cast(near, tf.float32)
+
+    def mean_contribution(self, pre, out) -> tf.Tensor:
+        """One call's float32 ``[1, saturated, mean, mean_sq]`` (`MEAN_COLUMNS`; graph side).
+
+        For a bounded activation called inside a loop (`averages_calls`): no
+        element count and no float64 cast, a few ops less per timestep.
+        """
+        out = tf.cast(out, tf.float32)
+        self.ensure_variables_for(out)
+        return tf.stack([1.0, tf.reduce_mean(self._saturated(pre, out)), tf.reduce_mean(out),
+                         tf.reduce_mean(tf.square(out))])
+
+    def add_means(self, slot, row) -> None:
+        """Adds a `mean_contribution` row to ``slot`` (cleared by `write` of the step)."""
+        tf.raw_ops.ResourceScatterAdd(resource=self.means.handle, indices=slot, updates=row)
+
     def slot(self, step) -> tf.Tensor:
         """The ring slot of ``step`` (graph side)."""
         return ring_slot(step, self.every, self.slots)
@@ -220,6 +256,9 @@ class Probe:
         if fired is None:
             fired = tf.zeros(self.fired.shape[1:], tf.float32)
         tf.raw_ops.ResourceScatterUpdate(resource=self.fired.handle, indices=slot, updates=fired)
+        if self.means is not None:  # a row written here is not an average of calls
+            tf.raw_ops.ResourceScatterUpdate(resource=self.means.handle, indices=slot,
+                                             updates=tf.zeros([len(MEAN_COLUMNS)], tf.float32))
 
     def accumulate(self, slot, row, fired) -> None:
         """Adds an additive contribution row to ``slot`` (after `write` of the same step)."""
@@ -237,21 +276,33 @@ class Probe:
         if self.stats is None:
             return []
         stats = readback.fetch(self.stats, batch)
+        calls = np.zeros(len(stats))
+        if self.means is not None:
+            means = readback.fetch(self.means, batch).astype(np.float64)
+            calls = means[:, 0]
         order = np.argsort(stats[:, STEP], kind="stable")
-        order = order[(stats[order, STEP] >= 0) & (stats[order, COUNT] > 0)]
+        order = order[(stats[order, STEP] >= 0) & ((stats[order, COUNT] > 0) | (calls[order] > 0))]
         if not order.size:
             return []
         rows = stats[order]
-        count = rows[:, COUNT]
-        shift = rows[:, SUM] / count
-        columns = {"act_mean": rows[:, CENTER] + shift,
-                   "act_std": np.sqrt(np.maximum(2.0 * rows[:, HALF_SUM_SQ] / count
-                                                 - shift * shift, 0.0))}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            count = rows[:, COUNT]
+            shift = rows[:, SUM] / count
+            mean = rows[:, CENTER] + shift
+            var = 2.0 * rows[:, HALF_SUM_SQ] / count - shift * shift
+            saturated = rows[:, SATURATED] / count
+            if self.means is not None:  # slots whose calls added means
+                averaged = calls[order] > 0
+                per_call = means[order] / np.where(averaged, calls[order], 1.0)[:, None]
+                mean = np.where(averaged, per_call[:, 2], mean)
+                var = np.where(averaged, per_call[:, 3] - per_call[:, 2] ** 2, var)
+                saturated = np.where(averaged, per_call[:, 1], saturated)
+        columns = {"act_mean": mean, "act_std": np.sqrt(np.maximum(var, 0.0))}
         if self.kind == "relu":
             fired = readback.fetch(self.fired, batch)[order] > 0
             columns["dead_fraction"] = 1.0 - fired.mean(axis=1, dtype=np.float64)
         if self.kind == "saturating" and not self.is_output:
-            columns["saturated_fraction"] = rows[:, SATURATED] / count
+            columns["saturated_fraction"] = saturated
         names = list(columns)
         table = np.stack([columns[name] for name in names], axis=1).tolist()
         return [(int(step), dict(zip(names, values)))

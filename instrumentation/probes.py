@@ -12,13 +12,15 @@ Mechanism (Keras 3, TensorFlow backend):
   so evaluation, prediction and eager calls are untouched. Inside the step,
   on probe steps (a ``tf.cond`` on ``step % every == 0``, or no condition
   at all in the callback's log-step train function), each probe's slot gets
-  ``[step, count, saturated, sum, sum_sq, center]`` (float64, from float32
-  reductions; `probe_state.COLUMNS`) and each unit's largest output
-  (XLA-safe: no summaries, no Python side effects on tensor values). A layer called several times in one
-  step (a shared layer) is summed; an RNN cell's activation, which runs inside
-  the RNN's time loop, adds into its slot once per timestep (the slot is
-  cleared before the loop; the extra call Keras makes before the loop to learn
-  the output shape is not counted).
+  ``[step, count, saturated, sum, half_sum_sq, center]`` (float64, from
+  float32 reductions; `probe_state.COLUMNS`) and each unit's largest output
+  (XLA-safe: no summaries, no Python side effects on tensor values). A layer
+  called several times in one step (a shared layer) is summed; an RNN cell's
+  activation, which runs inside the RNN's time loop, adds into its slot once
+  per timestep: a bounded one (tanh, sigmoid) adds its per-call means into a
+  float32 slot (`Probe.mean_contribution`), others an additive row. The slot
+  is cleared before the loop; the extra call Keras makes before the loop to
+  learn the output shape is not counted.
 * `ActivationProbes.read` (host, every N steps) turns the variables into the
   ``stability/layer/<quantity>`` vectors.
 
@@ -278,6 +280,13 @@ class ActivationProbes:
             if pred is not None:  # nested graph: add into the slot cleared before the loop
                 slot = self._slot  # captured from the train step's graph
                 self._open(probe, out)
+                if probe.averages_calls:  # bounded cell: per-call means, fewest ops
+                    def update():
+                        probe.add_means(slot, probe.mean_contribution(pre, out))
+                        return tf.constant(True)
+
+                    rare_cond(pred, update)
+                    return
 
                 def store(values, fired):
                     probe.accumulate(slot, values, fired)
@@ -301,7 +310,7 @@ class ActivationProbes:
 
     def variables(self) -> list:
         """The probe variables the host reads (for one batched read)."""
-        return [v for p in self.probes for v in (p.stats, p.fired) if v is not None]
+        return [v for p in self.probes for v in (p.stats, p.fired, p.means) if v is not None]
 
     def read(self, batch=None) -> list[tuple[int, dict]]:
         """New probe results, oldest first: ``[(step, {quantity: (names, values)})]``.
