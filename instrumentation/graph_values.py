@@ -23,13 +23,16 @@ def variable_name(variable: Any) -> str:
     return f"variable_{id(variable)}"
 
 
+def tf_variable(variable: Any) -> Any:
+    """The `tf.Variable` behind a Keras variable (its ``value``), else ``variable`` itself."""
+    inner = getattr(variable, "value", None)
+    return inner if isinstance(inner, tf.Variable) else variable
+
+
 def variable_keys(variable: Any) -> list[int]:
     """Identity keys under which a variable may be passed to the optimizer."""
-    keys = [id(variable)]
-    inner = getattr(variable, "value", None)
-    if isinstance(inner, tf.Variable) and inner is not variable:
-        keys.append(id(inner))
-    return keys
+    inner = tf_variable(variable)
+    return [id(variable)] if inner is variable else [id(variable), id(inner)]
 
 
 def dense_values(tensor: Any) -> tf.Tensor:

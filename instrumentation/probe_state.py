@@ -135,7 +135,7 @@ class Probe:
     @property
     def averages_calls(self) -> bool:
         """Whether calls inside a loop add means (`mean_contribution`): bounded RNN cells."""
-        return self.cell and self.kind == "saturating" and self._bounded()
+        return self.cell and self._bounded()
 
     def _bounded(self) -> bool:
         return self.kind == "saturating" and max(abs(x) for x in self.limits) <= 1.0
@@ -173,8 +173,8 @@ class Probe:
         a large mean. ``centered=True`` (a single call per step) keeps them
         centred on the mean instead: fewer ops, not additive. ``fired`` (ReLU
         family only, else None) is each unit's largest output in this call
-        (of the pre-activation for PReLU), > 0 where the unit fired. Few ops on purpose: inside an RNN loop this runs at every
-        timestep.
+        (of the pre-activation for PReLU), > 0 where the unit fired. Few ops
+        on purpose: inside an RNN loop this runs at every timestep.
         """
         out = tf.cast(out, tf.float32)
         units = self.ensure_variables_for(out)
@@ -192,13 +192,13 @@ class Probe:
                 first, second = 0.0, tf.nn.l2_loss(out - center)
             row = tf.cast(tf.stack([0.0, count, saturated, first, second, center]),
                           tf.float64)  # one float32 vector, one cast
-        else:
+        else:  # unbounded and additive: raw sums formed in float64 from centred moments
             count = tf.cast(tf.size(out), tf.float64)
             mean = tf.reduce_mean(out)
             mean64 = tf.cast(mean, tf.float64)
-            centred = tf.cast(tf.nn.l2_loss(out - mean if not bounded else out), tf.float64)
+            centred = tf.cast(tf.nn.l2_loss(out - mean), tf.float64)
             total = count * mean64
-            total_sq = centred + 0.5 * total * mean64 if not bounded else centred
+            total_sq = centred + 0.5 * total * mean64
             zero = tf.constant(0.0, tf.float64)
             row = tf.stack([zero, count, tf.cast(saturated, tf.float64), total, total_sq, zero])
         fired = None
@@ -307,7 +307,6 @@ class Probe:
         table = np.stack([columns[name] for name in names], axis=1).tolist()
         return [(int(step), dict(zip(names, values)))
                 for step, values in zip(rows[:, STEP].tolist(), table)]
-
 
 
 def activation_name_known_pre(probe: Probe) -> bool:

@@ -281,24 +281,20 @@ class ActivationProbes:
                 slot = self._slot  # captured from the train step's graph
                 self._open(probe, out)
                 if probe.averages_calls:  # bounded cell: per-call means, fewest ops
-                    def update():
+                    def record():
                         probe.add_means(slot, probe.mean_contribution(pre, out))
-                        return tf.constant(True)
-
-                    rare_cond(pred, update)
-                    return
-
-                def store(values, fired):
-                    probe.accumulate(slot, values, fired)
+                else:
+                    def record():
+                        probe.accumulate(slot, *probe.contribution(pre, out))
             else:  # no step predicate: each call sets the slot on its own
                 step = tf.cast(self.step_fn(), tf.int64)
                 pred = tf.equal(tf.math.floormod(step, self.every), 0)
 
-                def store(values, fired):
-                    probe.write(step, probe.slot(step), values, fired)
+                def record():
+                    probe.write(step, probe.slot(step), *probe.contribution(pre, out))
 
             def update():
-                store(*probe.contribution(pre, out))
+                record()
                 return tf.constant(True)
 
             rare_cond(pred, update)

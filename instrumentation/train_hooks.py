@@ -25,6 +25,7 @@ from instrumentation import distribute
 from instrumentation import flush_policy
 from instrumentation import optimizer_step
 from instrumentation import update_capture
+from instrumentation.graph_values import current_graph
 
 _NORMAL_END = (StopIteration, tf.errors.OutOfRangeError)
 MIN_READ_STEPS = 32
@@ -84,8 +85,7 @@ def make_apply(callback, optimizer, original):
         if hook is None:  # loss scaling: the capture counts skips at every step
             callback._extras.before_update(optimizer, grads, variables,
                                            state.local_nonfinite)
-        capture = (update_capture.UpdateCapture(stats.index_of, len(stats.variables))
-                   if early else None)
+        capture = update_capture.UpdateCapture(stats.index_of) if early else None
         with capture.watch(optimizer) if capture is not None else contextlib.nullcontext():
             result = original(grads, trainable_variables)
         try:
@@ -115,7 +115,7 @@ def make_loss_hook(callback, original, scale: bool):
             # Kept as a tensor of this graph (no variable, no extra op): the
             # wrapped apply of the same trace reads it.
             callback._loss_tensor = loss
-            callback._loss_graph = _current_graph()
+            callback._loss_graph = current_graph()
         except Exception as error:  # noqa: BLE001
             callback._fail(error)
         return result
@@ -125,7 +125,7 @@ def make_loss_hook(callback, original, scale: bool):
 
 def captured_loss(callback):
     """The loss tensor compute_loss/scale_loss produced in this trace (NaN if none)."""
-    captured = callback._loss_graph is not None and callback._loss_graph is _current_graph()
+    captured = callback._loss_graph is not None and callback._loss_graph is current_graph()
     loss, callback._loss_tensor, callback._loss_graph = callback._loss_tensor, None, None
     if captured:
         return loss
@@ -183,7 +183,3 @@ def make_fit_guard(callback, original):
         return original(*args, **kwargs)
 
     return fit
-
-
-def _current_graph():
-    return tf.compat.v1.get_default_graph()

@@ -24,6 +24,8 @@ from typing import Any, Optional, Sequence
 
 import tensorflow as tf
 
+from instrumentation.graph_values import current_graph, tf_variable
+
 # Ops that take a variable's handle without writing to it.
 _READ_ONLY = frozenset({"ReadVariableOp", "VariableShape", "ResourceGather", "ResourceGatherNd",
                         "VarIsInitializedOp", "DestroyResourceOp"})
@@ -56,13 +58,11 @@ class UpdateCapture:
     Args:
       lookup: Maps a variable (Keras or TF) to its index among the tracked
         variables, or None.
-      count: Number of tracked variables.
     """
 
-    def __init__(self, lookup, count: int):
+    def __init__(self, lookup):
         self._lookup = lookup
-        self._count = int(count)
-        self._writes: dict = {}  # index -> [(sign, value, graph)]; the norm ignores the sign
+        self._writes: dict = {}  # index -> [(value, graph)] of each captured write
         self._graph = None
         self._first_op = 0
 
@@ -71,12 +71,12 @@ class UpdateCapture:
         """Wraps ``optimizer.assign_add``/``assign_sub`` while the ``apply`` is traced."""
         saved = []
         try:
-            self._graph = tf.compat.v1.get_default_graph()
+            self._graph = current_graph()
             self._first_op = len(self._graph.get_operations())
-            for name, sign in (("assign_add", 1.0), ("assign_sub", -1.0)):
+            for name in ("assign_add", "assign_sub"):  # |Δw| does not need the sign
                 original = getattr(optimizer, name)
                 saved.append((name, name in vars(optimizer), vars(optimizer).get(name)))
-                object.__setattr__(optimizer, name, self._wrap(original, sign))
+                object.__setattr__(optimizer, name, self._wrap(original))
         except Exception:  # noqa: BLE001 - no capture: |Δw| falls back to after - before
             self._graph = None
         try:
@@ -88,13 +88,12 @@ class UpdateCapture:
                 else:
                     object.__delattr__(optimizer, name)
 
-    def _wrap(self, original, sign: float):
+    def _wrap(self, original):
         def method(variable, value):
             try:
                 index = self._lookup(variable)
                 if index is not None:
-                    self._writes.setdefault(index, []).append(
-                        (sign, value, tf.compat.v1.get_default_graph()))
+                    self._writes.setdefault(index, []).append((value, current_graph()))
             except Exception:  # noqa: BLE001 - an unknown variable: not captured
                 pass
             return original(variable, value)
@@ -102,13 +101,13 @@ class UpdateCapture:
         return method
 
     def deltas(self, variables: Sequence[Any]) -> list[Optional[tf.Tensor]]:
-        """Per tracked variable, its verified update tensor (signed), or None.
+        """Per tracked variable, its verified update tensor (up to sign), or None.
 
         Call after the wrapped ``apply`` returned, in the same graph.
         """
-        out: list = [None] * self._count
+        out: list = [None] * len(variables)
         graph = self._graph
-        if graph is None or graph is not tf.compat.v1.get_default_graph():
+        if graph is None or graph is not current_graph():
             return out
         writers = _writers_by_handle(graph.get_operations()[self._first_op:])
         handles = _internal_handles(graph)
@@ -116,10 +115,10 @@ class UpdateCapture:
             writes = self._writes.get(index, [])
             if len(writes) != 1:
                 continue
-            _, value, where = writes[0]
+            value, where = writes[0]
             if where is not graph or value is None or isinstance(value, tf.IndexedSlices):
                 continue
-            handle = handles.get(id(_handle(variable)))
+            handle = handles.get(id(getattr(tf_variable(variable), "handle", None)))
             if handle is None or writers.get(id(handle), 0) != 1:
                 continue
             try:
@@ -127,13 +126,6 @@ class UpdateCapture:
             except (TypeError, ValueError):
                 continue
         return out
-
-
-def _handle(variable: Any):
-    inner = getattr(variable, "value", None)
-    if isinstance(inner, tf.Variable):
-        variable = inner
-    return getattr(variable, "handle", None)
 
 
 def _internal_handles(graph) -> dict:
