@@ -39,6 +39,7 @@ import tensorflow as tf
 
 from instrumentation import distribute
 from instrumentation import optimizer_step
+from instrumentation.host_jobs import HostJobs
 from instrumentation import readback
 from instrumentation import train_hooks
 from instrumentation.extras import CallbackExtras
@@ -137,6 +138,7 @@ class StabilityCallback(keras.callbacks.Callback):
         self.stop_on_nan = bool(stop_on_nan)
         self._live: Optional[LiveDiagnosis] = None
         self._batch = readback.BatchedRead()
+        self._host_jobs = HostJobs()  # writes a read's events while training goes on
 
     # ----------------------------------------------------------- Keras hooks
 
@@ -148,7 +150,9 @@ class StabilityCallback(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self._active and not self._broken:
-            self._guard(self._extras.epoch_end, epoch, logs)
+            self._guard(self._host_jobs.wait)  # one writer, one thread at a time
+            if not self._broken:
+                self._guard(self._extras.epoch_end, epoch, logs)
 
     def on_train_end(self, logs=None):
         if self._active:
@@ -304,12 +308,27 @@ class StabilityCallback(keras.callbacks.Callback):
             if not self._broken:
                 self._drain()
                 self._announce_live(force=True)
-            if self._writer is not None:
-                self._writer.flush()
         finally:
-            self._uninstall()
+            try:
+                try:
+                    self._host_jobs.close()
+                finally:
+                    if self._writer is not None:
+                        self._writer.flush()
+            finally:
+                self._uninstall()
 
-    def _drain(self) -> None:
+    def _drain(self, background: bool = False) -> None:
+        """Reads the statistics back and writes them.
+
+        Args:
+          background: Write on the worker thread (`HostJobs`) while training
+            goes on. The copy to the host is made here either way; the
+            writing stays on this thread when it cannot wait: with
+            ``stop_on_nan`` (training must stop at this read) or when the NaN
+            capture fired (its forensics re-run the model).
+        """
+        self._host_jobs.wait()
         if self._drainer is None or self._broken:
             return
         if not self._info_written:
@@ -325,6 +344,14 @@ class StabilityCallback(keras.callbacks.Callback):
         stats = self._stats
         self._batch.refresh([stats.ring, stats.var_stats, stats.var_steps]
                             + self._extras.variables())
+        if (background and not self.stop_on_nan and not self._batch.failed
+                and not self._extras.capture_found(self._batch)):
+            self._host_jobs.submit(self._write_read)
+        else:
+            self._write_read()
+
+    def _write_read(self) -> None:
+        """Writes the values the last `_drain` copied (on either thread)."""
         self._drainer.batch = self._batch
         try:
             with self.writer.batch():

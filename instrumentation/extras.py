@@ -238,6 +238,11 @@ class CallbackExtras:
             out.append(self.capture.step)
         return out
 
+    def capture_found(self, batch=None) -> bool:
+        """Whether the NaN capture holds a step whose forensics have not run yet."""
+        return (not self.broken and self.capture is not None and self.origin is None
+                and self.capture.captured_step(batch) is not None)
+
     def drain(self, batch=None) -> None:
         """Writes new probe and data records; runs the NaN forensics once.
 

@@ -165,7 +165,7 @@ def make_train_function(callback, functions: dict):
             callback._since_read += callback._spe
             if callback._since_read >= callback._read_interval:
                 callback._since_read = 0
-                callback._guard(callback._drain)
+                callback._guard(callback._drain, True)  # writes on the worker thread
             flush_policy.after_train_call(callback)  # time-based flush (crash safety)
         return logs
 
