@@ -109,11 +109,12 @@ class Probe:
         self.stats = None  # float64 [slots, 6]: see COLUMNS
         self.fired = None  # float32 [slots, units]: largest output per unit
         self.means = None  # float32 [slots, 4] for bounded RNN cells: see MEAN_COLUMNS
+        self.units = 1  # of the last traced call
         self._bounds = None
 
     def ensure_variables_for(self, out) -> int:
         """Creates the variables for an activation shaped like ``out``; returns its units."""
-        units = int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
+        units = self.units = units_of(out)
         self.ensure_variables(units)
         return units
 
@@ -177,7 +178,7 @@ class Probe:
         on purpose: inside an RNN loop this runs at every timestep.
         """
         out = tf.cast(out, tf.float32)
-        units = self.ensure_variables_for(out)
+        units = self.units = units_of(out)  # variables: by whoever writes the row
         saturated = tf.constant(0.0, tf.float32)
         if self.kind == "saturating":
             saturated = tf.reduce_sum(self._saturated(pre, out))
@@ -249,6 +250,7 @@ class Probe:
         Args:
           step: The step, as a float64 ``[1]`` vector or an integer scalar.
         """
+        self.ensure_variables(self.units)
         if step.dtype != tf.float64 or step.shape.rank != 1:
             step = tf.reshape(tf.cast(step, tf.float64), [1])
         row = tf.concat([step, row[1:]], 0)
@@ -275,10 +277,22 @@ class Probe:
         """
         if self.stats is None:
             return []
-        stats = readback.fetch(self.stats, batch)
+        means = readback.fetch(self.means, batch) if self.means is not None else None
+        fired = readback.fetch(self.fired, batch) if self.kind == "relu" else None
+        return self.values_of(readback.fetch(self.stats, batch), fired, means)
+
+    def values_of(self, stats: np.ndarray, fired: Optional[np.ndarray],
+                  means: Optional[np.ndarray] = None) -> list[tuple[int, dict]]:
+        """`values` from the host copies of the slots (``fired`` for the ReLU family).
+
+        Args:
+          stats: ``[slots, 6]`` rows (`COLUMNS`).
+          fired: ``[slots, units]`` largest outputs (ReLU family), else None.
+          means: ``[slots, 4]`` per-call means (bounded RNN cells), else None.
+        """
         calls = np.zeros(len(stats))
-        if self.means is not None:
-            means = readback.fetch(self.means, batch).astype(np.float64)
+        if means is not None:
+            means = means.astype(np.float64)
             calls = means[:, 0]
         order = np.argsort(stats[:, STEP], kind="stable")
         order = order[(stats[order, STEP] >= 0) & ((stats[order, COUNT] > 0) | (calls[order] > 0))]
@@ -291,7 +305,7 @@ class Probe:
             mean = rows[:, CENTER] + shift
             var = 2.0 * rows[:, HALF_SUM_SQ] / count - shift * shift
             saturated = rows[:, SATURATED] / count
-            if self.means is not None:  # slots whose calls added means
+            if means is not None:  # slots whose calls added means
                 averaged = calls[order] > 0
                 per_call = means[order] / np.where(averaged, calls[order], 1.0)[:, None]
                 mean = np.where(averaged, per_call[:, 2], mean)
@@ -299,7 +313,7 @@ class Probe:
                 saturated = np.where(averaged, per_call[:, 1], saturated)
         columns = {"act_mean": mean, "act_std": np.sqrt(np.maximum(var, 0.0))}
         if self.kind == "relu":
-            fired = readback.fetch(self.fired, batch)[order] > 0
+            fired = fired[order] > 0
             columns["dead_fraction"] = 1.0 - fired.mean(axis=1, dtype=np.float64)
         if self.kind == "saturating" and not self.is_output:
             columns["saturated_fraction"] = saturated
@@ -307,6 +321,11 @@ class Probe:
         table = np.stack([columns[name] for name in names], axis=1).tolist()
         return [(int(step), dict(zip(names, values)))
                 for step, values in zip(rows[:, STEP].tolist(), table)]
+
+
+def units_of(out) -> int:
+    """Units (last axis) of an activation tensor; 1 when unknown while tracing."""
+    return int(out.shape[-1]) if out.shape.rank and out.shape[-1] is not None else 1
 
 
 def activation_name_known_pre(probe: Probe) -> bool:

@@ -14,7 +14,9 @@ Mechanism (Keras 3, TensorFlow backend):
   at all in the callback's log-step train function), each probe's slot gets
   ``[step, count, saturated, sum, half_sum_sq, center]`` (float64, from
   float32 reductions; `probe_state.COLUMNS`) and each unit's largest output
-  (XLA-safe: no summaries, no Python side effects on tensor values). A layer
+  (XLA-safe: no summaries, no Python side effects on tensor values); the
+  probes of the step's own graph are written together through one
+  `probe_table.ProbeTable`. A layer
   called several times in one step (a shared layer) is summed; an RNN cell's
   activation, which runs inside the RNN's time loop, adds into its slot once
   per timestep: a bounded one (tanh, sigmoid) adds its per-call means into a
@@ -43,6 +45,7 @@ import tensorflow as tf
 
 from instrumentation.graph_ops import rare_cond, ring_slot
 from instrumentation.probe_state import COLUMNS, Probe, activation_name, classify
+from instrumentation.probe_table import ProbeTable
 
 logger = logging.getLogger("instrumentation")
 
@@ -77,6 +80,7 @@ class ActivationProbes:
         self._graph = None
         self._step = None
         self._pred = None
+        self._tables: dict = {}  # ProbeTable.key -> ProbeTable
 
     # --------------------------------------------------------------- install
 
@@ -208,7 +212,6 @@ class ActivationProbes:
             calls[id(probe)] = calls.get(id(probe), 0) + 1
 
         def update():
-            step_column = tf.reshape(tf.cast(step, tf.float64), [1])  # shared by every write
             summed: dict = {}  # a layer called several times in one step: one row
             for probe, pre, out in pending:
                 if probe.cell and id(probe) in opened:
@@ -231,11 +234,16 @@ class ActivationProbes:
                     values = values + values_before
                     fired = fired if fired_before is None else tf.maximum(fired, fired_before)
                 summed[id(probe)] = (probe, values, fired)
+            table = []  # every probe not in a loop: one write for all of them
             for probe, values, fired in summed.values():
                 if id(probe) in opened:  # its slot was cleared before an RNN loop
                     probe.accumulate(slot, values, fired)
                 else:
-                    probe.write(step_column, slot, values, fired)
+                    table.append((probe, values, fired))
+            if table:
+                self._table([(probe, probe.units) for probe, _, _ in table]).write(
+                    step, slot, [values for _, values, _ in table],
+                    [fired for _, _, fired in table])
             return tf.constant(True)
 
         try:
@@ -244,6 +252,13 @@ class ActivationProbes:
             logger.debug("probes failed", exc_info=True)
             for probe, _, _ in pending:
                 self.unprobed[probe.name] = "probe failed while tracing"
+
+    def _table(self, entries) -> ProbeTable:
+        """The `ProbeTable` of these ``(probe, units)`` (created on first use)."""
+        key = ProbeTable.key(entries, self.slots)
+        if key not in self._tables:
+            self._tables[key] = ProbeTable(entries, self.slots)
+        return self._tables[key]
 
     def _open(self, probe: Probe, out) -> None:
         """Clears ``probe``'s slot of this step in the step's graph (once per trace).
@@ -306,7 +321,8 @@ class ActivationProbes:
 
     def variables(self) -> list:
         """The probe variables the host reads (for one batched read)."""
-        return [v for p in self.probes for v in (p.stats, p.fired, p.means) if v is not None]
+        own = [v for p in self.probes for v in (p.stats, p.fired, p.means) if v is not None]
+        return own + [v for table in self._tables.values() for v in table.variables()]
 
     def read(self, batch=None) -> list[tuple[int, dict]]:
         """New probe results, oldest first: ``[(step, {quantity: (names, values)})]``.
@@ -317,15 +333,21 @@ class ActivationProbes:
         Args:
           batch: Optional `readback.BatchedRead` holding this read's values.
         """
+        found = [(probe, probe.values(batch)) for probe in self.probes]
+        for table in self._tables.values():
+            found += table.values(batch)
+        order = {id(probe): index for index, probe in enumerate(self.probes)}
         by_step: dict = {}
-        for probe in self.probes:
-            for step, values in probe.values(batch):
+        for probe, values in found:
+            if id(probe) not in order:  # replaced by a probe of another kind
+                continue
+            for step, value in values:
                 if step > self._last_step:
-                    by_step.setdefault(step, []).append((probe, values))
+                    by_step.setdefault(step, []).append((probe, value))
         out = []
         for step in sorted(by_step):
             table: dict = {}
-            for probe, values in by_step[step]:
+            for probe, values in sorted(by_step[step], key=lambda item: order[id(item[0])]):
                 for quantity, value in values.items():
                     names, vals = table.setdefault(quantity, ([], []))
                     names.append(probe.name)

@@ -123,6 +123,23 @@ def test_layer_statistics_match_numpy_reference(kind, jit, tmp_path):
     assert run.inputs["mean"].names == ("x[0]", "x[1]", "x[2]")
 
 
+def test_the_probes_of_one_step_are_written_through_one_table(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 3)).astype("float32")
+    y = rng.standard_normal((32, 1)).astype("float32")
+    model = _model("functional")
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    callback = StabilityCallback(str(tmp_path), every=1)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    probes = callback._extras.probes
+    (table,) = probes._tables.values()
+    assert [p.name for p in table.probes] == ["relu_dense", "sig_dense", "custom", "relu_layer"]
+    assert table.fired_spans == [(0, 6), None, None, (6, 11)]  # the ReLU layers' units
+    assert all(p.stats is None and p.fired is None for p in probes.probes)  # no own slots
+    dead = load_run(str(tmp_path)).layers["dead_fraction"]
+    assert list(dead.steps) == [0, 1, 2, 3]
+
+
 def _rnn_weights(rng):
     """tanh RNN (saturating), ReLU RNN with two dead units, ReLU layer with mean ~1e4."""
     return [(rng.standard_normal((3, 4)) * 3).astype("float32"),
