@@ -97,7 +97,8 @@ class StabilityCallback(keras.callbacks.Callback):
     """
 
     # Batch hooks are not overridden: host work runs in the wrapped train
-    # function on the training thread, so asynchronous dispatch is safe.
+    # function (the copy to the host on the training thread, the writing on a
+    # worker thread: `HostJobs`), so asynchronous dispatch is safe.
     async_safe = True
 
     def __init__(self, log_dir: str, every: int = 100, snapshot_weights: bool = True,

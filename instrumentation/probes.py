@@ -333,10 +333,12 @@ class ActivationProbes:
         Args:
           batch: Optional `readback.BatchedRead` holding this read's values.
         """
-        found = [(probe, probe.values(batch)) for probe in self.probes]
-        for table in self._tables.values():
+        # Snapshots: a retrace on the training thread may add a table meanwhile.
+        probes, tables = list(self.probes), list(self._tables.values())
+        found = [(probe, probe.values(batch)) for probe in probes]
+        for table in tables:
             found += table.values(batch)
-        order = {id(probe): index for index, probe in enumerate(self.probes)}
+        order = {id(probe): index for index, probe in enumerate(probes)}
         by_step: dict = {}
         for probe, values in found:
             if id(probe) not in order:  # replaced by a probe of another kind
