@@ -39,10 +39,10 @@ import tensorflow as tf
 
 from instrumentation import distribute
 from instrumentation import optimizer_step
-from instrumentation.host_jobs import HostJobs
 from instrumentation import readback
 from instrumentation import train_hooks
 from instrumentation.extras import CallbackExtras
+from instrumentation.host_jobs import HostJobs
 from instrumentation.live import LiveDiagnosis, warning_line
 from instrumentation.stats import StepStats
 from instrumentation.writer import ColumnsWriter, Drainer, SummaryWriter, run_info, warn_disabled

@@ -72,6 +72,9 @@ class CallbackExtras:
             slots = max(1, int(getattr(self.callback, "_read_interval", 1))) // self.every + 2
             if self.probes is None or self.probes.model is not model:
                 self.probes = ActivationProbes(model, self.every, step_fn, slots)
+            else:  # the previous fit was read in full; the optimizer may be new
+                self.probes.reset()
+                self.probes.step_fn = step_fn
             self.probes.every, self.probes.slots = self.every, slots
             self.probes.attach()
             mode, logits = config_check.classification_mode(model)

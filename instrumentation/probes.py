@@ -257,8 +257,20 @@ class ActivationProbes:
         """The `ProbeTable` of these ``(probe, units)`` (created on first use)."""
         key = ProbeTable.key(entries, self.slots)
         if key not in self._tables:
+            # Tables of another slot count belong to an earlier fit (read in full).
+            self._tables = {k: t for k, t in self._tables.items() if t.slots == self.slots}
             self._tables[key] = ProbeTable(entries, self.slots)
         return self._tables[key]
+
+    def reset(self) -> None:
+        """Forgets every recorded slot (eager; a new fit, whose steps may restart at 0)."""
+        self._last_step = -1
+        for table in self._tables.values():
+            table.steps.assign(tf.fill(table.steps.shape, tf.constant(-1, tf.int64)))
+        for probe in self.probes:
+            if probe.stats is not None:
+                probe.stats[:, 0].assign(tf.fill(probe.stats.shape[:1],
+                                                 tf.constant(-1.0, tf.float64)))
 
     def _open(self, probe: Probe, out) -> None:
         """Clears ``probe``'s slot of this step in the step's graph (once per trace).

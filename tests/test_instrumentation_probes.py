@@ -11,6 +11,7 @@ keras = pytest.importorskip("keras")
 from instrumentation import StabilityCallback  # noqa: E402
 from tb_stability.analysis import analyze_logdir  # noqa: E402
 from tb_stability.reader import load_run  # noqa: E402
+from tests.test_instrumentation_support import read_events  # noqa: E402
 
 
 def _squash(x):
@@ -330,3 +331,16 @@ def test_sparse_softmax_counts_classes(tmp_path):
     run = load_run(str(tmp_path))
     np.testing.assert_array_equal(run.labels.values[0], [16, 16, 32])
     assert run.predictions.values[0].sum() == 64
+
+
+def test_a_second_fit_after_recompiling_writes_its_own_probe_steps(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 3)).astype("float32")
+    y = rng.standard_normal((32, 1)).astype("float32")
+    model = _model("functional")
+    callback = StabilityCallback(str(tmp_path), every=1)
+    for _ in range(2):  # a fresh optimizer: its iterations start again at 0
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
+    steps = [e.step for e in read_events(tmp_path)[(".", "stability/layer/act_mean")]]
+    assert steps == [0, 1, 2, 3, 0, 1, 2, 3]
