@@ -43,6 +43,7 @@ from instrumentation import readback
 from instrumentation import train_hooks
 from instrumentation.extras import CallbackExtras
 from instrumentation.host_jobs import HostJobs
+from instrumentation.instance_patches import InstancePatches
 from instrumentation.live import LiveDiagnosis, warning_line
 from instrumentation.stats import StepStats
 from instrumentation.writer import ColumnsWriter, Drainer, SummaryWriter, run_info, warn_disabled
@@ -117,7 +118,7 @@ class StabilityCallback(keras.callbacks.Callback):
         self._writer: Optional[SummaryWriter] = None
         self._stats: Optional[StepStats] = None
         self._drainer: Optional[Drainer] = None
-        self._saved: list = []
+        self._patches = InstancePatches()
         self._active = False
         self._broken = False
         self._warned_loss = False
@@ -247,7 +248,6 @@ class StabilityCallback(keras.callbacks.Callback):
         return stats
 
     def _install(self, model, optimizer) -> None:
-        self._saved = []
         self._patch(optimizer, "apply", train_hooks.make_apply(self, optimizer, optimizer.apply))
         self._patch(optimizer, "scale_loss",
                     train_hooks.make_loss_hook(self, optimizer.scale_loss, scale=True))
@@ -283,22 +283,12 @@ class StabilityCallback(keras.callbacks.Callback):
         return functions
 
     def _patch(self, obj, name: str, value) -> None:
-        had = name in vars(obj)
-        self._saved.append((obj, name, had, vars(obj).get(name)))
-        object.__setattr__(obj, name, value)
+        self._patches.set(obj, name, value)
 
     def _uninstall(self) -> None:
         self._active = False
         self._extras.uninstall()
-        for obj, name, had, old in reversed(self._saved):
-            try:
-                if had:
-                    object.__setattr__(obj, name, old)
-                else:
-                    object.__delattr__(obj, name)
-            except Exception as error:  # noqa: BLE001
-                self._fail(error)
-        self._saved = []
+        self._patches.restore(on_error=lambda error, _: self._fail(error))
         self._functions = {}
         if self.model is not None:
             self.model.train_function = None

@@ -133,6 +133,12 @@ class Probe:
                 self.means = tf.Variable(tf.zeros([self.slots, len(MEAN_COLUMNS)], tf.float32),
                                          trainable=False, name="stability_probe_means")
 
+    def reset(self) -> None:
+        """Marks every slot of its own variables unused (eager, host side)."""
+        if self.stats is not None:
+            unused = tf.fill(self.stats.shape[:1], tf.constant(-1.0, tf.float64))
+            self.stats[:, STEP].assign(unused)
+
     @property
     def averages_calls(self) -> bool:
         """Whether calls inside a loop add means (`mean_contribution`): bounded RNN cells."""

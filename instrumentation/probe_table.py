@@ -56,6 +56,10 @@ class ProbeTable:
         """What identifies a table: its probes (by identity and kind), their units, the slots."""
         return (int(slots),) + tuple((id(p), p.kind, int(u)) for p, u in entries)
 
+    def reset(self) -> None:
+        """Marks every slot unused (eager, host side)."""
+        self.steps.assign(tf.fill([self.slots], tf.constant(-1, tf.int64)))
+
     def write(self, step: Any, slot: Any, rows: Sequence[tf.Tensor],
               fired: Sequence[Optional[tf.Tensor]]) -> None:
         """Sets ``slot`` to one step's rows (graph side; the rows' step column is ignored)."""

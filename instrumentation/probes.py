@@ -44,6 +44,7 @@ from typing import Any, Callable, Optional
 import tensorflow as tf
 
 from instrumentation.graph_ops import rare_cond, ring_slot
+from instrumentation.instance_patches import InstancePatches
 from instrumentation.probe_state import COLUMNS, Probe, activation_name, classify
 from instrumentation.probe_table import ProbeTable
 
@@ -73,7 +74,7 @@ class ActivationProbes:
         self.log_mode = "cond"
         self.probes: list[Probe] = []
         self.unprobed: dict[str, str] = {}
-        self._saved: list = []
+        self._patches = InstancePatches()
         self._last_step = -1
         self._pending: list = []
         self._opened: set = set()
@@ -86,7 +87,7 @@ class ActivationProbes:
 
     def attach(self) -> None:
         """Wraps the activations of every probe-able layer (instances only)."""
-        if self._saved:
+        if self._patches:
             return
         outputs = _output_layers(self.model)
         gpu = bool(tf.config.list_physical_devices("GPU"))
@@ -112,15 +113,8 @@ class ActivationProbes:
 
     def detach(self) -> None:
         """Restores every wrapped attribute (probe variables are kept)."""
-        for obj, attr, had, old in reversed(self._saved):
-            try:
-                if had:
-                    object.__setattr__(obj, attr, old)
-                else:
-                    object.__delattr__(obj, attr)
-            except Exception:  # noqa: BLE001
-                logger.debug("could not restore %s", attr, exc_info=True)
-        self._saved = []
+        self._patches.restore(on_error=lambda error, attr: logger.debug(
+            "could not restore %s", attr, exc_info=error))
 
     def _probe(self, name, fn, is_output, known, cell=False) -> Optional[Probe]:
         kind, limits = classify(fn)
@@ -133,11 +127,6 @@ class ActivationProbes:
             probe.every, probe.slots = self.every, self.slots
             self.probes = [p for p in self.probes if p.name != name] + [probe]
         return probe
-
-    def _save(self, obj, attr, value) -> None:
-        had = attr in vars(obj)
-        self._saved.append((obj, attr, had, vars(obj).get(attr)))
-        object.__setattr__(obj, attr, value)
 
     def _wrap_attr(self, obj, attr, name, is_output, known, cell=False) -> None:
         original = getattr(obj, attr)
@@ -153,7 +142,7 @@ class ActivationProbes:
 
         activation.__name__ = activation_name(original)
         activation.__wrapped__ = original
-        self._save(obj, attr, activation)
+        self._patches.set(obj, attr, activation)
 
     def _wrap_call(self, layer, name, is_output, known) -> None:
         kind_name = _ACTIVATION_LAYERS[type(layer).__name__]
@@ -166,7 +155,7 @@ class ActivationProbes:
             probes._record(probe, inputs, y)
             return y
 
-        self._save(layer, "call", call)
+        self._patches.set(layer, "call", call)
 
     # ----------------------------------------------------------------- graph
 
@@ -266,11 +255,9 @@ class ActivationProbes:
         """Forgets every recorded slot (eager; a new fit, whose steps may restart at 0)."""
         self._last_step = -1
         for table in self._tables.values():
-            table.steps.assign(tf.fill(table.steps.shape, tf.constant(-1, tf.int64)))
+            table.reset()
         for probe in self.probes:
-            if probe.stats is not None:
-                probe.stats[:, 0].assign(tf.fill(probe.stats.shape[:1],
-                                                 tf.constant(-1.0, tf.float64)))
+            probe.reset()
 
     def _open(self, probe: Probe, out) -> None:
         """Clears ``probe``'s slot of this step in the step's graph (once per trace).

@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import tensorflow as tf
 
 from instrumentation.graph_values import current_graph, tf_variable
+from instrumentation.instance_patches import InstancePatches
 
 # Ops that take a variable's handle without writing to it.
 _READ_ONLY = frozenset({"ReadVariableOp", "VariableShape", "ResourceGather", "ResourceGatherNd",
@@ -69,24 +70,18 @@ class UpdateCapture:
     @contextlib.contextmanager
     def watch(self, optimizer: Any):
         """Wraps ``optimizer.assign_add``/``assign_sub`` while the ``apply`` is traced."""
-        saved = []
+        patches = InstancePatches()
         try:
             self._graph = current_graph()
             self._first_op = len(self._graph.get_operations())
             for name in ("assign_add", "assign_sub"):  # |Δw| does not need the sign
-                original = getattr(optimizer, name)
-                saved.append((name, name in vars(optimizer), vars(optimizer).get(name)))
-                object.__setattr__(optimizer, name, self._wrap(original))
+                patches.set(optimizer, name, self._wrap(getattr(optimizer, name)))
         except Exception:  # noqa: BLE001 - no capture: |Δw| falls back to after - before
             self._graph = None
         try:
             yield self
         finally:
-            for name, had, old in reversed(saved):
-                if had:
-                    object.__setattr__(optimizer, name, old)
-                else:
-                    object.__delattr__(optimizer, name)
+            patches.restore()
 
     def _wrap(self, original):
         def method(variable, value):
