@@ -13,12 +13,57 @@ At most one job is in flight: `submit` and `wait` first wait for the previous
 one, and re-raise its exception on the calling (training) thread, where the
 callback's usual guard turns it into one warning. Whoever touches the writer
 or the drain state on the training thread waits first.
+
+The job is pure Python, so it holds the GIL while it runs, and CPython makes
+a thread that wants the GIL wait a whole switch interval (5 ms by default)
+before it asks the holder to let go. The training thread needs the GIL for a
+moment between two steps (Keras' loop, the callbacks): left alone, the job
+would stall it for up to 5 ms per step for as long as it runs. So the job's
+loops call `pause`, which, every `SLICE_SECONDS` of work, sleeps for
+`PAUSE_SECONDS` (a sleep releases the GIL) and the training thread gets it
+at once. Outside a job `pause` does nothing.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+import time
 from typing import Callable, Optional
+
+SLICE_SECONDS = 2e-4
+"""Longest stretch of a worker job between two chances for the training thread to run."""
+
+PAUSE_SECONDS = 5e-5
+"""How long `pause` sleeps (releasing the GIL)."""
+
+_job = threading.local()  # .deadline: set on the worker thread while a job runs
+
+
+def pause() -> None:
+    """Lets the training thread take the GIL if this job ran `SLICE_SECONDS` since the last pause.
+
+    Call it in the loops of a job (per summary written, per probe read). A
+    no-op outside a `HostJobs` job: the training thread never sleeps here.
+    """
+    deadline = getattr(_job, "deadline", None)
+    if deadline is None or time.perf_counter() < deadline:
+        return
+    time.sleep(PAUSE_SECONDS)
+    _job.deadline = time.perf_counter() + SLICE_SECONDS
+
+
+def _sliced(job: Callable[[], None]) -> Callable[[], None]:
+    """``job`` run with `pause` active (on the worker thread)."""
+
+    def run() -> None:
+        _job.deadline = time.perf_counter() + SLICE_SECONDS
+        try:
+            job()
+        finally:
+            _job.deadline = None
+
+    return run
 
 
 class HostJobs:
@@ -44,7 +89,7 @@ class HostJobs:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix="tb-stability-writer")
-            self._future = self._pool.submit(job)
+            self._future = self._pool.submit(_sliced(job))
         except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
             self._future = None
             job()

@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 
 import tensorflow as tf
 
+from instrumentation import host_jobs
 from instrumentation.graph_ops import rare_cond, ring_slot
 from instrumentation.instance_patches import InstancePatches
 from instrumentation.probe_state import COLUMNS, Probe, activation_name, classify
@@ -334,8 +335,12 @@ class ActivationProbes:
         """
         # Snapshots: a retrace on the training thread may add a table meanwhile.
         probes, tables = list(self.probes), list(self._tables.values())
-        found = [(probe, probe.values(batch)) for probe in probes]
+        found = []
+        for probe in probes:
+            host_jobs.pause()  # on the worker thread: the training thread may take the GIL
+            found.append((probe, probe.values(batch)))
         for table in tables:
+            host_jobs.pause()
             found += table.values(batch)
         order = {id(probe): index for index, probe in enumerate(probes)}
         by_step: dict = {}
@@ -347,6 +352,7 @@ class ActivationProbes:
                     by_step.setdefault(step, []).append((probe, value))
         out = []
         for step in sorted(by_step):
+            host_jobs.pause()
             table: dict = {}
             for probe, values in sorted(by_step[step], key=lambda item: order[id(item[0])]):
                 for quantity, value in values.items():

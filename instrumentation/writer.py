@@ -30,7 +30,7 @@ import tensorflow as tf
 from tb_stability import schema
 from tb_stability.writer import event_file_name
 
-from instrumentation import readback
+from instrumentation import host_jobs, readback
 from instrumentation.event_encoding import (
     FILE_VERSION, encode_event, encode_string_summary, encode_summary,
 )
@@ -86,6 +86,7 @@ class SummaryWriter:
         self._emit_summary(int(step), encode_summary(tag, array, metadata))
 
     def _emit_summary(self, step: int, summary: bytes) -> None:
+        host_jobs.pause()  # on the worker thread: the training thread may take the GIL
         event = encode_event(step, summary)
         if self._pending is not None:
             self._pending.append(event)

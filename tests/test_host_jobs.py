@@ -139,3 +139,60 @@ def test_host_jobs_close_stops_the_thread_and_a_later_submit_restarts_it():
     while any(t.name.startswith(WORKER) for t in threading.enumerate()):
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_pause_sleeps_only_inside_a_job_and_only_once_per_slice(monkeypatch):
+    from instrumentation import host_jobs
+
+    sleeps = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(host_jobs.time, "sleep", lambda s: (sleeps.append(
+        (threading.current_thread().name, s)), real_sleep(s)))
+    clock = [0.0]
+    monkeypatch.setattr(host_jobs.time, "perf_counter", lambda: clock[0])
+
+    for _ in range(3):  # the training thread, outside any job: never sleeps
+        clock[0] += 1.0
+        host_jobs.pause()
+    assert sleeps == []
+
+    def job():
+        for _ in range(10):  # within one slice: no sleep
+            host_jobs.pause()
+        clock[0] += host_jobs.SLICE_SECONDS
+        host_jobs.pause()  # the slice is over: one sleep, a new slice starts
+        host_jobs.pause()
+        clock[0] += host_jobs.SLICE_SECONDS * 3
+        host_jobs.pause()
+
+    jobs = HostJobs()
+    jobs.submit(job)
+    jobs.close()
+    assert [s for _, s in sleeps] == [host_jobs.PAUSE_SECONDS] * 2
+    assert all(name.startswith(WORKER) for name, _ in sleeps)
+    host_jobs.pause()  # after the job: a no-op again on this thread
+    assert len(sleeps) == 2
+
+
+def test_every_summary_written_on_the_worker_offers_the_gil(tmp_path, monkeypatch):
+    from instrumentation import host_jobs
+
+    pauses = _threads_of_function(monkeypatch, host_jobs, "pause")
+    emits = _threads_of(monkeypatch, writer_module.SummaryWriter, "_emit_summary")
+    _fit(tmp_path)
+    on_worker = [name for name in emits if name.startswith(WORKER)]
+    assert on_worker, "nothing was written on the worker thread"
+    # one pause per summary, plus one per probe and per probe step read there
+    assert len([n for n in pauses if n.startswith(WORKER)]) > len(on_worker)
+
+
+def _threads_of_function(monkeypatch, module, name):
+    seen = []
+    original = getattr(module, name)
+
+    def recorded(*args, **kwargs):
+        seen.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+    return seen
