@@ -213,6 +213,36 @@ def test_rnn_cells_accumulate_every_timestep_and_std_survives_a_large_mean(jit, 
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_a_sigmoid_rnn_cell_bounds_off_zero_match_numpy_at_every_timestep(jit, tmp_path):
+    # The sigmoid's saturation bounds are not centred on 0 (the tanh's, in
+    # the test above, are): |out - middle| >= half, inside the time loop.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((16, 5, 3)).astype("float32")
+    y = rng.standard_normal((16, 1)).astype("float32")
+    inputs = keras.Input((5, 3))
+    h = keras.layers.SimpleRNN(4, activation="sigmoid", name="rnn_sigmoid")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
+    weights = [(rng.standard_normal((3, 4)) * 0.5).astype("float32"),
+               (rng.standard_normal((4, 4)) * 0.5).astype("float32"),
+               np.array([-50, 0, 0.5, 20], "float32"),
+               rng.standard_normal((4, 1)).astype("float32"), np.zeros(1, "float32")]
+    run = _fit_frozen(model, weights, x, y, jit, tmp_path, epochs=1)
+    k, u, b = [w.astype(np.float64) for w in weights[:3]]
+    state, pres, outs = np.zeros((len(x), 4)), [], []
+    for t in range(x.shape[1]):
+        pre = x[:, t].astype(np.float64) @ k + state @ u + b
+        state = 1.0 / (1.0 + np.exp(-pre))
+        pres.append(pre)
+        outs.append(state)
+    pres, outs = np.stack(pres), np.stack(outs)
+    assert 0.4 < np.mean(np.abs(pres) >= 5) < 0.6  # the -50 and +20 biases
+    np.testing.assert_allclose(run.layers["act_mean"].values[0, 0], outs.mean(), rtol=1e-5)
+    np.testing.assert_allclose(run.layers["act_std"].values[0, 0], outs.std(), rtol=1e-3)
+    assert run.layers["saturated_fraction"].values[0, 0] == pytest.approx(
+        np.mean(np.abs(pres) >= 5), abs=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
 def test_layer_called_twice_in_a_step_is_summed_over_both_calls(jit, tmp_path):
     # A shared layer's two calls add up in one slot (additive rows); a layer
     # called once writes a row centred on its own mean. Both against numpy,
