@@ -1,7 +1,8 @@
-"""Training overhead of the working tree against an earlier revision, in one process.
+"""Training overhead of the working tree against an earlier revision, side by side.
 
     python benchmarks/versus.py --rev REV [--models mlp cnn lstm] [--blocks 12]
-                                [--steps 100] [--batch 64] [--quick] [--markdown]
+                                [--steps 100] [--batch 64] [--processes 3] [--quick]
+                                [--markdown]
 
 Did a change make the instrumentation cheaper? Two runs of `overhead_steps.py`
 cannot say below a few percent: this VM's speed drifts between runs by more
@@ -15,6 +16,14 @@ the working tree. Every step goes through the installed ``train_function``
 version overrides, are left out. Ratio = median over blocks of ``--steps``
 steps of the block's time over the baseline's in the same block (the first
 block, which traces, excluded).
+
+Models built in one process differ in speed by a few percent for its whole
+life, by the order they were built in (the A/A pair shows it). With
+``--processes N`` (default 3) each model is measured in N fresh processes,
+each building the configurations in a different (rotated) order: the ratio
+printed is the median of the processes' ratios, with their range beside it.
+A single process (``--processes 1``) once showed one change 3 % slower on
+one model twice in a row, which rotated processes did not confirm.
 """
 
 from __future__ import annotations
@@ -31,7 +40,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import REPO, format_table, machine_description, median  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    REPO, emit_result, format_table, machine_description, median, run_worker,
+)
 from benchmarks.overhead import MODELS, _build_model, _data  # noqa: E402
 
 PACKAGE = "instrumentation"
@@ -67,8 +78,14 @@ def _callback(config: str, rev_module, tree_module):
     return module.StabilityCallback(tempfile.mkdtemp(prefix="versus_"), **kwargs)
 
 
-def measure(model_name: str, blocks: int, steps: int, batch: int, rev_dir: str) -> dict:
-    """Per configuration, the block times (seconds) of one model, in lockstep."""
+def measure(model_name: str, blocks: int, steps: int, batch: int, rev_dir: str,
+            rotate: int = 0) -> dict:
+    """Per configuration, the block times (seconds) of one model, in lockstep.
+
+    Args:
+      rotate: Build the models starting from configuration ``rotate`` (the
+        order of the measurement rotates every step either way).
+    """
     import importlib
 
     import tensorflow as tf
@@ -79,7 +96,8 @@ def measure(model_name: str, blocks: int, steps: int, batch: int, rev_dir: str) 
     x, y = _data(model_name, batch * 50)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch).repeat()
     functions, iterators = {}, {}
-    for config in CONFIGS:
+    shift = rotate % len(CONFIGS)
+    for config in CONFIGS[shift:] + CONFIGS[:shift]:
         model = _build_model(model_name, 0)
         model.make_train_function()
         callback = _callback(config, rev_module, tree_module)
@@ -102,13 +120,19 @@ def measure(model_name: str, blocks: int, steps: int, batch: int, rev_dir: str) 
     return times
 
 
-def summarize(model_name: str, times: dict, steps: int) -> list[list[str]]:
-    """Rows: model, config, median ms/step, median block ratio to the baseline, its range."""
+def summarize(model_name: str, runs: list, steps: int) -> list[list[str]]:
+    """Rows: model, config, median ms/step, ratio to the baseline, its range over processes.
+
+    Args:
+      runs: One `measure` result per process.
+    """
     rows = []
     for config in CONFIGS:
-        ratios = [t / b for t, b in zip(times[config], times["baseline"])]
-        rows.append([model_name, config, f"{median(times[config]) / steps * 1e3:.3f}",
-                     f"{median(ratios):.3f}", f"{min(ratios):.3f}-{max(ratios):.3f}"])
+        per_process = [median([t / b for t, b in zip(times[config], times["baseline"])])
+                       for times in runs]
+        ms = median([median(times[config]) for times in runs]) / steps * 1e3
+        rows.append([model_name, config, f"{ms:.3f}", f"{median(per_process):.3f}",
+                     " ".join(f"{r:.3f}" for r in per_process)])
     return rows
 
 
@@ -119,22 +143,39 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--quick", action="store_true", help="2 blocks of 3 steps (smoke test)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="fresh processes per model, each building in another order "
+                             "(default 3, 1 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 blocks of 3 steps (smoke test)")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--rev-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--rotate", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.blocks, args.steps, args.batch = 2, 3, 16
+    if args.processes is None:
+        args.processes = 1 if args.quick else 3
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.worker:
+        emit_result(measure(args.worker, args.blocks, args.steps, args.batch, args.rev_dir,
+                            args.rotate))
+        return 0
     print(f"machine: {machine_description()}")
-    print(f"rev: {args.rev}  blocks={args.blocks} (+1 excluded) steps/block={args.steps} "
-          f"batch={args.batch}")
+    print(f"rev: {args.rev}  processes={args.processes} blocks={args.blocks} (+1 excluded) "
+          f"steps/block={args.steps} batch={args.batch}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="versus_rev_") as workdir:
         rev_dir = extract_revision(args.rev, workdir)
         for model_name in args.models:
-            times = measure(model_name, args.blocks, args.steps, args.batch, rev_dir)
-            rows += summarize(model_name, times, args.steps)
-    print(format_table(("model", "config", "median ms/step", "ratio", "block range"), rows,
+            runs = [run_worker([os.path.abspath(__file__), "--rev", args.rev,
+                                "--worker", model_name, "--rev-dir", rev_dir,
+                                "--blocks", str(args.blocks), "--steps", str(args.steps),
+                                "--batch", str(args.batch), "--rotate", str(process)])
+                    for process in range(max(1, args.processes))]
+            rows += summarize(model_name, runs, args.steps)
+    print(format_table(("model", "config", "median ms/step", "ratio", "per process"), rows,
                        markdown=args.markdown))
     return 0
 

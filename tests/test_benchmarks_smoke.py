@@ -45,13 +45,14 @@ def test_overhead_steps_prints_interleaved_ratio_table():
     assert "below the TensorBoard callback" in out
 
 
-def test_versus_compares_a_revision_with_the_tree_in_one_process():
+def test_versus_compares_a_revision_with_the_tree_in_rotated_processes():
     pytest.importorskip("tensorflow")
-    out = _run("versus.py", "--rev", "HEAD", "--models", "mlp")
-    assert "rev: HEAD" in out and "block range" in out
+    out = _run("versus.py", "--rev", "HEAD", "--models", "mlp", "--processes", "2")
+    assert "rev: HEAD  processes=2" in out and "per process" in out
     for config in ("baseline", "baseline again", "rev defaults", "tree defaults",
                    "rev every=1", "tree every=1"):
-        assert f"mlp    {config}" in out, out
+        line = next(line for line in out.splitlines() if line.startswith(f"mlp    {config}"))
+        assert len(line.split()[-2:]) == 2, line  # one ratio per process
 
 
 def test_reader_prints_throughput_table(tmp_path):
