@@ -40,15 +40,16 @@ def _fit(tmp_path, callback_kw=None, epochs=1):
     return callback, history
 
 
-def _threads_of(monkeypatch, cls, name):
+def _threads_of(monkeypatch, owner, name):
+    """Names of the threads that call ``owner.name`` (a method of a class, or a function)."""
     seen = []
-    original = getattr(cls, name)
+    original = getattr(owner, name)
 
-    def recorded(self, *args, **kwargs):
+    def recorded(*args, **kwargs):
         seen.append(threading.current_thread().name)
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(cls, name, recorded)
+    monkeypatch.setattr(owner, name, recorded)
     return seen
 
 
@@ -177,7 +178,7 @@ def test_pause_sleeps_only_inside_a_job_and_only_once_per_slice(monkeypatch):
 def test_every_summary_written_on_the_worker_offers_the_gil(tmp_path, monkeypatch):
     from instrumentation import host_jobs
 
-    pauses = _threads_of_function(monkeypatch, host_jobs, "pause")
+    pauses = _threads_of(monkeypatch, host_jobs, "pause")
     emits = _threads_of(monkeypatch, writer_module.SummaryWriter, "_emit_summary")
     _fit(tmp_path)
     on_worker = [name for name in emits if name.startswith(WORKER)]
@@ -185,14 +186,3 @@ def test_every_summary_written_on_the_worker_offers_the_gil(tmp_path, monkeypatc
     # one pause per summary, plus one per probe and per probe step read there
     assert len([n for n in pauses if n.startswith(WORKER)]) > len(on_worker)
 
-
-def _threads_of_function(monkeypatch, module, name):
-    seen = []
-    original = getattr(module, name)
-
-    def recorded(*args, **kwargs):
-        seen.append(threading.current_thread().name)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, recorded)
-    return seen
