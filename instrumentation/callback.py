@@ -28,6 +28,7 @@ Failures of the instrumentation itself become one warning; training goes on.
 
 from __future__ import annotations
 
+import contextlib
 import atexit
 import logging
 import warnings
@@ -294,20 +295,22 @@ class StabilityCallback(keras.callbacks.Callback):
             self.model.train_function = None
 
     def _finish(self) -> None:
-        """Drains, flushes and detaches (end of fit, or error)."""
-        try:
+        """Drains, flushes and detaches (end of fit, or error).
+
+        Each clean-up step runs even when an earlier one raises: the worker
+        thread is stopped, then the event file flushed, then the patches undone.
+        """
+        with contextlib.ExitStack() as cleanup:  # runs its callbacks last-in first-out
+            cleanup.callback(self._uninstall)
+            cleanup.callback(self._flush_writer)
+            cleanup.callback(self._host_jobs.close)
             if not self._broken:
                 self._drain()
                 self._announce_live(force=True)
-        finally:
-            try:
-                try:
-                    self._host_jobs.close()
-                finally:
-                    if self._writer is not None:
-                        self._writer.flush()
-            finally:
-                self._uninstall()
+
+    def _flush_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def _drain(self, background: bool = False) -> None:
         """Reads the statistics back and writes them.
@@ -377,6 +380,7 @@ class StabilityCallback(keras.callbacks.Callback):
         """Probes, data statistics and NaN capture; see `instrumentation.extras`."""
         self._extras.install(model, optimizer)
 
+
 def _flush_at_exit(ref) -> None:
     callback = ref()
     if callback is None:
@@ -384,7 +388,6 @@ def _flush_at_exit(ref) -> None:
     try:
         if callback._active and not callback._broken:
             callback._drain()
-        if callback._writer is not None:
-            callback._writer.flush()
+        callback._flush_writer()
     except Exception:  # noqa: BLE001 - interpreter shutdown
         pass

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import readback
-from instrumentation.graph_ops import rare_cond, ring_slot
+from instrumentation.graph_ops import rare_cond, ring_slot, unused_slot_steps
 
 logger = logging.getLogger("instrumentation")
 
@@ -126,7 +126,7 @@ class DataStats:
                 self.predictions = tf.Variable(tf.zeros([n, classes]), trainable=False,
                                                name="stability_predictions")
             if self.step is None or int(self.step.shape[0]) != n:
-                self.step = tf.Variable(tf.fill([n], tf.constant(-1, tf.int64)),
+                self.step = tf.Variable(unused_slot_steps(n),
                                         trainable=False, name="stability_data_step")
                 self.label_range = tf.Variable(tf.fill([2], np.nan), dtype=tf.float32,
                                                trainable=False, name="stability_label_range")

@@ -58,6 +58,11 @@ def ring_slot(step, every: int, slots: int):
     return tf.math.floormod(tf.math.floordiv(step, every), slots)
 
 
+def unused_slot_steps(slots: int) -> tf.Tensor:
+    """int64 ``[slots]`` of -1: the step of every slot of a ring, none recorded yet."""
+    return tf.fill([int(slots)], tf.constant(-1, tf.int64))
+
+
 def _several_replicas() -> bool:
     strategy = tf.distribute.get_strategy()
     return int(getattr(strategy, "num_replicas_in_sync", 1) or 1) > 1

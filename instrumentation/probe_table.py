@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import readback
+from instrumentation.graph_ops import unused_slot_steps
 from instrumentation.probe_state import COLUMNS, STEP, Probe
 
 
@@ -43,7 +44,7 @@ class ProbeTable:
             else:
                 self.fired_spans.append(None)
         with tf.init_scope():
-            self.steps = tf.Variable(tf.fill([self.slots], tf.constant(-1, tf.int64)),
+            self.steps = tf.Variable(unused_slot_steps(self.slots),
                                      trainable=False, name="stability_probe_table_steps")
             self.rows = tf.Variable(tf.zeros([self.slots, len(self.probes), len(COLUMNS)],
                                              tf.float64),
@@ -58,7 +59,7 @@ class ProbeTable:
 
     def reset(self) -> None:
         """Marks every slot unused (eager, host side)."""
-        self.steps.assign(tf.fill([self.slots], tf.constant(-1, tf.int64)))
+        self.steps.assign(unused_slot_steps(self.slots))
 
     def write(self, step: Any, slot: Any, rows: Sequence[tf.Tensor],
               fired: Sequence[Optional[tf.Tensor]]) -> None:

@@ -43,7 +43,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from instrumentation.graph_ops import rare_cond, ring_slot
+from instrumentation.graph_ops import rare_cond, ring_slot, unused_slot_steps
 from instrumentation.graph_values import (
     count_nonfinite,
     current_graph,
@@ -158,7 +158,7 @@ class StepStats:
             )
             self.skips = plain_variable(tf.constant(0, tf.int64), "stability_skips")
             self.var_steps = plain_variable(
-                tf.fill([self.slots], tf.constant(-1, tf.int64)), "stability_var_steps"
+                unused_slot_steps(self.slots), "stability_var_steps"
             )
         self.measure_update = bool(snapshot)
         self.snapshots: Optional[list] = None  # created by the first conditional snapshot
@@ -174,7 +174,7 @@ class StepStats:
     def reset(self) -> None:
         """Marks every row and slot unused (eager, host side)."""
         self.ring.assign(self._empty_ring())
-        self.var_steps.assign(tf.fill([self.slots], tf.constant(-1, tf.int64)))
+        self.var_steps.assign(unused_slot_steps(self.slots))
         self.skips.assign(0)
 
     # ------------------------------------------------------------------ graph
