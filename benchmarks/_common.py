@@ -1,9 +1,13 @@
 """Shared helpers of the benchmarks: interleaving, medians, subprocess workers, tables.
 
 Every benchmark measures all its configurations side by side in one run:
-repetition ``r`` runs every configuration once, in an order rotated by ``r``
-(so no configuration always runs first, or right after a given other one),
-and results are reported as medians over repetitions. Peak memory is the
+repetition ``r`` runs every configuration once, in a fresh random order
+(seeded), and results are reported as medians over repetitions. Random, not
+rotated: a rotation keeps every configuration right after the same other one
+(``c[i - 1]`` precedes ``c[i]`` in every round but one), and what a step
+leaves behind (caches, thread pools, a background writer) then always lands on
+the same neighbour. In `overhead_steps.py` that gave the A/A pair a steady
+0.987 (three processes alike) against 1.003 with random orders. Peak memory is the
 ``ru_maxrss`` a fresh worker subprocess reports for itself.
 """
 
@@ -12,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")
@@ -32,22 +37,32 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def interleaved(configs: Sequence[T], repetitions: int) -> list[tuple[int, T]]:
-    """The run order: ``repetitions`` rounds, each a rotation of ``configs``.
+def round_orders(configs: Sequence[T], seed: int = 0) -> Iterator[list[T]]:
+    """Endless rounds, each every configuration once in a random order (seeded).
+
+    Every configuration is preceded by each other one equally often in
+    expectation, so what a step leaves for the next one is shared out evenly.
+    """
+    rng = random.Random(seed)
+    while True:
+        order = list(configs)
+        rng.shuffle(order)
+        yield order
+
+
+def interleaved(configs: Sequence[T], repetitions: int, seed: int = 0) -> list[tuple[int, T]]:
+    """The run order: ``repetitions`` rounds, each every config once in a random order.
 
     Args:
       configs: The configurations to compare.
       repetitions: How many times each runs.
+      seed: Seed of the orders (`round_orders`).
 
     Returns:
-      ``(repetition, config)`` pairs; round ``r`` starts at ``configs[r % n]``.
+      ``(repetition, config)`` pairs.
     """
-    order = []
-    n = len(configs)
-    for rep in range(repetitions):
-        for i in range(n):
-            order.append((rep, configs[(rep + i) % n]))
-    return order
+    rounds = round_orders(configs, seed)
+    return [(rep, config) for rep in range(repetitions) for config in next(rounds)]
 
 
 def run_interleaved(configs: Sequence[T], repetitions: int,

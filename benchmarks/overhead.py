@@ -5,8 +5,8 @@
 
 For each model (an MLP of 6 x Dense(256), a small CNN, an LSTM; CPU, synthetic
 data made here) one worker subprocess fits a fresh model under every
-configuration, interleaved across repetitions (round ``r`` is a rotation of
-the configurations):
+configuration, interleaved across repetitions (each round runs every
+configuration once, in a seeded random order):
 
 * ``baseline``: ``model.fit`` without any callback;
 * ``stability defaults``: ``StabilityCallback(dir)`` (``every=100``);

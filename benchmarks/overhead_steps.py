@@ -11,8 +11,9 @@ runs ``model.fit``'s own loop (a ``keras.callbacks.CallbackList`` built as
 step ``on_train_batch_begin``, ``train_function``, ``on_train_batch_end``,
 and ``on_epoch_begin``/``on_epoch_end`` around every block) for every
 configuration *at once* in one process: one model per configuration, and
-step ``s`` of every configuration runs before step ``s + 1`` of any (the order
-rotates every step). A burst of load therefore hits all configurations alike.
+step ``s`` of every configuration runs before step ``s + 1`` of any (in a new
+random order every step: `benchmarks._common.round_orders`). A burst of load
+therefore hits all configurations alike.
 
 A block is ``--steps`` steps (100: exactly one host read of the defaults,
 ``every=100``, and one epoch end, where the Keras TensorBoard callback writes
@@ -43,7 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import (  # noqa: E402
-    emit_result, fmt, format_table, machine_description, median, run_worker,
+    emit_result, fmt, format_table, machine_description, median, round_orders, run_worker,
 )
 from benchmarks.overhead import (  # noqa: E402
     MODELS, _build_model, _data, goal_verdict, paired_ratios, peer_lines,
@@ -127,11 +128,11 @@ def worker(args) -> None:
         configs = configs[shift:] + configs[:shift]  # build order differs per process
         loops = {c: _Loop(args.worker, c, x, y, args.batch, workdir) for c in configs}
         blocks = {c: [] for c in configs}
+        orders = round_orders(configs, seed=args.rotate)
         for block in range(args.blocks + 1):
             spent = {c: loops[c].epoch(block, begin=True) for c in configs}
             for step in range(args.steps):
-                shift = (block * args.steps + step) % len(configs)
-                for config in configs[shift:] + configs[:shift]:
+                for config in next(orders):
                     spent[config] += loops[config].run_step()
             for config in configs:
                 spent[config] += loops[config].epoch(block, begin=False)

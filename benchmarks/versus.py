@@ -9,7 +9,7 @@ cannot say below a few percent: this VM's speed drifts between runs by more
 than that (one session measured its baseline 25 % slower than the last).
 Here the instrumentation package of revision ``REV`` (``git archive``) is
 imported under another name beside the working tree's, and one process per
-model trains, in lockstep and rotating order, a baseline twice (A/A), the
+model trains, in lockstep and a random order every step, a baseline twice (A/A), the
 callback at its defaults and with ``every=1`` from ``REV``, and the same from
 the working tree. Every step goes through the installed ``train_function``
 (the host reads and writes included); the Keras batch hooks, which neither
@@ -41,7 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._common import (  # noqa: E402
-    REPO, emit_result, format_table, machine_description, median, run_worker,
+    REPO, emit_result, format_table, machine_description, median, round_orders, run_worker,
 )
 from benchmarks.overhead import MODELS, _build_model, _data  # noqa: E402
 
@@ -83,8 +83,8 @@ def measure(model_name: str, blocks: int, steps: int, batch: int, rev_dir: str,
     """Per configuration, the block times (seconds) of one model, in lockstep.
 
     Args:
-      rotate: Build the models starting from configuration ``rotate`` (the
-        order of the measurement rotates every step either way).
+      rotate: Build the models starting from configuration ``rotate``; also
+        the seed of the steps' random orders.
     """
     import importlib
 
@@ -106,11 +106,11 @@ def measure(model_name: str, blocks: int, steps: int, batch: int, rev_dir: str,
             callback.on_train_begin()
         functions[config], iterators[config] = model.train_function, iter(dataset)
     times = {config: [] for config in CONFIGS}
+    orders = round_orders(CONFIGS, seed=rotate)
     for block in range(blocks + 1):  # block 0 traces: excluded
         spent = dict.fromkeys(CONFIGS, 0.0)
         for step in range(steps):
-            shift = step % len(CONFIGS)
-            for config in CONFIGS[shift:] + CONFIGS[:shift]:
+            for config in next(orders):
                 start = time.perf_counter()
                 float(functions[config](iterators[config])["loss"])
                 spent[config] += time.perf_counter() - start
