@@ -164,3 +164,55 @@ def test_captured_weights_are_those_before_the_bad_step(every, bad_step, optimiz
     for got, want in zip(saved, expected):
         np.testing.assert_array_equal(got, want)
     assert not all(np.array_equal(a, b) for a, b in zip(expected, recorder.after[bad_step - 2]))
+
+
+def _weight_copy_cases():
+    return {
+        "one-dtype": [tf.Variable(np.arange(6, dtype="float32").reshape(3, 2)),
+                      tf.Variable(np.float32([7.0, 8.0])),
+                      tf.Variable(np.ones((2, 2, 2), "float32"))],
+        "mixed-dtypes": [tf.Variable(np.float32([1.5, -2.0])),
+                         tf.Variable(np.arange(4, dtype="float64")),
+                         tf.Variable(np.float32([[3.0]])),
+                         tf.Variable(np.int32([5, 6, 7]))],
+        "unknown-shape": [tf.Variable(np.float32([1.0, 2.0])),
+                          tf.Variable(np.float32([3.0, 4.0, 5.0]), shape=tf.TensorShape(None)),
+                          tf.Variable(np.zeros((0, 3), "float32"))],
+    }
+
+
+@pytest.mark.parametrize("case", ["one-dtype", "mixed-dtypes", "unknown-shape"])
+def test_weight_copies_hold_every_weight_in_one_variable_per_dtype(case):
+    from instrumentation.nan_capture import weight_copies
+
+    variables = _weight_copy_cases()[case]
+    copies = weight_copies(variables)
+    dtypes = {v.dtype for v in variables if v.shape.is_fully_defined()}
+    unknown = sum(not v.shape.is_fully_defined() for v in variables)
+    assert len(copies) == len(dtypes) + unknown
+
+    @tf.function
+    def capture(sources):
+        for copy in copies:
+            copy.assign_from(sources)
+
+    doubled = [v * 2 for v in variables]
+    capture(doubled)
+    got = {index: value for copy in copies for index, value in copy.values()}
+    assert sorted(got) == list(range(len(variables)))
+    for index, want in enumerate(doubled):
+        assert got[index].dtype == want.numpy().dtype
+        np.testing.assert_array_equal(got[index], want.numpy())
+
+
+def test_a_fit_adds_one_weight_copy_however_many_layers(tmp_path):
+    model = keras.Sequential([keras.Input((4,))] + [keras.layers.Dense(3) for _ in range(5)])
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    callback = StabilityCallback(str(tmp_path), every=2)
+    x, y = _data(32)
+    model.fit(x, y[:, :1].repeat(3, axis=1), batch_size=16, epochs=1, verbose=0,
+              callbacks=[callback])
+    capture = callback._extras.capture
+    assert len(capture.variables) == 10 and len(capture.copies) == 1
+    assert capture.copies[0].variable.shape == (sum(int(np.prod(v.shape))
+                                                    for v in model.trainable_variables),)
