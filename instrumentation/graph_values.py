@@ -56,7 +56,7 @@ def count_nonfinite(tensor: Any) -> tf.Tensor:
     return tf.cast(tf.math.count_nonzero(bad, dtype=tf.int64), tf.float64)
 
 
-def plain_variable(initial_value: Any, name: str) -> tf.Variable:
+def plain_variable(initial_value: Any, name: str, shape: Any = None) -> tf.Variable:
     """A non-trainable resource variable that ignores any ``tf.distribute`` scope.
 
     Statistics variables must stay ordinary (not mirrored) variables: each
@@ -68,7 +68,7 @@ def plain_variable(initial_value: Any, name: str) -> tf.Variable:
     from tensorflow.python.ops import resource_variable_ops  # no public equivalent
 
     return resource_variable_ops.ResourceVariable(
-        initial_value, trainable=False, name=name
+        initial_value, trainable=False, name=name, shape=shape
     )
 
 

@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from instrumentation.graph_ops import rare_cond
 from instrumentation.graph_values import dense_values
+from instrumentation.weight_copies import weight_copies
 
 
 class NanCapture:
@@ -175,7 +176,7 @@ class NanCapture:
                                             name="stability_nan_skip_run")
             if [id(v) for v in self.variables] != [id(v) for v in variables]:
                 self.variables = list(variables)
-                self.copies = weight_copies(self.variables)
+                self.copies = weight_copies(self.variables, name="stability_nan_weights")
             if self.buffers:
                 return
             self.structure = {"x": _structure(x), "y": _structure(y),
@@ -237,72 +238,6 @@ class NanCapture:
             for index, value in copy.values():
                 weights[index] = value
         return weights
-
-
-class WeightCopy:
-    """Room for the pre-update values of several variables of one dtype, in one variable.
-
-    Every variable the train step touches is one more input of each call of
-    the compiled step, about 1.6 µs each on a 2-core CPU (and one more input
-    of the branch that holds the capture). One flat variable per dtype instead
-    of one copy per weight keeps that cost fixed whatever the number of
-    layers. Each weight is written into its own slice (no temporary of the
-    whole size); a weight whose shape is not fully known gets a variable of
-    its own.
-
-    Args:
-      members: ``(index, variable)`` pairs, all of one dtype; several only
-        when every shape is fully defined.
-    """
-
-    def __init__(self, members: Sequence[tuple]):
-        self.members = []  # (index, start, stop, shape)
-        dtype = tf.as_dtype(members[0][1].dtype)
-        shapes = [tf.TensorShape(variable.shape) for _, variable in members]
-        if len(members) == 1 and not shapes[0].is_fully_defined():
-            self.flat = False
-            self.variable = tf.Variable(tf.zeros([0] * max(shapes[0].rank or 0, 0), dtype),
-                                        shape=shapes[0], trainable=False,
-                                        name="stability_nan_weights")
-            self.members.append((members[0][0], 0, 0, shapes[0]))
-            return
-        self.flat = True
-        start = 0
-        for (index, _), shape in zip(members, shapes):
-            size = int(np.prod(shape.as_list(), dtype=np.int64))
-            self.members.append((index, start, start + size, shape))
-            start += size
-        self.variable = tf.Variable(tf.zeros([start], dtype), trainable=False,
-                                    name="stability_nan_weights")
-
-    def assign_from(self, sources: Sequence[Any]) -> None:
-        """Copies ``sources[index]`` of every member into its slice (graph side)."""
-        for index, start, stop, _ in self.members:
-            value = tf.convert_to_tensor(sources[index])
-            if not self.flat:
-                self.variable.assign(value)
-            elif stop > start:
-                self.variable[start:stop].assign(tf.reshape(value, [-1]))
-
-    def values(self) -> list:
-        """``(index, numpy array)`` of every member, in its variable's shape (host side)."""
-        data = self.variable.numpy()
-        if not self.flat:
-            return [(self.members[0][0], data)]
-        return [(index, data[start:stop].reshape(shape.as_list()))
-                for index, start, stop, shape in self.members]
-
-
-def weight_copies(variables: Sequence[Any]) -> list:
-    """`WeightCopy`s for ``variables``: one per dtype, plus one per weight of unknown shape."""
-    by_dtype: dict = {}
-    copies = []
-    for index, variable in enumerate(variables):
-        if tf.TensorShape(variable.shape).is_fully_defined():
-            by_dtype.setdefault(tf.as_dtype(variable.dtype), []).append((index, variable))
-        else:
-            copies.append(WeightCopy([(index, variable)]))
-    return [WeightCopy(members) for members in by_dtype.values()] + copies
 
 
 def _structure(value) -> dict:

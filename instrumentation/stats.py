@@ -20,8 +20,8 @@ State kept by `StepStats`:
   step traced as a log step (``"always"``) simply the values read before the
   update, held as tensors until it is done (TensorFlow's copy-on-write keeps
   them intact: no variable, no copy beyond the one the update makes);
-  elsewhere (``"cond"``, custom loops) ``snapshots``, one variable per tracked
-  variable, created on first such use.
+  elsewhere (``"cond"``, custom loops) ``snapshots``, one flat variable per
+  dtype (`instrumentation.weight_copies`), created on first such use.
 
 How a traced step decides whether it is a log step (`StepStats.log_mode`, read
 while tracing):
@@ -52,10 +52,10 @@ from instrumentation.graph_values import (
     norms_from_halves,
     plain_variable,
     read_value,
-    variable_dtype,
     variable_keys,
     variable_name,
 )
+from instrumentation.weight_copies import copied_tensors, weight_copies
 from tb_stability import schema
 
 NUM_COLUMNS = len(schema.STEP_COLUMNS)
@@ -282,19 +282,19 @@ class StepStats:
         snapshots = self._snapshot_variables()
 
         def copy():
-            for snap, variable in zip(snapshots, self.variables):
-                snap.assign(read_value(variable))
+            for snapshot in snapshots:
+                snapshot.assign_from(self.variables)
             return tf.constant(True)
 
         rare_cond(predicate, copy)
 
     def _snapshot_variables(self) -> list:
+        """The `WeightCopy`s of the conditional snapshots (created on first use)."""
         if self.snapshots is None:
             with tf.init_scope():
-                self.snapshots = [
-                    plain_variable(tf.zeros(v.shape, variable_dtype(v)), "stability_snapshot")
-                    for v in self.variables
-                ]
+                self.snapshots = weight_copies(
+                    self.variables,
+                    lambda value, shape: plain_variable(value, "stability_snapshot", shape))
         return self.snapshots
 
     def _before_update(self, release: bool = False) -> Optional[list]:
@@ -309,16 +309,19 @@ class StepStats:
             self._held.pop(key, None)
         if held and graph is current_graph():
             return held
-        return self.snapshots
+        if self.snapshots is None:
+            return None
+        return copied_tensors(self.snapshots, len(self.variables))
 
     def snapshots_of(self, variables: Sequence[Any]) -> Optional[list]:
-        """The pre-update values of ``variables`` in this trace, or None if one has none.
+        """The pre-update values of ``variables`` held in this trace, or None.
 
-        Tensors held by ``snapshot_when(True)`` in this trace, else the
-        snapshot variables (whose copy must precede the caller's reads).
+        Tensors held by ``snapshot_when(True)`` in this trace; None where there
+        are none (the snapshot variables would have to be read at every step).
         """
-        before = self._before_update()
-        if not before:
+        key = threading.get_ident()
+        graph, before = self._held.get(key, (None, None))
+        if not before or graph is not current_graph():
             return None
         indices = [self.index_of(v) for v in variables]
         if any(i is None for i in indices):

@@ -269,6 +269,12 @@ def test_log_steps_match_reference_in_every_log_mode(tmp_path, every, spe):
     expected = list(range(0, steps, every))
     assert [e.step for e in events[(".", schema.layer_tag("act_mean"))]] == expected
     assert [e.step for e in events[(".", schema.TAG_INPUTS)]] == expected
+    # The in-graph cond copies the weights into one snapshot variable (one dtype).
+    snapshots = callback._stats.snapshots
+    assert (snapshots is None) == (spe == 1)
+    if snapshots is not None:
+        assert len(snapshots) == 1 and snapshots[0].variable.shape == (
+            sum(int(np.prod(v.shape)) for v in model.trainable_variables),)
 
 
 def _captured_handle_ids(function) -> set:

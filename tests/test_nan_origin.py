@@ -183,7 +183,7 @@ def _weight_copy_cases():
 
 @pytest.mark.parametrize("case", ["one-dtype", "mixed-dtypes", "unknown-shape"])
 def test_weight_copies_hold_every_weight_in_one_variable_per_dtype(case):
-    from instrumentation.nan_capture import weight_copies
+    from instrumentation.weight_copies import weight_copies
 
     variables = _weight_copy_cases()[case]
     copies = weight_copies(variables)
