@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from instrumentation.graph_ops import rare_cond
 from instrumentation.graph_values import dense_values
-from instrumentation.weight_copies import weight_copies
+from instrumentation.weight_copies import copied_values, weight_copies
 
 
 class NanCapture:
@@ -233,11 +233,7 @@ class NanCapture:
 
     def weights(self) -> list:
         """The captured weights (before the update), aligned with `variables`."""
-        weights: list = [None] * len(self.variables)
-        for copy in self.copies:
-            for index, value in copy.values():
-                weights[index] = value
-        return weights
+        return copied_values(self.copies, len(self.variables))
 
 
 def _structure(value) -> dict:

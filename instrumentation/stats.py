@@ -297,17 +297,26 @@ class StepStats:
                     lambda value, shape: plain_variable(value, "stability_snapshot", shape))
         return self.snapshots
 
-    def _before_update(self, release: bool = False) -> Optional[list]:
-        """The pre-update weights of this trace: held values, snapshot variables or None.
+    def _held_values(self, release: bool = False) -> Optional[list]:
+        """The pre-update values `snapshot_when(True)` held in this trace and thread, or None.
 
         Args:
-          release: Forget the held values (the last use, after the update).
+          release: Forget them (the last use, after the update).
         """
         key = threading.get_ident()
         graph, held = self._held.get(key, (None, None))
         if release:
             self._held.pop(key, None)
-        if held and graph is current_graph():
+        return held if held and graph is current_graph() else None
+
+    def _before_update(self, release: bool = False) -> Optional[list]:
+        """The pre-update weights of this trace: held values, snapshot values or None.
+
+        Args:
+          release: Forget the held values (the last use, after the update).
+        """
+        held = self._held_values(release)
+        if held is not None:
             return held
         if self.snapshots is None:
             return None
@@ -319,9 +328,8 @@ class StepStats:
         Tensors held by ``snapshot_when(True)`` in this trace; None where there
         are none (the snapshot variables would have to be read at every step).
         """
-        key = threading.get_ident()
-        graph, before = self._held.get(key, (None, None))
-        if not before or graph is not current_graph():
+        before = self._held_values()
+        if before is None:
             return None
         indices = [self.index_of(v) for v in variables]
         if any(i is None for i in indices):

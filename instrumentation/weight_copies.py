@@ -66,18 +66,17 @@ class WeightCopy:
 
     def tensors(self) -> list:
         """``(index, tensor)`` of every member, from one read of the variable (graph side)."""
-        data = tf.convert_to_tensor(self.variable)
-        if not self.flat:
-            return [(self.members[0][0], data)]
-        return [(index, tf.reshape(data[start:stop], shape.as_list()))
-                for index, start, stop, shape in self.members]
+        return self._split(tf.convert_to_tensor(self.variable), tf.reshape)
 
     def values(self) -> list:
         """``(index, numpy array)`` of every member, in its variable's shape (host side)."""
-        data = self.variable.numpy()
+        return self._split(self.variable.numpy(), np.reshape)
+
+    def _split(self, data, reshape) -> list:
+        """``(index, value)`` of every member: its slice of ``data`` in its own shape."""
         if not self.flat:
             return [(self.members[0][0], data)]
-        return [(index, data[start:stop].reshape(shape.as_list()))
+        return [(index, reshape(data[start:stop], shape.as_list()))
                 for index, start, stop, shape in self.members]
 
 
@@ -101,8 +100,17 @@ def weight_copies(variables: Sequence[Any], make_variable: Optional[Callable] = 
 
 def copied_tensors(copies: Sequence[WeightCopy], count: int) -> list:
     """The ``count`` weights held by ``copies``, as tensors in variable order (graph side)."""
-    tensors: list = [None] * count
-    for copy in copies:
-        for index, tensor in copy.tensors():
-            tensors[index] = tensor
-    return tensors
+    return _in_variable_order([copy.tensors() for copy in copies], count)
+
+
+def copied_values(copies: Sequence[WeightCopy], count: int) -> list:
+    """The ``count`` weights held by ``copies``, as numpy arrays in variable order (host side)."""
+    return _in_variable_order([copy.values() for copy in copies], count)
+
+
+def _in_variable_order(parts: Sequence[list], count: int) -> list:
+    ordered: list = [None] * count
+    for pairs in parts:
+        for index, value in pairs:
+            ordered[index] = value
+    return ordered
