@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import readback
-from instrumentation.graph_ops import ring_slot
+from instrumentation.graph_ops import rare_cond, ring_slot
 
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu",
                          "swish", "celu", "hard_silu", "hard_swish", "mish", "prelu"})
@@ -27,6 +27,24 @@ SATURATING = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softmax": (0.0, 1.0),
               "hard_sigmoid": (0.0, 1.0), "softsign": (-1.0, 1.0), "hard_tanh": (-1.0, 1.0)}
 PRE_THRESHOLD = 5.0  # |x| >= 5: derivative of sigmoid/tanh ~ 0 (DeepDiagnosis)
 LIMIT_TOLERANCE = 1e-3
+LARGE_EXAMPLE = 2048
+"""Elements per example from which a single call's moments skip the centring pass.
+
+Centring an activation (``out - mean``) writes a temporary as large as the
+activation: for a convolution's output that pass and the mean's cost more than
+the statistics' other reductions together (``[64, 26, 26, 16]``: ~420 µs
+against ~190 µs). Above this size the moments are raw sums unless
+`VARIANCE_GUARD` says they cancel; below it the centring is cheaper than the
+guard's ``If``.
+"""
+VARIANCE_GUARD = 1e-2
+"""Raw float32 sums are kept when the variance is at least this share of the mean square.
+
+``var = E[x²] - E[x]²`` from float32 sums loses about ``E[x²] / var`` times
+their rounding (~1e-6 relative): at this bound at most ~1e-4 of the variance.
+Below it (an activation whose mean is over ~10 standard deviations) a
+`rare_cond` centres the activation on its mean, as for small activations.
+"""
 # Element-wise, monotone activations whose |pre| >= 5 rule is a bound on the output.
 _ELEMENTWISE_PRE_RULE = {"sigmoid": tf.math.sigmoid, "tanh": tf.math.tanh}
 
@@ -110,6 +128,8 @@ class Probe:
         self.fired = None  # float32 [slots, units]: largest output per unit
         self.means = None  # float32 [slots, 4] for bounded RNN cells: see MEAN_COLUMNS
         self.units = 1  # of the last traced call
+        # The activation's outputs are never negative (plain ReLU): set by the wrapper.
+        self.nonnegative = False
         self._bounds = None
 
     def ensure_variables_for(self, out) -> int:
@@ -178,10 +198,13 @@ class Probe:
         are summed directly, unbounded ones are centred on their mean first
         and the raw sums formed in float64, so the standard deviation survives
         a large mean. ``centered=True`` (a single call per step) keeps them
-        centred on the mean instead: fewer ops, not additive. ``fired`` (ReLU
-        family only, else None) is each unit's largest output in this call
-        (of the pre-activation for PReLU), > 0 where the unit fired. Few ops
-        on purpose: inside an RNN loop this runs at every timestep.
+        centred on the mean instead: fewer ops, not additive; from
+        `LARGE_EXAMPLE` elements per example it holds raw sums instead, unless
+        they would cancel (`_raw_moments`). ``fired`` (ReLU family only, else
+        None) is each unit's largest output in this call (of the
+        pre-activation for PReLU; its sum for a large non-negative one), > 0
+        where the unit fired. Few ops on purpose: inside an RNN loop this runs
+        at every timestep.
         """
         out = tf.cast(out, tf.float32)
         units = self.units = units_of(out)  # variables: by whoever writes the row
@@ -189,11 +212,14 @@ class Probe:
         if self.kind == "saturating":
             saturated = tf.reduce_sum(self._saturated(pre, out))
         bounded = self._bounded()
+        fired = None
         if bounded or centered:
             size = out.shape.num_elements()  # None with a dynamic batch size
             count = float(size) if size is not None else tf.cast(tf.size(out), tf.float32)
             if bounded:
                 first, second, center = tf.reduce_sum(out), tf.nn.l2_loss(out), 0.0
+            elif _large(out):
+                (first, second, center), fired = self._raw_moments(out, count, units)
             else:
                 center = tf.reduce_mean(out)
                 first, second = 0.0, tf.nn.l2_loss(out - center)
@@ -208,8 +234,7 @@ class Probe:
             total_sq = centred + 0.5 * total * mean64
             zero = tf.constant(0.0, tf.float64)
             row = tf.stack([zero, count, tf.cast(saturated, tf.float64), total, total_sq, zero])
-        fired = None
-        if self.kind == "relu":
+        if self.kind == "relu" and fired is None:
             # In the ReLU family the output is > 0 exactly where the input is,
             # so the output serves and the pre-activation stays free for the
             # kernel fusions (MatMul + BiasAdd + Relu). PReLU's learned slope
@@ -220,6 +245,37 @@ class Probe:
                 source = tf.reshape(source, [-1, units])
             fired = tf.reduce_max(source, axis=0)
         return row, fired
+
+    def _raw_moments(self, out, count, units: int) -> tuple[tuple, Optional[tf.Tensor]]:
+        """``(first, second, center)`` of a large single call without a centring pass.
+
+        Two reads of ``out`` and no temporary: its sum and one fused
+        ``L2Loss``. For a non-negative activation (`nonnegative`) the sum is
+        taken per unit, and those sums double as ``fired`` (a sum of
+        non-negative values is > 0 exactly where one of them is), which
+        saves the per-unit maximum's pass; otherwise ``fired`` is None. Only
+        where the raw sums would cancel (`VARIANCE_GUARD`) does a
+        `rare_cond` centre the activation on its mean.
+        """
+        fired = None
+        if self.nonnegative and self.kind == "relu":
+            flat = out if out.shape.rank == 2 and out.shape[-1] == units \
+                else tf.reshape(out, [-1, units])
+            fired = tf.reduce_sum(flat, axis=0)
+            total = tf.reduce_sum(fired)
+        else:
+            total = tf.reduce_sum(out)
+        half = tf.nn.l2_loss(out)
+        mean = total / count
+        cancels = mean * mean > (1.0 - VARIANCE_GUARD) * (2.0 * half / count)
+
+        def centred():
+            return tf.stack([0.0, tf.nn.l2_loss(out - mean), mean])
+
+        def raw():
+            return tf.stack([total, half, 0.0])
+
+        return tuple(tf.unstack(rare_cond(cancels, centred, raw))), fired
 
     def _saturated(self, pre, out) -> tf.Tensor:
         """1.0 where an element of ``out`` (float32) is saturated, else 0.0."""
@@ -327,6 +383,12 @@ class Probe:
         table = np.stack([columns[name] for name in names], axis=1).tolist()
         return [(int(step), dict(zip(names, values)))
                 for step, values in zip(rows[:, STEP].tolist(), table)]
+
+
+def _large(out) -> bool:
+    """Whether ``out`` has at least `LARGE_EXAMPLE` elements per example (static shape)."""
+    per_example = out.shape[1:].num_elements() if out.shape.rank else None
+    return per_example is not None and per_example >= LARGE_EXAMPLE
 
 
 def units_of(out) -> int:

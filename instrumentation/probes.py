@@ -134,6 +134,7 @@ class ActivationProbes:
         probe = self._probe(name, original, is_output, known, cell)
         if probe is None:
             return
+        probe.nonnegative = _never_negative(original)
         probes = self
 
         def activation(x, *args, **kwargs):
@@ -373,6 +374,18 @@ class _Named:
 
     def __call__(self, x):
         return x
+
+
+def _never_negative(fn) -> bool:
+    """Whether ``fn`` is a known activation whose outputs are never negative.
+
+    Only the functions themselves (what ``activation="relu"`` resolves to): a
+    ``ReLU`` layer or a custom callable named "relu" may have a negative slope.
+    """
+    import keras  # the probes only run under Keras
+
+    return any(fn is known for known in (keras.activations.relu, keras.activations.relu6,
+                                         tf.nn.relu, tf.nn.relu6))
 
 
 def _layers(model) -> list:

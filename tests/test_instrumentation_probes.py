@@ -283,6 +283,81 @@ def test_layer_called_twice_in_a_step_is_summed_over_both_calls(jit, tmp_path):
     assert both.mean() > 1e3 and expected["shared"][2] == 0.25
 
 
+def _conv_valid(x, kernel, bias):
+    """``Conv2D`` (channels last, valid padding, stride 1) in float64 numpy."""
+    kh, kw = kernel.shape[:2]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))
+    return np.einsum("nijkab,abkc->nijc", windows, kernel) + bias
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_large_convolution_activations_match_numpy(jit, tmp_path):
+    # Activations of >= LARGE_EXAMPLE elements per example keep raw sums (no
+    # centring pass) unless they would cancel: a ReLU conv (dead channels from
+    # -50 biases, fired from its per-channel sums), a conv whose outputs sit at
+    # ~1e4 with a std of ~2 (the guard centres it), a leaky ReLU conv (may be
+    # negative: fired from the per-channel maximum). All against numpy.
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((16, 12, 12, 4)).astype("float32")
+    y = rng.standard_normal((16, 1)).astype("float32")
+    inputs = keras.Input((12, 12, 4))
+    h = keras.layers.Conv2D(32, 3, activation="relu", name="conv_relu")(inputs)
+    offset = keras.layers.Conv2D(32, 1, activation="relu", name="conv_offset")(h)
+    leaky = keras.layers.Conv2D(32, 1, activation="leaky_relu", name="conv_leaky")(h)
+    flat = keras.layers.Concatenate()([keras.layers.Flatten()(offset * 1e-4),
+                                       keras.layers.Flatten()(leaky)])
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(flat))
+    k1 = (rng.standard_normal((3, 3, 4, 32)) * 0.3).astype("float32")
+    b1 = np.where(np.arange(32) % 4 == 0, -50.0, 0.1).astype("float32")
+    k2 = (rng.standard_normal((1, 1, 32, 32)) * 0.5).astype("float32")
+    b2 = np.full(32, 1e4, "float32")
+    k3 = rng.standard_normal((1, 1, 32, 32)).astype("float32")
+    b3 = np.where(np.arange(32) < 3, -50.0, 0.0).astype("float32")
+    weights = [k1, b1, k2, b2, k3, b3,
+               (rng.standard_normal((2 * 10 * 10 * 32, 1)) * 0.01).astype("float32"),
+               np.zeros(1, "float32")]
+    run = _fit_frozen(model, weights, x, y, jit, tmp_path, epochs=1)
+    w = [v.astype(np.float64) for v in weights]
+    pre1 = _conv_valid(x.astype(np.float64), w[0], w[1])
+    a1 = np.maximum(pre1, 0)
+    pre2 = _conv_valid(a1, w[2], w[3])
+    pre3 = _conv_valid(a1, w[4], w[5])
+    a3 = np.where(pre3 > 0, pre3, 0.2 * pre3)  # keras' leaky_relu slope
+    expected = {"conv_relu": (a1, pre1), "conv_offset": (np.maximum(pre2, 0), pre2),
+                "conv_leaky": (a3, pre3)}
+    mean, std, dead = (run.layers[q] for q in ("act_mean", "act_std", "dead_fraction"))
+    assert set(mean.names) == set(expected) == set(dead.names)
+    for name, (out, pre) in expected.items():
+        j = mean.names.index(name)
+        np.testing.assert_allclose(mean.values[0, j], out.mean(), rtol=1e-5)
+        np.testing.assert_allclose(std.values[0, j], out.std(), rtol=1e-3)
+        assert dead.values[0, dead.names.index(name)] == pytest.approx(
+            np.mean(~(pre > 0).any(axis=(0, 1, 2))))
+    assert dead.values[0, dead.names.index("conv_relu")] == pytest.approx(0.25)
+    assert dead.values[0, dead.names.index("conv_leaky")] == pytest.approx(3 / 32)
+    assert expected["conv_offset"][0].mean() > 1e3 > 1 < expected["conv_offset"][0].std()
+
+
+@pytest.mark.parametrize("offset,centred", [(0.0, False), (1e4, True)],
+                         ids=["raw-sums", "cancelling-centred"])
+def test_large_single_call_keeps_raw_sums_unless_they_cancel(offset, centred):
+    from instrumentation.probe_state import LARGE_EXAMPLE, Probe
+
+    probe = Probe("conv", "relu", None, False, "relu")
+    probe.nonnegative = True
+    values = np.random.default_rng(3).random((8, 16, 16, 16)).astype("float32") + offset
+    assert values[0].size >= LARGE_EXAMPLE
+    row, fired = tf.function(lambda v: probe.contribution(None, v, centered=True))(values)
+    row = row.numpy()
+    count, first, half, center = row[1], row[3], row[4], row[5]
+    shift = first / count  # as `Probe.values_of` reads a row
+    exact = values.astype(np.float64)
+    np.testing.assert_allclose(center + shift, exact.mean(), rtol=1e-6)
+    np.testing.assert_allclose(2 * half / count - shift ** 2, exact.var(), rtol=1e-3)
+    assert (center != 0) == centred
+    np.testing.assert_allclose(fired.numpy(), exact.sum(axis=(0, 1, 2)), rtol=1e-4)
+
+
 def test_probes_run_every_n_steps_only_and_leave_eval_untouched(tmp_path):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((160, 3)).astype("float32")
