@@ -2,6 +2,7 @@
 
     python benchmarks/overhead_steps.py [--models mlp cnn lstm] [--blocks 12] [--processes 3]
                                         [--steps 100] [--batch 64] [--quick] [--markdown]
+                                        [--switch MODULE.NAME=VALUE]
 
 `overhead.py` times whole ``model.fit`` runs, one configuration after another;
 on a shared machine the load changes between two fits by more than the 2 %
@@ -30,11 +31,24 @@ ratio reported is the median over the processes' medians, and the range of
 the per-process medians is printed beside it.
 TensorFlow's debugger dump is global (it instruments every function traced
 while it is on), so it cannot be interleaved: `overhead.py` measures it.
+
+``--switch MODULE.NAME=VALUE`` adds, beside every stability configuration,
+the same configuration with the module constant ``MODULE.NAME`` set to the
+Python literal ``VALUE`` while its train functions are traced (set around
+that model's first `SWITCH_STEPS` steps only). That
+compares two behaviours of *one* package in one process, e.g. a change that
+a constant can turn off (``instrumentation.probe_state.LARGE_EXAMPLE=1000000000``
+restores the centred moments for every layer). `versus.py` compares two
+revisions instead, but imports the old one under another name, and two
+imports of the same code measured up to ~2 points apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
+import importlib
 import os
 import shutil
 import sys
@@ -52,6 +66,47 @@ from benchmarks.overhead import (  # noqa: E402
 
 CONFIGS = ("baseline", "baseline again", "stability defaults", "stability no probes",
            "stability every=1", "tensorboard hist+batch")
+SWITCH_STEPS = 3
+"""Steps of a switched configuration run with its constant set: the defaults trace
+their log-step function at step 0 and their other function at step 1."""
+
+
+def parse_switch(text: str) -> tuple[str, str, object]:
+    """``"package.module.NAME=VALUE"`` as ``(module, name, value)`` (VALUE: a Python literal).
+
+    Raises:
+      ValueError: Not of that form, or the value is not a literal.
+    """
+    target, sep, literal = text.partition("=")
+    module, dot, name = target.strip().rpartition(".")
+    if not sep or not dot or not module or not name.isidentifier():
+        raise ValueError(f"--switch wants MODULE.NAME=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(literal.strip())
+    except (ValueError, SyntaxError) as error:
+        raise ValueError(f"--switch value is not a Python literal: {literal!r}") from error
+    return module, name, value
+
+
+def switched_configs(configs, switch: str | None) -> list[str]:
+    """``configs`` plus, with a switch, ``"<config> [<switch>]"`` per stability config."""
+    configs = list(configs)
+    if switch:
+        configs += [f"{c} [{switch}]" for c in configs if c.startswith("stability")]
+    return configs
+
+
+@contextlib.contextmanager
+def _constant(module: str, name: str, value):
+    target = importlib.import_module(module)
+    if not hasattr(target, name):
+        raise AttributeError(f"{module} has no attribute {name!r}")
+    before = getattr(target, name)
+    setattr(target, name, value)
+    try:
+        yield
+    finally:
+        setattr(target, name, before)
 
 
 def _callbacks(config: str, run_dir: str) -> list:
@@ -73,10 +128,15 @@ def _callbacks(config: str, run_dir: str) -> list:
 class _Loop:
     """One configuration's model, callbacks and data iterator, stepped by hand like fit."""
 
-    def __init__(self, model_name: str, config: str, x, y, batch: int, workdir: str):
+    def __init__(self, model_name: str, config: str, x, y, batch: int, workdir: str,
+                 switch: str | None = None):
         import keras
         import tensorflow as tf
 
+        self.switch = None
+        if switch and config.endswith(f" [{switch}]"):
+            config = config[:-len(f" [{switch}]")]
+            self.switch = parse_switch(switch)
         self.model = _build_model(model_name, seed=0)
         run_dir = tempfile.mkdtemp(dir=workdir)
         self.callbacks = keras.callbacks.CallbackList(
@@ -91,6 +151,12 @@ class _Loop:
         self.logs = None
 
     def run_step(self) -> float:
+        if self.switch is not None and self.step < SWITCH_STEPS:
+            with _constant(*self.switch):  # set while this model's functions trace
+                return self._timed_step()
+        return self._timed_step()
+
+    def _timed_step(self) -> float:
         start = time.perf_counter()
         self.callbacks.on_train_batch_begin(self.step)
         self.logs = self.model.train_function(self.iterator)
@@ -123,10 +189,11 @@ def worker(args) -> None:
         # A throwaway first model: whatever the first model of a process pays
         # once (kernel and allocator warm-up) is not charged to the baseline.
         _Loop(args.worker, "baseline", x, y, args.batch, workdir).run_step()
-        configs = list(args.configs)
+        configs = switched_configs(args.configs, args.switch)
         shift = args.rotate % len(configs)
         configs = configs[shift:] + configs[:shift]  # build order differs per process
-        loops = {c: _Loop(args.worker, c, x, y, args.batch, workdir) for c in configs}
+        loops = {c: _Loop(args.worker, c, x, y, args.batch, workdir, args.switch)
+                 for c in configs}
         blocks = {c: [] for c in configs}
         orders = round_orders(configs, seed=args.rotate)
         for block in range(args.blocks + 1):
@@ -179,6 +246,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes for the smoke test (2 blocks of 3 steps)")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--switch", metavar="MODULE.NAME=VALUE",
+                        help="also run every stability configuration with this module "
+                             "constant set while it traces")
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--rotate", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -186,6 +256,11 @@ def parse_args(argv=None):
         args.blocks, args.steps, args.batch, args.processes = 2, 3, 8, 1
     if "baseline" not in args.configs:
         args.configs.insert(0, "baseline")
+    if args.switch:
+        try:
+            parse_switch(args.switch)
+        except ValueError as error:
+            parser.error(str(error))
     return args
 
 
@@ -203,6 +278,7 @@ def main(argv=None) -> int:
         runs = [run_worker([os.path.abspath(__file__), "--worker", model,
                             "--blocks", str(args.blocks), "--steps", str(args.steps),
                             "--batch", str(args.batch), "--rotate", str(process),
+                            *(["--switch", args.switch] if args.switch else []),
                             "--configs", *args.configs])
                 for process in range(args.processes)]
         print(f"  {model}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

@@ -74,3 +74,33 @@ def test_serving_prints_route_and_cli_tables(tmp_path):
     assert "tb-stability --help" in out
     report = next(l for l in out.splitlines() if l.startswith("tb-stability report"))
     assert " no " in report and "2 runs" in report, report
+
+
+def test_overhead_steps_switch_sets_a_constant_only_while_its_own_model_traces(tmp_path):
+    # The switched CNN traces with LARGE_EXAMPLE raised, so its convolutions
+    # write rows centred on their mean (a non-zero centre column); the other
+    # model, traced in between, keeps raw sums (centre 0).
+    pytest.importorskip("tensorflow")
+    sys.path.insert(0, REPO)
+    from benchmarks import overhead_steps
+    from benchmarks.overhead import _data
+    from instrumentation import probe_state
+    from instrumentation.probe_state import CENTER
+
+    switch = "instrumentation.probe_state.LARGE_EXAMPLE=1000000000"
+    configs = overhead_steps.switched_configs(["baseline", "stability every=1"], switch)
+    assert configs == ["baseline", "stability every=1", f"stability every=1 [{switch}]"]
+    x, y = _data("cnn", 16)
+    loops = [overhead_steps._Loop("cnn", c, x, y, 8, str(tmp_path), switch) for c in configs[1:]]
+    centres = []
+    for loop in reversed(loops):  # the switched model traces first
+        loop.run_step()
+        table = next(iter(loop.callbacks.callbacks[0]._extras.probes._tables.values()))
+        conv = next(i for i, p in enumerate(table.probes) if p.name.startswith("conv2d"))
+        centres.append(float(table.rows.numpy()[0, conv, CENTER]))
+        loop.close()
+    assert probe_state.LARGE_EXAMPLE == 2048
+    switched, plain = centres
+    assert switched > 0 and plain == 0
+    with pytest.raises(ValueError, match="MODULE.NAME=VALUE"):
+        overhead_steps.parse_switch("LARGE_EXAMPLE")
