@@ -35,12 +35,12 @@ while it is on), so it cannot be interleaved: `overhead.py` measures it.
 ``--switch MODULE.NAME=VALUE`` adds, beside every stability configuration,
 the same configuration with the module constant ``MODULE.NAME`` set to the
 Python literal ``VALUE`` while its train functions are traced (set around
-that model's first `SWITCH_STEPS` steps only). That
-compares two behaviours of *one* package in one process, e.g. a change that
-a constant can turn off (``instrumentation.probe_state.LARGE_EXAMPLE=1000000000``
-restores the centred moments for every layer). `versus.py` compares two
-revisions instead, but imports the old one under another name, and two
-imports of the same code measured up to ~2 points apart.
+that model's first `SWITCH_STEPS` steps only). That compares two behaviours
+of *one* package in one process, e.g. a change that a constant can turn off
+(``instrumentation.probe_state.LARGE_EXAMPLE=1000000000`` restores the
+centred moments for every layer). `versus.py` compares two revisions
+instead, but imports the old one under another name, and two imports of the
+same code measured up to ~2 points apart.
 """
 
 from __future__ import annotations
