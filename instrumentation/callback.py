@@ -28,8 +28,8 @@ Failures of the instrumentation itself become one warning; training goes on.
 
 from __future__ import annotations
 
-import contextlib
 import atexit
+import contextlib
 import logging
 import warnings
 import weakref

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from instrumentation.probe_state import activation_name
+from instrumentation.activation_kinds import activation_name
 from instrumentation.probes import _output_layers
 
 _CLASSIFICATION = ("crossentropy", "hinge", "focal", "kl_divergence", "kld", "poisson")

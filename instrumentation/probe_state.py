@@ -1,11 +1,11 @@
 """One probed activation: its kind, its device-side slots and their statistics.
 
-`classify` decides what a layer's activation is (ReLU family, saturating with
-which limits, linear, other); `Probe` holds one layer's float64
-``[slots, 6]`` statistics (`COLUMNS`: step, count, saturated, first two
-moments about a center) and float32 ``[slots, units]`` largest output
-per unit (a unit fired when it is > 0), computes one call's contribution in
-graph (`Probe.contribution`), writes or adds it into a slot,
+`instrumentation.activation_kinds.classify` decides what a layer's activation
+is (ReLU family, saturating with which limits, linear, other); `Probe` holds
+one layer's float64 ``[slots, 6]`` statistics (`COLUMNS`: step, count,
+saturated, first two moments about a center) and float32 ``[slots, units]``
+largest output per unit (a unit fired when it is > 0), computes one call's
+contribution in graph (`Probe.contribution`), writes or adds it into a slot,
 and turns the slots back into per-step quantities on the host
 (`Probe.values`). `instrumentation.probes` wraps the layers and decides when
 these run.
@@ -13,7 +13,7 @@ these run.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -21,10 +21,6 @@ import tensorflow as tf
 from instrumentation import readback
 from instrumentation.graph_ops import rare_cond, ring_slot
 
-RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "elu", "selu", "gelu", "silu",
-                         "swish", "celu", "hard_silu", "hard_swish", "mish", "prelu"})
-SATURATING = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softmax": (0.0, 1.0),
-              "hard_sigmoid": (0.0, 1.0), "softsign": (-1.0, 1.0), "hard_tanh": (-1.0, 1.0)}
 PRE_THRESHOLD = 5.0  # |x| >= 5: derivative of sigmoid/tanh ~ 0 (DeepDiagnosis)
 LIMIT_TOLERANCE = 1e-3
 LARGE_EXAMPLE = 2048
@@ -47,47 +43,6 @@ Below it (an activation whose mean is over ~10 standard deviations) a
 """
 # Element-wise, monotone activations whose |pre| >= 5 rule is a bound on the output.
 _ELEMENTWISE_PRE_RULE = {"sigmoid": tf.math.sigmoid, "tanh": tf.math.tanh}
-
-
-def activation_name(fn: Any) -> str:
-    """Canonical lower-case name of an activation callable ("" when none)."""
-    if fn is None:
-        return ""
-    name = getattr(fn, "__name__", None) or type(fn).__name__
-    return str(name).lower()
-
-
-def classify(fn: Callable) -> tuple[str, Optional[tuple[float, float]]]:
-    """Kind of an activation: ``("relu"|"saturating"|"linear"|"other", limits)``.
-
-    Known names are looked up; custom callables are evaluated once, eagerly,
-    on a grid: ``max(x, 0)``-like functions are ReLU family, functions flat at
-    both ends are saturating with those limits.
-    """
-    name = activation_name(fn)
-    if name in ("linear", "identity", ""):
-        return "linear", None
-    if name in RELU_FAMILY:
-        return "relu", None
-    if name in SATURATING:
-        return "saturating", SATURATING[name]
-    try:
-        with tf.init_scope():
-            grid = np.concatenate([[-1e5, -9e4], np.linspace(-50, 50, 201), [9e4, 1e5]])
-            ys = np.asarray(fn(tf.constant(grid, tf.float32)), np.float64)
-    except Exception:  # noqa: BLE001 - an exotic callable: mean/std only
-        return "other", None
-    if ys.shape != grid.shape or not np.isfinite(ys[2:-2]).all():
-        return "other", None
-    if np.allclose(ys, np.maximum(grid, 0.0), rtol=1e-4, atol=1e-4):
-        return "relu", None
-    if np.allclose(ys, grid, rtol=1e-4, atol=1e-4):
-        return "linear", None
-    lo, hi = ys[0], ys[-1]
-    if np.isfinite([lo, hi]).all() and abs(ys[1] - lo) < 1e-6 and abs(ys[-2] - hi) < 1e-6 \
-            and hi - lo > 0 and (ys >= lo - 1e-6).all() and (ys <= hi + 1e-6).all():
-        return "saturating", (float(lo), float(hi))
-    return "other", None
 
 
 COLUMNS = ("step", "count", "saturated", "sum", "half_sum_sq", "center")
@@ -241,9 +196,7 @@ class Probe:
             # may be negative: its input is used.
             use_pre = pre is not None and self.activation == "prelu"
             source = tf.cast(pre if use_pre else out, tf.float32)
-            if source.shape.rank != 2 or source.shape[-1] != units:
-                source = tf.reshape(source, [-1, units])
-            fired = tf.reduce_max(source, axis=0)
+            fired = tf.reduce_max(_by_unit(source, units), axis=0)
         return row, fired
 
     def _raw_moments(self, out, count, units: int) -> tuple[tuple, Optional[tf.Tensor]]:
@@ -259,9 +212,7 @@ class Probe:
         """
         fired = None
         if self.nonnegative and self.kind == "relu":
-            flat = out if out.shape.rank == 2 and out.shape[-1] == units \
-                else tf.reshape(out, [-1, units])
-            fired = tf.reduce_sum(flat, axis=0)
+            fired = tf.reduce_sum(_by_unit(out, units), axis=0)
             total = tf.reduce_sum(fired)
         else:
             total = tf.reduce_sum(out)
@@ -389,6 +340,13 @@ def _large(out) -> bool:
     """Whether ``out`` has at least `LARGE_EXAMPLE` elements per example (static shape)."""
     per_example = out.shape[1:].num_elements() if out.shape.rank else None
     return per_example is not None and per_example >= LARGE_EXAMPLE
+
+
+def _by_unit(tensor, units: int) -> tf.Tensor:
+    """``tensor`` as ``[-1, units]`` (itself when it already is)."""
+    if tensor.shape.rank == 2 and tensor.shape[-1] == units:
+        return tensor
+    return tf.reshape(tensor, [-1, units])
 
 
 def units_of(out) -> int:

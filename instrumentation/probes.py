@@ -46,7 +46,8 @@ import tensorflow as tf
 from instrumentation import host_jobs
 from instrumentation.graph_ops import rare_cond, ring_slot
 from instrumentation.instance_patches import InstancePatches
-from instrumentation.probe_state import COLUMNS, Probe, activation_name, classify
+from instrumentation.activation_kinds import activation_name, classify, never_negative
+from instrumentation.probe_state import COLUMNS, Probe
 from instrumentation.probe_table import ProbeTable
 
 logger = logging.getLogger("instrumentation")
@@ -134,7 +135,7 @@ class ActivationProbes:
         probe = self._probe(name, original, is_output, known, cell)
         if probe is None:
             return
-        probe.nonnegative = _never_negative(original)
+        probe.nonnegative = never_negative(original)
         probes = self
 
         def activation(x, *args, **kwargs):
@@ -374,18 +375,6 @@ class _Named:
 
     def __call__(self, x):
         return x
-
-
-def _never_negative(fn) -> bool:
-    """Whether ``fn`` is a known activation whose outputs are never negative.
-
-    Only the functions themselves (what ``activation="relu"`` resolves to): a
-    ``ReLU`` layer or a custom callable named "relu" may have a negative slope.
-    """
-    import keras  # the probes only run under Keras
-
-    return any(fn is known for known in (keras.activations.relu, keras.activations.relu6,
-                                         tf.nn.relu, tf.nn.relu6))
 
 
 def _layers(model) -> list:

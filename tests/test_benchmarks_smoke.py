@@ -81,7 +81,6 @@ def test_overhead_steps_switch_sets_a_constant_only_while_its_own_model_traces(t
     # write rows centred on their mean (a non-zero centre column); the other
     # model, traced in between, keeps raw sums (centre 0).
     pytest.importorskip("tensorflow")
-    sys.path.insert(0, REPO)
     from benchmarks import overhead_steps
     from benchmarks.overhead import _data
     from instrumentation import probe_state
