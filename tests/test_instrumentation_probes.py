@@ -283,6 +283,47 @@ def test_layer_called_twice_in_a_step_is_summed_over_both_calls(jit, tmp_path):
     assert both.mean() > 1e3 and expected["shared"][2] == 0.25
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_small_relu_layer_counts_a_unit_that_fires_once_and_barely(jit, tmp_path):
+    # A small plain-ReLU layer's per-unit sums serve as "fired" and give its
+    # mean: a unit whose only positive output is ~1e-4, on one example of 32,
+    # is alive; one with a -50 bias is dead; a leaky ReLU beside it (may be
+    # negative) takes "fired" from its per-unit maximum. All against numpy.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((32, 3)).astype("float32")
+    w = rng.standard_normal((3, 8)).astype("float32")
+    b = np.zeros(8, "float32")
+    w[:, 2] = [1.0, 0.0, 0.0]
+    b[2] = np.float32(1e-4) - x[:, 0].max()  # positive on one example only
+    b[3] = -50.0
+    leaky_w = rng.standard_normal((8, 4)).astype("float32")
+    leaky_b = np.array([-50, 0, 0, 0], "float32")
+    model = keras.Sequential([
+        keras.Input((3,)),
+        keras.layers.Dense(8, activation="relu", name="small_relu"),
+        keras.layers.Dense(4, activation=keras.activations.leaky_relu, name="small_leaky"),
+        keras.layers.Dense(1, name="out")])
+    weights = [w, b, leaky_w, leaky_b, np.ones((4, 1), "float32"), np.zeros(1, "float32")]
+    run = _fit_frozen(model, weights, x, np.zeros((32, 1), "float32"), jit, tmp_path, epochs=1)
+    pre = x.astype(np.float64) @ w + b
+    relu = np.maximum(pre, 0)
+    assert (pre[:, 2] > 0).sum() == 1 and 0 < relu[:, 2].max() < 1e-3
+    leaky_pre = relu @ leaky_w + leaky_b
+    leaky = np.where(leaky_pre > 0, leaky_pre, 0.2 * leaky_pre)
+    expected = {"small_relu": (relu, np.mean(~(pre > 0).any(axis=0))),
+                "small_leaky": (leaky, np.mean(~(leaky_pre > 0).any(axis=0)))}
+    mean, std, dead = (run.layers[q] for q in ("act_mean", "act_std", "dead_fraction"))
+    assert set(mean.names) == set(expected) == set(dead.names)
+    for name, (out, dead_fraction) in expected.items():
+        np.testing.assert_allclose(mean.values[0, mean.names.index(name)], out.mean(),
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(std.values[0, std.names.index(name)], out.std(),
+                                   rtol=1e-3, atol=1e-6)
+        assert dead.values[0, dead.names.index(name)] == pytest.approx(dead_fraction)
+    assert dead.values[0, dead.names.index("small_relu")] == pytest.approx(1 / 8)
+    assert dead.values[0, dead.names.index("small_leaky")] == pytest.approx(1 / 4)
+
+
 def _conv_valid(x, kernel, bias):
     """``Conv2D`` (channels last, valid padding, stride 1) in float64 numpy."""
     kh, kw = kernel.shape[:2]
