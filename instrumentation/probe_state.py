@@ -41,6 +41,13 @@ their rounding (~1e-6 relative): at this bound at most ~1e-4 of the variance.
 Below it (an activation whose mean is over ~10 standard deviations) a
 `rare_cond` centres the activation on its mean, as for small activations.
 """
+UNIT_SUM_MEAN = True
+"""Whether a small single call's mean comes from per-unit sums (`Probe._centre`).
+
+False restores one ``reduce_mean`` of the whole activation (and the per-unit
+maximum as ``fired``): ``benchmarks/overhead_steps.py --switch
+instrumentation.probe_state.UNIT_SUM_MEAN=False`` measures the difference.
+"""
 # Element-wise, monotone activations whose |pre| >= 5 rule is a bound on the output.
 _ELEMENTWISE_PRE_RULE = {"sigmoid": tf.math.sigmoid, "tanh": tf.math.tanh}
 
@@ -211,6 +218,8 @@ class Probe:
         1.122 -> 1.100). For a non-negative ReLU the per-unit sums double as
         ``fired``, as in `_raw_moments`; otherwise ``fired`` is None.
         """
+        if not UNIT_SUM_MEAN:
+            return tf.reduce_mean(out), None
         by_unit = tf.reduce_sum(_by_unit(out, units), axis=0)
         fired = by_unit if self.nonnegative and self.kind == "relu" else None
         return tf.reduce_sum(by_unit) / count, fired
