@@ -220,9 +220,22 @@ class Probe:
         """
         if not UNIT_SUM_MEAN:
             return tf.reduce_mean(out), None
+        total, by_unit = self._unit_sums(out, units)
+        return total / count, by_unit if self._sums_fire else None
+
+    @property
+    def _sums_fire(self) -> bool:
+        """Whether per-unit sums serve as ``fired`` (a plain ReLU).
+
+        A sum of non-negative values is > 0 exactly where one of them is.
+        """
+        return self.nonnegative and self.kind == "relu"
+
+    @staticmethod
+    def _unit_sums(out, units: int) -> tuple[tf.Tensor, tf.Tensor]:
+        """``(sum of out, per-unit sums)``: an axis-0 reduction, then the units."""
         by_unit = tf.reduce_sum(_by_unit(out, units), axis=0)
-        fired = by_unit if self.nonnegative and self.kind == "relu" else None
-        return tf.reduce_sum(by_unit) / count, fired
+        return tf.reduce_sum(by_unit), by_unit
 
     def _raw_moments(self, out, count, units: int) -> tuple[tuple, Optional[tf.Tensor]]:
         """``(first, second, center)`` of a large single call without a centring pass.
@@ -235,12 +248,10 @@ class Probe:
         where the raw sums would cancel (`VARIANCE_GUARD`) does a
         `rare_cond` centre the activation on its mean.
         """
-        fired = None
-        if self.nonnegative and self.kind == "relu":
-            fired = tf.reduce_sum(_by_unit(out, units), axis=0)
-            total = tf.reduce_sum(fired)
+        if self._sums_fire:
+            total, fired = self._unit_sums(out, units)
         else:
-            total = tf.reduce_sum(out)
+            total, fired = tf.reduce_sum(out), None
         half = tf.nn.l2_loss(out)
         mean = total / count
         cancels = mean * mean > (1.0 - VARIANCE_GUARD) * (2.0 * half / count)
