@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from instrumentation.activation_kinds import activation_name
-from instrumentation.probes import _output_layers
+from instrumentation.model_layers import output_layers
 
 _CLASSIFICATION = ("crossentropy", "hinge", "focal", "kl_divergence", "kld", "poisson")
 
@@ -68,7 +68,7 @@ def output_info(model) -> dict:
         symbolic = False
     if not symbolic:
         return info
-    layers = sorted(_output_layers(model), key=lambda layer: layer.name)
+    layers = sorted(output_layers(model), key=lambda layer: layer.name)
     if not layers:
         return info
     layer = layers[0]

@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation.graph_values import dense_values
-from instrumentation.probes import _layers
+from instrumentation.model_layers import all_layers
 
 logger = logging.getLogger("instrumentation")
 
@@ -81,7 +81,7 @@ def find_origin(model, x, y, sample_weight=None) -> dict:
         return result
     calls: list = []
     saved = []
-    for layer in _layers(model):
+    for layer in all_layers(model):
         original = layer.call
 
         def call(*args, __layer=layer, __original=original, **kwargs):

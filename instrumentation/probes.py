@@ -44,9 +44,10 @@ from typing import Any, Callable, Optional
 import tensorflow as tf
 
 from instrumentation import host_jobs
+from instrumentation.activation_kinds import activation_name, classify, never_negative
 from instrumentation.graph_ops import rare_cond, ring_slot
 from instrumentation.instance_patches import InstancePatches
-from instrumentation.activation_kinds import activation_name, classify, never_negative
+from instrumentation.model_layers import all_layers, output_layers
 from instrumentation.probe_state import COLUMNS, Probe
 from instrumentation.probe_table import ProbeTable
 
@@ -91,11 +92,11 @@ class ActivationProbes:
         """Wraps the activations of every probe-able layer (instances only)."""
         if self._patches:
             return
-        outputs = _output_layers(self.model)
+        outputs = output_layers(self.model)
         gpu = bool(tf.config.list_physical_devices("GPU"))
         known = {p.name: p for p in self.probes}
         cells = set()
-        for layer in _layers(self.model):
+        for layer in all_layers(self.model):
             name = layer.name
             if id(layer) in cells:  # an RNN's cell: probed under the RNN's name
                 continue
@@ -376,26 +377,3 @@ class _Named:
     def __call__(self, x):
         return x
 
-
-def _layers(model) -> list:
-    flatten = getattr(model, "_flatten_layers", None)
-    if flatten is not None:
-        return [layer for layer in flatten(include_self=False, recursive=True)]
-    return list(getattr(model, "layers", []))
-
-
-def _output_layers(model) -> set:
-    """Layers producing the model's outputs (last layer for subclassed models)."""
-    found = set()
-    try:
-        for tensor in tf.nest.flatten(model.outputs):
-            history = getattr(tensor, "_keras_history", None)
-            if history is not None:
-                found.add(history[0] if not hasattr(history, "operation") else history.operation)
-    except Exception:  # noqa: BLE001 - subclassed models have no outputs
-        pass
-    if not found:
-        layers = [layer for layer in _layers(model) if not getattr(layer, "_layers", None)]
-        if layers:
-            found.add(layers[-1])
-    return found
