@@ -242,6 +242,80 @@ def test_a_sigmoid_rnn_cell_bounds_off_zero_match_numpy_at_every_timestep(jit, t
         np.mean(np.abs(pres) >= 5), abs=1e-6)
 
 
+def _lstm_reference(weights, x, activation):
+    """Every call of an LSTM cell's activation, two per timestep: ``(pres, outs, hs)``.
+
+    Keras' cell: ``z = x k + h u + b`` split into gates i, f, c, o;
+    ``c = f * c + i * act(z_c)``, ``h = o * act(c)``. ``hs`` is the output
+    sequence ``[batch, time, units]``.
+    """
+    k, u, b = [w.astype(np.float64) for w in weights]
+    units = u.shape[0]
+    h, c = np.zeros((len(x), units)), np.zeros((len(x), units))
+    pres, outs, hs = [], [], []
+    for t in range(x.shape[1]):
+        z = x[:, t] @ k + h @ u + b
+        zi, zf, zc, zo = np.split(z, 4, axis=1)
+        candidate = activation(zc)
+        c = _sigmoid(zf) * c + _sigmoid(zi) * candidate
+        squashed = activation(c)
+        h = _sigmoid(zo) * squashed
+        pres += [zc, c]
+        outs += [candidate, squashed]
+        hs.append(h)
+    return np.stack(pres), np.stack(outs), np.stack(hs, axis=1)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+def test_lstm_cells_two_activation_calls_per_timestep_match_numpy(jit, tmp_path):
+    # An LSTM cell calls its activation twice per timestep (the candidate and
+    # the cell state), each call adding its means into the step's slot: the
+    # statistics must be those over every call, for a tanh and a sigmoid cell.
+    rng = np.random.default_rng(6)
+    steps = 6
+    x = rng.standard_normal((16, steps, 3)).astype("float32")
+    y = rng.standard_normal((16, 1)).astype("float32")
+    inputs = keras.Input((steps, 3))
+    h = keras.layers.LSTM(4, activation="tanh", return_sequences=True, name="lstm_tanh")(inputs)
+    h = keras.layers.LSTM(3, activation="sigmoid", name="lstm_sigmoid")(h)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(h))
+    tanh_weights = [(rng.standard_normal((3, 16)) * 0.8).astype("float32"),
+                    (rng.standard_normal((4, 16)) * 0.5).astype("float32"),
+                    np.concatenate([np.zeros(8), [20, -20, 0, 0.5], np.zeros(4)]).astype("float32")]
+    sigmoid_weights = [(rng.standard_normal((4, 12)) * 0.8).astype("float32"),
+                       (rng.standard_normal((3, 12)) * 0.5).astype("float32"),
+                       np.concatenate([np.zeros(6), [-50, 0, 3], np.zeros(3)]).astype("float32")]
+    callback = StabilityCallback(str(tmp_path), every=1)
+    model.set_weights(tanh_weights + sigmoid_weights
+                      + [rng.standard_normal((3, 1)).astype("float32"), np.zeros(1, "float32")])
+    model.compile(keras.optimizers.SGD(0.0), "mse", jit_compile=jit)
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, callbacks=[callback])
+    run = load_run(str(tmp_path))
+
+    pres, outs, sequence = _lstm_reference(tanh_weights, x.astype(np.float64), np.tanh)
+    sig_pres, sig_outs, _ = _lstm_reference(sigmoid_weights, sequence, _sigmoid)
+    mean, std, sat = (run.layers[q] for q in ("act_mean", "act_std", "saturated_fraction"))
+    assert sorted(mean.names) == ["lstm_sigmoid", "lstm_tanh"]
+    expected = {
+        "lstm_tanh": (outs, (np.abs(pres) >= 5) | (np.abs(outs) >= 1 - 2e-3)),
+        "lstm_sigmoid": (sig_outs, (np.abs(sig_pres) >= 5) | (sig_outs <= 1e-3)
+                         | (sig_outs >= 1 - 1e-3)),
+    }
+    for name, (values, saturated) in expected.items():
+        np.testing.assert_allclose(mean.values[0, mean.names.index(name)], values.mean(),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(std.values[0, std.names.index(name)], values.std(),
+                                   rtol=1e-3)
+        assert sat.values[0, sat.names.index(name)] == pytest.approx(saturated.mean(), abs=1e-6)
+        assert 0.05 < saturated.mean() < 0.95  # the large gate biases
+    for probe in callback._extras.probes.probes:  # one row of means per call
+        assert probe.means.numpy()[:, 0].max() == 2 * steps, probe.name
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
 def test_layer_called_twice_in_a_step_is_summed_over_both_calls(jit, tmp_path):
     # A shared layer's two calls add up in one slot (additive rows); a layer
