@@ -15,7 +15,7 @@ def all_layers(model) -> list:
     """Every layer of ``model``, nested ones included (not the model itself)."""
     flatten = getattr(model, "_flatten_layers", None)
     if flatten is not None:
-        return [layer for layer in flatten(include_self=False, recursive=True)]
+        return list(flatten(include_self=False, recursive=True))
     return list(getattr(model, "layers", []))
 
 

@@ -18,6 +18,10 @@ def _squash(x):
     return tf.math.tanh(0.5 * x)
 
 
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 def _weights(rng):
     """Known weights: unit 0..2 of the ReLU layer dead (bias -50), sigmoid layer huge."""
     w1 = rng.standard_normal((3, 6)).astype("float32")
@@ -68,7 +72,7 @@ def _reference(weights, x):
     pre1 = x @ w1 + b1
     a1 = np.maximum(pre1, 0)
     pre2 = a1 @ w2 + b2
-    a2 = 1 / (1 + np.exp(-pre2))
+    a2 = _sigmoid(pre2)
     lin = a2 @ w3 + b3
     a3 = np.tanh(0.5 * lin)
     a4 = np.maximum(a3, 0)
@@ -231,7 +235,7 @@ def test_a_sigmoid_rnn_cell_bounds_off_zero_match_numpy_at_every_timestep(jit, t
     state, pres, outs = np.zeros((len(x), 4)), [], []
     for t in range(x.shape[1]):
         pre = x[:, t].astype(np.float64) @ k + state @ u + b
-        state = 1.0 / (1.0 + np.exp(-pre))
+        state = _sigmoid(pre)
         pres.append(pre)
         outs.append(state)
     pres, outs = np.stack(pres), np.stack(outs)
@@ -264,10 +268,6 @@ def _lstm_reference(weights, x, activation):
         outs += [candidate, squashed]
         hs.append(h)
     return np.stack(pres), np.stack(outs), np.stack(hs, axis=1)
-
-
-def _sigmoid(z):
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
