@@ -59,7 +59,12 @@ GOALS = {"stability defaults": 1.02, "stability every=1": 1.10}
 # ----------------------------------------------------------------- worker
 
 
-def _build_model(name: str, seed: int):
+def _build_model(name: str, seed: int, jit_compile="auto"):
+    """One of `MODELS`, compiled with Adam; ``jit_compile`` as in ``Model.compile``.
+
+    Keras' ``"auto"`` compiles the step with XLA where a GPU is present and not
+    on a CPU-only machine; ``True`` forces XLA (the path GPU users get by default).
+    """
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -85,7 +90,8 @@ def _build_model(name: str, seed: int):
     outputs = layers.Dense(10)(x)
     model = keras.Model(inputs, outputs)
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=jit_compile)
     return model
 
 

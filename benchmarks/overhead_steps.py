@@ -129,7 +129,7 @@ class _Loop:
     """One configuration's model, callbacks and data iterator, stepped by hand like fit."""
 
     def __init__(self, model_name: str, config: str, x, y, batch: int, workdir: str,
-                 switch: str | None = None):
+                 switch: str | None = None, jit_compile="auto"):
         import keras
         import tensorflow as tf
 
@@ -137,7 +137,7 @@ class _Loop:
         if switch and config.endswith(f" [{switch}]"):
             config = config[:-len(f" [{switch}]")]
             self.switch = parse_switch(switch)
-        self.model = _build_model(model_name, seed=0)
+        self.model = _build_model(model_name, seed=0, jit_compile=jit_compile)
         run_dir = tempfile.mkdtemp(dir=workdir)
         self.callbacks = keras.callbacks.CallbackList(
             _callbacks(config, run_dir), add_history=False, add_progbar=False,
@@ -188,11 +188,12 @@ def worker(args) -> None:
     try:
         # A throwaway first model: whatever the first model of a process pays
         # once (kernel and allocator warm-up) is not charged to the baseline.
-        _Loop(args.worker, "baseline", x, y, args.batch, workdir).run_step()
+        jit = True if args.jit_compile else "auto"
+        _Loop(args.worker, "baseline", x, y, args.batch, workdir, jit_compile=jit).run_step()
         configs = switched_configs(args.configs, args.switch)
         shift = args.rotate % len(configs)
         configs = configs[shift:] + configs[:shift]  # build order differs per process
-        loops = {c: _Loop(args.worker, c, x, y, args.batch, workdir, args.switch)
+        loops = {c: _Loop(args.worker, c, x, y, args.batch, workdir, args.switch, jit)
                  for c in configs}
         blocks = {c: [] for c in configs}
         orders = round_orders(configs, seed=args.rotate)
@@ -246,6 +247,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes for the smoke test (2 blocks of 3 steps)")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--jit-compile", action="store_true",
+                        help="compile every model's step with XLA (Keras turns it on by "
+                             "default where a GPU is present, not on a CPU)")
     parser.add_argument("--switch", metavar="MODULE.NAME=VALUE",
                         help="also run every stability configuration with this module "
                              "constant set while it traces")
@@ -271,7 +275,8 @@ def main(argv=None) -> int:
         return 0
     print(f"machine: {machine_description()}")
     print(f"sizes: blocks={args.blocks} (+1 excluded) steps/block={args.steps} "
-          f"batch={args.batch} processes={args.processes}", flush=True)
+          f"batch={args.batch} processes={args.processes}"
+          f"{' jit_compile=True (XLA)' if args.jit_compile else ''}", flush=True)
     rows, ratios = [], {}
     for model in args.models:
         start = time.perf_counter()
@@ -279,6 +284,7 @@ def main(argv=None) -> int:
                             "--blocks", str(args.blocks), "--steps", str(args.steps),
                             "--batch", str(args.batch), "--rotate", str(process),
                             *(["--switch", args.switch] if args.switch else []),
+                            *(["--jit-compile"] if args.jit_compile else []),
                             "--configs", *args.configs])
                 for process in range(args.processes)]
         print(f"  {model}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

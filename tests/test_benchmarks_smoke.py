@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,3 +104,30 @@ def test_overhead_steps_switch_sets_a_constant_only_while_its_own_model_traces(t
     assert switched > 0 and plain == 0
     with pytest.raises(ValueError, match="MODULE.NAME=VALUE"):
         overhead_steps.parse_switch("LARGE_EXAMPLE")
+
+
+def test_overhead_steps_jit_compile_measures_the_callback_under_xla(tmp_path):
+    # --jit-compile: every model's step is XLA-compiled (Keras' default where a
+    # GPU is present), and the callback still records every step's loss there.
+    pytest.importorskip("tensorflow")
+    from benchmarks import overhead_steps
+    from benchmarks.overhead import _data
+    from tb_stability.reader import load_logdir
+
+    assert overhead_steps.parse_args(["--jit-compile", "--quick"]).jit_compile
+    assert not overhead_steps.parse_args(["--quick"]).jit_compile
+    x, y = _data("mlp", 16)
+    loop = overhead_steps._Loop("mlp", "stability every=1", x, y, 8, str(tmp_path),
+                                jit_compile=True)
+    losses = []
+    for _ in range(5):
+        loop.run_step()
+        losses.append(float(loop.logs["loss"]))
+    loop.close()
+    assert loop.model.jit_compile is True
+    (run,) = load_logdir(tmp_path).runs.values()
+    recorded = run.steps["loss"]
+    assert list(recorded.steps) == [0, 1, 2, 3, 4]
+    # Keras' logs["loss"] is the running mean of the raw per-step losses.
+    raw = np.asarray(recorded.values, dtype=float)
+    np.testing.assert_allclose(np.cumsum(raw) / np.arange(1, 6), losses, rtol=1e-5)
