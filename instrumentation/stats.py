@@ -144,6 +144,7 @@ class StepStats:
         self.names = tuple(variable_name(v) for v in self.variables)
         self.every = max(1, int(every))
         self.log_mode = "cond"
+        self.xla = False  # whether the traced step is XLA-compiled (read while tracing)
         self.capacity = max(2, int(capacity))
         self.slots = self.capacity // self.every + 2
         self._index = {}
@@ -204,7 +205,7 @@ class StepStats:
             if grad is None:
                 continue
             present.append(grad)
-            half = half_sum_squares(grad)
+            half = half_sum_squares(grad, xla=self.xla)
             halves.append(half)
             index = self.index_of(variable)
             if index is not None:
@@ -357,18 +358,18 @@ class StepStats:
                 weight, delta = [], []
                 for index, (snap, variable) in enumerate(zip(snapshots, self.variables)):
                     before = tf.cast(tf.convert_to_tensor(snap), tf.float32)
-                    weight.append(tf.nn.l2_loss(before))  # fused: no squared temporary
+                    weight.append(half_sum_squares(before, xla=self.xla))
                     known = deltas[index] if deltas is not None else None
                     if known is not None:
-                        delta.append(tf.nn.l2_loss(tf.cast(known, tf.float32)))
+                        delta.append(half_sum_squares(known, xla=self.xla))
                     else:
                         after = tf.cast(read_value(variable), tf.float32)
-                        delta.append(tf.nn.l2_loss(after - before))
+                        delta.append(half_sum_squares(after - before, xla=self.xla))
                 weight_norm = norms_from_halves(weight)
                 ratio = tf.math.divide_no_nan(norms_from_halves(delta), weight_norm)
             else:
                 weight_norm = norms_from_halves([
-                    tf.nn.l2_loss(tf.cast(read_value(v), tf.float32)) for v in self.variables])
+                    half_sum_squares(read_value(v), xla=self.xla) for v in self.variables])
                 ratio = tf.fill(tf.shape(weight_norm), tf.constant(np.nan, tf.float32))
             stats = tf.stack([grad_norm, weight_norm, ratio])
             slot = ring_slot(state.step, self.every, self.slots)

@@ -57,6 +57,7 @@ def make_apply(callback, optimizer, original):
             )
             stats = callback._ensure_stats(variables)
             stats.log_mode = callback._trace_mode
+            stats.xla = bool(getattr(callback.model, "jit_compile", False))
             loss = captured_loss(callback)
             # A log step reads the pre-update weights first. |Δw| comes from
             # the optimizer's own update tensors where they are expected to be

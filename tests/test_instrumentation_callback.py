@@ -109,6 +109,37 @@ def test_matches_gradient_tape_reference(tmp_path, kind, jit):
         assert_close(ratios[step], ref["var_ratio"][step], rtol=1e-4)
 
 
+def test_xla_norms_of_a_wide_layer_match_the_reference(tmp_path, monkeypatch):
+    """Under XLA on a CPU a 256x5 kernel (1,280 values) is summed by a product with ones."""
+    from instrumentation import stats as stats_module
+
+    seen = []
+    original = stats_module.half_sum_squares
+
+    def spy(tensor, xla=False):
+        seen.append((xla, tf.convert_to_tensor(tensor).shape.num_elements()))
+        return original(tensor, xla=xla)
+
+    monkeypatch.setattr(stats_module, "half_sum_squares", spy)
+    features = 256
+    x, y = data(features=features)
+    steps = len(x) // BATCH
+    model = make_model("functional", features)
+    fit(model, tmp_path, every=2, jit=True, x=x, y=y)
+    assert (True, features * 5) in seen and all(xla for xla, _ in seen)
+    ref = reference_run(x, y, LR, BATCH, steps, features=features)
+    events = read_events(tmp_path)
+    rows = step_rows(events)
+    assert_close(column(rows, "grad_norm"), ref["grad_norm"])
+    grads, weights = var_vectors(events, "grad_norm"), var_vectors(events, "weight_norm")
+    ratios = var_vectors(events, "update_ratio")
+    assert sorted(grads) == list(range(0, steps, 2))
+    for step in grads:
+        assert_close(grads[step], ref["var_grad"][step])
+        assert_close(weights[step], ref["var_weight"][step])
+        assert_close(ratios[step], ref["var_ratio"][step], rtol=1e-4)
+
+
 def test_nan_step_is_recorded_and_flushed_at_once(tmp_path):
     x, y = data()
     nan_step = 3

@@ -26,11 +26,12 @@ LR = 0.05
 BATCH = 8
 
 
-def train(monitor_dir, x, y, every=2, jit=False, tick=True):
-    model = make_model("functional")
+def train(monitor_dir, x, y, every=2, jit=False, tick=True, features=4):
+    model = make_model("functional", features)
     optimizer = keras.optimizers.SGD(LR)
     loss_fn = keras.losses.MeanSquaredError()
-    monitor = StabilityMonitor(str(monitor_dir), every=every, optimizer=optimizer)
+    monitor = StabilityMonitor(str(monitor_dir), every=every, optimizer=optimizer,
+                               jit_compile=jit)
 
     @tf.function(jit_compile=jit)
     def step(xb, yb):
@@ -49,12 +50,14 @@ def train(monitor_dir, x, y, every=2, jit=False, tick=True):
     return model, monitor
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
-def test_monitor_matches_reference(tmp_path, jit):
-    x, y = data()
+@pytest.mark.parametrize("jit,features", [(False, 4), (True, 4), (True, 256)],
+                         ids=["graph", "xla", "xla-wide-kernel"])
+def test_monitor_matches_reference(tmp_path, jit, features):
+    """``features=256``: a 1,280-value kernel, summed by a product with ones under XLA."""
+    x, y = data(features=features)
     steps = len(x) // BATCH
-    train(tmp_path, x, y, every=2, jit=jit)
-    ref = reference_run(x, y, LR, BATCH, steps)
+    train(tmp_path, x, y, every=2, jit=jit, features=features)
+    ref = reference_run(x, y, LR, BATCH, steps, features=features)
     events = read_events(tmp_path)
     expected = {(".", schema.TAG_STEPS), (".", schema.TAG_RUN_INFO)} | {
         (".", schema.variable_tag(q)) for q in schema.VARIABLE_QUANTITIES
