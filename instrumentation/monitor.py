@@ -2,7 +2,8 @@
 
 Example:
   ```python
-  monitor = StabilityMonitor("logs/run1", every=50, optimizer=optimizer)
+  monitor = StabilityMonitor("logs/run1", every=50, optimizer=optimizer,
+                             jit_compile=True)  # observe() runs in an XLA function
 
   @tf.function(jit_compile=True)
   def train_step(x, y):
