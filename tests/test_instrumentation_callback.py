@@ -47,6 +47,18 @@ def assert_close(actual, expected, rtol=1e-5):
                                rtol=rtol, atol=1e-9)
 
 
+def assert_norms_match(events, rows, ref, steps, every):
+    """The global gradient norm of every step and the per-variable vectors of log steps."""
+    assert_close(column(rows, "grad_norm"), ref["grad_norm"])
+    grads, weights = var_vectors(events, "grad_norm"), var_vectors(events, "weight_norm")
+    ratios = var_vectors(events, "update_ratio")
+    assert sorted(grads) == list(range(0, steps, every))
+    for step in grads:
+        assert_close(grads[step], ref["var_grad"][step])
+        assert_close(weights[step], ref["var_weight"][step])
+        assert_close(ratios[step], ref["var_ratio"][step], rtol=1e-4)
+
+
 def test_writes_exactly_the_contract_tags(tmp_path):
     model = make_model("sequential")
     x, y = data(n=44)  # 6 steps, the last one a partial batch (a retrace)
@@ -98,15 +110,7 @@ def test_matches_gradient_tape_reference(tmp_path, kind, jit):
     assert column(rows, "step").tolist() == list(range(steps))
     # Raw per-batch loss, not Keras' running mean.
     assert_close(column(rows, "loss"), ref["loss"])
-    assert_close(column(rows, "grad_norm"), ref["grad_norm"])
-    grads = var_vectors(events, "grad_norm")
-    weights = var_vectors(events, "weight_norm")
-    ratios = var_vectors(events, "update_ratio")
-    assert sorted(grads) == list(range(0, steps, 2))
-    for step in grads:
-        assert_close(grads[step], ref["var_grad"][step])
-        assert_close(weights[step], ref["var_weight"][step])
-        assert_close(ratios[step], ref["var_ratio"][step], rtol=1e-4)
+    assert_norms_match(events, rows, ref, steps, every=2)
 
 
 def test_xla_norms_of_a_wide_layer_match_the_reference(tmp_path, monkeypatch):
@@ -130,14 +134,7 @@ def test_xla_norms_of_a_wide_layer_match_the_reference(tmp_path, monkeypatch):
     ref = reference_run(x, y, LR, BATCH, steps, features=features)
     events = read_events(tmp_path)
     rows = step_rows(events)
-    assert_close(column(rows, "grad_norm"), ref["grad_norm"])
-    grads, weights = var_vectors(events, "grad_norm"), var_vectors(events, "weight_norm")
-    ratios = var_vectors(events, "update_ratio")
-    assert sorted(grads) == list(range(0, steps, 2))
-    for step in grads:
-        assert_close(grads[step], ref["var_grad"][step])
-        assert_close(weights[step], ref["var_weight"][step])
-        assert_close(ratios[step], ref["var_ratio"][step], rtol=1e-4)
+    assert_norms_match(events, rows, ref, steps, every=2)
 
 
 def test_nan_step_is_recorded_and_flushed_at_once(tmp_path):
