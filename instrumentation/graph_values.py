@@ -3,8 +3,8 @@
 Small graph-side helpers shared by `instrumentation.stats` (the per-step and
 per-variable statistics) and its neighbours: a variable's stable name and
 identity keys, a gradient's dense values, its half sum of squares (one fused
-``L2Loss``; under XLA on a CPU a product with ones), its non-finite count, and the plain (never mirrored) variables
-the statistics live in.
+``L2Loss``; under XLA on a CPU a product with ones), its non-finite count,
+and the plain (never mirrored) variables the statistics live in.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def half_sum_squares(tensor: Any, xla: bool = False) -> tf.Tensor:
     MLP's ~350,000 gradient values took ~350 µs per step on a 2-core CPU,
     7 % of its step. There a large tensor's squares are summed by a product
     with a vector of ones instead, in rows of `XLA_NORM_WIDTH` values
-    (~110 µs). On a GPU XLA's fused reduction is kept.
+    (~140 µs). On a GPU XLA's fused reduction is kept.
 
     Args:
       xla: Whether the graph being traced is compiled by XLA.
