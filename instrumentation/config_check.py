@@ -20,15 +20,23 @@ those rules do not cover (so none is reported twice):
 
 The output activation is only reported for models with symbolic outputs
 (Sequential, functional); a subclassed model's ``call`` may apply anything.
+
+`layer_activations` adds ``layer_activations``: for every layer with an
+``activation`` attribute (recurrent cells included), keyed by the layer's
+path (the prefix of its variables' names), its class, activation name and
+kind, and for recurrent cells the gate activation and units. The gradient
+detectors use it to say which activation shrinks the gradient and to suggest
+a fix that fits the layer (an LSTM is not fixed like a Dense layer).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from instrumentation.activation_kinds import activation_name
-from instrumentation.model_layers import output_layers
+from instrumentation.activation_kinds import activation_name, classify
+from instrumentation.model_layers import all_layers, output_layers
 
+MAX_LAYERS_DESCRIBED = 512
 _CLASSIFICATION = ("crossentropy", "hinge", "focal", "kl_divergence", "kld", "poisson")
 
 
@@ -88,6 +96,38 @@ def output_info(model) -> dict:
     except Exception:  # noqa: BLE001
         info["output_units"] = getattr(layer, "units", None)
     return info
+
+
+def layer_activations(model, limit: int = MAX_LAYERS_DESCRIBED) -> dict:
+    """``{layer path: {"class", "activation", "kind", ...}}`` of layers with an activation.
+
+    ``kind`` is `activation_kinds.classify`'s ("relu", "saturating", "linear",
+    "other"). Recurrent cells add ``recurrent_activation`` (their gates) and
+    ``units``. At most ``limit`` layers are described; a layer that cannot
+    be described is skipped.
+    """
+    out: dict[str, dict] = {}
+    for layer in all_layers(model):
+        if len(out) >= limit:
+            break
+        fn = getattr(layer, "activation", None)
+        if fn is None or not callable(fn):
+            continue
+        try:
+            path = str(getattr(layer, "path", None) or layer.name)
+            entry: dict[str, Any] = {"class": type(layer).__name__,
+                                     "activation": activation_name(fn),
+                                     "kind": classify(fn)[0]}
+            gate = getattr(layer, "recurrent_activation", None)
+            if gate is not None and callable(gate):
+                entry["recurrent_activation"] = activation_name(gate)
+            units = getattr(layer, "units", None)
+            if isinstance(units, int):
+                entry["units"] = units
+        except Exception:  # noqa: BLE001 - an exotic layer is left out, never fatal
+            continue
+        out[path] = entry
+    return out
 
 
 def classification_mode(model) -> tuple[Optional[str], bool]:
@@ -155,6 +195,7 @@ def check_config(model, label_range: Optional[tuple[float, float]] = None) -> di
         "label_min": lo,
         "label_max": hi,
         "config_check": {"ok": not problems, "problems": problems},
+        "layer_activations": layer_activations(model),
     }
 
 

@@ -76,3 +76,30 @@ def test_mismatch_reaches_the_report_from_a_real_run(tmp_path):
                 if f.kind == "config_mismatch"]
     assert findings and "outside [0, 1]" in findings[0].explanation
     assert findings[0].evidence["recorded"]["label_max"] == 3.0
+
+
+def test_layer_activations_describe_recurrent_cells_and_custom_callables():
+    def squashed(x):
+        return keras.ops.tanh(0.01 * x)
+
+    model = keras.Sequential([
+        keras.Input((None, 4)),
+        keras.layers.LSTM(6, activation="sigmoid", return_sequences=True, name="lstm"),
+        keras.layers.GRU(5, name="gru"),
+        keras.layers.Dense(3, activation=squashed, name="dense"),
+        keras.layers.Dropout(0.1),
+        keras.layers.Dense(2, activation="softmax", name="dense_1"),
+    ], name="sequential")
+    model.compile("adam", "categorical_crossentropy")
+    table = check_config(model)["layer_activations"]
+    assert set(table) == {"sequential/lstm", "sequential/lstm/lstm_cell", "sequential/gru",
+                          "sequential/gru/gru_cell", "sequential/dense", "sequential/dense_1"}
+    assert table["sequential/lstm/lstm_cell"] == {
+        "class": "LSTMCell", "activation": "sigmoid", "kind": "saturating",
+        "recurrent_activation": "sigmoid", "units": 6}
+    assert table["sequential/gru/gru_cell"]["activation"] == "tanh"
+    assert table["sequential/dense"] == {"class": "Dense", "activation": "squashed",
+                                         "kind": "saturating", "units": 3}
+    # Every variable's path starts with a described layer's path.
+    for variable in model.trainable_variables:
+        assert any(variable.path.startswith(path + "/") for path in table), variable.path

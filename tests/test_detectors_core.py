@@ -12,7 +12,7 @@ import statistics
 import numpy as np
 import pytest
 
-from tb_stability.detectors import ALL_DETECTORS, _robust, gradients, nonfinite, spikes
+from tb_stability.detectors import ALL_DETECTORS, _layer_kinds, _robust, gradients, nonfinite, spikes
 from tb_stability.rundata import Matrix, RunData, Series
 from tests import detectors_support as S
 
@@ -274,6 +274,74 @@ def test_vanishing_names_early_layers():
     assert f.layers == ["sequential/dense"]
     assert "sequential/dense" in f.remedy and "he_normal" in f.remedy
     assert f.evidence["median_ratio_first_to_last"] < 1e-5
+
+
+LSTM_NAMES = ("sequential/lstm/lstm_cell/kernel", "sequential/lstm/lstm_cell/recurrent_kernel",
+              "sequential/lstm/lstm_cell/bias", "sequential/lstm_1/lstm_cell/kernel",
+              "sequential/dense/kernel", "sequential/dense/bias")
+LSTM_ACTIVATIONS = {
+    "sequential/lstm": {"class": "LSTM", "activation": "sigmoid", "kind": "saturating",
+                        "recurrent_activation": "sigmoid", "units": 48},
+    "sequential/lstm/lstm_cell": {"class": "LSTMCell", "activation": "sigmoid",
+                                  "kind": "saturating", "recurrent_activation": "sigmoid",
+                                  "units": 48},
+    "sequential/lstm_1/lstm_cell": {"class": "LSTMCell", "activation": "tanh",
+                                    "kind": "saturating", "units": 48},
+    "sequential/dense": {"class": "Dense", "activation": "softmax", "kind": "saturating"},
+}
+
+
+def _vanishing_run(names, table=None):
+    n = 500
+    var = S.per_variable(n, scale=[1e-6, 1e-7, 1e-7, 1e-2, 1.0, 0.1])
+    var = Matrix(steps=var.steps, names=names, values=var.values)
+    json = {"stability/run_info": [(0, {"every": 10, "layer_activations": table})]} \
+        if table is not None else {}
+    (f,) = gradients.detect_vanishing(S.make_run(S.healthy_loss(n), variables={"grad_norm": var},
+                                                 json=json))
+    return f
+
+
+def test_vanishing_through_a_sigmoid_lstm_names_the_activation_and_an_lstm_fix():
+    f = _vanishing_run(LSTM_NAMES, LSTM_ACTIVATIONS)
+    assert f.layers == ["sequential/lstm/lstm_cell"]
+    assert f.evidence["layer_activations"] == {"sequential/lstm/lstm_cell": "sigmoid"}
+    assert "the recurrence uses activation='sigmoid'" in f.remedy
+    assert "keras.layers.LSTM(48, return_sequences=True)" in f.remedy
+    assert "clipnorm" in f.remedy and "Dense(64" not in f.remedy
+
+
+@pytest.mark.parametrize("table", [None, {}], ids=["no-run-info", "empty-table"])
+def test_vanishing_through_an_lstm_without_a_recorded_activation_still_gets_an_lstm_fix(table):
+    f = _vanishing_run(LSTM_NAMES, table)
+    assert "layer_activations" not in f.evidence
+    assert "recurrence uses" not in f.remedy and "stack fewer recurrent layers" in f.remedy
+    assert "keras.layers.LSTM(32, return_sequences=True)" in f.remedy
+
+
+def test_vanishing_through_tanh_dense_layers_names_the_activation():
+    table = {"sequential/dense": {"class": "Dense", "activation": "tanh", "kind": "saturating"},
+             "sequential/dense_1": {"class": "Dense", "activation": "tanh", "kind": "saturating"},
+             "sequential/dense_2": {"class": "Dense", "activation": "linear", "kind": "linear"}}
+    f = _vanishing_run(S.NAMES, table)
+    assert f.layers == ["sequential/dense"]
+    assert "In sequential/dense (now activation='tanh'): use ReLU-family" in f.remedy
+    assert "he_normal" in f.remedy and "LSTM" not in f.remedy
+
+
+@pytest.mark.parametrize("layer, expected", [
+    ("sequential/gru/gru_cell", "GRU"), ("model/simple_rnn_3/simple_rnn_cell", "SimpleRNN"),
+    ("sequential/lstm_2/lstm_cell", "LSTM"), ("sequential/dense_lstm_like", None),
+    ("sequential/dense", None)], ids=["gru", "simple-rnn", "lstm", "not-a-prefix", "dense"])
+def test_recurrent_layers_are_told_apart_by_name_when_nothing_is_recorded(layer, expected):
+    assert _layer_kinds.recurrent_class(layer, None) == expected
+
+
+def test_a_recorded_class_wins_over_the_name_and_the_longest_prefix_is_used():
+    table = {"m/lstm": {"class": "Dense"}, "m/lstm/inner": {"class": "GRUCell"}}
+    assert _layer_kinds.recurrent_class("m/lstm", _layer_kinds.describe(table, "m/lstm")) is None
+    assert _layer_kinds.describe(table, "m/lstm/inner/x") == {"class": "GRUCell"}
+    assert _layer_kinds.describe(table, "m/lstm_1") is None
 
 
 @pytest.mark.parametrize("scale", [[0.3, 0.05, 0.4, 0.05, 0.6, 0.1], [1e-3, 1e-8, 0.1, 1e-8, 0.5, 0.1]],

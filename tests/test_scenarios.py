@@ -13,6 +13,7 @@ def test_scenario_is_flagged_and_fixed_twin_is_clean(scenario, tmp_path):
     outcome = evaluate(scenario, str(tmp_path))
     kinds = sorted({f.kind for f in outcome.broken})
     assert outcome.hit is not None, f"{scenario.name}: expected one of {scenario.kinds}, got {kinds}"
+    assert scenario.remedy_says in outcome.hit.remedy, (scenario.name, outcome.hit.remedy)
     if outcome.delay is not None:  # onset known: flagged at it, or within two log intervals
         assert 0 <= outcome.delay <= 2 * EVERY, (scenario.name, outcome.delay)
     assert not outcome.fixed_critical, (

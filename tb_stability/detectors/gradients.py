@@ -19,7 +19,11 @@ vanishing_gradients
   and last layer in model order. Rule (AUTOTRAINER): ``|g_first| / |g_last| <
   1e-3`` and ``|g_first| < 1e-4`` in at least half of the records. Layers:
   every layer whose median norm is below 1e-3 of the last layer's. Severity: ``warning`` (training is slow or
-  stuck in early layers, not broken).
+  stuck in early layers, not broken). Remedy: where run_info records the
+  layers' activations (``layer_activations``), the flagged layers' activation
+  is named in the evidence and the remedy; recurrent layers (recorded class,
+  else Keras' ``lstm``/``gru``/``simple_rnn`` names) get a recurrent fix
+  (`_layer_kinds.recurrent_remedy`), others a feed-forward one.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _layer_kinds as K
 from tb_stability.detectors import _robust as R
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
@@ -255,6 +260,10 @@ def detect_vanishing(run: RunData) -> list[Finding]:
         f"in >= {VANISH_MAJORITY:.0%} of records (AUTOTRAINER; layer norm = root sum of "
         "squares of its variables' gradient norms)",
     }
+    table = K.layer_activations(run)
+    activations = K.activations_of(layers, table)
+    if activations:
+        evidence["layer_activations"] = activations
     listed = ", ".join(layers[:4])
     return [
         Finding(
@@ -269,13 +278,19 @@ def detect_vanishing(run: RunData) -> list[Finding]:
                 f"Gradients reaching {listed} are {C.fmt(evidence['median_ratio_first_to_last'])}x "
                 f"those of {names[-1]}, so the early layers barely learn."
             ),
-            remedy=(
-                f"In {listed}: use ReLU-family activations with He initialisation, add "
-                "BatchNormalization, or add residual connections:\n"
-                "    x = keras.layers.Dense(64, kernel_initializer='he_normal')(x)\n"
-                "    x = keras.layers.BatchNormalization()(x)\n"
-                "    x = keras.layers.Activation('relu')(x)\n"
-                "    x = keras.layers.Add()([x, shortcut])  # residual path"
-            ),
+            remedy=K.recurrent_remedy(layers, table) or _feedforward_remedy(listed, activations),
         )
     ]
+
+
+def _feedforward_remedy(listed: str, activations: dict) -> str:
+    used = sorted({a for a in activations.values() if a not in ("relu", "linear", "")})
+    named = (f" (now activation={', '.join(repr(a) for a in used)})" if used else "")
+    return (
+        f"In {listed}{named}: use ReLU-family activations with He initialisation, add "
+        "BatchNormalization, or add residual connections:\n"
+        "    x = keras.layers.Dense(64, kernel_initializer='he_normal')(x)\n"
+        "    x = keras.layers.BatchNormalization()(x)\n"
+        "    x = keras.layers.Activation('relu')(x)\n"
+        "    x = keras.layers.Add()([x, shortcut])  # residual path"
+    )

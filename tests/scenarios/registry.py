@@ -35,6 +35,8 @@ class Scenario:
       onset_step: Step at which the problem starts, when it is known by
         construction (used to measure detection delay); ``"first_nonfinite"``
         for the first step whose raw loss is non-finite; else None.
+      remedy_says: Text the diagnosis's remedy must contain (it names what
+        this program got wrong), or "" when any remedy of the kind will do.
     """
 
     name: str
@@ -43,6 +45,7 @@ class Scenario:
     description: str
     train: Callable[[str, bool], None]
     onset_step: int | str | None = None
+    remedy_says: str = ""
 
 
 EVERY = 5
@@ -237,7 +240,8 @@ SCENARIOS: tuple[Scenario, ...] = (
              "deep ReLU MLP, SGD lr 2e-3 momentum 0.9, no clipping; fix: Adam 1e-3 + clipnorm=1.0",
              exploding_gradients),
     Scenario("vanishing_gradients", ("vanishing_gradients",), "001 ex.2",
-             "activation tanh(0.01 x) in three layers; fix: relu", vanishing_gradients, onset_step=0),
+             "activation tanh(0.01 x) in three layers; fix: relu", vanishing_gradients, onset_step=0,
+             remedy_says="activation='_squashed_tanh'"),
     Scenario("unscaled_inputs", ("unscaled_inputs",), "003 ex.3, 001 ex.1",
              "features x1000 (one x1e6); fix: standardize", unscaled_inputs, onset_step=0),
     Scenario("large_learning_rate", ("update_ratio_high", "divergence", "oscillation"), "001 ex.3",
@@ -256,7 +260,7 @@ SCENARIOS: tuple[Scenario, ...] = (
              "SGD learning rate 1e-7; fix: Adam 1e-3", small_learning_rate, onset_step=0),
     Scenario("sigmoid_lstm", ("saturated_activations", "vanishing_gradients"), "002 ex.2",
              "5 stacked LSTM(activation='sigmoid'); fix: relu + clipnorm", sigmoid_lstm,
-             onset_step=0),
+             onset_step=0, remedy_says="the recurrence uses activation='sigmoid'"),
 )
 
 HEALTHY = Scenario("healthy_baseline", (), "000 ex.1", "a healthy run", healthy_baseline)
