@@ -141,7 +141,7 @@ def analyze_run(
             if not item.run:
                 item.run = run.name
             findings.append(item)
-    return sort_findings(mark_consequences_of_nan(findings))
+    return sort_findings(mark_consequences_of_dead_units(mark_consequences_of_nan(findings)))
 
 
 def mark_consequences_of_nan(findings: list[Finding]) -> list[Finding]:
@@ -168,6 +168,63 @@ def mark_consequences_of_nan(findings: list[Finding]) -> list[Finding]:
                 f"of it: {finding.explanation}"
             )
     return findings
+
+
+def mark_consequences_of_dead_units(findings: list[Finding]) -> list[Finding]:
+    """Downgrades what a layer of dead units explains to ``info``.
+
+    A layer whose units never fire (``dead_units`` at >= 99 %) passes no
+    signal forward and no gradient back: its own weights and every layer
+    before it get none (which the vanishing-gradient rule flags) and the loss
+    stops improving (which the stalled rule flags, with a "raise the learning
+    rate" fix that would make it worse). The cure is the dead layer's, so those
+    findings stay, as ``info`` with ``evidence["consequence_of"] =
+    "dead_units"``, the dead layers named and the dead-units remedy first.
+    Vanishing gradients only when every flagged layer is a dead one or comes
+    before one (in that finding's model order); both only when their steps
+    overlap the dead stretch.
+    """
+    from tb_stability.detectors.activations import ALL_DEAD
+
+    dead_findings = [f for f in findings if f.kind == "dead_units" and f.severity != "info"]
+    for finding in findings:
+        if finding.kind not in ("vanishing_gradients", "stalled") or finding.severity == "info":
+            continue
+        for dead in dead_findings:
+            fractions = dead.evidence.get("median_fraction_second_half") or {}
+            names = [name for name, value in fractions.items()
+                     if isinstance(value, (int, float)) and value >= ALL_DEAD]
+            if names and _overlap(dead, finding) and (
+                    finding.kind == "stalled" or _before_dead_layers(finding, names)):
+                _mark_consequence(finding, dead, names)
+                break
+    return findings
+
+
+def _before_dead_layers(vanishing: Finding, dead_names: list[str]) -> bool:
+    order = list((vanishing.evidence.get("median_grad_norm_by_layer") or {}).keys())
+    positions = [i for i, layer in enumerate(order)
+                 if any(name in layer.split("/") for name in dead_names)]
+    flagged = [order.index(layer) for layer in vanishing.layers if layer in order]
+    return bool(positions and flagged) and max(flagged) <= max(positions)
+
+
+def _mark_consequence(finding: Finding, dead: Finding, names: list[str]) -> None:
+    listed = ", ".join(names[:4])
+    finding.severity = "info"
+    finding.evidence["consequence_of"] = "dead_units"
+    finding.evidence["dead_layers"] = names
+    finding.explanation = (
+        f"A consequence of the dead units in {listed} (a layer whose units never fire passes "
+        f"no signal forward and no gradient back): {finding.explanation}"
+    )
+    finding.remedy = f"Fix the dead units in {listed} first:\n{dead.remedy}"
+
+
+def _overlap(a: Finding, b: Finding) -> bool:
+    if None in (a.first_step, a.last_step, b.first_step, b.last_step):
+        return True
+    return a.first_step <= b.last_step and b.first_step <= a.last_step
 
 
 def analyze_logdir(

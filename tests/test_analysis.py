@@ -167,3 +167,70 @@ def test_without_a_nan_nothing_is_downgraded():
 
     findings = [Finding("dead_units", "critical", "r", 30, 95, ["dense"])]
     assert mark_consequences_of_nan(findings)[0].severity == "critical"
+
+
+def _dead_and_vanishing_run(dead_fraction, grad_scale):
+    """A run whose probes report ``dead_fraction`` per layer and whose gradients vanish."""
+    import numpy as np
+
+    from tb_stability.rundata import Matrix
+    from tests import detectors_support as S
+
+    n = 400
+    grads = S.per_variable(n, scale=grad_scale)
+    steps = np.arange(0, n, 10)
+    dead = Matrix(steps=steps, names=("dense", "dense_1", "dense_2"),
+                  values=np.tile(np.asarray(dead_fraction, float), (steps.size, 1)))
+    return S.make_run(S.healthy_loss(n), S.healthy_grad(n), variables={"grad_norm": grads},
+                      layers={"dead_fraction": dead})
+
+
+@pytest.mark.parametrize("dead_fraction, grad_scale, consequence", [
+    ([1.0, 0.0, 0.0], [1e-7, 1e-8, 0.4, 0.05, 0.6, 0.1], True),
+    ([0.0, 1.0, 0.0], [1e-7, 1e-8, 1e-6, 1e-7, 0.6, 0.1], True),
+    ([0.8, 0.0, 0.0], [1e-7, 1e-8, 0.4, 0.05, 0.6, 0.1], False),
+    ([1.0, 0.0, 0.0], [1e-7, 1e-8, 1e-6, 1e-7, 0.6, 0.1], False),
+], ids=["dead-layer-itself", "dead-layer-after-the-flagged-ones", "mostly-dead-only",
+        "flagged-beyond-the-dead-layer"])
+def test_vanishing_gradients_through_a_dead_layer_are_its_consequence(
+        dead_fraction, grad_scale, consequence):
+    found = {f.kind: f for f in analysis.analyze_run(_dead_and_vanishing_run(dead_fraction,
+                                                                              grad_scale))}
+    vanishing = found["vanishing_gradients"]
+    assert found["dead_units"].severity == ("critical" if max(dead_fraction) >= 0.99
+                                            else "warning")
+    if consequence:
+        assert vanishing.severity == "info"
+        assert vanishing.evidence["consequence_of"] == "dead_units"
+        assert vanishing.evidence["dead_layers"] == [
+            name for name, value in zip(("dense", "dense_1", "dense_2"), dead_fraction)
+            if value >= 0.99]
+        assert vanishing.remedy.startswith("Fix the dead units in")
+        assert found["dead_units"].remedy in vanishing.remedy
+    else:
+        assert vanishing.severity == "warning"
+        assert "consequence_of" not in vanishing.evidence
+
+
+@pytest.mark.parametrize("dead, severity", [(1.0, "info"), (0.8, "warning")],
+                         ids=["all-dead", "mostly-dead"])
+def test_a_stall_behind_a_dead_layer_is_its_consequence(dead, severity):
+    import numpy as np
+
+    from tb_stability.rundata import Matrix
+    from tests import detectors_support as S
+
+    rng = np.random.default_rng(0)
+    loss = 0.69 + rng.normal(0, 0.01, 400)
+    updates = S.per_variable(400, scale=[1e-8] * 6)
+    steps = np.arange(0, 400, 10)
+    fractions = Matrix(steps=steps, names=("dense", "dense_1"),
+                       values=np.tile([dead, 0.0], (steps.size, 1)))
+    run = S.make_run(loss, lr=1.0, variables={"update_ratio": updates},
+                     layers={"dead_fraction": fractions})
+    found = {f.kind: f for f in analysis.analyze_run(run)}
+    assert found["stalled"].severity == severity
+    assert "raise the learning rate" not in found["stalled"].remedy.lower()
+    if severity == "info":
+        assert found["stalled"].evidence["dead_layers"] == ["dense"]
+        assert found["stalled"].remedy.startswith("Fix the dead units in dense first:")

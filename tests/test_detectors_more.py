@@ -102,6 +102,28 @@ def test_update_ratio_high_and_low():
     assert f.kind == "update_ratio_low" and len(f.layers) == 3 and "learning_rate=0.001" in f.remedy
 
 
+@pytest.mark.parametrize("lr, advice", [
+    (1e-7, "Raise the learning rate ~10000x"),   # 1e-7 -> 1e-3: the measured factor
+    (1e-3, "Raise the learning rate ~10x"),      # 1e-3 -> capped at 1e-2: the factor says so
+    (1.0, "The learning rate is already 1,"),     # raising it is not the fix
+    (None, "Raise the learning rate (it is unknown"),
+], ids=["tiny-lr", "capped", "already-large", "unknown-lr"])
+def test_small_updates_advice_agrees_with_its_snippet(lr, advice):
+    rng = np.random.default_rng(0)
+    loss = 0.69 + rng.normal(0, 0.01, 400)
+    ur = S.per_variable(400, scale=[1e-7, 1e-9, 1e-7, 1e-9, 1e-7, 1e-9], seed=3)
+    run = S.make_run(loss, lr=lr if lr is not None else np.nan, variables={"update_ratio": ur})
+    found = {f.kind: f for f in trends.detect_stalled(run) + updates.detect(run)}
+    assert set(found) == {"stalled", "update_ratio_low"}
+    for finding in found.values():
+        assert advice in finding.remedy, finding.remedy
+        suggested = float(finding.remedy.split("learning_rate=")[-1].rstrip(")"))
+        if lr is not None and lr >= 1e-2:
+            assert suggested < lr and "dead or saturated units" in finding.remedy
+        elif lr is not None:
+            assert lr < suggested <= 1e-2
+
+
 def layer_run(quantity, values, names=("dense", "dense_1")):
     steps = np.arange(0, 10 * len(values), 10)
     return RunData(name="r", layers={quantity: Matrix(steps, names, np.asarray(values, float))})

@@ -138,6 +138,36 @@ def num(x):
     return None if x is None else float(x)
 
 
+MAX_SUGGESTED_LR = 1e-2
+ZERO_GRADIENT_CAUSES = (
+    "look for dead or saturated units (the dead_units and saturated_activations findings), "
+    "layers left at trainable=False, or a loss that does not depend on them. A learning rate "
+    "this large can itself kill ReLU units: lower it and retrain from a fresh initialisation:\n"
+    "    optimizer = keras.optimizers.Adam(learning_rate=1e-3)"
+)
+
+
+def raised_learning_rate(lr, factor: float) -> tuple[float | None, float | None]:
+    """``(new_lr, effective factor)`` to suggest when the updates are too small.
+
+    The suggestion is ``lr * factor`` capped at `MAX_SUGGESTED_LR` and rounded;
+    the factor is the one that cap leaves (so the text and the snippet agree).
+    ``(1e-3, None)`` when the learning rate is unknown; ``(None, None)`` when it
+    is already at or above the cap: then tiny updates mean tiny gradients, and
+    raising it is not the fix (`ZERO_GRADIENT_CAUSES`).
+    """
+    try:
+        lr = float(lr)
+    except (TypeError, ValueError):
+        return 1e-3, None
+    if not math.isfinite(lr) or lr <= 0:
+        return 1e-3, None
+    new = round_sig(min(lr * factor, MAX_SUGGESTED_LR), 1)
+    if new <= lr:
+        return None, None
+    return new, round_sig(new / lr, 2)
+
+
 def configured_clipping(run: RunData) -> dict:
     """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
     records = run.json.get("stability/run_info") or []

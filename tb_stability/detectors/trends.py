@@ -207,7 +207,17 @@ def detect_stalled(run: RunData) -> list[Finding]:
     lr = C.lr_at(run, None)
     factor = C.round_sig(1e-3 / upd, 1) if upd else 10.0
     factor = float(min(max(factor, 10.0), 1e4))
-    lr_line = f"learning_rate={C.round_sig(min(lr * factor, 1e-2), 1):g}" if lr else "learning_rate=1e-3"
+    new_lr, factor = C.raised_learning_rate(lr, factor)
+    if new_lr is None:
+        remedy = (f"The learning rate is already {lr:g}, so updates this small mean the "
+                  f"gradients are (near) zero: {C.ZERO_GRADIENT_CAUSES}")
+    else:
+        raise_by = f"~{factor:g}x " if factor is not None else "(it is unknown; e.g. 1e-3) "
+        remedy = (
+            f"Raise the learning rate {raise_by}(update/weight ratios near 1e-3 are healthy) "
+            "or switch to Adam; check that labels match the inputs and the layers are trainable:\n"
+            f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr:g})"
+        )
     return [Finding(
         kind="stalled",
         severity="warning",
@@ -231,11 +241,7 @@ def detect_stalled(run: RunData) -> list[Finding]:
             + (f" and the weights move {C.fmt(upd)} of their norm per step" if upd is not None else "")
             + ": training is not making progress."
         ),
-        remedy=(
-            f"Raise the learning rate ~{factor:g}x (update/weight ratios near 1e-3 are healthy) "
-            "or switch to Adam; check that labels match the inputs and the layers are trainable:\n"
-            f"    optimizer = keras.optimizers.Adam({lr_line})"
-        ),
+        remedy=remedy,
     )]
 
 

@@ -115,8 +115,17 @@ def detect(run: RunData) -> list[Finding]:
     lo = [j for j in low_columns(sub) if j not in hi]  # blown up then dead is not "too low"
     if lo:
         typical = float(np.nanmedian(med[lo]))
-        factor = _lr_factor(typical)
-        new_lr = f"{C.round_sig(min(lr * factor, 1e-2), 1):g}" if lr else "1e-3"
+        new_lr, factor = C.raised_learning_rate(lr, _lr_factor(typical))
+        if new_lr is None:
+            remedy = (f"The learning rate is already {lr:g}, so ratios this small mean these "
+                      f"layers get (near) zero gradients: {C.ZERO_GRADIENT_CAUSES}")
+        else:
+            capped = f", capped at {C.MAX_SUGGESTED_LR:g}" if new_lr >= C.MAX_SUGGESTED_LR else ""
+            measured = f"measured ratio {C.fmt(typical)}, healthy ~{HEALTHY:g}{capped}"
+            raise_by = (f"~{factor:g}x ({measured})" if factor is not None
+                        else f"(it is unknown; {measured})")
+            remedy = (f"Raise the learning rate {raise_by}, or use Adam:\n"
+                      f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr:g})")
         severity = "warning"
         out.append(Finding(
             kind="update_ratio_low",
@@ -137,10 +146,6 @@ def detect(run: RunData) -> list[Finding]:
                 "step; the weights are barely moving, so the learning rate is too low "
                 "(or those layers get no gradient)."
             ),
-            remedy=(
-                f"Raise the learning rate ~{C.fmt(factor)}x (measured: {HEALTHY:g} / {C.fmt(typical)}), "
-                "or use Adam:\n"
-                f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr})"
-            ),
+            remedy=remedy,
         ))
     return out
