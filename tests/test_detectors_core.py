@@ -430,3 +430,26 @@ def test_recorded_origin_leads_layers_explanation_and_remedy(origin, expected_fi
     assert text in finding.explanation
     if remedy is not None:
         assert remedy in finding.remedy
+
+
+def test_every_finding_on_one_exploding_run_suggests_the_same_clipnorm():
+    import re
+
+    from tb_stability import analysis
+
+    n = 300
+    grad = S.healthy_grad(n)
+    loss = S.healthy_loss(n)
+    grad[200:260] *= np.exp(np.arange(60) * 0.5)  # explodes from step 200
+    loss[210:260] *= np.exp(np.arange(50) * 0.4)  # then the loss diverges
+    grad[260:], loss[260:] = np.inf, np.nan       # and overflows
+    run = S.make_run(loss, grad)
+    found = {f.kind: f for f in analysis.analyze_run(run)}
+    assert {"exploding_gradients", "divergence", "nan_inf"} <= set(found)
+    clips = {kind: re.findall(r"clipnorm=([0-9.e+-]+)", found[kind].remedy)
+             for kind in ("exploding_gradients", "divergence", "nan_inf")}
+    finite = grad[np.isfinite(grad)]
+    expected = 2 * float(np.median(finite[:30]))  # the first 10% of the finite norms
+    for kind, values in clips.items():
+        assert len(values) == 1, (kind, found[kind].remedy)
+        assert float(values[0]) == pytest.approx(expected, rel=0.05), kind

@@ -44,11 +44,6 @@ VANISH_ABS = 1e-4
 VANISH_MAJORITY = 0.5
 
 
-def baseline_count(n: int) -> int:
-    """Number of early finite values forming the baseline."""
-    return int(min(100, max(5, n // 10)))
-
-
 def explosion(values, growth: float = GROWTH_THRESHOLD, smooth: int = SMOOTH) -> dict | None:
     """Finds a sustained explosion of a positive series.
 
@@ -68,7 +63,7 @@ def explosion(values, growth: float = GROWTH_THRESHOLD, smooth: int = SMOOTH) ->
     """
     x = np.asarray(values, dtype=np.float64)
     idx = np.flatnonzero(np.isfinite(x))
-    nb = baseline_count(idx.size)
+    nb = C.baseline_count(idx.size)
     if idx.size < nb + smooth:
         return None
     f = x[idx]
@@ -148,14 +143,14 @@ def detect_exploding(run: RunData) -> list[Finding]:
             med = R.median(vals[[j for j in C.weight_columns(ur)]])
             if np.isfinite(med) and med > 1e-3:
                 factor = float(max(2.0, min(100.0, C.round_sig(med / 1e-3, 1))))
-    clip = C.round_sig(2 * base)
+    clip = C.suggested_clipnorm(run) or C.round_sig(2 * base)
     lr_line = (
         f"learning_rate={C.round_sig(lr / factor):g}, " if lr else ""
     )
     evidence = {
         "signal": "stability/steps:grad_norm" if "grad_norm" in run.steps else "variables:grad_norm (global)",
         "baseline_grad_norm": base,
-        "baseline_points": baseline_count(int(np.isfinite(g.values).sum())),
+        "baseline_points": C.baseline_count(int(np.isfinite(g.values).sum())),
         "smoothed_over": SMOOTH,
         "threshold": f"smoothed grad norm >= {GROWTH_THRESHOLD:g}x baseline",
         "crossed_at_step": cross,

@@ -255,7 +255,8 @@ def detect(run: RunData) -> list[Finding]:
     where = f" in {', '.join(names[:5])}" if names else ""
     what = ", ".join(signals)
     if exploding:
-        clip = C.round_sig(2 * healthy) if np.isfinite(healthy) and healthy > 0 else 1.0
+        clip = C.suggested_clipnorm(run) or (
+            C.round_sig(2 * healthy) if np.isfinite(healthy) and healthy > 0 else 1.0)
         lr = C.lr_at(run, onset)
         lr_txt = f"{C.round_sig(lr / 10, 2):g}" if lr else "1e-4"
         explanation = (

@@ -151,12 +151,8 @@ def detect_divergence(run: RunData) -> list[Finding]:
     onset = int(steps[d["onset"]])
     lr = C.lr_at(run, onset)
     lr_txt = f"{C.round_sig(lr / 10):g}" if lr else "1e-4"
-    grad = C.global_grad_norm(run)
-    clip = ""
-    if grad is not None:
-        pre = grad.values[(grad.steps <= onset) & np.isfinite(grad.values)]
-        if pre.size:
-            clip = f", clipnorm={C.round_sig(2 * float(np.median(pre))):g}"
+    suggested = C.suggested_clipnorm(run)
+    clip = f", clipnorm={suggested:g}" if suggested else ""
     return [Finding(
         kind="divergence",
         severity=severity,
