@@ -170,6 +170,29 @@ def test_class_imbalance_labels_and_collapse():
     assert f.evidence["predicted_class"] == "0"
 
 
+@pytest.mark.parametrize("final_loss, labels_known, learned_nothing", [
+    (0.69, True, True), (0.30, True, False), (0.69, False, False)],
+    ids=["loss-at-label-entropy", "loss-below-it", "labels-unknown"])
+def test_a_collapse_on_balanced_labels_is_not_called_an_imbalance(final_loss, labels_known,
+                                                                   learned_nothing):
+    bal = Matrix(np.array([0, 10]), ("0", "1"), np.array([[500.0, 500.0], [490.0, 510.0]]))
+    pred = Matrix(np.array([0, 10, 20, 30]), ("0", "1"),
+                  np.array([[500.0, 500], [990, 10], [999, 1], [1000, 0]]))
+    info = {"loss_name": "binary_crossentropy"}
+    run = S.make_run(np.full(200, final_loss), labels=bal if labels_known else None,
+                     predictions=pred, json={"stability/run_info": [(0, info)]})
+    (f,) = data.detect_imbalance(run)
+    assert f.severity == "warning"
+    if labels_known:
+        assert f.remedy.startswith("Class weights will not help with balanced labels")
+        assert "class_weight=" not in f.remedy
+        assert f.evidence["label_entropy"] == pytest.approx(0.6929, abs=1e-3)  # 0.495/0.505
+        assert f.evidence["final_loss"] == pytest.approx(final_loss)
+    else:
+        assert "class_weight=" in f.remedy and "label_entropy" not in f.evidence
+    assert ("has learned nothing" in f.explanation) == learned_nothing
+
+
 @pytest.mark.parametrize(
     "predicted_majority,severity",
     [(1000.0, "warning"), (990.0, "warning"), (700.0, "info")],

@@ -13,7 +13,10 @@ class_imbalance
   >= ``IMBALANCE`` (10) or the majority share >= ``MAJORITY`` (0.9);
   predictions (last half of records): >= ``COLLAPSE`` (0.95) of predictions
   in one class while that class holds < 0.8 of the labels. Severity:
-  ``warning``.
+  ``warning``. With labels recorded, the collapse is not an imbalance: the
+  remedy says so (class weights cannot help) and, for a cross-entropy loss,
+  the evidence compares the final training loss with the labels' entropy
+  (a loss >= ``NOTHING_LEARNED`` of it means the base rate is all it learned).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import warnings
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _robust as R
 from tb_stability.findings import Finding
 from tb_stability.rundata import Matrix, RunData
 
@@ -31,6 +35,7 @@ STD_RATIO = 100.0
 IMBALANCE = 10.0
 MAJORITY = 0.9
 COLLAPSE = 0.95
+NOTHING_LEARNED = 0.9
 
 
 def input_scale(mean, std, lo, hi) -> dict:
@@ -165,20 +170,56 @@ def detect_imbalance(run: RunData) -> list[Finding]:
             top = int(np.argmax(counts))
             share = float(counts[top] / total)
             if share >= COLLAPSE and (label_share is None or label_share < 0.8):
-                out.append(Finding(
-                    kind="class_imbalance", severity="warning", run=run.name,
-                    first_step=int(pred.steps[len(pred) // 2]), last_step=int(pred.steps[-1]),
-                    evidence={"prediction_share": share, "predicted_class": str(pred.names[top]),
-                              "label_majority_share": label_share,
-                              "threshold": f"one predicted class >= {COLLAPSE:g} while labels < 0.8"},
-                    explanation=(
-                        f"{share:.0%} of the predictions are class {pred.names[top]}: the model "
-                        "collapsed to one class."
-                    ),
-                    remedy=(
+                evidence = {"prediction_share": share, "predicted_class": str(pred.names[top]),
+                            "label_majority_share": label_share,
+                            "threshold": f"one predicted class >= {COLLAPSE:g} while labels < 0.8"}
+                explanation = (f"{share:.0%} of the predictions are class {pred.names[top]}: the "
+                               "model collapsed to one class.")
+                if label_share is None:
+                    remedy = (
                         "Use class weights or a focal loss and check the output layer/loss pairing:\n"
                         "    model.fit(x, y, class_weight=class_weight)\n"
                         "    loss = keras.losses.BinaryFocalCrossentropy(apply_class_balancing=True)"
-                    ),
+                    )
+                else:
+                    explanation += _nothing_learned(run, lab, label_share, evidence)
+                    remedy = BALANCED_COLLAPSE_REMEDY
+                out.append(Finding(
+                    kind="class_imbalance", severity="warning", run=run.name,
+                    first_step=int(pred.steps[len(pred) // 2]), last_step=int(pred.steps[-1]),
+                    evidence=evidence, explanation=explanation, remedy=remedy,
                 ))
     return out
+
+
+BALANCED_COLLAPSE_REMEDY = (
+    "Class weights will not help with balanced labels. Check that the labels line up with the "
+    "inputs (x and y shuffled or joined separately), that the features carry signal (a small "
+    "model must overfit a few hundred samples; if it cannot, the data or the labels are "
+    "wrong), the output layer/loss pairing, and the learning rate (too high kills units, too "
+    "low stalls):\n"
+    "    model.fit(x[:256], y[:256], epochs=200)  # the training loss must approach 0"
+)
+
+
+def _nothing_learned(run: RunData, labels: Matrix, label_share: float, evidence: dict) -> str:
+    """Why a collapse on balanced labels is not an imbalance; adds the loss evidence it uses."""
+    text = (f" The labels are not imbalanced (the largest class holds {label_share:.0%}), so the "
+            "model found nothing that separates the classes.")
+    records = run.json.get("stability/run_info") or []
+    info = records[-1][1] if records and isinstance(records[-1][1], dict) else {}
+    loss, _ = C.loss_series(run)
+    if "crossentropy" not in str(info.get("loss_name") or info.get("loss") or "") or loss is None:
+        return text
+    counts = np.nansum(labels.values, axis=0)
+    p = counts[counts > 0] / counts.sum()
+    entropy = float(-(p * np.log(p)).sum())
+    final = R.level(loss.values, at_end=True)
+    if not (np.isfinite(final) and entropy > 0):
+        return text
+    evidence["final_loss"] = final
+    evidence["label_entropy"] = entropy
+    if final >= NOTHING_LEARNED * entropy:
+        text += (f" The training loss ends at {C.fmt(final)}, the entropy of the labels "
+                 f"({C.fmt(entropy)}): the model predicts the base rate and has learned nothing.")
+    return text
