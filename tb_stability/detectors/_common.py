@@ -89,25 +89,6 @@ def baseline_count(n: int) -> int:
     return int(min(100, max(5, n // 10)))
 
 
-def suggested_clipnorm(run: RunData) -> float | None:
-    """``clipnorm`` to suggest for ``run``: twice its early, healthy global gradient norm.
-
-    The healthy level is the median of the first `baseline_count` finite
-    values (the exploding-gradient baseline), so every finding that suggests
-    clipping on one run (exploding gradients, divergence, NaN) gives the same
-    number. None without a positive, finite gradient norm.
-    """
-    g = global_grad_norm(run)
-    if g is None:
-        return None
-    finite = np.asarray(g.values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if not finite.size:
-        return None
-    base = float(np.median(finite[:baseline_count(finite.size)]))
-    return round_sig(2 * base) if base > 0 else None
-
-
 def value_at(series: Series | None, step: int) -> float | None:
     """Value of ``series`` at ``step`` (exact match) or None."""
     if series is None or not len(series):

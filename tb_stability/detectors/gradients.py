@@ -91,6 +91,40 @@ def explosion(values, growth: float = GROWTH_THRESHOLD, smooth: int = SMOOTH) ->
     }
 
 
+def healthy_grad_norm(run: RunData) -> float | None:
+    """The typical global gradient norm of the run's healthy stretch.
+
+    The median of the finite norms before an explosion's onset (`explosion`)
+    and before the first non-finite norm; of all of them in a run without
+    either. None without a positive, finite norm.
+    """
+    g = C.global_grad_norm(run)
+    if g is None:
+        return None
+    x = np.asarray(g.values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(x))
+    ex = explosion(x)
+    end = min([x.size] + ([int(bad[0])] if bad.size else []) + ([ex["onset"]] if ex else []))
+    healthy = x[:end]
+    if healthy.size:
+        level = float(np.median(healthy))
+    elif ex is not None:
+        level = ex["baseline"]
+    else:
+        return None
+    return level if np.isfinite(level) and level > 0 else None
+
+
+def suggested_clipnorm(run: RunData) -> float | None:
+    """``clipnorm`` to suggest for ``run``: twice `healthy_grad_norm` (None without one).
+
+    One number per run, so every finding that suggests clipping (exploding
+    gradients, divergence, NaN, loss and final-step spikes) gives the same.
+    """
+    level = healthy_grad_norm(run)
+    return C.round_sig(2 * level) if level else None
+
+
 def vanishing_mask(first, last, ratio: float = VANISH_RATIO, absolute: float = VANISH_ABS):
     """Per-record test ``|first|/|last| < ratio and |first| < absolute``."""
     first = np.abs(np.asarray(first, dtype=np.float64))
@@ -143,7 +177,7 @@ def detect_exploding(run: RunData) -> list[Finding]:
             med = R.median(vals[[j for j in C.weight_columns(ur)]])
             if np.isfinite(med) and med > 1e-3:
                 factor = float(max(2.0, min(100.0, C.round_sig(med / 1e-3, 1))))
-    clip = C.suggested_clipnorm(run) or C.round_sig(2 * base)
+    clip = suggested_clipnorm(run) or C.round_sig(2 * base)
     lr_line = (
         f"learning_rate={C.round_sig(lr / factor):g}, " if lr else ""
     )

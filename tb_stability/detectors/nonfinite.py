@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import gradients
 from tb_stability.detectors._loss_scale import (  # noqa: F401 - re-exported for the instrumentation
     LOSS_SCALE_FLOOR,
     MAX_CONSECUTIVE_SKIPS,
@@ -255,7 +256,7 @@ def detect(run: RunData) -> list[Finding]:
     where = f" in {', '.join(names[:5])}" if names else ""
     what = ", ".join(signals)
     if exploding:
-        clip = C.suggested_clipnorm(run) or (
+        clip = gradients.suggested_clipnorm(run) or (
             C.round_sig(2 * healthy) if np.isfinite(healthy) and healthy > 0 else 1.0)
         lr = C.lr_at(run, onset)
         lr_txt = f"{C.round_sig(lr / 10, 2):g}" if lr else "1e-4"

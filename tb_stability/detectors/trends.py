@@ -36,6 +36,7 @@ import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _robust as R
+from tb_stability.detectors import gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
@@ -151,7 +152,7 @@ def detect_divergence(run: RunData) -> list[Finding]:
     onset = int(steps[d["onset"]])
     lr = C.lr_at(run, onset)
     lr_txt = f"{C.round_sig(lr / 10):g}" if lr else "1e-4"
-    suggested = C.suggested_clipnorm(run)
+    suggested = gradients.suggested_clipnorm(run)
     clip = f", clipnorm={suggested:g}" if suggested else ""
     return [Finding(
         kind="divergence",

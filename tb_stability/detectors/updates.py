@@ -31,6 +31,7 @@ import warnings
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
@@ -90,6 +91,7 @@ def detect(run: RunData) -> list[Finding]:
         factor = _lr_factor(float(med[worst] if med[worst] > HIGH else mx[worst]))
         lr0 = C.lr_at(run, first)
         new_lr = f"{C.round_sig(lr0 * factor):g}" if lr0 else "1e-3"
+        clip = gradients.suggested_clipnorm(run) or 1.0
         out.append(Finding(
             kind="update_ratio_high",
             severity="warning",
@@ -109,7 +111,7 @@ def detect(run: RunData) -> list[Finding]:
             ),
             remedy=(
                 f"Lower the learning rate by ~{C.fmt(1 / factor)}x to bring the ratio near {HEALTHY:g}:\n"
-                f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr}, clipnorm=1.0)"
+                f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr}, clipnorm={clip:g})"
             ),
         ))
     lo = [j for j in low_columns(sub) if j not in hi]  # blown up then dead is not "too low"
