@@ -70,6 +70,12 @@ def test_tab_and_findings_show(session):
     assert badge.text_content().strip() == "critical"
     remedy = frame.locator(".finding[data-kind='nan_inf'] .remedy").first
     assert remedy.is_visible() and remedy.text_content().strip()
+    # Long prose lines wrap inside the box (nothing hidden behind a scroll bar);
+    # the snippet's line breaks and indentation stay.
+    widths = frame.eval_on_selector_all(
+        ".remedy", "els => els.map(e => [e.scrollWidth, e.clientWidth])")
+    assert widths and all(scroll <= client + 1 for scroll, client in widths), widths
+    assert "\n    optimizer = " in remedy.text_content()
 
 
 def test_selecting_a_finding_zooms_the_charts(session):

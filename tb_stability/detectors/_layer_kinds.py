@@ -55,8 +55,14 @@ def recurrent_class(layer: str, entry: Optional[dict]) -> Optional[str]:
     return None
 
 
-def recurrent_remedy(layers: list[str], table: dict) -> Optional[str]:
-    """A fix for vanishing gradients through recurrent ``layers`` (None if none is recurrent)."""
+def recurrent_remedy(layers: list[str], table: dict, clipnorm: float = 1.0) -> Optional[str]:
+    """A fix for vanishing gradients through recurrent ``layers`` (None if none is recurrent).
+
+    Args:
+      layers: The flagged layers (variable-path prefixes).
+      table: `layer_activations` of the run.
+      clipnorm: The ``clipnorm`` the snippet sets.
+    """
     found = [(layer, recurrent_class(layer, describe(table, layer))) for layer in layers]
     recurrent = [(layer, kind) for layer, kind in found if kind is not None]
     if not recurrent:
@@ -82,7 +88,7 @@ def recurrent_remedy(layers: list[str], table: dict) -> Optional[str]:
         f"    x = keras.layers.Add()([x, keras.layers.{kind}({units}, return_sequences=True)(x)])"
         "  # residual",
         "    x = keras.layers.LayerNormalization()(x)",
-        "    optimizer = keras.optimizers.Adam(1e-3, clipnorm=1.0)",
+        f"    optimizer = keras.optimizers.Adam(1e-3, clipnorm={clipnorm:g})",
     ]
     return "\n".join(lines)
 

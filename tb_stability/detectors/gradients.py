@@ -307,7 +307,8 @@ def detect_vanishing(run: RunData) -> list[Finding]:
                 f"Gradients reaching {listed} are {C.fmt(evidence['median_ratio_first_to_last'])}x "
                 f"those of {names[-1]}, so the early layers barely learn."
             ),
-            remedy=K.recurrent_remedy(layers, table) or _feedforward_remedy(listed, activations),
+            remedy=(K.recurrent_remedy(layers, table, suggested_clipnorm(run) or 1.0)
+                    or _feedforward_remedy(listed, activations)),
         )
     ]
 
