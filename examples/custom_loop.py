@@ -29,7 +29,8 @@ def main(logdir: str, steps: int = 24, every: int = 4, xla: bool = False) -> Non
                               keras.layers.Dense(1)])
     optimizer = keras.optimizers.Adam(1e-2)
     loss_fn = keras.losses.MeanSquaredError()
-    monitor = StabilityMonitor(logdir, every=every, optimizer=optimizer, jit_compile=xla)
+    monitor = StabilityMonitor(logdir, every=every, optimizer=optimizer, jit_compile=xla,
+                               model=model)
 
     @tf.function(jit_compile=xla)
     def train_step(xb, yb):

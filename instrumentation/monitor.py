@@ -3,7 +3,8 @@
 Example:
   ```python
   monitor = StabilityMonitor("logs/run1", every=50, optimizer=optimizer,
-                             jit_compile=True)  # observe() runs in an XLA function
+                             jit_compile=True,  # observe() runs in an XLA function
+                             model=model)       # optional: its layers' activations
 
   @tf.function(jit_compile=True)
   def train_step(x, y):
@@ -28,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 import tensorflow as tf
 
+from instrumentation import config_check
 from instrumentation import distribute
 from instrumentation import flush_policy
 from instrumentation.graph_values import plain_variable
@@ -70,6 +72,10 @@ class StabilityMonitor:
       jit_compile: Whether `observe` runs inside an XLA-compiled function
         (``tf.function(jit_compile=True)``). On a CPU the norms are then
         summed in a form XLA computes faster (`graph_values.half_sum_squares`).
+      model: Optional Keras model: its layers' activations are recorded in
+        the run info (`config_check.layer_activations`), so that findings name
+        them and fit their remedy to the layer (an LSTM is not fixed like a
+        Dense layer).
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class StabilityMonitor:
         snapshot_weights: bool = True,
         strategy: Any = None,
         jit_compile: bool = False,
+        model: Any = None,
     ):
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -91,6 +98,7 @@ class StabilityMonitor:
         self.capacity = int(capacity) if capacity else 2 * self.every + 1
         self.snapshot_weights = bool(snapshot_weights)
         self.jit_compile = bool(jit_compile)
+        self.model = model
         self.strategy = strategy or tf.distribute.get_strategy()
         self._extra_columns = ()
         if distribute.num_replicas(self.strategy) > 1:
@@ -204,6 +212,11 @@ class StabilityMonitor:
             self._info_written = True
             info = run_info(None, self.optimizer, self.every, self._stats.names)
             info["source"] = "StabilityMonitor"
+            if self.model is not None:
+                try:
+                    info["layer_activations"] = config_check.layer_activations(self.model)
+                except Exception as error:  # noqa: BLE001 - never fail training
+                    logger.debug("layer activations failed", exc_info=error)
             self.writer.write_json(schema.TAG_RUN_INFO, self._drainer.next_step, info)
         self._drainer.drain()
 

@@ -26,12 +26,12 @@ LR = 0.05
 BATCH = 8
 
 
-def train(monitor_dir, x, y, every=2, jit=False, tick=True, features=4):
+def train(monitor_dir, x, y, every=2, jit=False, tick=True, features=4, pass_model=False):
     model = make_model("functional", features)
     optimizer = keras.optimizers.SGD(LR)
     loss_fn = keras.losses.MeanSquaredError()
     monitor = StabilityMonitor(str(monitor_dir), every=every, optimizer=optimizer,
-                               jit_compile=jit)
+                               jit_compile=jit, model=model if pass_model else None)
 
     @tf.function(jit_compile=jit)
     def step(xb, yb):
@@ -96,3 +96,18 @@ def test_monitor_warns_when_steps_are_dropped(tmp_path):
         train(tmp_path, x, y, every=2, tick=False)
     steps = column(step_rows(read_events(tmp_path)), "step").tolist()
     assert steps == list(range(7, 12))
+
+
+def test_monitor_records_the_layer_activations_of_a_model_it_is_given(tmp_path):
+    x, y = data()
+    model, _ = train(tmp_path / "with", x, y, pass_model=True)
+    (info,) = run_infos(read_events(tmp_path / "with"))
+    table = info["layer_activations"]
+    dense = [layer for layer in model.layers if hasattr(layer, "activation")]
+    assert dense and set(table) == {layer.path for layer in dense}
+    for layer in dense:
+        assert table[layer.path]["class"] == type(layer).__name__
+        assert table[layer.path]["activation"] == layer.activation.__name__
+    train(tmp_path / "without", x, y)
+    (info,) = run_infos(read_events(tmp_path / "without"))
+    assert "layer_activations" not in info
