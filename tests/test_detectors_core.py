@@ -435,7 +435,7 @@ def test_recorded_origin_leads_layers_explanation_and_remedy(origin, expected_fi
         assert remedy in finding.remedy
 
 
-def test_every_finding_on_one_exploding_run_suggests_the_same_clipnorm():
+def test_every_finding_on_one_exploding_run_suggests_the_same_clipnorm_and_learning_rate():
     import re
 
     from tb_stability import analysis
@@ -446,7 +446,8 @@ def test_every_finding_on_one_exploding_run_suggests_the_same_clipnorm():
     grad[200:260] *= np.exp(np.arange(60) * 0.5)  # explodes from step 200
     loss[210:260] *= np.exp(np.arange(50) * 0.4)  # then the loss diverges
     grad[260:], loss[260:] = np.inf, np.nan       # and overflows
-    run = S.make_run(loss, grad)
+    updates = S.per_variable(n, scale=[0.05] * 6)  # kernels move 5% per step: 50x too much
+    run = S.make_run(loss, grad, variables={"update_ratio": updates})
     found = {f.kind: f for f in analysis.analyze_run(run)}
     assert {"exploding_gradients", "divergence", "nan_inf"} <= set(found)
     clips = {kind: re.findall(r"clipnorm=([0-9.e+-]+)", found[kind].remedy)
@@ -458,3 +459,9 @@ def test_every_finding_on_one_exploding_run_suggests_the_same_clipnorm():
     for kind, values in clips.items():
         assert len(values) == 1, (kind, found[kind].remedy)
         assert float(values[0]) == pytest.approx(expected, rel=0.05), kind
+    # And the same lower learning rate, from the update ratio at the crossing (~5%: ~50x).
+    factor = found["exploding_gradients"].evidence["suggested_lr_factor"]
+    assert 20 <= factor <= 100
+    for kind in ("exploding_gradients", "divergence", "nan_inf"):
+        assert f"learning_rate={1e-3 / factor:.2g}," in found[kind].remedy, found[kind].remedy
+        assert f"learning rate {factor:g}x" in found[kind].remedy, found[kind].remedy

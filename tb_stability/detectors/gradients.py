@@ -125,6 +125,32 @@ def suggested_clipnorm(run: RunData) -> float | None:
     return C.round_sig(2 * level) if level else None
 
 
+def _lr_factor_at(run: RunData, step: int) -> float:
+    """``median kernel update ratio / 1e-3`` at the last record <= ``step``, in [2, 100]; else 10."""
+    ur = run.variables.get("update_ratio")
+    if ur is not None and len(ur):
+        rows = np.flatnonzero(ur.steps <= step)
+        if rows.size:
+            vals = ur.values[rows[-1]]
+            med = R.median(vals[[j for j in C.weight_columns(ur)]])
+            if np.isfinite(med) and med > 1e-3:
+                return float(max(2.0, min(100.0, C.round_sig(med / 1e-3, 1))))
+    return 10.0
+
+
+def suggested_lr_factor(run: RunData) -> float:
+    """How many times lower a learning rate the remedies of ``run`` suggest.
+
+    Where the gradient norm explodes (`explosion`): the kernels' update
+    ratio at the crossing over 1e-3 (healthy), within [2, 100]; otherwise 10.
+    One number per run, so the exploding-gradient, divergence and NaN remedies
+    agree.
+    """
+    g = C.global_grad_norm(run)
+    ex = explosion(g.values) if g is not None else None
+    return _lr_factor_at(run, int(g.steps[ex["cross"]])) if ex is not None else 10.0
+
+
 def vanishing_mask(first, last, ratio: float = VANISH_RATIO, absolute: float = VANISH_ABS):
     """Per-record test ``|first|/|last| < ratio and |first| < absolute``."""
     first = np.abs(np.asarray(first, dtype=np.float64))
@@ -168,15 +194,7 @@ def detect_exploding(run: RunData) -> list[Finding]:
         per_layer = {m.names[j]: C.num(ratios[j]) for j in order}
 
     lr = C.lr_at(run, onset)
-    factor = 10.0
-    ur = run.variables.get("update_ratio")
-    if ur is not None and len(ur):
-        rows = np.flatnonzero(ur.steps <= cross)
-        if rows.size:
-            vals = ur.values[rows[-1]]
-            med = R.median(vals[[j for j in C.weight_columns(ur)]])
-            if np.isfinite(med) and med > 1e-3:
-                factor = float(max(2.0, min(100.0, C.round_sig(med / 1e-3, 1))))
+    factor = _lr_factor_at(run, cross)
     clip = suggested_clipnorm(run) or C.round_sig(2 * base)
     lr_line = (
         f"learning_rate={C.round_sig(lr / factor):g}, " if lr else ""

@@ -256,10 +256,12 @@ def detect(run: RunData) -> list[Finding]:
     where = f" in {', '.join(names[:5])}" if names else ""
     what = ", ".join(signals)
     if exploding:
-        clip = gradients.suggested_clipnorm(run) or (
-            C.round_sig(2 * healthy) if np.isfinite(healthy) and healthy > 0 else 1.0)
+        level = gradients.healthy_grad_norm(run) or (
+            healthy if np.isfinite(healthy) and healthy > 0 else None)
+        clip = C.round_sig(2 * level) if level else 1.0
+        factor = gradients.suggested_lr_factor(run)
         lr = C.lr_at(run, onset)
-        lr_txt = f"{C.round_sig(lr / 10, 2):g}" if lr else "1e-4"
+        lr_txt = f"{C.round_sig(lr / factor, 2):g}" if lr else "1e-4"
         explanation = (
             f"Values became non-finite at step {onset} ({what}){where}. "
             f"The gradient norm grew {C.fmt(growth)}x over the {LOOKBACK} steps before, so an "
@@ -268,7 +270,7 @@ def detect(run: RunData) -> list[Finding]:
         if clipping:
             remedy = (
                 f"Gradients are already clipped ({_clip_txt(clipping)}), so lower the learning "
-                "rate 10x and look for the op producing Inf/NaN (clipping cannot repair a "
+                f"rate {factor:g}x and look for the op producing Inf/NaN (clipping cannot repair a "
                 "non-finite gradient):\n"
                 f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, {_clip_txt(clipping)})\n"
                 "    tf.debugging.enable_check_numerics()  # before building the model\n"
@@ -276,8 +278,8 @@ def detect(run: RunData) -> list[Finding]:
             )
         else:
             remedy = (
-                f"Clip gradients at about 2x the healthy norm ({C.fmt(healthy)}) and lower the "
-                "learning rate 10x:\n"
+                f"Clip gradients at about 2x the healthy norm ({C.fmt(level or float('nan'))}) "
+                f"and lower the learning rate {factor:g}x:\n"
                 f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, clipnorm={clip:g})\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )

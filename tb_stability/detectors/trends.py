@@ -151,7 +151,8 @@ def detect_divergence(run: RunData) -> list[Finding]:
     severity = "critical" if d["ratio"] >= BLOWUP or ends_nonfinite else "warning"
     onset = int(steps[d["onset"]])
     lr = C.lr_at(run, onset)
-    lr_txt = f"{C.round_sig(lr / 10):g}" if lr else "1e-4"
+    factor = gradients.suggested_lr_factor(run)
+    lr_txt = f"{C.round_sig(lr / factor):g}" if lr else "1e-4"
     suggested = gradients.suggested_clipnorm(run)
     clip = f", clipnorm={suggested:g}" if suggested else ""
     return [Finding(
@@ -176,7 +177,7 @@ def detect_divergence(run: RunData) -> list[Finding]:
             f"{C.fmt(d['final'])} ({C.fmt(d['ratio'])}x) and stayed there: training is diverging."
         ),
         remedy=(
-            "Lower the learning rate 10x (or decay it) and clip gradients:\n"
+            f"Lower the learning rate {factor:g}x (or decay it) and clip gradients:\n"
             f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}{clip})\n"
             "    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.5, patience=2)"
         ),
