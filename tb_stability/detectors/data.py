@@ -13,8 +13,9 @@ class_imbalance
   >= ``IMBALANCE`` (10) or the majority share >= ``MAJORITY`` (0.9);
   predictions (last half of records): >= ``COLLAPSE`` (0.95) of predictions
   in one class while that class holds < 0.8 of the labels. Severity:
-  ``warning``. With labels recorded, the collapse is not an imbalance: the
-  remedy says so (class weights cannot help) and, for a cross-entropy loss,
+  ``warning``. With labels recorded and no class above ``BALANCED`` (0.6) of
+  them, the collapse is not an imbalance: the remedy says so (class weights
+  cannot help) and, for a cross-entropy loss,
   the evidence compares the final training loss with the labels' entropy
   (a loss >= ``NOTHING_LEARNED`` of it means the base rate is all it learned).
 """
@@ -36,6 +37,7 @@ IMBALANCE = 10.0
 MAJORITY = 0.9
 COLLAPSE = 0.95
 NOTHING_LEARNED = 0.9
+BALANCED = 0.6
 
 
 def input_scale(mean, std, lo, hi) -> dict:
@@ -175,7 +177,7 @@ def detect_imbalance(run: RunData) -> list[Finding]:
                             "threshold": f"one predicted class >= {COLLAPSE:g} while labels < 0.8"}
                 explanation = (f"{share:.0%} of the predictions are class {pred.names[top]}: the "
                                "model collapsed to one class.")
-                if label_share is None:
+                if label_share is None or label_share > BALANCED:
                     remedy = (
                         "Use class weights or a focal loss and check the output layer/loss pairing:\n"
                         "    model.fit(x, y, class_weight=class_weight)\n"
