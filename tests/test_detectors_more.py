@@ -176,10 +176,6 @@ def test_class_imbalance_labels_and_collapse():
 def test_a_collapse_on_balanced_labels_is_not_called_an_imbalance(final_loss, labels_known,
                                                                    learned_nothing):
     bal = Matrix(np.array([0, 10]), ("0", "1"), np.array([[500.0, 500.0], [490.0, 510.0]]))
-    skewed = Matrix(np.array([0, 10]), ("0", "1"), np.array([[700.0, 300.0], [700.0, 300.0]]))
-    pred_all_0 = Matrix(np.array([0, 10, 20, 30]), ("0", "1"), np.array([[999.0, 1]] * 4))
-    (f,) = data.detect_imbalance(RunData(name="r", labels=skewed, predictions=pred_all_0))
-    assert "class_weight=" in f.remedy  # 70/30 labels: weighting can still help
     pred = Matrix(np.array([0, 10, 20, 30]), ("0", "1"),
                   np.array([[500.0, 500], [990, 10], [999, 1], [1000, 0]]))
     info = {"loss_name": "binary_crossentropy"}
@@ -195,6 +191,13 @@ def test_a_collapse_on_balanced_labels_is_not_called_an_imbalance(final_loss, la
     else:
         assert "class_weight=" in f.remedy and "label_entropy" not in f.evidence
     assert ("has learned nothing" in f.explanation) == learned_nothing
+
+
+def test_a_collapse_on_70_30_labels_keeps_the_class_weight_remedy():
+    skewed = Matrix(np.array([0, 10]), ("0", "1"), np.array([[700.0, 300.0], [700.0, 300.0]]))
+    pred_all_0 = Matrix(np.array([0, 10, 20, 30]), ("0", "1"), np.array([[999.0, 1]] * 4))
+    (f,) = data.detect_imbalance(RunData(name="r", labels=skewed, predictions=pred_all_0))
+    assert "class_weight=" in f.remedy  # 70/30 labels: weighting can still help
 
 
 @pytest.mark.parametrize(

@@ -84,11 +84,6 @@ def global_grad_norm(run: RunData) -> Series | None:
     return None
 
 
-def baseline_count(n: int) -> int:
-    """Number of early finite gradient norms forming the healthy baseline."""
-    return int(min(100, max(5, n // 10)))
-
-
 def value_at(series: Series | None, step: int) -> float | None:
     """Value of ``series`` at ``step`` (exact match) or None."""
     if series is None or not len(series):
@@ -171,6 +166,14 @@ def raised_learning_rate(lr, factor: float) -> tuple[float | None, float | None]
     if new <= lr:
         return None, None
     return new, round_sig(new / lr, 2)
+
+
+def latest_run_info(run: RunData, key: str | None = None) -> dict:
+    """The newest ``stability/run_info`` record of ``run`` (holding ``key``, if given); {} if none."""
+    for _, info in reversed(run.json.get("stability/run_info") or []):
+        if isinstance(info, dict) and (key is None or key in info):
+            return info
+    return {}
 
 
 def configured_clipping(run: RunData) -> dict:

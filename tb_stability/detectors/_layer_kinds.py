@@ -13,24 +13,23 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+from tb_stability.detectors import _common as C
 from tb_stability.rundata import RunData
 
 _RECURRENT_CLASSES = {"LSTM": "LSTM", "LSTMCell": "LSTM", "GRU": "GRU", "GRUCell": "GRU",
                       "SimpleRNN": "SimpleRNN", "SimpleRNNCell": "SimpleRNN"}
 _RECURRENT_NAMES = (("lstm", "LSTM"), ("gru", "GRU"), ("simple_rnn", "SimpleRNN"))
 _NAME_PART = re.compile(r"[^/]+")
-# The recurrence's activation Keras uses by default, and why another one hurts.
+# The activation Keras' recurrent layers apply to the cell state by default.
 _RECURRENT_DEFAULT = "tanh"
 
 
 def layer_activations(run: RunData) -> dict:
     """``{layer path: {"class", "activation", "kind", ...}}`` recorded for ``run`` ({} if none)."""
-    records = run.json.get("stability/run_info") or []
-    for _, info in reversed(records):
-        table = info.get("layer_activations") if isinstance(info, dict) else None
-        if isinstance(table, dict):
-            return {str(k): v for k, v in table.items() if isinstance(v, dict)}
-    return {}
+    table = C.latest_run_info(run, "layer_activations").get("layer_activations")
+    if not isinstance(table, dict):
+        return {}
+    return {str(k): v for k, v in table.items() if isinstance(v, dict)}
 
 
 def describe(table: dict, layer: str) -> Optional[dict]:

@@ -15,9 +15,9 @@ class_imbalance
   in one class while that class holds < 0.8 of the labels. Severity:
   ``warning``. With labels recorded and no class above ``BALANCED`` (0.6) of
   them, the collapse is not an imbalance: the remedy says so (class weights
-  cannot help) and, for a cross-entropy loss,
-  the evidence compares the final training loss with the labels' entropy
-  (a loss >= ``NOTHING_LEARNED`` of it means the base rate is all it learned).
+  cannot help) and, for a cross-entropy loss, the evidence compares the final
+  training loss with the labels' entropy (a loss >= ``NOTHING_LEARNED`` of it
+  means the base rate is all it learned).
 """
 
 from __future__ import annotations
@@ -208,8 +208,7 @@ def _nothing_learned(run: RunData, labels: Matrix, label_share: float, evidence:
     """Why a collapse on balanced labels is not an imbalance; adds the loss evidence it uses."""
     text = (f" The labels are not imbalanced (the largest class holds {label_share:.0%}), so the "
             "model found nothing that separates the classes.")
-    records = run.json.get("stability/run_info") or []
-    info = records[-1][1] if records and isinstance(records[-1][1], dict) else {}
+    info = C.latest_run_info(run)
     loss, _ = C.loss_series(run)
     if "crossentropy" not in str(info.get("loss_name") or info.get("loss") or "") or loss is None:
         return text

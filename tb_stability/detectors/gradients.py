@@ -28,6 +28,8 @@ vanishing_gradients
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from tb_stability.detectors import _common as C
@@ -42,6 +44,11 @@ SMOOTH = 5
 VANISH_RATIO = 1e-3
 VANISH_ABS = 1e-4
 VANISH_MAJORITY = 0.5
+
+
+def baseline_count(n: int) -> int:
+    """Number of early finite values forming the baseline."""
+    return int(min(100, max(5, n // 10)))
 
 
 def explosion(values, growth: float = GROWTH_THRESHOLD, smooth: int = SMOOTH) -> dict | None:
@@ -63,7 +70,7 @@ def explosion(values, growth: float = GROWTH_THRESHOLD, smooth: int = SMOOTH) ->
     """
     x = np.asarray(values, dtype=np.float64)
     idx = np.flatnonzero(np.isfinite(x))
-    nb = C.baseline_count(idx.size)
+    nb = baseline_count(idx.size)
     if idx.size < nb + smooth:
         return None
     f = x[idx]
@@ -91,38 +98,43 @@ def explosion(values, growth: float = GROWTH_THRESHOLD, smooth: int = SMOOTH) ->
     }
 
 
-def healthy_grad_norm(run: RunData) -> float | None:
-    """The typical global gradient norm of the run's healthy stretch.
+class RemedySettings(NamedTuple):
+    """The clipping and learning-rate change every remedy of one run suggests.
 
-    The median of the finite norms before an explosion's onset (`explosion`)
-    and before the first non-finite norm; of all of them in a run without
-    either. None without a positive, finite norm.
+    Attributes:
+      healthy_norm: Typical global gradient norm of the healthy stretch: the
+        median of the finite norms before an explosion's onset and before the
+        first non-finite norm (of all of them in a run without either); None
+        without a positive, finite norm.
+      clipnorm: Twice ``healthy_norm`` (None without one).
+      lr_factor: How many times lower a learning rate to suggest: where the
+        gradient norm explodes, the kernels' update ratio at the crossing over
+        1e-3 (healthy), within [2, 100]; otherwise 10.
+    """
+
+    healthy_norm: float | None
+    clipnorm: float | None
+    lr_factor: float
+
+
+def remedy_settings(run: RunData) -> RemedySettings:
+    """`RemedySettings` of ``run``, from one scan for an explosion.
+
+    The exploding-gradient, divergence, NaN, update-ratio, spike and vanishing
+    remedies of one run all use it, so they give the same numbers.
     """
     g = C.global_grad_norm(run)
     if g is None:
-        return None
+        return RemedySettings(None, None, 10.0)
     x = np.asarray(g.values, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(x))
     ex = explosion(x)
     end = min([x.size] + ([int(bad[0])] if bad.size else []) + ([ex["onset"]] if ex else []))
-    healthy = x[:end]
-    if healthy.size:
-        level = float(np.median(healthy))
-    elif ex is not None:
-        level = ex["baseline"]
-    else:
-        return None
-    return level if np.isfinite(level) and level > 0 else None
-
-
-def suggested_clipnorm(run: RunData) -> float | None:
-    """``clipnorm`` to suggest for ``run``: twice `healthy_grad_norm` (None without one).
-
-    One number per run, so every finding that suggests clipping (exploding
-    gradients, divergence, NaN, loss and final-step spikes) gives the same.
-    """
-    level = healthy_grad_norm(run)
-    return C.round_sig(2 * level) if level else None
+    level = float(np.median(x[:end])) if end else (ex["baseline"] if ex is not None else None)
+    if level is None or not (np.isfinite(level) and level > 0):
+        level = None
+    factor = _lr_factor_at(run, int(g.steps[ex["cross"]])) if ex is not None else 10.0
+    return RemedySettings(level, C.round_sig(2 * level) if level else None, factor)
 
 
 def _lr_factor_at(run: RunData, step: int) -> float:
@@ -136,19 +148,6 @@ def _lr_factor_at(run: RunData, step: int) -> float:
             if np.isfinite(med) and med > 1e-3:
                 return float(max(2.0, min(100.0, C.round_sig(med / 1e-3, 1))))
     return 10.0
-
-
-def suggested_lr_factor(run: RunData) -> float:
-    """How many times lower a learning rate the remedies of ``run`` suggest.
-
-    Where the gradient norm explodes (`explosion`): the kernels' update
-    ratio at the crossing over 1e-3 (healthy), within [2, 100]; otherwise 10.
-    One number per run, so the exploding-gradient, divergence and NaN remedies
-    agree.
-    """
-    g = C.global_grad_norm(run)
-    ex = explosion(g.values) if g is not None else None
-    return _lr_factor_at(run, int(g.steps[ex["cross"]])) if ex is not None else 10.0
 
 
 def vanishing_mask(first, last, ratio: float = VANISH_RATIO, absolute: float = VANISH_ABS):
@@ -195,14 +194,14 @@ def detect_exploding(run: RunData) -> list[Finding]:
 
     lr = C.lr_at(run, onset)
     factor = _lr_factor_at(run, cross)
-    clip = suggested_clipnorm(run) or C.round_sig(2 * base)
+    clip = remedy_settings(run).clipnorm or C.round_sig(2 * base)
     lr_line = (
         f"learning_rate={C.round_sig(lr / factor):g}, " if lr else ""
     )
     evidence = {
         "signal": "stability/steps:grad_norm" if "grad_norm" in run.steps else "variables:grad_norm (global)",
         "baseline_grad_norm": base,
-        "baseline_points": C.baseline_count(int(np.isfinite(g.values).sum())),
+        "baseline_points": baseline_count(int(np.isfinite(g.values).sum())),
         "smoothed_over": SMOOTH,
         "threshold": f"smoothed grad norm >= {GROWTH_THRESHOLD:g}x baseline",
         "crossed_at_step": cross,
@@ -325,7 +324,7 @@ def detect_vanishing(run: RunData) -> list[Finding]:
                 f"Gradients reaching {listed} are {C.fmt(evidence['median_ratio_first_to_last'])}x "
                 f"those of {names[-1]}, so the early layers barely learn."
             ),
-            remedy=(K.recurrent_remedy(layers, table, suggested_clipnorm(run) or 1.0)
+            remedy=(K.recurrent_remedy(layers, table, remedy_settings(run).clipnorm or 1.0)
                     or _feedforward_remedy(listed, activations)),
         )
     ]

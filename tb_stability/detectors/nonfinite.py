@@ -256,10 +256,11 @@ def detect(run: RunData) -> list[Finding]:
     where = f" in {', '.join(names[:5])}" if names else ""
     what = ", ".join(signals)
     if exploding:
-        level = gradients.healthy_grad_norm(run) or (
+        settings = gradients.remedy_settings(run)
+        level = settings.healthy_norm or (
             healthy if np.isfinite(healthy) and healthy > 0 else None)
         clip = C.round_sig(2 * level) if level else 1.0
-        factor = gradients.suggested_lr_factor(run)
+        factor = settings.lr_factor
         lr = C.lr_at(run, onset)
         lr_txt = f"{C.round_sig(lr / factor, 2):g}" if lr else "1e-4"
         explanation = (

@@ -151,10 +151,10 @@ def detect_divergence(run: RunData) -> list[Finding]:
     severity = "critical" if d["ratio"] >= BLOWUP or ends_nonfinite else "warning"
     onset = int(steps[d["onset"]])
     lr = C.lr_at(run, onset)
-    factor = gradients.suggested_lr_factor(run)
+    settings = gradients.remedy_settings(run)
+    factor = settings.lr_factor
     lr_txt = f"{C.round_sig(lr / factor):g}" if lr else "1e-4"
-    suggested = gradients.suggested_clipnorm(run)
-    clip = f", clipnorm={suggested:g}" if suggested else ""
+    clip = f", clipnorm={settings.clipnorm:g}" if settings.clipnorm else ""
     return [Finding(
         kind="divergence",
         severity=severity,

@@ -91,7 +91,7 @@ def detect(run: RunData) -> list[Finding]:
         factor = _lr_factor(float(med[worst] if med[worst] > HIGH else mx[worst]))
         lr0 = C.lr_at(run, first)
         new_lr = f"{C.round_sig(lr0 * factor):g}" if lr0 else "1e-3"
-        clip = gradients.suggested_clipnorm(run) or 1.0
+        clip = gradients.remedy_settings(run).clipnorm or 1.0
         out.append(Finding(
             kind="update_ratio_high",
             severity="warning",
