@@ -19,7 +19,10 @@ those rules do not cover (so none is reported twice):
   labels: use the sparse loss).
 
 The output activation is only reported for models with symbolic outputs
-(Sequential, functional); a subclassed model's ``call`` may apply anything.
+(Sequential, functional); a subclassed model's ``call`` may apply anything. A
+model with several outputs is checked output by output, each against its own
+loss (`losses_by_output`), and records its fields per output under
+``outputs``.
 
 `layer_activations` adds ``layer_activations``: for every layer with an
 ``activation`` attribute (recurrent cells included), keyed by the layer's
@@ -31,22 +34,24 @@ a fix that fits the layer (an LSTM is not fixed like a Dense layer).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+import tensorflow as tf
 
 from instrumentation.activation_kinds import activation_name, classify
-from instrumentation.model_layers import all_layers, output_layers
+from instrumentation.model_layers import all_layers
 
 MAX_LAYERS_DESCRIBED = 512
 _CLASSIFICATION = ("crossentropy", "hinge", "focal", "kl_divergence", "kld", "poisson")
 
 
 def loss_info(model) -> dict:
-    """``{"loss_name", "from_logits"}`` of the (first) compiled loss."""
-    loss = getattr(model, "loss", None)
-    if isinstance(loss, dict):
-        loss = next(iter(loss.values()), None)
-    elif isinstance(loss, (list, tuple)):
-        loss = loss[0] if loss else None
+    """``{"loss_name", "from_logits"}`` of the loss of the model's first output."""
+    return describe_loss(losses_by_output(model, 1)[0])
+
+
+def describe_loss(loss) -> dict:
+    """``{"loss_name", "from_logits"}`` of one compiled loss (a name, a callable or a Loss)."""
     from_logits: Optional[bool] = None
     if isinstance(loss, str):
         name, from_logits = loss, False
@@ -67,35 +72,91 @@ def loss_info(model) -> dict:
     return {"loss_name": _canonical(name), "from_logits": from_logits}
 
 
-def output_info(model) -> dict:
-    """``{"output_layer", "output_activation", "output_units"}`` (None when unknown)."""
-    info: dict[str, Any] = {"output_layer": None, "output_activation": None, "output_units": None}
+def losses_by_output(model, count: int, names: Sequence[str] = ()) -> list:
+    """The compiled loss of each of ``count`` outputs, in ``model.outputs`` order.
+
+    A single loss applies to every output; a list or tuple goes by position; a
+    dict by output name (``model.output_names``) or, for a model whose outputs
+    are a dict, by its keys (``model.outputs`` follows their sorted order).
+    None where an output has no loss or the mapping is unclear.
+    """
+    loss = getattr(model, "loss", None)
+    if isinstance(loss, (list, tuple)):
+        return [loss[i] if i < len(loss) else None for i in range(count)]
+    if not isinstance(loss, dict):
+        return [loss] * count
+    if any(name in loss for name in names):
+        return [loss.get(name) for name in names]
+    struct = getattr(model, "_outputs_struct", None)
+    if isinstance(struct, dict) and len(struct) == count:
+        return [loss.get(key) for key in sorted(struct)]
+    if count == 1 and len(loss) == 1:
+        return list(loss.values())
+    return [None] * count
+
+
+def output_entries(model) -> list[dict]:
+    """One entry per model output, in ``model.outputs`` order (that of the flattened predictions).
+
+    Each holds ``output`` (its name), ``output_layer``, ``output_activation``,
+    ``output_units`` and its loss's ``loss_name`` and ``from_logits``. A model
+    without symbolic outputs (subclassed) gets one entry whose output fields
+    are None: its ``call`` may apply anything.
+    """
+    tensors = []
     try:
-        symbolic = bool(getattr(model, "outputs", None))
+        tensors = list(tf.nest.flatten(model.outputs)) if getattr(model, "outputs", None) else []
     except Exception:  # noqa: BLE001 - subclassed models raise
-        symbolic = False
-    if not symbolic:
-        return info
-    layers = sorted(output_layers(model), key=lambda layer: layer.name)
-    if not layers:
-        return info
-    layer = layers[0]
-    info["output_layer"] = layer.name
+        tensors = []
+    if not tensors:
+        entry = {"output": None, "output_layer": None, "output_activation": None,
+                 "output_units": None}
+        entry.update(loss_info(model))
+        return [entry]
+    names = []
+    try:
+        names = [str(n) for n in (getattr(model, "output_names", None) or [])]
+    except Exception:  # noqa: BLE001
+        names = []
+    layers = [_producer(tensor) for tensor in tensors]
+    if len(names) != len(tensors):
+        names = [getattr(layer, "name", f"output_{i}") for i, layer in enumerate(layers)]
+    losses = losses_by_output(model, len(tensors), names)
+    entries = []
+    for tensor, name, layer, loss in zip(tensors, names, layers, losses):
+        entry = {"output": name, "output_layer": getattr(layer, "name", None),
+                 "output_activation": _output_activation(layer), "output_units": None}
+        try:
+            units = tensor.shape[-1]
+            entry["output_units"] = int(units) if units is not None else None
+        except Exception:  # noqa: BLE001
+            entry["output_units"] = getattr(layer, "units", None)
+        entry.update(describe_loss(loss))
+        entries.append(entry)
+    return entries
+
+
+def output_info(model) -> dict:
+    """``{"output_layer", "output_activation", "output_units"}`` of the first output (None when unknown)."""
+    entry = output_entries(model)[0]
+    return {key: entry[key] for key in ("output_layer", "output_activation", "output_units")}
+
+
+def _producer(tensor) -> Any:
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    return history.operation if hasattr(history, "operation") else history[0]
+
+
+def _output_activation(layer) -> str:
     kind = type(layer).__name__
     if kind == "Softmax":
-        act = "softmax"
-    elif kind in ("ReLU", "LeakyReLU", "ELU", "PReLU"):
-        act = kind.lower()
-    else:
-        fn = getattr(layer, "activation", None)
-        act = activation_name(fn) if fn is not None else "linear"
-    info["output_activation"] = act
-    try:
-        units = model.outputs[0].shape[-1]
-        info["output_units"] = int(units) if units is not None else None
-    except Exception:  # noqa: BLE001
-        info["output_units"] = getattr(layer, "units", None)
-    return info
+        return "softmax"
+    if kind in ("ReLU", "LeakyReLU", "ELU", "PReLU"):
+        return kind.lower()
+    fn = getattr(layer, "activation", None)
+    return activation_name(fn) if fn is not None else "linear"
 
 
 def layer_activations(model, limit: int = MAX_LAYERS_DESCRIBED) -> dict:
@@ -131,72 +192,87 @@ def layer_activations(model, limit: int = MAX_LAYERS_DESCRIBED) -> dict:
 
 
 def classification_mode(model) -> tuple[Optional[str], bool]:
-    """``(mode, logits)``: ``"binary"``/``"categorical"``/None and whether outputs are logits."""
-    loss = loss_info(model)
-    out = output_info(model)
-    name = loss["loss_name"]
-    act = out["output_activation"]
+    """``(mode, logits)`` of the first output (whose labels and predictions the data statistics take).
+
+    ``mode`` is ``"binary"``/``"categorical"``/None; ``logits`` whether its
+    outputs are logits.
+    """
+    entry = output_entries(model)[0]
+    name, act = entry["loss_name"], entry["output_activation"]
     is_cls = any(k in name for k in _CLASSIFICATION) or act in ("sigmoid", "softmax")
     if not is_cls:
         return None, False
-    logits = bool(loss["from_logits"]) or (act == "linear" and "crossentropy" in name)
-    return ("binary" if out["output_units"] == 1 else "categorical"), logits
+    logits = bool(entry["from_logits"]) or (act == "linear" and "crossentropy" in name)
+    return ("binary" if entry["output_units"] == 1 else "categorical"), logits
 
 
 def check_config(model, label_range: Optional[tuple[float, float]] = None) -> dict:
     """The run_info fields and extra problems (see module docstring).
 
+    A model with one output records its fields at the top level. One with
+    several records them per output under ``outputs`` (the label range with
+    the first output, whose labels the data statistics read) and leaves the
+    top-level fields None, so no rule pairs one output's loss with another's
+    activation; its problems name their output.
+
     Args:
       model: The compiled Keras model.
-      label_range: ``(min, max)`` of the labels of the first probed batch.
+      label_range: ``(min, max)`` of the labels of the first probed batch
+        (of the first output's labels).
 
     Returns:
       A dict to merge into ``stability/run_info``.
     """
-    loss = loss_info(model)
-    out = output_info(model)
-    name, act, units = loss["loss_name"], out["output_activation"], out["output_units"]
+    entries = output_entries(model)
     lo, hi = (label_range if label_range is not None else (None, None))
-    lo = _finite(lo)
-    hi = _finite(hi)
+    lo, hi = _finite(lo), _finite(hi)
     problems: list[dict] = []
-    layer = out["output_layer"]
+    for i, entry in enumerate(entries):
+        entry["label_min"], entry["label_max"] = (lo, hi) if i == 0 else (None, None)
+        prefix = f"output '{entry['output']}': " if len(entries) > 1 else ""
+        problems += _output_problems(entry, prefix)
+    fields = ("output_layer", "output_activation", "output_units", "from_logits", "loss_name",
+              "label_min", "label_max")
+    out = {key: entries[0][key] if len(entries) == 1 else None for key in fields}
+    if len(entries) > 1:
+        out["outputs"] = entries
+    out["config_check"] = {"ok": not problems, "problems": problems}
+    out["layer_activations"] = layer_activations(model)
+    return out
+
+
+def _output_problems(entry: dict, prefix: str = "") -> list[dict]:
+    """The problems of one output the detector's own rules do not cover."""
+    name, act, units = entry["loss_name"], entry["output_activation"], entry["output_units"]
+    lo, hi = entry["label_min"], entry["label_max"]
+    layer = entry["output_layer"]
+    problems: list[dict] = []
     if act == "softmax" and units == 1:
         problems.append(_problem(
-            "softmax over a single output unit always outputs 1.0: nothing can be learned.",
+            prefix + "softmax over a single output unit always outputs 1.0: nothing can be learned.",
             "keras.layers.Dense(1, activation='sigmoid'); loss='binary_crossentropy'",
             "critical", layer))
     categorical = "categorical" in name and "sparse" not in name
     if act == "sigmoid" and units and units > 1 and "categorical" in name:
         problems.append(_problem(
-            f"sigmoid outputs with {name}: the {units} probabilities do not sum to 1 "
+            prefix + f"sigmoid outputs with {name}: the {units} probabilities do not sum to 1 "
             "(multi-label outputs need binary_crossentropy).",
             "keras.layers.Dense(units, activation='softmax')  # single-label classes\n"
             "    # or: loss='binary_crossentropy' for multi-label outputs",
             "warning", layer))
     if "sparse" in name and units and lo is not None and hi is not None and (lo < 0 or hi > units - 1):
         problems.append(_problem(
-            f"sparse categorical labels in [{lo:g}, {hi:g}] but the output has {units} classes "
-            f"(valid labels are 0..{units - 1}).",
+            prefix + f"sparse categorical labels in [{lo:g}, {hi:g}] but the output has {units} "
+            f"classes (valid labels are 0..{units - 1}).",
             f"keras.layers.Dense(n_classes)  # n_classes > {hi:g}; or re-encode labels to 0..n-1",
             "critical", layer))
     if categorical and lo is not None and hi is not None and (lo < 0 or hi > 1):
         problems.append(_problem(
-            f"{name} expects one-hot labels but got labels in [{lo:g}, {hi:g}].",
+            prefix + f"{name} expects one-hot labels but got labels in [{lo:g}, {hi:g}].",
             "loss='sparse_categorical_crossentropy'  # integer labels\n"
             "    # or: y = keras.utils.to_categorical(y, n_classes)",
             "warning", layer))
-    return {
-        "output_layer": layer,
-        "output_activation": act,
-        "output_units": units,
-        "from_logits": loss["from_logits"],
-        "loss_name": name,
-        "label_min": lo,
-        "label_max": hi,
-        "config_check": {"ok": not problems, "problems": problems},
-        "layer_activations": layer_activations(model),
-    }
+    return problems
 
 
 def _problem(message: str, remedy: str, severity: str, layer) -> dict:

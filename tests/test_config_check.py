@@ -12,6 +12,7 @@ from instrumentation import StabilityCallback  # noqa: E402
 from instrumentation.config_check import check_config, classification_mode  # noqa: E402
 from tb_stability.analysis import analyze_logdir  # noqa: E402
 from tb_stability.detectors.config import config_problems  # noqa: E402
+from tb_stability.reader import load_run  # noqa: E402
 
 
 def _model(units, activation, loss):
@@ -103,3 +104,90 @@ def test_layer_activations_describe_recurrent_cells_and_custom_callables():
     # Every variable's path starts with a described layer's path.
     for variable in model.trainable_variables:
         assert any(variable.path.startswith(path + "/") for path in table), variable.path
+
+
+def _two_outputs(as_dict: bool, cls_activation=None):
+    x = keras.Input((3,), name="x")
+    h = keras.layers.Dense(8, activation="relu")(x)
+    reg = keras.layers.Dense(1, name="reg")(h)
+    cls = keras.layers.Dense(3, activation=cls_activation, name="cls")(h)
+    # As a dict, the keys sort the other way round from the layers' order.
+    outputs = {"z_reg": reg, "a_cls": cls} if as_dict else [reg, cls]
+    return keras.Model(x, outputs)
+
+
+def _fit_report(tmp_path, model, y):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3)).astype("float32")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=1)])
+    (run,) = analyze_logdir(str(tmp_path)).runs
+    return run, [f for f in run.findings if f.kind == "config_mismatch"]
+
+
+def test_each_output_is_checked_against_its_own_loss(tmp_path):
+    """A regression head with MSE beside a logits head with from_logits=True is healthy.
+
+    Pairing the list of losses with the first output made this a false
+    "crossentropy on a linear output" warning.
+    """
+    rng = np.random.default_rng(1)
+    model = _two_outputs(as_dict=False)
+    model.compile("adam", ["mse", keras.losses.SparseCategoricalCrossentropy(from_logits=True)])
+    info = check_config(model, (-1.5, 2.0))
+    assert [(e["output"], e["output_activation"], e["output_units"], e["loss_name"],
+             e["from_logits"]) for e in info["outputs"]] == [
+        ("reg", "linear", 1, "mse", False),
+        ("cls", "linear", 3, "sparse_categorical_crossentropy", True)]
+    assert info["outputs"][0]["label_min"] == -1.5 and info["outputs"][1]["label_min"] is None
+    assert info["loss_name"] is None and info["output_activation"] is None
+    assert info["config_check"]["ok"] and config_problems(info) == []
+    assert classification_mode(model) == (None, False)  # the first output is the regression
+
+    y = [rng.standard_normal((64, 1)).astype("float32"), rng.integers(0, 3, 64)]
+    run, findings = _fit_report(tmp_path, model, y)
+    assert findings == []
+    records = load_run(str(tmp_path)).json["stability/run_info"]
+    recorded = [i for _, i in records if "outputs" in i][-1]
+    assert [e["loss_name"] for e in recorded["outputs"]] == ["mse",
+                                                             "sparse_categorical_crossentropy"]
+
+
+def test_a_misconfigured_output_is_named_and_gets_its_own_loss_class(tmp_path):
+    """A dict of outputs with a dict of losses: the softmax head with from_logits=True is flagged."""
+    rng = np.random.default_rng(2)
+    model = _two_outputs(as_dict=True, cls_activation="softmax")
+    model.compile("adam", {
+        "z_reg": "mse",
+        "a_cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True)})
+    entries = check_config(model)["outputs"]
+    assert [(e["output_layer"], e["loss_name"]) for e in entries] == [
+        ("cls", "sparse_categorical_crossentropy"), ("reg", "mse")]
+    y = {"z_reg": rng.standard_normal((64, 1)).astype("float32"),
+         "a_cls": rng.integers(0, 3, 64)}
+    _, findings = _fit_report(tmp_path, model, y)
+    (finding,) = findings
+    assert finding.explanation.startswith("output 'cls': from_logits=True with a softmax output")
+    assert "keras.losses.SparseCategoricalCrossentropy(from_logits=True)" in finding.remedy
+    assert "BinaryCrossentropy" not in finding.remedy and "reg" not in finding.explanation
+
+
+def test_logits_remedy_names_the_loss_of_the_same_kind():
+    for loss, expected in [("categorical_crossentropy", "CategoricalCrossentropy"),
+                           ("sparse_categorical_crossentropy", "SparseCategoricalCrossentropy"),
+                           ("binary_crossentropy", "BinaryCrossentropy")]:
+        units = 1 if loss.startswith("binary") else 3
+        info = check_config(_model(units, None, loss), None)
+        (problem,) = config_problems(info)
+        assert "on a linear output expects probabilities" in problem["message"], loss
+        assert f"keras.losses.{expected}(from_logits=True)" in problem["remedy"], loss
+
+
+def test_records_of_several_losses_without_outputs_pair_nothing():
+    """run_info from before per-output entries: a list of losses is not one loss name."""
+    info = {"loss": ["mse", {"class_name": "SparseCategoricalCrossentropy",
+                             "config": {"from_logits": True}}],
+            "output_activation": "linear", "from_logits": False, "output_units": 1}
+    assert config_problems(info) == []
+    one = dict(info, loss={"class_name": "BinaryCrossentropy", "config": {}})
+    assert "binary_crossentropy on a linear output" in _messages(one)

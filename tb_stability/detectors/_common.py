@@ -176,6 +176,67 @@ def latest_run_info(run: RunData, key: str | None = None) -> dict:
     return {}
 
 
+def single_loss_name(info: dict) -> str:
+    """The canonical name of a run's one loss (lower case), or "" where it has several or none.
+
+    ``loss_name`` (what the instrumentation recorded) first; else ``loss`` when
+    it is one name or one serialised Loss (``{"class_name", "config"}``). A list
+    or a per-output dict of losses has no single name: pairing one output's
+    loss with another output's activation is how false findings are made.
+    """
+    if isinstance(info.get("outputs"), list) and len(info["outputs"]) > 1:
+        return ""
+    name = info.get("loss_name")
+    if isinstance(name, str) and name:
+        return name.lower()
+    loss = info.get("loss")
+    if isinstance(loss, str):
+        return loss.lower()
+    if isinstance(loss, dict) and isinstance(loss.get("class_name"), str):
+        return _snake_case(loss["class_name"])
+    return ""
+
+
+def _snake_case(name: str) -> str:
+    """``BinaryCrossentropy`` -> ``binary_crossentropy``."""
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i and not name[i - 1].isupper() and name[i - 1] != "_":
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+def detect(run: RunData) -> list[Finding]:
+    """config_mismatch adapter."""
+    records = run.json.get("stability/run_info") or []
+    if not records:
+        return []
+    step, info = max(records, key=lambda r: r[0])
+    if not isinstance(info, dict):
+        return []
+    problems = config_problems(info)
+    if not problems:
+        return []
+    critical = any(str(p.get("severity", "")).lower() == "critical" for p in problems)
+    keys = ("loss", "output_activation", "from_logits", "label_min", "label_max", "output_units",
+            "outputs")
+    return [Finding(
+        kind="config_mismatch",
+        severity="critical" if critical else "warning",
+        run=run.name,
+        first_step=int(step),
+        last_step=int(step),
+        layers=[str(p["layer"]) for p in problems if p.get("layer")],
+        evidence={"problems": problems, "recorded": {k: info.get(k) for k in keys if k in info},
+                  "threshold": "any recorded config_check problem or rule violation"},
+        explanation=" ".join(str(p.get("message", "")) for p in problems[:3]),
+        remedy="\n".join(str(p.get("remedy", "")) for p in problems if p.get("remedy"))
+        or "Make the output activation, the loss and the label range agree, e.g.\n"
+           "    keras.layers.Dense(1); loss = keras.losses.BinaryCrossentropy(from_logits=True)",
+    )]
+
+
 def configured_clipping(run: RunData) -> dict:
     """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
     records = run.json.get("stability/run_info") or []

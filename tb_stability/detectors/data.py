@@ -210,7 +210,7 @@ def _nothing_learned(run: RunData, labels: Matrix, label_share: float, evidence:
             "model found nothing that separates the classes.")
     info = C.latest_run_info(run)
     loss, _ = C.loss_series(run)
-    if "crossentropy" not in str(info.get("loss_name") or info.get("loss") or "") or loss is None:
+    if "crossentropy" not in C.single_loss_name(info) or loss is None:
         return text
     counts = np.nansum(labels.values, axis=0)
     p = counts[counts > 0] / counts.sum()
