@@ -22,7 +22,9 @@ Mechanism (Keras 3, TensorFlow backend):
   per timestep: a bounded one (tanh, sigmoid) adds its per-call means into a
   float32 slot (`Probe.mean_contribution`), others an additive row. The slot
   is cleared before the loop; the extra call Keras makes before the loop to
-  learn the output shape is not counted.
+  learn the output shape is not counted, nor are calls Keras makes only to
+  infer shapes (its symbolic scope: building a subclassed model inside the
+  first trace of the step), where no data flows.
 * `ActivationProbes.read` (host, every N steps) turns the variables into the
   ``stability/layer/<quantity>`` vectors.
 
@@ -52,6 +54,12 @@ from instrumentation.probe_state import COLUMNS, Probe
 from instrumentation.probe_table import ProbeTable
 
 logger = logging.getLogger("instrumentation")
+
+try:  # Keras' shape inference (compute_output_spec) runs layers in this scope
+    from keras.src.backend.common.symbolic_scope import in_symbolic_scope as _in_symbolic_scope
+except Exception:  # noqa: BLE001 - another Keras: no such calls are recognised
+    def _in_symbolic_scope() -> bool:
+        return False
 
 _ACTIVATION_LAYERS = {"ReLU": "relu", "LeakyReLU": "leaky_relu", "ELU": "elu",
                       "PReLU": "prelu", "Softmax": "softmax"}
@@ -284,7 +292,7 @@ class ActivationProbes:
         self._opened.add(id(probe))
 
     def _record(self, probe: Probe, pre, out) -> None:
-        if not self.tracing:
+        if not self.tracing or _in_symbolic_scope():
             return
         try:
             if not (tf.is_tensor(out) and out.dtype.is_floating):

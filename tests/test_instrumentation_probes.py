@@ -128,6 +128,32 @@ def test_layer_statistics_match_numpy_reference(kind, jit, tmp_path):
     assert run.inputs["mean"].names == ("x[0]", "x[1]", "x[2]")
 
 
+def test_subclassed_model_built_inside_the_first_step_is_probed(tmp_path):
+    """Keras builds an uncalled subclassed model inside the first trace of the step.
+
+    That build runs the layers in Keras' symbolic scope (shape inference, no
+    data). Counting those calls made the first trace write no probe table and
+    the retrace create one, which TensorFlow forbids: every probe was lost.
+    """
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((32, 3)).astype("float32") * 3
+    y = rng.standard_normal((32, 1)).astype("float32")
+    model = SubModel()
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    model.fit(x, y, batch_size=len(x), epochs=2, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=1)])
+    run = load_run(str(tmp_path))
+    info = [i for _, i in run.json["stability/run_info"] if "unprobed_layers" in i][-1]
+    assert info["unprobed_layers"] == {}
+    ref = _reference(model.get_weights(), x.astype(np.float64))
+    mean, std = run.layers["act_mean"], run.layers["act_std"]
+    assert set(mean.names) == set(ref) and mean.values.shape[0] == 2
+    for name, expected in ref.items():
+        j = mean.names.index(name)
+        np.testing.assert_allclose(mean.values[:, j], expected["mean"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(std.values[:, j], expected["std"], rtol=1e-3, atol=1e-5)
+
+
 def test_the_probes_of_one_step_are_written_through_one_table(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((32, 3)).astype("float32")
