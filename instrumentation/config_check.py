@@ -39,6 +39,7 @@ from typing import Any, Optional, Sequence
 import tensorflow as tf
 
 from instrumentation.activation_kinds import activation_name, classify
+from instrumentation.input_scaling import input_scaling
 from instrumentation.model_layers import all_layers
 
 MAX_LAYERS_DESCRIBED = 512
@@ -238,6 +239,7 @@ def check_config(model, label_range: Optional[tuple[float, float]] = None) -> di
         out["outputs"] = entries
     out["config_check"] = {"ok": not problems, "problems": problems}
     out["layer_activations"] = layer_activations(model)
+    out["input_scaling"] = input_scaling(model)
     return out
 
 

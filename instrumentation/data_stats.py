@@ -90,8 +90,10 @@ class DataStats:
         rare_cond(True if always else tf.equal(tf.math.floormod(step, self.every), 0), capture)
 
     def _feature_matrices(self, x) -> list:
-        flat = [t for t in tf.nest.flatten(x) if tf.is_tensor(t) and t.dtype.is_floating]
-        keys = _input_keys(x, len(flat))
+        leaves = tf.nest.flatten(x)
+        keys = _input_keys(x, len(leaves))  # by position among all inputs, integer ones too
+        pairs = [(key, t) for key, t in zip(keys, leaves) if tf.is_tensor(t) and t.dtype.is_floating]
+        keys, flat = [k for k, _ in pairs], [t for _, t in pairs]
         out, names = [], []
         for key, tensor in zip(keys, flat):
             tensor = tf.cast(tensor, tf.float32)
@@ -202,7 +204,8 @@ def _first(structure) -> Any:
 
 
 def _input_keys(x, n: int) -> list[str]:
-    if isinstance(x, dict):
+    """Names of the ``n`` flattened inputs: dict keys (sorted, as flattened), else ``x`` or ``x<i>``."""
+    if isinstance(x, dict) and all(not isinstance(v, (dict, list, tuple)) for v in x.values()):
         return [str(k) for k in sorted(x)][:n] + [f"x{i}" for i in range(len(x), n)]
     if n == 1:
         return ["x"]

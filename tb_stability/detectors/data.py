@@ -6,6 +6,11 @@ unscaled_inputs
   Rule: some feature has ``max(|min|, |max|) > RANGE`` (10: clearly neither
   standardised nor in [0, 1]), or the largest/smallest positive std ratio is
   > ``STD_RATIO`` (100) while the largest std is > 1. Severity: ``warning``.
+  Judged after the model's own input scaling (run_info ``input_scaling``: a
+  ``Normalization`` or ``Rescaling`` layer maps the statistics, a
+  standardising layer leaves nothing to judge), so a model that scales its
+  inputs is not told to add the layer it has; one whose scaling does not fit
+  the data is told so.
 
 class_imbalance
   Signal: ``run.labels`` / ``run.predictions`` class counts, summed over
@@ -67,44 +72,145 @@ def imbalance(counts) -> tuple[float, float]:
 
 
 def detect_unscaled(run: RunData) -> list[Finding]:
-    """unscaled_inputs adapter."""
+    """unscaled_inputs adapter: judges the values the model's first real layer sees."""
     if not all(k in run.inputs for k in ("mean", "std", "min", "max")):
         return []
     m = run.inputs["std"]
-    s = input_scale(run.inputs["mean"].values, m.values, run.inputs["min"].values,
-                    run.inputs["max"].values)
+    names = list(m.names) or [str(j) for j in range(m.values.shape[1])]
+    view = model_view(C.latest_run_info(run, "input_scaling").get("input_scaling"), names,
+                      run.inputs["mean"].values, m.values, run.inputs["min"].values,
+                      run.inputs["max"].values)
+    s = input_scale(view.mean, view.std, view.lo, view.hi)
     if not s["flag"]:
         return []
-    names = list(m.names) or [str(j) for j in range(len(s["std"]))]
     top = sorted(range(len(names)), key=lambda j: -np.nan_to_num(s["extent"][j]))[:5]
+    largest = {}
+    for j in top:
+        entry = {"min_max_extent": float(s["extent"][j]), "std": float(s["std"][j]),
+                 "mean": float(s["mean"][j])}
+        if view.layers[j]:
+            entry["after_layer"] = view.layers[j]
+        largest[names[j]] = entry
+    scaled = sorted({view.layers[j] for j in s["large_features"] + top[:1] if view.layers[j]})
+    explanation = (
+        f"Input features reach |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]}) and "
+        f"their spreads differ {C.fmt(s['std_ratio'])}x; unscaled inputs saturate units and "
+        "make the loss surface badly conditioned."
+    )
+    remedy = (
+        "Standardise the features (fit on training data only):\n"
+        "    norm = keras.layers.Normalization()\n"
+        "    norm.adapt(x_train)\n"
+        "    model = keras.Sequential([keras.Input(x_train.shape[1:]), norm, ...])\n"
+        "    # or: x = sklearn.preprocessing.StandardScaler().fit_transform(x)"
+    )
+    if scaled:
+        explanation = (
+            f"The model scales its inputs ({', '.join(scaled)}), yet after that its first layers "
+            f"see |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]}) and spreads that "
+            f"differ {C.fmt(s['std_ratio'])}x: the scaling does not fit the data it is fed."
+        )
+        remedy = (
+            "Fit the scaling to the data training feeds it: adapt the Normalization layer on the "
+            "training inputs (the same preprocessing as in fit), or fix the Rescaling factor "
+            "(1 / 255 for 8-bit images, 1 / 65535 for 16-bit):\n"
+            "    norm.adapt(x_train)  # not a sample of other data, not before other preprocessing\n"
+            "    keras.layers.Rescaling(1.0 / x_train.max())"
+        )
     return [Finding(
         kind="unscaled_inputs",
         severity="warning",
         run=run.name,
         first_step=int(m.steps[0]),
         last_step=int(m.steps[-1]),
-        layers=[],
+        layers=scaled,
         evidence={
-            "largest_features": {names[j]: {"min_max_extent": float(s["extent"][j]),
-                                            "std": float(s["std"][j]), "mean": float(s["mean"][j])}
-                                 for j in top},
+            "largest_features": largest,
             "features_outside_range": len(s["large_features"]),
             "std_ratio_max_to_min": s["std_ratio"],
             "threshold": f"max |x| > {RANGE:g}, or std ratio > {STD_RATIO:g} with max std > 1",
         },
-        explanation=(
-            f"Input features reach |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]}) and "
-            f"their spreads differ {C.fmt(s['std_ratio'])}x; unscaled inputs saturate units and "
-            "make the loss surface badly conditioned."
-        ),
-        remedy=(
-            "Standardise the features (fit on training data only):\n"
-            "    norm = keras.layers.Normalization()\n"
-            "    norm.adapt(x_train)\n"
-            "    model = keras.Sequential([keras.Input(x_train.shape[1:]), norm, ...])\n"
-            "    # or: x = sklearn.preprocessing.StandardScaler().fit_transform(x)"
-        ),
+        explanation=explanation,
+        remedy=remedy,
     )]
+
+
+class ModelView:
+    """Per-feature statistics ``[T, F]`` as the model's first real layer sees them.
+
+    Attributes:
+      mean, std, lo, hi: The statistics, NaN where a layer standardises the
+        feature (nothing left to judge).
+      layers: Per feature, ``"<class> '<name>'"`` of the layer that scaled it, or "".
+    """
+
+    def __init__(self, mean, std, lo, hi, layers):
+        self.mean, self.std, self.lo, self.hi, self.layers = mean, std, lo, hi, layers
+
+
+def model_view(scaling, names, mean, std, lo, hi) -> ModelView:
+    """Applies the model's own input scaling (run_info ``input_scaling``) to the batch statistics.
+
+    Features are named ``<key>[j]`` (`instrumentation.data_stats`): ``x`` for
+    a single input, ``x<i>`` by position, else the input's dict key or name.
+    An affine scaling maps mean, spread and range feature by feature; a
+    standardising layer leaves nothing to judge (NaN). Features of inputs fed
+    as they are, or that cannot be matched, keep their raw statistics.
+    """
+    arrays = [np.array(a, dtype=np.float64, copy=True) for a in (mean, std, lo, hi)]
+    mean, std, lo, hi = arrays
+    layers = [""] * len(names)
+    entries = [e for e in scaling or [] if isinstance(e, dict)]
+    for j, name in enumerate(names):
+        key, _, index = str(name).rpartition("[")
+        scaled = _scaling_for(entries, key)
+        if not isinstance(scaled, dict) or j >= mean.shape[1]:
+            continue
+        label = f"{scaled.get('class', 'scaling')} '{scaled.get('layer', '?')}'"
+        affine = scaled.get("affine")
+        if scaled.get("normalized"):
+            for a in arrays:
+                a[:, j] = np.nan
+            layers[j] = label
+            continue
+        if not isinstance(affine, dict):
+            continue
+        factor = _per_feature(affine.get("scale"), index.rstrip("]"))
+        offset = _per_feature(affine.get("offset"), index.rstrip("]"))
+        if factor is None or offset is None:
+            continue
+        mean[:, j] = mean[:, j] * factor + offset
+        std[:, j] = std[:, j] * abs(factor)
+        ends = np.stack([lo[:, j] * factor + offset, hi[:, j] * factor + offset])
+        lo[:, j], hi[:, j] = ends.min(axis=0), ends.max(axis=0)
+        layers[j] = label
+    return ModelView(mean, std, lo, hi, layers)
+
+
+def _scaling_for(entries: list, key: str):
+    """The ``scaling`` of the input that features named ``key[...]`` come from (None: raw)."""
+    if key == "x" and len(entries) == 1:
+        return entries[0].get("scaling")
+    for entry in entries:
+        if key in (entry.get("key"), entry.get("name")):
+            return entry.get("scaling")
+    if key.startswith("x") and key[1:].isdigit():
+        position = int(key[1:])
+        for entry in entries:
+            if entry.get("position") == position:
+                return entry.get("scaling")
+    return None
+
+
+def _per_feature(values, index: str):
+    """One feature's factor: the value for ``index``, or the one value for all (None: unknown)."""
+    if not isinstance(values, list) or not values:
+        return None
+    if len(values) == 1:
+        return float(values[0])
+    if index.isdigit() and int(index) < len(values):
+        return float(values[int(index)])
+    return None
 
 
 def majority_prediction_share(pred: Matrix | None, majority) -> float | None:

@@ -1,0 +1,133 @@
+"""What the model does to its inputs before its first real layer: scaling inside the model.
+
+The data statistics (`instrumentation.data_stats`) describe the batch as it is
+fed to ``fit``. A model that scales its own inputs (a ``Normalization``
+layer adapted on the training data, a ``Rescaling(1 / 255)``, a
+``BatchNormalization`` first) sees other values: judging the raw ones
+reports unscaled inputs that the model never sees. `input_scaling` records,
+per model input, the layer that alone consumes it and what that layer does,
+so the detector (`tb_stability.detectors.data`) judges the values the first
+real layer sees:
+
+* ``{"affine": {"scale": [...], "offset": [...]}}``: ``y = x * scale +
+  offset`` per feature (last axis; one value for all). ``Normalization``
+  (``(x - mean) / max(sqrt(variance), eps)``, as Keras computes it) and
+  ``Rescaling``.
+* ``{"normalized": True}``: the layer standardises whatever it gets
+  (``BatchNormalization`` and the other normalisation layers), or it is a
+  ``Normalization`` whose statistics do not map onto the last axis.
+
+An input consumed by any other layer, or by several layers, is recorded with
+``"scaling": None`` (raw). Models without symbolic inputs (subclassed) record
+nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from instrumentation.model_layers import all_layers
+
+MAX_FEATURES = 4096  # as `data_stats.MAX_FEATURES`: larger inputs are one feature there
+_STANDARDISING = ("BatchNormalization", "LayerNormalization", "GroupNormalization",
+                  "UnitNormalization", "RMSNormalization")
+
+
+def input_scaling(model) -> list[dict]:
+    """Per model input: ``{"position", "name", "key", "scaling"}`` (see module docstring).
+
+    ``key`` is the input's key where the model takes a dict of inputs (the
+    data statistics name features by it), else None.
+    """
+    try:
+        tensors = list(model.inputs) if getattr(model, "inputs", None) else []
+    except Exception:  # noqa: BLE001 - subclassed models raise
+        return []
+    if not tensors:
+        return []
+    struct = getattr(model, "_inputs_struct", None)
+    keys: list[Optional[str]] = [None] * len(tensors)
+    if isinstance(struct, dict) and len(struct) == len(tensors):
+        keys = [str(k) for k in sorted(struct)]  # model.inputs follows the sorted keys
+    consumers = _consumers(model, tensors)
+    out = []
+    for i, tensor in enumerate(tensors):
+        layers = consumers.get(id(tensor), [])
+        scaling = None
+        if len(layers) == 1:
+            try:
+                scaling = _scaling_of(layers[0])
+            except Exception:  # noqa: BLE001 - an unreadable layer counts as raw
+                scaling = None
+        out.append({"position": i, "name": str(getattr(tensor, "name", "")), "key": keys[i],
+                    "scaling": scaling})
+    return out
+
+
+def _consumers(model, tensors) -> dict:
+    """``{id(input tensor): [layers called on it]}``."""
+    wanted = {id(t) for t in tensors}
+    found: dict = {}
+    for layer in all_layers(model):
+        for node in getattr(layer, "_inbound_nodes", None) or []:
+            for tensor in getattr(node, "input_tensors", None) or []:
+                if id(tensor) in wanted and not any(x is layer for x in found.get(id(tensor), [])):
+                    found.setdefault(id(tensor), []).append(layer)
+    return found
+
+
+def _scaling_of(layer) -> Optional[dict]:
+    kind = type(layer).__name__
+    if kind in _STANDARDISING:
+        return {"layer": layer.name, "class": kind, "normalized": True}
+    if kind == "Normalization":
+        return _normalization(layer)
+    if kind == "Rescaling":
+        return _affine(layer, kind, _numbers(layer.scale), _numbers(layer.offset))
+    inner = getattr(layer, "inputs", None)
+    if inner is not None and hasattr(layer, "layers"):  # a nested model: its own first layer
+        nested = input_scaling(layer)
+        if len(nested) == 1 and nested[0]["scaling"] is not None:
+            return nested[0]["scaling"]
+    return None
+
+
+def _normalization(layer) -> Optional[dict]:
+    if getattr(layer, "invert", False):
+        return None
+    mean, variance = getattr(layer, "mean", None), getattr(layer, "variance", None)
+    if mean is None or variance is None:
+        return None
+    mean, variance = _numbers(mean), _numbers(variance)
+    if mean is None or variance is None or mean.size != variance.size:
+        return None
+    axis = tuple(getattr(layer, "axis", (-1,)) or ())
+    if mean.size > 1 and axis != (-1,):
+        # Statistics over another axis than the features': scaled, by unknown factors.
+        return {"layer": layer.name, "class": "Normalization", "normalized": True}
+    sd = np.maximum(np.sqrt(np.maximum(variance, 0.0)), 1e-7)  # keras.config.epsilon()
+    return _affine(layer, "Normalization", 1.0 / sd, -mean / sd)
+
+
+def _affine(layer, kind: str, scale, offset) -> Optional[dict]:
+    if scale is None or offset is None:
+        return None
+    if max(scale.size, offset.size) > MAX_FEATURES:
+        return {"layer": layer.name, "class": kind, "normalized": True}
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(offset))):
+        return None
+    return {"layer": layer.name, "class": kind,
+            "affine": {"scale": [float(v) for v in scale], "offset": [float(v) for v in offset]}}
+
+
+def _numbers(value: Any) -> Optional[np.ndarray]:
+    """A layer's number or array as a flat float64 array (None if it is neither)."""
+    try:
+        return np.asarray(value, dtype=np.float64).reshape(-1)
+    except Exception:  # noqa: BLE001 - variables convert; anything else is unknown
+        try:
+            return np.asarray(value.numpy(), dtype=np.float64).reshape(-1)
+        except Exception:  # noqa: BLE001
+            return None
