@@ -96,7 +96,11 @@ def test_update_ratio_high_and_low():
     ur = S.per_variable(300, scale=[0.3, 1.0, 1e-3, 1.0, 1e-3, 1.0])
     (f,) = updates.detect(S.make_run(S.healthy_loss(300), variables={"update_ratio": ur}))
     assert (f.kind, f.layers) == ("update_ratio_high", ["sequential/dense/kernel"])
-    assert "learning_rate=3" in f.remedy  # 1e-3 * 1e-3 / 0.3 ~ 3e-6
+    # The ratio asks for ~300x (1e-3 -> ~3e-6); a remedy cuts at most 100x at once.
+    assert "learning_rate=1e-05" in f.remedy and "~100x" in f.remedy and "298x" in f.remedy
+    ur = S.per_variable(300, scale=[0.12, 1.0, 1e-3, 1.0, 1e-3, 1.0])
+    (f,) = updates.detect(S.make_run(S.healthy_loss(300), variables={"update_ratio": ur}))
+    assert "~100x to bring the ratio near 0.001" in f.remedy and "re-measure" not in f.remedy
     ur = S.per_variable(300, scale=[1e-7, 1e-9, 1e-7, 1e-9, 1e-7, 1e-9], seed=3)
     (f,) = updates.detect(S.make_run(S.healthy_loss(300), lr=1e-7, variables={"update_ratio": ur}))
     assert f.kind == "update_ratio_low" and len(f.layers) == 3 and "learning_rate=0.001" in f.remedy

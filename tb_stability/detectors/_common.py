@@ -237,6 +237,56 @@ def detect(run: RunData) -> list[Finding]:
     )]
 
 
+KERAS_OPTIMIZERS = frozenset({
+    "SGD", "Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Adagrad", "Adadelta", "Ftrl", "Lion",
+    "Lamb", "Adafactor", "Muon"})
+KEPT_OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay")
+
+
+def recorded_optimizer(run: RunData) -> tuple[str, dict]:
+    """``(class name, config)`` of the run's optimizer (the inner one under loss scaling).
+
+    ``("Adam", {})`` where run_info records none (an ordinary TensorBoard log).
+    """
+    info = latest_run_info(run, "optimizer")
+    name = info.get("optimizer")
+    config = info.get("optimizer_config")
+    config = config if isinstance(config, dict) else {}
+    inner = config.get("inner_optimizer")
+    if isinstance(inner, dict) and isinstance(inner.get("class_name"), str):
+        name, config = inner["class_name"], inner.get("config") or {}
+    if not isinstance(name, str) or not name.isidentifier():
+        return "Adam", {}
+    return name, config if isinstance(config, dict) else {}
+
+
+def optimizer_call(run: RunData, args: str) -> str:
+    """``keras.optimizers.<the run's optimizer>(args)``, keeping its momentum and weight decay.
+
+    A learning rate worked out from the run's own is a rate for the optimizer
+    it was measured with: 0.2 is a cut for SGD at 2.0 and a disaster for Adam.
+    So a remedy names the run's optimizer class (Adam for an ordinary log),
+    and carries over the settings in `KEPT_OPTIMIZER_SETTINGS` that ``args``
+    does not set.
+    """
+    name, config = recorded_optimizer(run)
+    parts = [args.strip().rstrip(",").strip()] if args.strip() else []
+    for key in KEPT_OPTIMIZER_SETTINGS:
+        value = config.get(key)
+        if value in (None, False, 0, 0.0) or f"{key}=" in args:
+            continue
+        parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value!r}")
+    prefix = "keras.optimizers." if name in KERAS_OPTIMIZERS else ""
+    return f"{prefix}{name}({', '.join(parts)})"
+
+
+def or_adaptive(run: RunData) -> str:
+    """``" or switch to Adam"`` where the run's optimizer has no per-weight step sizes, else ""."""
+    name, _ = recorded_optimizer(run)
+    return "" if name in ("Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Adagrad", "Adadelta",
+                          "Lion", "Lamb", "Adafactor", "Ftrl", "Muon") else " or switch to Adam"
+
+
 def configured_clipping(run: RunData) -> dict:
     """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
     records = run.json.get("stability/run_info") or []

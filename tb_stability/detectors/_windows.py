@@ -172,6 +172,8 @@ def sorted_rows(values, window: int, rows=None, trailing: bool = True):
       ``rows[start:start + len(block)]`` (``counts``: finite values per row).
     """
     x = np.asarray(values, dtype=np.float64)
+    if not x.shape[0]:  # nothing to window (e.g. a loss that was never finite)
+        return
     clean = np.where(np.isfinite(x), x, np.nan)
     if trailing:
         padded = np.concatenate([np.full(window, np.nan), clean])[:-1]

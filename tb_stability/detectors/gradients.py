@@ -109,12 +109,16 @@ class RemedySettings(NamedTuple):
       clipnorm: Twice ``healthy_norm`` (None without one).
       lr_factor: How many times lower a learning rate to suggest: where the
         gradient norm explodes, the kernels' update ratio at the crossing over
-        1e-3 (healthy), within [2, 100]; otherwise 10.
+        1e-3 (healthy), within [2, 100]; where it turns non-finite without an
+        explosion, the same at the last finite record before; otherwise 10.
+      measured_at: The step whose update ratio gave ``lr_factor``; None where
+        it is the default 10.
     """
 
     healthy_norm: float | None
     clipnorm: float | None
     lr_factor: float
+    measured_at: int | None = None
 
 
 def remedy_settings(run: RunData) -> RemedySettings:
@@ -125,7 +129,7 @@ def remedy_settings(run: RunData) -> RemedySettings:
     """
     g = C.global_grad_norm(run)
     if g is None:
-        return RemedySettings(None, None, 10.0)
+        return RemedySettings(None, None, 10.0, None)
     x = np.asarray(g.values, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(x))
     ex = explosion(x)
@@ -133,21 +137,30 @@ def remedy_settings(run: RunData) -> RemedySettings:
     level = float(np.median(x[:end])) if end else (ex["baseline"] if ex is not None else None)
     if level is None or not (np.isfinite(level) and level > 0):
         level = None
-    factor = _lr_factor_at(run, int(g.steps[ex["cross"]])) if ex is not None else 10.0
-    return RemedySettings(level, C.round_sig(2 * level) if level else None, factor)
+    factor, measured_at = 10.0, None
+    if ex is not None:
+        factor, measured_at = _lr_factor_at(run, int(g.steps[ex["cross"]]))
+    elif bad.size:
+        factor, measured_at = _lr_factor_at(run, int(g.steps[bad[0]]))
+    return RemedySettings(level, C.round_sig(2 * level) if level else None, factor, measured_at)
 
 
-def _lr_factor_at(run: RunData, step: int) -> float:
-    """``median kernel update ratio / 1e-3`` at the last record <= ``step``, in [2, 100]; else 10."""
+def _lr_factor_at(run: RunData, step: int) -> tuple[float, int | None]:
+    """``(median kernel update ratio / 1e-3 in [2, 100], its step)`` at the last finite record <= ``step``.
+
+    ``(10, None)`` where no record up to ``step`` has a finite ratio above 1e-3.
+    """
     ur = run.variables.get("update_ratio")
     if ur is not None and len(ur):
-        rows = np.flatnonzero(ur.steps <= step)
-        if rows.size:
-            vals = ur.values[rows[-1]]
-            med = R.median(vals[[j for j in C.weight_columns(ur)]])
-            if np.isfinite(med) and med > 1e-3:
-                return float(max(2.0, min(100.0, C.round_sig(med / 1e-3, 1))))
-    return 10.0
+        columns = list(C.weight_columns(ur))
+        for row in np.flatnonzero(ur.steps <= step)[::-1]:
+            med = R.median(ur.values[row][columns])
+            if np.isfinite(med):
+                if med > 1e-3:
+                    return float(max(2.0, min(100.0, C.round_sig(med / 1e-3, 1)))), \
+                        int(ur.steps[row])
+                break
+    return 10.0, None
 
 
 def vanishing_mask(first, last, ratio: float = VANISH_RATIO, absolute: float = VANISH_ABS):
@@ -193,8 +206,9 @@ def detect_exploding(run: RunData) -> list[Finding]:
         per_layer = {m.names[j]: C.num(ratios[j]) for j in order}
 
     lr = C.lr_at(run, onset)
-    factor = _lr_factor_at(run, cross)
-    clip = remedy_settings(run).clipnorm or C.round_sig(2 * base)
+    settings = remedy_settings(run)
+    factor = settings.lr_factor if settings.measured_at is not None else _lr_factor_at(run, cross)[0]
+    clip = settings.clipnorm or C.round_sig(2 * base)
     lr_line = (
         f"learning_rate={C.round_sig(lr / factor):g}, " if lr else ""
     )
@@ -231,24 +245,24 @@ def detect_exploding(run: RunData) -> list[Finding]:
                 f"({C.fmt(ex['growth'])}x){where}, crossing {GROWTH_THRESHOLD:g}x at step {cross}. "
                 "Updates this large throw the weights out of the region where the loss is well behaved."
             ),
-            remedy=_remedy(clipping, factor, lr_line, clip),
+            remedy=_remedy(run, clipping, factor, lr_line, clip),
         )
     ]
 
 
-def _remedy(clipping: dict, factor: float, lr_line: str, clip: float) -> str:
+def _remedy(run: RunData, clipping: dict, factor: float, lr_line: str, clip: float) -> str:
     if clipping:
         setting = ", ".join(f"{k}={v:g}" for k, v in clipping.items())
         return (
             f"Gradients are already clipped ({setting}) and the pre-clip norm still grows, so "
             f"clipping only hides it: lower the learning rate {factor:g}x (or add warm-up):\n"
-            f"    optimizer = keras.optimizers.Adam({lr_line}{setting})\n"
+            f"    optimizer = {C.optimizer_call(run, lr_line + setting)}\n"
             "    model.compile(optimizer=optimizer, loss=...)\n"
             "Also check input scaling and weight initialisation if the growth starts at step 0."
         )
     return (
         f"Clip gradients at ~2x the healthy norm and lower the learning rate {factor:g}x:\n"
-        f"    optimizer = keras.optimizers.Adam({lr_line}clipnorm={clip:g})\n"
+        f"    optimizer = {C.optimizer_call(run, f'{lr_line}clipnorm={clip:g}')}\n"
         "    model.compile(optimizer=optimizer, loss=...)\n"
         "Also check input scaling and weight initialisation if the growth starts at step 0."
     )

@@ -202,8 +202,11 @@ def detect(run: RunData) -> list[Finding]:
 
     grad = C.global_grad_norm(run)
     healthy, growth = (float("nan"), float("nan"))
+    recent = 0  # finite grad norms in the lookback before the onset
     if grad is not None:
         healthy, growth = grad_growth_before(grad.steps, grad.values, onset)
+        finite_before = (np.asarray(grad.steps) < onset) & np.isfinite(grad.values)
+        recent = int(min(LOOKBACK, np.count_nonzero(finite_before)))
     loss = run.steps.get("loss")
     loss_at = C.value_at(loss, onset)
     grad_at = C.value_at(run.steps.get("grad_norm"), onset)
@@ -265,15 +268,18 @@ def detect(run: RunData) -> list[Finding]:
         lr_txt = f"{C.round_sig(lr / factor, 2):g}" if lr else "1e-4"
         explanation = (
             f"Values became non-finite at step {onset} ({what}){where}. "
-            f"The gradient norm grew {C.fmt(growth)}x over the {LOOKBACK} steps before, so an "
-            "exploding update overflowed the weights."
+            + (f"The gradient norm grew {C.fmt(growth)}x over the {recent} recorded steps "
+               "before, so an exploding update overflowed the weights."
+               if np.isfinite(growth) and growth >= GROWTH_BEFORE_ONSET
+               else "The gradients turned non-finite while the loss was still finite: the "
+                    "backward pass overflowed.")
         )
         if clipping:
             remedy = (
                 f"Gradients are already clipped ({_clip_txt(clipping)}), so lower the learning "
                 f"rate {factor:g}x and look for the op producing Inf/NaN (clipping cannot repair a "
                 "non-finite gradient):\n"
-                f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, {_clip_txt(clipping)})\n"
+                f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}, {_clip_txt(clipping)}')}\n"
                 "    tf.debugging.enable_check_numerics()  # before building the model\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
@@ -281,7 +287,7 @@ def detect(run: RunData) -> list[Finding]:
             remedy = (
                 f"Clip gradients at about 2x the healthy norm ({C.fmt(level or float('nan'))}) "
                 f"and lower the learning rate {factor:g}x:\n"
-                f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}, clipnorm={clip:g})\n"
+                f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}, clipnorm={clip:g}')}\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
     elif isinstance(origin, dict) and origin.get("origin") in ("layer", "inputs"):
@@ -302,11 +308,18 @@ def detect(run: RunData) -> list[Finding]:
                 f"Re-run the saved step with `tb-stability replay {run.name}` to check the fix."
             )
     elif loss_first:
-        explanation = (
-            f"The loss became non-finite at step {onset} while the gradients before it were "
-            f"healthy (grew only {C.fmt(growth)}x), which points at the loss computation "
-            "(log of 0, division by 0, or probabilities outside (0, 1))."
-        )
+        if np.isfinite(growth):
+            explanation = (
+                f"The loss became non-finite at step {onset} while the gradients before it were "
+                f"healthy (grew only {C.fmt(growth)}x), which points at the loss computation "
+                "(log of 0, division by 0, or probabilities outside (0, 1))."
+            )
+        else:
+            explanation = (
+                f"The loss was non-finite from step {onset}, before any finite gradient norm was "
+                "recorded, so no update caused it: that points at the loss computation (log of "
+                "0, division by 0, or probabilities outside (0, 1)) or at the data."
+            )
         remedy = (
             "Use a built-in loss on logits, or clip the log argument in a custom loss:\n"
             "    loss = keras.losses.BinaryCrossentropy(from_logits=True)  # last Dense without sigmoid\n"

@@ -178,7 +178,7 @@ def detect_divergence(run: RunData) -> list[Finding]:
         ),
         remedy=(
             f"Lower the learning rate {factor:g}x (or decay it) and clip gradients:\n"
-            f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt}{clip})\n"
+            f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}{clip}')}\n"
             "    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.5, patience=2)"
         ),
     )]
@@ -212,9 +212,10 @@ def detect_stalled(run: RunData) -> list[Finding]:
     else:
         raise_by = f"~{factor:g}x " if factor is not None else "(it is unknown; e.g. 1e-3) "
         remedy = (
-            f"Raise the learning rate {raise_by}(update/weight ratios near 1e-3 are healthy) "
-            "or switch to Adam; check that labels match the inputs and the layers are trainable:\n"
-            f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr:g})"
+            f"Raise the learning rate {raise_by}(update/weight ratios near 1e-3 are healthy)"
+            f"{C.or_adaptive(run)}; check that labels match the inputs and the layers are "
+            "trainable:\n"
+            f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr:g}')}"
         )
     return [Finding(
         kind="stalled",
@@ -271,7 +272,7 @@ def detect_oscillation(run: RunData) -> list[Finding]:
         ),
         remedy=(
             "Lower the learning rate (10x) or decay it, and/or use larger batches:\n"
-            f"    optimizer = keras.optimizers.Adam(learning_rate={lr_txt})\n"
+            f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}')}\n"
             "    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.3, patience=2)"
         ),
     )]

@@ -36,6 +36,7 @@ from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
 HEALTHY = 1e-3
+MAX_CUT = 100.0  # the most a remedy lowers a learning rate at once, as the critical remedies
 HIGH = 1e-1
 PEAK = 1.0
 LOW = 1e-5
@@ -63,6 +64,15 @@ def low_columns(values, low: float = LOW) -> list[int]:
     return [j for j in range(med.size) if np.isfinite(med[j]) and med[j] < low]
 
 
+def _cut_note(measured: float, cut: float) -> str:
+    """Why the suggested cut is not ``measured / HEALTHY`` where it differs."""
+    full = measured / HEALTHY
+    if full <= cut * 1.5:
+        return f" to bring the ratio near {HEALTHY:g}"
+    return (f" (the ratio is {C.fmt(full)}x the healthy {HEALTHY:g}; cut at most {cut:g}x at once, "
+            "then re-measure)")
+
+
 def _lr_factor(ratio: float) -> float:
     return float(np.clip(HEALTHY / ratio, 1e-4, 1e4)) if ratio > 0 else 1e4
 
@@ -88,10 +98,16 @@ def detect(run: RunData) -> list[Finding]:
         first = int(m.steps[rows[0]]) if rows.size else int(m.steps[0])
         last = int(m.steps[rows[-1]]) if rows.size else int(m.steps[-1])
         worst = max(hi, key=lambda j: mx[j])
-        factor = _lr_factor(float(med[worst] if med[worst] > HIGH else mx[worst]))
+        measured = float(med[worst] if med[worst] > HIGH else mx[worst])
+        settings = gradients.remedy_settings(run)
+        if settings.measured_at is not None:  # the run's critical remedies use this factor
+            cut = settings.lr_factor
+        else:
+            cut = min(MAX_CUT, C.round_sig(1 / _lr_factor(measured), 1))
+        factor = 1 / cut
         lr0 = C.lr_at(run, first)
         new_lr = f"{C.round_sig(lr0 * factor):g}" if lr0 else "1e-3"
-        clip = gradients.remedy_settings(run).clipnorm or 1.0
+        clip = settings.clipnorm or 1.0
         out.append(Finding(
             kind="update_ratio_high",
             severity="warning",
@@ -110,8 +126,8 @@ def detect(run: RunData) -> list[Finding]:
                 f"(median {C.fmt(med[worst])}); healthy is about {HEALTHY:g}. The learning rate is too high."
             ),
             remedy=(
-                f"Lower the learning rate by ~{C.fmt(1 / factor)}x to bring the ratio near {HEALTHY:g}:\n"
-                f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr}, clipnorm={clip:g})"
+                f"Lower the learning rate ~{cut:g}x{_cut_note(measured, cut)}:\n"
+                f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr}, clipnorm={clip:g}')}"
             ),
         ))
     lo = [j for j in low_columns(sub) if j not in hi]  # blown up then dead is not "too low"
@@ -126,8 +142,8 @@ def detect(run: RunData) -> list[Finding]:
             measured = f"measured ratio {C.fmt(typical)}, healthy ~{HEALTHY:g}{capped}"
             raise_by = (f"~{factor:g}x ({measured})" if factor is not None
                         else f"(it is unknown; {measured})")
-            remedy = (f"Raise the learning rate {raise_by}, or use Adam:\n"
-                      f"    optimizer = keras.optimizers.Adam(learning_rate={new_lr:g})")
+            remedy = (f"Raise the learning rate {raise_by}{C.or_adaptive(run)}:\n"
+                      f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr:g}')}")
         severity = "warning"
         out.append(Finding(
             kind="update_ratio_low",

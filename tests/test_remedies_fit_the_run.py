@@ -1,0 +1,72 @@
+"""Remedies speak of the run's own optimizer and history, from real training runs."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from instrumentation import StabilityCallback  # noqa: E402
+from tb_stability.analysis import analyze_logdir  # noqa: E402
+
+
+def _report(tmp_path, model, x, y, epochs=3):
+    model.fit(x, y, batch_size=32, epochs=epochs, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=10)])
+    (run,) = analyze_logdir(str(tmp_path)).runs
+    return run
+
+
+def test_sgd_with_momentum_that_blows_up_gets_sgd_remedies_with_one_learning_rate(tmp_path):
+    """A learning rate cut from SGD's own is an SGD rate: in Adam it would be a disaster."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 16)).astype("float32") * 5
+    y = (x @ rng.standard_normal((16, 1))).astype("float32")
+    model = keras.Sequential([keras.Input((16,))]
+                             + [keras.layers.Dense(64, activation="relu") for _ in range(4)]
+                             + [keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+    run = _report(tmp_path, model, x, y)
+    assert run.warnings == []
+    by_kind = {f.kind: f for f in run.findings}
+    assert by_kind["nan_inf"].severity == "critical"
+    lowered = [by_kind[k] for k in ("nan_inf", "update_ratio_high", "exploding_gradients",
+                                    "divergence") if k in by_kind]
+    assert len(lowered) >= 2
+    rates = set()
+    for finding in lowered:
+        (call,) = re.findall(r"optimizer = (keras\.optimizers\.\w+\([^)]*\))", finding.remedy)
+        assert call.startswith("keras.optimizers.SGD(") and "momentum=0.9" in call, call
+        rates.add(re.search(r"learning_rate=([0-9.e+-]+)", call).group(1))
+    assert len(rates) == 1, rates  # one lower learning rate per run
+    assert float(rates.pop()) <= 0.05 / 10
+
+
+def test_a_loss_that_is_nan_from_the_first_step_is_blamed_without_a_history(tmp_path):
+    """log(0) in a custom loss on the second output of two: NaN from step 0 on."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(1)
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu")(inputs)
+    reg = keras.layers.Dense(1, name="reg")(h)
+    prob = keras.layers.Dense(1, activation="sigmoid", name="p")(h)
+
+    def unclipped_bce(y, p):
+        return -keras.ops.mean(y * keras.ops.log(p) + (1 - y) * keras.ops.log(1 - p))
+
+    model = keras.Model(inputs, [reg, prob])
+    model.compile(keras.optimizers.Adam(0.05), ["mse", unclipped_bce])
+    x = rng.standard_normal((256, 8)).astype("float32") * 20  # saturates the sigmoid at once
+    y = [rng.standard_normal((256, 1)).astype("float32"), (x[:, :1] > 0).astype("float32")]
+    run = _report(tmp_path, model, x, y, epochs=2)
+    assert run.warnings == []  # every detector ran on a loss that was never finite
+    (nan,) = [f for f in run.findings if f.kind == "nan_inf"]
+    assert nan.first_step == 0
+    assert "non-finite from step 0, before any finite gradient norm" in nan.explanation
+    assert not re.search(r"\bnan", nan.explanation.lower())
+    assert "clip the log argument" in nan.remedy
