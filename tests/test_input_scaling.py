@@ -62,7 +62,7 @@ def test_a_normalization_adapted_on_other_data_is_named_with_what_the_model_sees
     norm.adapt(RNG.standard_normal((256, 4)).astype("float32"))  # not the data fit gets
     _, findings = _fit(tmp_path, _sequential(norm))
     (finding,) = findings
-    assert finding.layers == ["Normalization 'norm'"]
+    assert finding.layers == ["norm"] and "(Normalization 'norm')" in finding.explanation
     assert "does not fit the data it is fed" in finding.explanation
     assert "adapt the Normalization layer on the training inputs" in finding.remedy
     seen = (RAW - np.asarray(norm.mean).reshape(-1)) / np.sqrt(np.asarray(norm.variance)

@@ -91,7 +91,9 @@ def detect_unscaled(run: RunData) -> list[Finding]:
         if view.layers[j]:
             entry["after_layer"] = view.layers[j]
         largest[names[j]] = entry
-    scaled = sorted({view.layers[j] for j in s["large_features"] + top[:1] if view.layers[j]})
+    flagged = [j for j in s["large_features"] + top[:1] if view.layers[j]]
+    scaled = sorted({view.layers[j] for j in flagged})
+    scaling_layers = sorted({view.layer_names[j] for j in flagged})
     explanation = (
         f"Input features reach |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]}) and "
         f"their spreads differ {C.fmt(s['std_ratio'])}x; unscaled inputs saturate units and "
@@ -123,7 +125,7 @@ def detect_unscaled(run: RunData) -> list[Finding]:
         run=run.name,
         first_step=int(m.steps[0]),
         last_step=int(m.steps[-1]),
-        layers=scaled,
+        layers=scaling_layers,
         evidence={
             "largest_features": largest,
             "features_outside_range": len(s["large_features"]),
@@ -142,10 +144,12 @@ class ModelView:
       mean, std, lo, hi: The statistics, NaN where a layer standardises the
         feature (nothing left to judge).
       layers: Per feature, ``"<class> '<name>'"`` of the layer that scaled it, or "".
+      layer_names: Per feature, that layer's name, or "".
     """
 
-    def __init__(self, mean, std, lo, hi, layers):
-        self.mean, self.std, self.lo, self.hi, self.layers = mean, std, lo, hi, layers
+    def __init__(self, mean, std, lo, hi, layers, layer_names):
+        self.mean, self.std, self.lo, self.hi = mean, std, lo, hi
+        self.layers, self.layer_names = layers, layer_names
 
 
 def model_view(scaling, names, mean, std, lo, hi) -> ModelView:
@@ -160,6 +164,7 @@ def model_view(scaling, names, mean, std, lo, hi) -> ModelView:
     arrays = [np.array(a, dtype=np.float64, copy=True) for a in (mean, std, lo, hi)]
     mean, std, lo, hi = arrays
     layers = [""] * len(names)
+    layer_names = [""] * len(names)
     entries = [e for e in scaling or [] if isinstance(e, dict)]
     for j, name in enumerate(names):
         key, _, index = str(name).rpartition("[")
@@ -167,6 +172,7 @@ def model_view(scaling, names, mean, std, lo, hi) -> ModelView:
         if not isinstance(scaled, dict) or j >= mean.shape[1]:
             continue
         label = f"{scaled.get('class', 'scaling')} '{scaled.get('layer', '?')}'"
+        layer_names[j] = str(scaled.get("layer", ""))
         affine = scaled.get("affine")
         if scaled.get("normalized"):
             for a in arrays:
@@ -184,7 +190,7 @@ def model_view(scaling, names, mean, std, lo, hi) -> ModelView:
         ends = np.stack([lo[:, j] * factor + offset, hi[:, j] * factor + offset])
         lo[:, j], hi[:, j] = ends.min(axis=0), ends.max(axis=0)
         layers[j] = label
-    return ModelView(mean, std, lo, hi, layers)
+    return ModelView(mean, std, lo, hi, layers, layer_names)
 
 
 def _scaling_for(entries: list, key: str):
