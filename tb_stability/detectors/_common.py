@@ -207,36 +207,6 @@ def _snake_case(name: str) -> str:
     return "".join(out)
 
 
-def detect(run: RunData) -> list[Finding]:
-    """config_mismatch adapter."""
-    records = run.json.get("stability/run_info") or []
-    if not records:
-        return []
-    step, info = max(records, key=lambda r: r[0])
-    if not isinstance(info, dict):
-        return []
-    problems = config_problems(info)
-    if not problems:
-        return []
-    critical = any(str(p.get("severity", "")).lower() == "critical" for p in problems)
-    keys = ("loss", "output_activation", "from_logits", "label_min", "label_max", "output_units",
-            "outputs")
-    return [Finding(
-        kind="config_mismatch",
-        severity="critical" if critical else "warning",
-        run=run.name,
-        first_step=int(step),
-        last_step=int(step),
-        layers=[str(p["layer"]) for p in problems if p.get("layer")],
-        evidence={"problems": problems, "recorded": {k: info.get(k) for k in keys if k in info},
-                  "threshold": "any recorded config_check problem or rule violation"},
-        explanation=" ".join(str(p.get("message", "")) for p in problems[:3]),
-        remedy="\n".join(str(p.get("remedy", "")) for p in problems if p.get("remedy"))
-        or "Make the output activation, the loss and the label range agree, e.g.\n"
-           "    keras.layers.Dense(1); loss = keras.losses.BinaryCrossentropy(from_logits=True)",
-    )]
-
-
 KERAS_OPTIMIZERS = frozenset({
     "SGD", "Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Adagrad", "Adadelta", "Ftrl", "Lion",
     "Lamb", "Adafactor", "Muon"})
