@@ -17,8 +17,10 @@ real layer sees:
   (``BatchNormalization`` and the other normalisation layers), or it is a
   ``Normalization`` whose statistics do not map onto the last axis.
 
-An input consumed by any other layer, or by several layers, is recorded with
-``"scaling": None`` (raw). Models without symbolic inputs (subclassed) record
+Layers that keep the scale (augmentation, dropout, cropping, reshaping) are
+looked past: an image model's ``RandomFlip`` then ``Rescaling(1 / 255)`` scales
+its input. An input consumed by any other layer, or by several layers, is
+recorded with ``"scaling": None`` (raw). Models without symbolic inputs (subclassed) record
 nothing.
 """
 
@@ -33,6 +35,17 @@ from instrumentation.model_layers import all_layers
 MAX_FEATURES = 4096  # as `data_stats.MAX_FEATURES`: larger inputs are one feature there
 _STANDARDISING = ("BatchNormalization", "LayerNormalization", "GroupNormalization",
                   "UnitNormalization", "RMSNormalization")
+# Layers that move, crop, drop or augment values without changing their scale:
+# the scaling after them is still the scaling of the input (an image model's
+# RandomFlip, RandomRotation, then Rescaling(1 / 255)).
+_SCALE_PRESERVING = frozenset({
+    "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomCrop",
+    "RandomContrast", "RandomBrightness", "RandomErasing", "RandomGaussianBlur", "RandomShear",
+    "RandomPerspective", "RandomElasticTransform", "RandomGrayscale", "Resizing", "CenterCrop",
+    "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
+    "GaussianDropout", "AlphaDropout", "Reshape", "Flatten", "Permute", "RepeatVector",
+    "Cropping1D", "Cropping2D", "Cropping3D", "Identity", "Pipeline"})
+MAX_PASS_THROUGH = 16
 
 
 def input_scaling(model) -> list[dict]:
@@ -51,31 +64,60 @@ def input_scaling(model) -> list[dict]:
     keys: list[Optional[str]] = [None] * len(tensors)
     if isinstance(struct, dict) and len(struct) == len(tensors):
         keys = [str(k) for k in sorted(struct)]  # model.inputs follows the sorted keys
-    consumers = _consumers(model, tensors)
+    consumers = _consumers(model)
     out = []
     for i, tensor in enumerate(tensors):
-        layers = consumers.get(id(tensor), [])
         scaling = None
-        if len(layers) == 1:
+        layer, seen = _first_scaling_layer(consumers, tensor)
+        if layer is not None:
             try:
-                scaling = _scaling_of(layers[0])
+                scaling = _scaling_of(layer)
             except Exception:  # noqa: BLE001 - an unreadable layer counts as raw
                 scaling = None
+        if scaling and "affine" in scaling and _last_axis(seen) != _last_axis(tensor) and max(
+                len(scaling["affine"]["scale"]), len(scaling["affine"]["offset"])) > 1:
+            # Per-feature factors after a reshape: they no longer line up with the
+            # input's features. The input is scaled, by factors we cannot map.
+            scaling = {"layer": scaling["layer"], "class": scaling["class"], "normalized": True}
         out.append({"position": i, "name": str(getattr(tensor, "name", "")), "key": keys[i],
                     "scaling": scaling})
     return out
 
 
-def _consumers(model, tensors) -> dict:
-    """``{id(input tensor): [layers called on it]}``."""
-    wanted = {id(t) for t in tensors}
+def _consumers(model) -> dict:
+    """``{id(tensor): [(layer, node)]}``: every call of a layer of ``model``, by its inputs."""
     found: dict = {}
     for layer in all_layers(model):
         for node in getattr(layer, "_inbound_nodes", None) or []:
             for tensor in getattr(node, "input_tensors", None) or []:
-                if id(tensor) in wanted and not any(x is layer for x in found.get(id(tensor), [])):
-                    found.setdefault(id(tensor), []).append(layer)
+                calls = found.setdefault(id(tensor), [])
+                if not any(x is node for _, x in calls):
+                    calls.append((layer, node))
     return found
+
+
+def _first_scaling_layer(consumers: dict, tensor) -> tuple[Any, Any]:
+    """``(layer, its input)``: the layer that alone consumes ``tensor``, past scale-preserving ones.
+
+    ``(None, None)`` where the values are shared by several layers on the way.
+    """
+    for _ in range(MAX_PASS_THROUGH):
+        calls = consumers.get(id(tensor), [])
+        if len(calls) != 1:
+            return None, None
+        layer, node = calls[0]
+        outputs = list(getattr(node, "output_tensors", None) or [])
+        if type(layer).__name__ not in _SCALE_PRESERVING or len(outputs) != 1:
+            return layer, tensor
+        tensor = outputs[0]
+    return None, None
+
+
+def _last_axis(tensor) -> Optional[int]:
+    try:
+        return tensor.shape[-1]
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _scaling_of(layer) -> Optional[dict]:

@@ -132,3 +132,30 @@ def test_model_view_maps_positions_and_leaves_unknown_features_raw():
     np.testing.assert_allclose(view.hi[0, :4], [5.0, 4.0, 2.0, 9.0])
     assert np.isnan(view.mean[0, 4]) and view.layers == ["", "Rescaling 'r'", "Rescaling 'r'",
                                                         "", "BatchNormalization 'bn'"]
+
+
+def test_scaling_after_augmentation_layers_counts(tmp_path):
+    """The usual image model: augmentation first, then Rescaling(1 / 255)."""
+    pixels = RNG.integers(0, 256, (64, 8, 8, 3)).astype("float32")
+    model = keras.Sequential([
+        keras.Input((8, 8, 3)), keras.layers.RandomFlip("horizontal"),
+        keras.layers.RandomRotation(0.1), keras.layers.Rescaling(1.0 / 255, name="to_unit"),
+        keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+        keras.layers.Dense(2)])
+    _, findings = _fit(tmp_path, model, x=pixels, y=LABELS[:64])
+    assert findings == []
+    (entry,) = _scaling(tmp_path)
+    assert entry["scaling"]["layer"] == "to_unit"
+
+
+def test_per_feature_factors_after_a_reshape_are_not_mapped_onto_the_features(tmp_path):
+    """A Normalization after Flatten has one factor per flattened value, not per feature."""
+    images = (RNG.standard_normal((64, 2, 4)) * 100).astype("float32")
+    norm = keras.layers.Normalization(name="flat_norm")
+    norm.adapt(images.reshape(64, -1))
+    model = keras.Sequential([keras.Input((2, 4)), keras.layers.Flatten(), norm,
+                              keras.layers.Dense(2)])
+    _, findings = _fit(tmp_path, model, x=images, y=LABELS[:64])
+    assert findings == []
+    (entry,) = _scaling(tmp_path)
+    assert entry["scaling"] == {"layer": "flat_norm", "class": "Normalization", "normalized": True}
