@@ -40,7 +40,8 @@ import tensorflow as tf
 
 from instrumentation.activation_kinds import activation_name, classify
 from instrumentation.input_scaling import input_scaling
-from instrumentation.model_layers import all_layers
+from instrumentation.model_layers import all_layers, producing_layer
+from tb_stability import schema
 
 MAX_LAYERS_DESCRIBED = 512
 _CLASSIFICATION = ("crossentropy", "hinge", "focal", "kl_divergence", "kld", "poisson")
@@ -70,7 +71,7 @@ def describe_loss(loss) -> dict:
             from_logits = bool(config["from_logits"])
         elif hasattr(loss, "get_config"):
             from_logits = False
-    return {"loss_name": _canonical(name), "from_logits": from_logits}
+    return {"loss_name": schema.snake_case(name), "from_logits": from_logits}
 
 
 def losses_by_output(model, count: int, names: Sequence[str] = ()) -> list:
@@ -119,7 +120,7 @@ def output_entries(model) -> list[dict]:
         names = [str(n) for n in (getattr(model, "output_names", None) or [])]
     except Exception:  # noqa: BLE001
         names = []
-    layers = [_producer(tensor) for tensor in tensors]
+    layers = [producing_layer(tensor) for tensor in tensors]
     if len(names) != len(tensors):
         names = [getattr(layer, "name", f"output_{i}") for i, layer in enumerate(layers)]
     losses = losses_by_output(model, len(tensors), names)
@@ -135,19 +136,6 @@ def output_entries(model) -> list[dict]:
         entry.update(describe_loss(loss))
         entries.append(entry)
     return entries
-
-
-def output_info(model) -> dict:
-    """``{"output_layer", "output_activation", "output_units"}`` of the first output (None when unknown)."""
-    entry = output_entries(model)[0]
-    return {key: entry[key] for key in ("output_layer", "output_activation", "output_units")}
-
-
-def _producer(tensor) -> Any:
-    history = getattr(tensor, "_keras_history", None)
-    if history is None:
-        return None
-    return history.operation if hasattr(history, "operation") else history[0]
 
 
 def _output_activation(layer) -> str:
@@ -282,16 +270,6 @@ def _problem(message: str, remedy: str, severity: str, layer) -> dict:
     if layer:
         out["layer"] = layer
     return out
-
-
-def _canonical(name: str) -> str:
-    """``BinaryCrossentropy`` -> ``binary_crossentropy``; strings kept lower-case."""
-    out = []
-    for i, ch in enumerate(str(name)):
-        if ch.isupper() and i and not str(name)[i - 1].isupper() and str(name)[i - 1] != "_":
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)
 
 
 def _finite(value) -> Optional[float]:

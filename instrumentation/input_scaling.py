@@ -30,9 +30,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from instrumentation.data_stats import MAX_FEATURES  # larger inputs are one feature there
 from instrumentation.model_layers import all_layers
 
-MAX_FEATURES = 4096  # as `data_stats.MAX_FEATURES`: larger inputs are one feature there
 _STANDARDISING = ("BatchNormalization", "LayerNormalization", "GroupNormalization",
                   "UnitNormalization", "RMSNormalization")
 # Layers that move, crop, drop or augment values without changing their scale:

@@ -8,6 +8,8 @@ replay (`instrumentation.nan_origin`: which layer first turns non-finite).
 
 from __future__ import annotations
 
+from typing import Any
+
 import tensorflow as tf
 
 
@@ -19,14 +21,22 @@ def all_layers(model) -> list:
     return list(getattr(model, "layers", []))
 
 
+def producing_layer(tensor) -> Any:
+    """The layer (Keras operation) that produced a symbolic Keras tensor, or None."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    return history.operation if hasattr(history, "operation") else history[0]
+
+
 def output_layers(model) -> set:
     """Layers producing the model's outputs (last layer for subclassed models)."""
     found = set()
     try:
         for tensor in tf.nest.flatten(model.outputs):
-            history = getattr(tensor, "_keras_history", None)
-            if history is not None:
-                found.add(history[0] if not hasattr(history, "operation") else history.operation)
+            layer = producing_layer(tensor)
+            if layer is not None:
+                found.add(layer)
     except Exception:  # noqa: BLE001 - subclassed models have no outputs
         pass
     if not found:

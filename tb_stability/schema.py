@@ -193,3 +193,16 @@ def all_known_tags() -> tuple[str, ...]:
         + (TAG_INPUTS, TAG_LABELS, TAG_PREDICTIONS)
         + JSON_TAGS
     )
+
+
+def snake_case(name: str) -> str:
+    """A loss or class name as run_info's ``loss_name`` holds it: ``BinaryCrossentropy`` ->
+    ``binary_crossentropy`` (strings lower-cased). The writer records names this way and
+    the detectors read serialised class names the same way."""
+    name = str(name)
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i and not name[i - 1].isupper() and name[i - 1] != "_":
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 
+from tb_stability import schema
 from tb_stability.rundata import Matrix, RunData, Series
 
 # Ordinary-log loss tags, best first. Keras 3 `batch_loss` is a running epoch
@@ -193,23 +194,14 @@ def single_loss_name(info: dict) -> str:
     if isinstance(loss, str):
         return loss.lower()
     if isinstance(loss, dict) and isinstance(loss.get("class_name"), str):
-        return _snake_case(loss["class_name"])
+        return schema.snake_case(loss["class_name"])
     return ""
-
-
-def _snake_case(name: str) -> str:
-    """``BinaryCrossentropy`` -> ``binary_crossentropy``."""
-    out = []
-    for i, ch in enumerate(name):
-        if ch.isupper() and i and not name[i - 1].isupper() and name[i - 1] != "_":
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)
 
 
 KERAS_OPTIMIZERS = frozenset({
     "SGD", "Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Adagrad", "Adadelta", "Ftrl", "Lion",
     "Lamb", "Adafactor", "Muon"})
+ADAPTIVE_OPTIMIZERS = KERAS_OPTIMIZERS - {"SGD"}  # per-weight step sizes
 KEPT_OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay")
 
 
@@ -218,15 +210,22 @@ def recorded_optimizer(run: RunData) -> tuple[str, dict]:
 
     ``("Adam", {})`` where run_info records none (an ordinary TensorBoard log).
     """
-    info = latest_run_info(run, "optimizer")
+    name, config = _optimizer_of(latest_run_info(run, "optimizer"))
+    if not isinstance(name, str) or not name.isidentifier():
+        return "Adam", {}
+    return name, config
+
+
+def _optimizer_of(info: dict) -> tuple[object, dict]:
+    """``(class name, config)`` of one run_info record's optimizer: the inner one of a
+    LossScaleOptimizer (which carries the clipping and the learning rate)."""
     name = info.get("optimizer")
     config = info.get("optimizer_config")
     config = config if isinstance(config, dict) else {}
     inner = config.get("inner_optimizer")
-    if isinstance(inner, dict) and isinstance(inner.get("class_name"), str):
-        name, config = inner["class_name"], inner.get("config") or {}
-    if not isinstance(name, str) or not name.isidentifier():
-        return "Adam", {}
+    if isinstance(inner, dict):
+        name = inner.get("class_name", name)
+        config = inner.get("config", inner)
     return name, config if isinstance(config, dict) else {}
 
 
@@ -253,8 +252,7 @@ def optimizer_call(run: RunData, args: str) -> str:
 def or_adaptive(run: RunData) -> str:
     """``" or switch to Adam"`` where the run's optimizer has no per-weight step sizes, else ""."""
     name, _ = recorded_optimizer(run)
-    return "" if name in ("Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Adagrad", "Adadelta",
-                          "Lion", "Lamb", "Adafactor", "Ftrl", "Muon") else " or switch to Adam"
+    return "" if name in ADAPTIVE_OPTIMIZERS else " or switch to Adam"
 
 
 def configured_clipping(run: RunData) -> dict:
@@ -262,12 +260,7 @@ def configured_clipping(run: RunData) -> dict:
     records = run.json.get("stability/run_info") or []
     if not records or not isinstance(records[0][1], dict):
         return {}
-    config = records[0][1].get("optimizer_config") or {}
-    inner = config.get("inner_optimizer") if isinstance(config, dict) else None
-    if isinstance(inner, dict):
-        config = inner.get("config", inner)
-    if not isinstance(config, dict):
-        return {}
+    _, config = _optimizer_of(records[0][1])
     out = {}
     for key in ("clipnorm", "global_clipnorm", "clipvalue"):
         try:

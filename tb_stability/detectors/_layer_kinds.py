@@ -62,15 +62,16 @@ def recurrent_remedy(layers: list[str], table: dict, clipnorm: float = 1.0) -> O
       table: `layer_activations` of the run.
       clipnorm: The ``clipnorm`` the snippet sets.
     """
-    found = [(layer, recurrent_class(layer, describe(table, layer))) for layer in layers]
-    recurrent = [(layer, kind) for layer, kind in found if kind is not None]
+    described = [(layer, describe(table, layer)) for layer in layers]
+    recurrent = [(layer, entry, recurrent_class(layer, entry)) for layer, entry in described]
+    recurrent = [item for item in recurrent if item[2] is not None]
     if not recurrent:
         return None
-    layer, kind = recurrent[0]
-    entry = describe(table, layer) or {}
+    _, entry, kind = recurrent[0]
+    entry = entry or {}
     units = entry.get("units") if isinstance(entry.get("units"), int) else 32
     activation = entry.get("activation")
-    listed = ", ".join(name for name, _ in recurrent[:4])
+    listed = ", ".join(name for name, _, _ in recurrent[:4])
     lines = []
     if activation and activation != _RECURRENT_DEFAULT:
         why = (" (its derivative is at most 0.25, so the gradient shrinks at every time "

@@ -84,16 +84,17 @@ def detect_unscaled(run: RunData) -> list[Finding]:
     if not s["flag"]:
         return []
     top = sorted(range(len(names)), key=lambda j: -np.nan_to_num(s["extent"][j]))[:5]
+    labels, layer_names = view.layers, view.layer_names
     largest = {}
     for j in top:
         entry = {"min_max_extent": float(s["extent"][j]), "std": float(s["std"][j]),
                  "mean": float(s["mean"][j])}
-        if view.layers[j]:
-            entry["after_layer"] = view.layers[j]
+        if labels[j]:
+            entry["after_layer"] = labels[j]
         largest[names[j]] = entry
-    flagged = [j for j in s["large_features"] + top[:1] if view.layers[j]]
-    scaled = sorted({view.layers[j] for j in flagged})
-    scaling_layers = sorted({view.layer_names[j] for j in flagged})
+    flagged = [j for j in s["large_features"] + top[:1] if labels[j]]
+    scaled = sorted({labels[j] for j in flagged})
+    scaling_layers = sorted({layer_names[j] for j in flagged})
     explanation = (
         f"Input features reach |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]}) and "
         f"their spreads differ {C.fmt(s['std_ratio'])}x; unscaled inputs saturate units and "
@@ -143,13 +144,23 @@ class ModelView:
     Attributes:
       mean, std, lo, hi: The statistics, NaN where a layer standardises the
         feature (nothing left to judge).
-      layers: Per feature, ``"<class> '<name>'"`` of the layer that scaled it, or "".
-      layer_names: Per feature, that layer's name, or "".
+      scaled_by: Per feature, the run_info ``scaling`` applied to it, or None.
     """
 
-    def __init__(self, mean, std, lo, hi, layers, layer_names):
+    def __init__(self, mean, std, lo, hi, scaled_by):
         self.mean, self.std, self.lo, self.hi = mean, std, lo, hi
-        self.layers, self.layer_names = layers, layer_names
+        self.scaled_by = scaled_by
+
+    @property
+    def layers(self) -> list[str]:
+        """Per feature, ``"<class> '<name>'"`` of the layer that scaled it, or ""."""
+        return [f"{s.get('class', 'scaling')} '{s.get('layer', '?')}'" if s else ""
+                for s in self.scaled_by]
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Per feature, the name of the layer that scaled it, or ""."""
+        return [str(s.get("layer", "")) if s else "" for s in self.scaled_by]
 
 
 def model_view(scaling, names, mean, std, lo, hi) -> ModelView:
@@ -163,21 +174,18 @@ def model_view(scaling, names, mean, std, lo, hi) -> ModelView:
     """
     arrays = [np.array(a, dtype=np.float64, copy=True) for a in (mean, std, lo, hi)]
     mean, std, lo, hi = arrays
-    layers = [""] * len(names)
-    layer_names = [""] * len(names)
+    scaled_by: list = [None] * len(names)
     entries = [e for e in scaling or [] if isinstance(e, dict)]
     for j, name in enumerate(names):
         key, _, index = str(name).rpartition("[")
         scaled = _scaling_for(entries, key)
         if not isinstance(scaled, dict) or j >= mean.shape[1]:
             continue
-        label = f"{scaled.get('class', 'scaling')} '{scaled.get('layer', '?')}'"
-        layer_names[j] = str(scaled.get("layer", ""))
         affine = scaled.get("affine")
         if scaled.get("normalized"):
             for a in arrays:
                 a[:, j] = np.nan
-            layers[j] = label
+            scaled_by[j] = scaled
             continue
         if not isinstance(affine, dict):
             continue
@@ -189,8 +197,8 @@ def model_view(scaling, names, mean, std, lo, hi) -> ModelView:
         std[:, j] = std[:, j] * abs(factor)
         ends = np.stack([lo[:, j] * factor + offset, hi[:, j] * factor + offset])
         lo[:, j], hi[:, j] = ends.min(axis=0), ends.max(axis=0)
-        layers[j] = label
-    return ModelView(mean, std, lo, hi, layers, layer_names)
+        scaled_by[j] = scaled
+    return ModelView(mean, std, lo, hi, scaled_by)
 
 
 def _scaling_for(entries: list, key: str):

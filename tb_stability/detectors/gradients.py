@@ -206,8 +206,8 @@ def detect_exploding(run: RunData) -> list[Finding]:
         per_layer = {m.names[j]: C.num(ratios[j]) for j in order}
 
     lr = C.lr_at(run, onset)
-    settings = remedy_settings(run)
-    factor = settings.lr_factor if settings.measured_at is not None else _lr_factor_at(run, cross)[0]
+    settings = remedy_settings(run)  # the same explosion, so its factor is the one at `cross`
+    factor = settings.lr_factor
     clip = settings.clipnorm or C.round_sig(2 * base)
     lr_line = (
         f"learning_rate={C.round_sig(lr / factor):g}, " if lr else ""

@@ -230,6 +230,7 @@ def detect(run: RunData) -> list[Finding]:
     )
     grad = run.steps.get("grad_norm")
     grad_med = R.median(grad.values) if grad is not None and len(grad) else None
+    run_clipnorm = gradients.remedy_settings(run).clipnorm
     out = []
 
     def point(i):
@@ -254,7 +255,7 @@ def detect(run: RunData) -> list[Finding]:
             and np.isfinite(worst["grad_norm"]) and worst["grad_norm"] >= 5 * grad_med
         )
         if grad_med:
-            clip = gradients.remedy_settings(run).clipnorm or C.round_sig(2 * grad_med)
+            clip = run_clipnorm or C.round_sig(2 * grad_med)
             clip_line = (
                 f"The gradient norm also jumped ({C.fmt(worst['grad_norm'])} vs median "
                 f"{C.fmt(grad_med)}); clip it at ~2x the median:\n"
@@ -300,8 +301,7 @@ def detect(run: RunData) -> list[Finding]:
         if benign:
             severity = "info"
         lr = C.lr_at(run, p["step"])
-        clip = gradients.remedy_settings(run).clipnorm or (
-            C.round_sig(2 * grad_med) if grad_med else 1.0)
+        clip = run_clipnorm or (C.round_sig(2 * grad_med) if grad_med else 1.0)
         out.append(Finding(
             kind="final_step_spike",
             severity=severity,
