@@ -85,6 +85,33 @@ def global_grad_norm(run: RunData) -> Series | None:
     return None
 
 
+def no_gradient_variables(run: RunData) -> set[str]:
+    """Variables whose recorded gradient is exactly 0 in every finite record.
+
+    Such a variable is not connected to the loss (a layer built but never
+    called, an output branch no loss uses, a path through an integer cast,
+    ``argmax`` or ``tf.stop_gradient``) or sits behind units that are all dead:
+    no learning rate moves it, and it says nothing about how gradients flow
+    through depth. Without per-variable gradient norms, a weight update of
+    exactly 0 in every record after the first (not under gradient
+    accumulation, where most steps do not update) stands for it.
+    """
+    m = run.variables.get("grad_norm")
+    if m is None or not len(m):
+        m = run.variables.get("update_ratio")
+        if m is None or len(m) < 3 or accumulation_steps(run) > 1:
+            return set()
+        m = Matrix(steps=m.steps[1:], names=m.names, values=m.values[1:])
+    v = np.asarray(m.values, dtype=np.float64)
+    finite = np.isfinite(v)
+    out = set()
+    for j, name in enumerate(m.names):
+        col = v[finite[:, j], j]
+        if col.size >= 2 and np.all(col == 0.0):
+            out.add(name)
+    return out
+
+
 def value_at(series: Series | None, step: int) -> float | None:
     """Value of ``series`` at ``step`` (exact match) or None."""
     if series is None or not len(series):

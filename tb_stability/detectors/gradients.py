@@ -19,7 +19,10 @@ vanishing_gradients
   and last layer in model order. Rule (AUTOTRAINER): ``|g_first| / |g_last| <
   1e-3`` and ``|g_first| < 1e-4`` in at least half of the records. Layers:
   every layer whose median norm is below 1e-3 of the last layer's. Severity: ``warning`` (training is slow or
-  stuck in early layers, not broken). Remedy: where run_info records the
+  stuck in early layers, not broken). Variables whose gradient is exactly 0
+  in every record (`_common.no_gradient_variables`: not connected to the
+  loss) are left out: they are update_ratio_low's "no gradient" case, not an
+  attenuation through depth. Remedy: where run_info records the
   layers' activations (``layer_activations``), the flagged layers' activation
   is named in the evidence and the remedy; recurrent layers (recorded class,
   else Keras' ``lstm``/``gru``/``simple_rnn`` names) get a recurrent fix
@@ -292,7 +295,9 @@ def detect_vanishing(run: RunData) -> list[Finding]:
     m = run.variables.get("grad_norm")
     if m is None or not len(m):
         return []
-    names, norms = layer_norms(m.names, m.values)
+    unconnected = C.no_gradient_variables(run)
+    connected = [j for j, n in enumerate(m.names) if n not in unconnected]
+    names, norms = layer_norms([m.names[j] for j in connected], m.values[:, connected])
     if len(names) < 2:
         return []
     mask, ratio = vanishing_mask(norms[:, 0], norms[:, -1])

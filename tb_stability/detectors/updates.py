@@ -130,40 +130,66 @@ def detect(run: RunData) -> list[Finding]:
                 f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr}, clipnorm={clip:g}')}"
             ),
         ))
-    lo = [j for j in low_columns(sub) if j not in hi]  # blown up then dead is not "too low"
+    unconnected = C.no_gradient_variables(run)
+    zero = [j for j in range(len(names)) if names[j] in unconnected and j not in hi]
+    lo = [j for j in low_columns(sub) if j not in hi and j not in zero]  # blown up then dead is not "too low"
+    if lo or zero:
+        out.append(_low_finding(run, m, names, med, lo, zero, lr))
+    return out
+
+
+def _low_finding(run: RunData, m, names, med, lo: list[int], zero: list[int], lr) -> Finding:
+    """update_ratio_low for kernels that barely move (``lo``) or get no gradient (``zero``)."""
+    explanation, remedy = [], []
+    evidence = {}
     if lo:
         typical = float(np.nanmedian(med[lo]))
         new_lr, factor = C.raised_learning_rate(lr, _lr_factor(typical))
         if new_lr is None:
-            remedy = (f"The learning rate is already {lr:g}, so ratios this small mean these "
-                      f"layers get (near) zero gradients: {C.ZERO_GRADIENT_CAUSES}")
+            remedy.append(f"The learning rate is already {lr:g}, so ratios this small mean these "
+                          f"layers get (near) zero gradients: {C.ZERO_GRADIENT_CAUSES}")
         else:
             capped = f", capped at {C.MAX_SUGGESTED_LR:g}" if new_lr >= C.MAX_SUGGESTED_LR else ""
             measured = f"measured ratio {C.fmt(typical)}, healthy ~{HEALTHY:g}{capped}"
             raise_by = (f"~{factor:g}x ({measured})" if factor is not None
                         else f"(it is unknown; {measured})")
-            remedy = (f"Raise the learning rate {raise_by}{C.or_adaptive(run)}:\n"
-                      f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr:g}')}")
-        severity = "warning"
-        out.append(Finding(
-            kind="update_ratio_low",
-            severity=severity,
-            run=run.name,
-            first_step=int(m.steps[len(m) // 10]),
-            last_step=int(m.steps[-1]),
-            layers=[names[j] for j in lo],
-            evidence={
-                "median_ratio": {names[j]: float(med[j]) for j in lo},
-                "kernels_low": len(lo),
-                "kernels": len(cols),
-                "learning_rate": C.num(lr),
-                "threshold": f"median (after first 10% of records) < {LOW:g} (healthy ~{HEALTHY:g})",
-            },
-            explanation=(
-                f"{len(lo)} of {len(cols)} kernels change by only {C.fmt(typical)} of their norm per "
-                "step; the weights are barely moving, so the learning rate is too low "
-                "(or those layers get no gradient)."
-            ),
-            remedy=remedy,
-        ))
-    return out
+            remedy.append(f"Raise the learning rate {raise_by}{C.or_adaptive(run)}:\n"
+                          f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr:g}')}")
+        evidence["median_ratio"] = {names[j]: float(med[j]) for j in lo}
+        explanation.append(
+            f"{len(lo)} of {len(names)} kernels change by only {C.fmt(typical)} of their norm per "
+            "step; the weights are barely moving, so the learning rate is too low "
+            "(or those layers get no gradient).")
+    if zero:
+        listed = ", ".join(names[j] for j in zero[:4]) + (", ..." if len(zero) > 4 else "")
+        evidence["no_gradient"] = [names[j] for j in zero]
+        explanation.append(
+            f"{listed} get{'s' if len(zero) == 1 else ''} no gradient at all (exactly 0 at every "
+            "recorded step), so no learning rate moves "
+            f"{'it' if len(zero) == 1 else 'them'}.")
+        remedy.append(
+            f"{listed} {'is' if len(zero) == 1 else 'are'} not connected to the loss (a layer "
+            "created but never called in call(), an output no loss uses, or a path through an "
+            "integer cast, argmax or tf.stop_gradient), or every path from "
+            f"{'it' if len(zero) == 1 else 'them'} to the loss runs through dead units (see "
+            "dead_units). Call the layer, "
+            "delete it, or freeze it on purpose:\n"
+            "    layer.trainable = False")
+    evidence.update({
+        "kernels_low": len(lo) + len(zero),
+        "kernels": len(names),
+        "learning_rate": C.num(lr),
+        "threshold": (f"median (after first 10% of records) < {LOW:g} (healthy ~{HEALTHY:g}), "
+                      "or a gradient of exactly 0 in every record"),
+    })
+    return Finding(
+        kind="update_ratio_low",
+        severity="warning",
+        run=run.name,
+        first_step=int(m.steps[len(m) // 10]),
+        last_step=int(m.steps[-1]),
+        layers=[names[j] for j in lo + zero],
+        evidence=evidence,
+        explanation=" ".join(explanation),
+        remedy="\n".join(remedy),
+    )

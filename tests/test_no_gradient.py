@@ -1,0 +1,102 @@
+"""A variable the loss does not reach is named as such, from real training runs.
+
+Keras only warns "Gradients do not exist for variables ..." once per trace; the
+report must not read the variable's zero gradient as a learning rate that is
+too low, nor as gradients vanishing through depth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from instrumentation import StabilityCallback, StabilityMonitor  # noqa: E402
+from tb_stability.analysis import analyze_logdir  # noqa: E402
+
+
+class BuiltButNeverCalled(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.extra = keras.layers.Dense(16, activation="relu")  # the user's mistake
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x, training=False):
+        return self.out(self.hidden(x))
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((512, 8)).astype("float32"), rng.integers(0, 3, 512)
+
+
+def _only_finding(tmp_path):
+    (run,) = analyze_logdir(str(tmp_path)).runs
+    assert run.warnings == []
+    assert [f.kind for f in run.findings] == ["update_ratio_low"], run.findings
+    return run.findings[0]
+
+
+def test_a_layer_built_but_never_called_is_named_not_given_a_learning_rate(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = BuiltButNeverCalled()
+    model.extra.build((None, 8))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=10)])
+    finding = _only_finding(tmp_path)  # and no vanishing_gradients
+    (name,) = finding.layers
+    assert name.endswith("/kernel") and name == finding.evidence["no_gradient"][0]
+    assert "median_ratio" not in finding.evidence
+    assert "no gradient at all" in finding.explanation
+    assert "learning_rate" not in finding.remedy and "trainable = False" in finding.remedy
+
+
+def test_a_none_gradient_in_a_custom_loop_is_named_not_given_a_learning_rate(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(16, activation="relu")(inputs)))
+    unused = keras.layers.Dense(4, name="unused")
+    unused.build((None, 8))
+    variables = model.trainable_variables + unused.trainable_variables
+    optimizer = keras.optimizers.Adam(1e-3)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    monitor = StabilityMonitor(str(tmp_path), every=10, optimizer=optimizer, model=model)
+
+    @tf.function
+    def train_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, variables)
+        assert grads[-1] is None
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        monitor.observe(loss, grads, variables)
+
+    x, y = _data(1)
+    with monitor:
+        for i in range(40):
+            train_step(x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8])
+            monitor.tick()
+    finding = _only_finding(tmp_path)
+    assert finding.layers == ["unused/kernel"] == finding.evidence["no_gradient"]
+
+
+def test_a_learning_rate_too_low_is_still_one_beside_a_variable_without_gradient(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = BuiltButNeverCalled()
+    model.extra.build((None, 8))
+    model.compile(keras.optimizers.SGD(1e-6), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data(2)
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=10)])
+    (run,) = analyze_logdir(str(tmp_path)).runs
+    (finding,) = [f for f in run.findings if f.kind == "update_ratio_low"]
+    assert len(finding.evidence["no_gradient"]) == 1
+    assert len(finding.evidence["median_ratio"]) == 2  # hidden and out kernels
+    assert set(finding.layers) == set(finding.evidence["median_ratio"]) | set(finding.evidence["no_gradient"])
+    assert "keras.optimizers.SGD(learning_rate=" in finding.remedy
+    assert "trainable = False" in finding.remedy
