@@ -70,3 +70,27 @@ def test_a_loss_that_is_nan_from_the_first_step_is_blamed_without_a_history(tmp_
     assert "non-finite from step 0, before any finite gradient norm" in nan.explanation
     assert not re.search(r"\bnan", nan.explanation.lower())
     assert "clip the log argument" in nan.remedy
+
+
+def test_a_run_that_overflows_within_steps_is_clipped_at_its_level_before_the_blow_up(tmp_path):
+    """Two finite steps, the second already 1e4x the first: the clip comes from the first.
+
+    The median of every finite norm before the NaN would be the exploded one,
+    a clipnorm that clips nothing.
+    """
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 8)).astype("float32") * 20
+    y = (x @ rng.standard_normal((8, 1))).astype("float32")
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(32, activation="relu"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "mse")
+    run = _report(tmp_path, model, x, y, epochs=1)
+    nan = next(f for f in run.findings if f.kind == "nan_inf")
+    healthy = nan.evidence["healthy_grad_norm_median"]
+    clips = set()
+    for finding in run.findings:
+        clips.update(float(c) for c in re.findall(r"clipnorm=([0-9.e+-]+)", finding.remedy))
+    assert clips, [f.remedy for f in run.findings]
+    (clip,) = clips
+    assert clip == pytest.approx(2 * healthy, rel=0.05)

@@ -47,6 +47,20 @@ SMOOTH = 5
 VANISH_RATIO = 1e-3
 VANISH_ABS = 1e-4
 VANISH_MAJORITY = 0.5
+NONFINITE_LOOKBACK = 20  # finite steps before a first NaN/Inf that may already be blowing up
+
+
+def level_before_nonfinite(finite_before, lookback: int = NONFINITE_LOOKBACK) -> float:
+    """Healthy level of a series before its first non-finite value.
+
+    The median of the finite values before it, less the last ``lookback``
+    (which may already be growing towards the overflow), keeping at least the
+    first. NaN where there is none.
+    """
+    before = np.asarray(finite_before, dtype=np.float64)
+    if not before.size:
+        return float("nan")
+    return float(np.median(before[: max(1, before.size - lookback)]))
 
 
 def baseline_count(n: int) -> int:
@@ -106,9 +120,10 @@ class RemedySettings(NamedTuple):
 
     Attributes:
       healthy_norm: Typical global gradient norm of the healthy stretch: the
-        median of the finite norms before an explosion's onset and before the
-        first non-finite norm (of all of them in a run without either); None
-        without a positive, finite norm.
+        median of the finite norms before an explosion's onset, before the
+        first non-finite norm less the 20 steps just before it
+        (`level_before_nonfinite`, as the nan_inf evidence), or of all of them
+        in a run without either; None without a positive, finite norm.
       clipnorm: Twice ``healthy_norm`` (None without one).
       lr_factor: How many times lower a learning rate to suggest: where the
         gradient norm explodes, the kernels' update ratio at the crossing over
@@ -137,7 +152,12 @@ def remedy_settings(run: RunData) -> RemedySettings:
     bad = np.flatnonzero(~np.isfinite(x))
     ex = explosion(x)
     end = min([x.size] + ([int(bad[0])] if bad.size else []) + ([ex["onset"]] if ex else []))
-    level = float(np.median(x[:end])) if end else (ex["baseline"] if ex is not None else None)
+    if not end:
+        level = ex["baseline"] if ex is not None else None
+    elif bad.size and int(bad[0]) == end:  # up to a NaN: the steps just before may be exploding
+        level = level_before_nonfinite(x[:end])
+    else:
+        level = float(np.median(x[:end]))
     if level is None or not (np.isfinite(level) and level > 0):
         level = None
     factor, measured_at = 10.0, None

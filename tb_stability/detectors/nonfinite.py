@@ -49,7 +49,7 @@ from tb_stability.findings import Finding
 from tb_stability.rundata import Matrix, RunData
 
 GROWTH_BEFORE_ONSET = 10.0  # pre-onset gradient growth that blames the update
-LOOKBACK = 20  # steps before the onset examined for growth
+LOOKBACK = gradients.NONFINITE_LOOKBACK  # steps before the onset examined for growth
 
 
 def _without_steps(steps, values, drop: set[int], fill: float):
@@ -115,8 +115,7 @@ def grad_growth_before(steps, grad, onset: int, lookback: int = LOOKBACK) -> tup
     before = grad[(steps < onset) & np.isfinite(grad)]
     if not before.size:
         return float("nan"), float("nan")
-    base = before[: max(1, before.size - lookback)]
-    healthy = float(np.median(base))
+    healthy = gradients.level_before_nonfinite(before, lookback)
     recent = before[-lookback:]
     growth = float(np.max(recent) / healthy) if healthy > 0 else float("inf")
     return healthy, growth
