@@ -94,3 +94,8 @@ def test_a_run_that_overflows_within_steps_is_clipped_at_its_level_before_the_bl
     assert clips, [f.remedy for f in run.findings]
     (clip,) = clips
     assert clip == pytest.approx(2 * healthy, rel=0.05)
+    # Every snippet, the dead units' (a consequence of the NaN) included, is the run's SGD.
+    assert "dead_units" in {f.kind for f in run.findings}
+    calls = [c for f in run.findings for c in re.findall(r"keras\.optimizers\.\w+\([^)]*\)", f.remedy)]
+    assert len(calls) >= 3
+    assert all(c.startswith("keras.optimizers.SGD(") and "momentum=0.9" in c for c in calls), calls

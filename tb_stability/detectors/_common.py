@@ -167,12 +167,14 @@ def num(x):
 
 
 MAX_SUGGESTED_LR = 1e-2
-ZERO_GRADIENT_CAUSES = (
-    "look for dead or saturated units (the dead_units and saturated_activations findings), "
-    "layers left at trainable=False, or a loss that does not depend on them. A learning rate "
-    "this large can itself kill ReLU units: lower it and retrain from a fresh initialisation:\n"
-    "    optimizer = keras.optimizers.Adam(learning_rate=1e-3)"
-)
+def zero_gradient_causes(run: RunData) -> str:
+    """Where (near) zero gradients come from when the learning rate is already large."""
+    return (
+        "look for dead or saturated units (the dead_units and saturated_activations findings), "
+        "layers left at trainable=False, or a loss that does not depend on them. A learning rate "
+        "this large can itself kill ReLU units: lower it and retrain from a fresh initialisation:\n"
+        f"    optimizer = {lowered_optimizer_call(run, 10.0)}"
+    )
 
 
 def raised_learning_rate(lr, factor: float) -> tuple[float | None, float | None]:
@@ -182,7 +184,7 @@ def raised_learning_rate(lr, factor: float) -> tuple[float | None, float | None]
     the factor is the one that cap leaves (so the text and the snippet agree).
     ``(1e-3, None)`` when the learning rate is unknown; ``(None, None)`` when it
     is already at or above the cap: then tiny updates mean tiny gradients, and
-    raising it is not the fix (`ZERO_GRADIENT_CAUSES`).
+    raising it is not the fix (`zero_gradient_causes`).
     """
     try:
         lr = float(lr)
@@ -274,6 +276,23 @@ def optimizer_call(run: RunData, args: str) -> str:
         parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value!r}")
     prefix = "keras.optimizers." if name in KERAS_OPTIMIZERS else ""
     return f"{prefix}{name}({', '.join(parts)})"
+
+
+def lowered_optimizer_call(run: RunData, factor: float, extra: str = "",
+                           default_lr: float = 1e-4) -> str:
+    """`optimizer_call` with the run's learning rate (its first logged one) lowered ``factor``x.
+
+    ``default_lr`` where the run logged no learning rate (an ordinary log's
+    Adam). ``extra`` are further arguments, e.g. ``"clipnorm=1"``.
+    """
+    lr = lr_at(run, None)
+    new_lr = round_sig(lr / factor) if lr and math.isfinite(lr) and lr > 0 else default_lr
+    return optimizer_call(run, ", ".join(a for a in (f"learning_rate={new_lr:g}", extra) if a))
+
+
+def kept_optimizer_call(run: RunData, extra: str, default_lr: float = 1e-3) -> str:
+    """`optimizer_call` at the run's own learning rate (``default_lr`` if unlogged), plus ``extra``."""
+    return lowered_optimizer_call(run, 1.0, extra, default_lr)
 
 
 def or_adaptive(run: RunData) -> str:

@@ -54,13 +54,14 @@ def recurrent_class(layer: str, entry: Optional[dict]) -> Optional[str]:
     return None
 
 
-def recurrent_remedy(layers: list[str], table: dict, clipnorm: float = 1.0) -> Optional[str]:
+def recurrent_remedy(layers: list[str], table: dict,
+                     optimizer: str = "keras.optimizers.Adam(1e-3, clipnorm=1)") -> Optional[str]:
     """A fix for vanishing gradients through recurrent ``layers`` (None if none is recurrent).
 
     Args:
       layers: The flagged layers (variable-path prefixes).
       table: `layer_activations` of the run.
-      clipnorm: The ``clipnorm`` the snippet sets.
+      optimizer: The optimizer snippet to end with (the run's own, with clipping).
     """
     described = [(layer, describe(table, layer)) for layer in layers]
     recurrent = [(layer, entry, recurrent_class(layer, entry)) for layer, entry in described]
@@ -88,7 +89,7 @@ def recurrent_remedy(layers: list[str], table: dict, clipnorm: float = 1.0) -> O
         f"    x = keras.layers.Add()([x, keras.layers.{kind}({units}, return_sequences=True)(x)])"
         "  # residual",
         "    x = keras.layers.LayerNormalization()(x)",
-        f"    optimizer = keras.optimizers.Adam(1e-3, clipnorm={clipnorm:g})",
+        f"    optimizer = {optimizer}",
     ]
     return "\n".join(lines)
 

@@ -363,7 +363,8 @@ def detect_vanishing(run: RunData) -> list[Finding]:
                 f"Gradients reaching {listed} are {C.fmt(evidence['median_ratio_first_to_last'])}x "
                 f"those of {names[-1]}, so the early layers barely learn."
             ),
-            remedy=(K.recurrent_remedy(layers, table, remedy_settings(run).clipnorm or 1.0)
+            remedy=(K.recurrent_remedy(layers, table, C.kept_optimizer_call(
+                run, f"clipnorm={remedy_settings(run).clipnorm or 1.0:g}"))
                     or _feedforward_remedy(listed, activations)),
         )
     ]

@@ -331,7 +331,7 @@ def detect(run: RunData) -> list[Finding]:
             "Find the producing op with `tf.debugging.enable_check_numerics()` before "
             "building the model, check inputs for NaN/Inf, and guard logs/divisions:\n"
             "    p = tf.clip_by_value(p, 1e-7, 1.0)\n"
-            "    optimizer = keras.optimizers.Adam(learning_rate=1e-4, clipnorm=1.0)"
+            f"    optimizer = {C.lowered_optimizer_call(run, 10.0, _fallback_clip(run))}"
         )
     if isinstance(origin, dict) and origin:
         explanation += f" {origin_sentence(origin)}"
@@ -376,6 +376,14 @@ def origin_sentence(origin: dict) -> str:
     keys = keys or list(origin)[:4]  # a record written by another tool: show what it says
     summary = ", ".join(f"{k}={origin[k]}" for k in keys) or "unknown"
     return f"Recorded origin: {summary}."
+
+
+def _fallback_clip(run: RunData) -> str:
+    """The run's own clipping if set, else a clipnorm at twice its healthy norm (1 without one)."""
+    clipping = C.configured_clipping(run)
+    if clipping:
+        return _clip_txt(clipping)
+    return f"clipnorm={gradients.remedy_settings(run).clipnorm or 1.0:g}"
 
 
 def _clip_txt(clipping: dict) -> str:

@@ -208,7 +208,7 @@ def detect_stalled(run: RunData) -> list[Finding]:
     new_lr, factor = C.raised_learning_rate(lr, factor)
     if new_lr is None:
         remedy = (f"The learning rate is already {lr:g}, so updates this small mean the "
-                  f"gradients are (near) zero: {C.ZERO_GRADIENT_CAUSES}")
+                  f"gradients are (near) zero: {C.zero_gradient_causes(run)}")
     else:
         raise_by = f"~{factor:g}x " if factor is not None else "(it is unknown; e.g. 1e-3) "
         remedy = (

@@ -147,7 +147,7 @@ def _low_finding(run: RunData, m, names, med, lo: list[int], zero: list[int], lr
         new_lr, factor = C.raised_learning_rate(lr, _lr_factor(typical))
         if new_lr is None:
             remedy.append(f"The learning rate is already {lr:g}, so ratios this small mean these "
-                          f"layers get (near) zero gradients: {C.ZERO_GRADIENT_CAUSES}")
+                          f"layers get (near) zero gradients: {C.zero_gradient_causes(run)}")
         else:
             capped = f", capped at {C.MAX_SUGGESTED_LR:g}" if new_lr >= C.MAX_SUGGESTED_LR else ""
             measured = f"measured ratio {C.fmt(typical)}, healthy ~{HEALTHY:g}{capped}"
