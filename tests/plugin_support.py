@@ -80,6 +80,23 @@ def build_logdir(root: str) -> str:
     return root
 
 
+def write_disconnected_run(root: str, name: str = "disconnected") -> str:
+    """A healthy run in which ``unused/kernel`` never gets a gradient (norm exactly 0)."""
+    rng = np.random.default_rng(7)
+    loss = 2.0 * np.exp(-np.arange(STEPS) / 150.0) + 0.1 + 0.01 * rng.standard_normal(STEPS)
+    grad = 1.0 + 0.05 * rng.standard_normal(STEPS)
+    names = LAYERS + ("unused/kernel",)
+    with StabilityWriter(os.path.join(root, name), wall_time=1.0) as writer:
+        writer.write_steps(_steps_block(loss, grad))
+        for step in range(0, STEPS, 10):
+            norms = np.array([1e-1, 1e-1, 1e-1, 1e-1, 1e-1, 0.0]) * (1 + 0.1 * rng.random(6))
+            writer.write_variables(step, "grad_norm", names, norms)
+            ratios = np.full(6, 1e-3) * (1 + rng.random(6))
+            ratios[-1] = 0.0
+            writer.write_variables(step, "update_ratio", names, ratios)
+    return os.path.join(root, name)
+
+
 def free_port() -> int:
     """An unused TCP port on localhost."""
     with socket.socket() as sock:

@@ -28,6 +28,7 @@ from playwright.sync_api import sync_playwright  # noqa: E402
 def session(tmp_path_factory):
     """One TensorBoard process, one browser page on the Stability tab."""
     logdir = plugin_support.build_logdir(str(tmp_path_factory.mktemp("browser") / "logs"))
+    plugin_support.write_disconnected_run(logdir)
     # A corrupt event file in the hostile run: its warning names a hostile path.
     corrupt = os.path.join(logdir, plugin_support.HOSTILE_RUN, "events.out.tfevents.0.corrupt")
     with open(corrupt, "wb") as handle:
@@ -114,6 +115,27 @@ def test_heatmap_quantity_switch_to_dead_fraction(session):
     assert "per-layer dead_fraction" in title and "linear" in title
 
 
+def test_a_variable_without_gradient_is_a_legended_zero_on_the_log_scale(session):
+    frame = session["frame"]
+    view = ".run-view[data-run='disconnected']"
+    box = frame.locator(".run-item[data-run='disconnected'] input[type=checkbox]")
+    assert not box.is_checked()  # only the most urgent runs are shown at first
+    box.check()
+    try:
+        finding = frame.locator(".finding[data-run='disconnected']")
+        assert finding.get_attribute("data-kind") == "update_ratio_low"
+        assert "no gradient at all" in finding.text_content()
+        heat = frame.locator(f"{view} .heatmap[data-quantity='grad_norm']")
+        assert "log" in heat.locator(".chart-title").text_content()
+        assert heat.locator(".legend .swatch-missing").count() == 1
+        assert heat.locator(".legend").text_content().rstrip().endswith("0")
+        # No zero in the spiky run's norms: no such legend entry there.
+        spiky = frame.locator(".run-view[data-run='spiky'] .heatmap[data-quantity='grad_norm']")
+        assert spiky.locator(".legend .swatch-missing").count() == 0
+    finally:
+        box.uncheck()
+
+
 def test_hostile_run_name_is_inert_text(session):
     frame, events = session["frame"], session["events"]
     hostile = plugin_support.HOSTILE_RUN
@@ -149,7 +171,7 @@ def test_run_filter(session):
     frame.fill(".filter", "spik")
     assert frame.eval_on_selector_all(".run-item", "els => els.map(e => e.dataset.run)") == ["spiky"]
     frame.fill(".filter", "")
-    assert frame.locator(".run-item").count() == 4
+    assert frame.locator(".run-item").count() == 5
 
 
 def test_theme_follows_tensorboard_dark_mode(session):

@@ -1,6 +1,7 @@
 /**
  * Layer x step heatmap on a plain <canvas>: log colour scale for norms and
- * ratios, linear 0..1 for fractions; non-finite cells in the critical colour.
+ * ratios, linear 0..1 for fractions; non-finite cells in the critical colour,
+ * zeros on a log scale in the missing-cell colour (both in the legend).
  * Layer names are drawn by the canvas (inert) and shown in a text tooltip.
  */
 
@@ -42,6 +43,7 @@ export class Heatmap {
   private readonly log: boolean;
   private lo = 0;
   private hi = 1;
+  private offScale = false; // a value <= 0 on a log scale (a variable without gradient)
   private colStart = 0;
   private colEnd: number;
   private highlight = new Set<string>();
@@ -102,6 +104,7 @@ export class Heatmap {
     for (const row of this.matrix.values) {
       for (const raw of row) {
         const v = toNumber(raw);
+        if (this.log && v <= 0) this.offScale = true;
         if (!Number.isFinite(v) || (this.log && v <= 0)) continue;
         const x = this.log ? Math.log10(v) : v;
         lo = Math.min(lo, x);
@@ -127,7 +130,8 @@ export class Heatmap {
     const ctx = bar.getContext("2d");
     if (ctx) for (let x = 0; x < 160; x++) { ctx.fillStyle = colorAt(x / 159); ctx.fillRect(x, 0, 1, 10); }
     const bad = el("span", { class: "swatch swatch-nonfinite" });
-    return el("div", { class: "legend" }, [fmt(this.lo), " ", bar, " ", fmt(this.hi), "   ", bad, " non-finite"]);
+    const zero = this.offScale ? ["   ", el("span", { class: "swatch swatch-missing" }), " 0"] : [];
+    return el("div", { class: "legend" }, [fmt(this.lo), " ", bar, " ", fmt(this.hi), "   ", bad, " non-finite", ...zero]);
   }
 
   private layout() {
