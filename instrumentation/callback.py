@@ -122,9 +122,13 @@ class StabilityCallback(keras.callbacks.Callback):
         self._patches = InstancePatches()
         self._active = False
         self._broken = False
-        self._warned_loss = False
+        self._warned: set = set()
         self._loss_graph = None
         self._loss_tensor = None
+        self._pending_row = None  # (step, graph) of a row whose loss train_step returns
+        self._applied_graph = None  # the trace in which optimizer.apply last ran
+        self._loss_source = "compute_loss"  # or "train_step" (its logs) or "none"
+        self._not_recorded = None  # why nothing is recorded, when a trace found out
         self._info_written = False
         self._since_read = 0
         self._next_step = 0
@@ -206,6 +210,9 @@ class StabilityCallback(keras.callbacks.Callback):
         self._since_read = 0
         self._info_written = False
         self._loss_graph = None
+        self._pending_row = self._applied_graph = None
+        self._loss_source = "compute_loss"
+        self._not_recorded = None
         self._stats_ready = False
         self._drainer = None
         self._extra_columns = optimizer_step.extra_columns(model, optimizer)
@@ -255,6 +262,7 @@ class StabilityCallback(keras.callbacks.Callback):
         self._patch(model, "compute_loss",
                     train_hooks.make_loss_hook(self, model.compute_loss, scale=False))
         self._patch(model, "fit", train_hooks.make_fit_guard(self, model.fit))
+        self._patch(model, "train_step", train_hooks.make_train_step(self, model.train_step))
         self._install_extras(model, optimizer)
         self._functions = self._train_functions(model)
         model.train_function = train_hooks.make_train_function(self, self._functions)
@@ -323,16 +331,19 @@ class StabilityCallback(keras.callbacks.Callback):
             capture fired (its forensics re-run the model).
         """
         self._host_jobs.wait()
-        if self._drainer is None or self._broken:
+        if self._broken or (self._drainer is None and not self._not_recorded):
             return
         if not self._info_written:
             self._info_written = True
             self.writer.write_json(
                 schema.TAG_RUN_INFO,
                 self._start_step,
-                run_info(self.model, self.model.optimizer, self.every, self._stats.names,
-                         extra=self._extras.run_info_extra()),
+                run_info(self.model, self.model.optimizer, self.every,
+                         self._stats.names if self._stats is not None else (),
+                         extra=self._run_info_extra()),
             )
+        if self._drainer is None:  # nothing recorded; run_info says why
+            return
         # One device-to-host copy of every statistics variable, and one
         # summary op per step written (see `readback` and `SummaryWriter.batch`).
         stats = self._stats
@@ -373,6 +384,18 @@ class StabilityCallback(keras.callbacks.Callback):
             return
         for finding in findings:
             logger.warning("%s", warning_line(finding, self.log_dir))
+
+    def _run_info_extra(self) -> dict:
+        extra = {**self._extras.run_info_extra(), "loss_source": self._loss_source}
+        if self._not_recorded:
+            extra["not_recorded"] = self._not_recorded
+        return extra
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """Warns ``message`` the first time ``key`` comes up for this callback."""
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     # ---------------------- activation probes, data stats, NaN origin (extras.py)
 

@@ -193,7 +193,9 @@ class StepStats:
         and call ``on_nonfinite(count, loss)`` (e.g. the NaN capture).
 
         Args:
-          loss: This step's loss (a tensor of this graph).
+          loss: This step's loss (a tensor of this graph), or None where the
+            step's loss is unknown: the row then holds NaN (to be filled in
+            or left out by the host) and only the gradients are tested.
           on_nonfinite: Optional graph-side hook run inside that branch.
         """
         if variables is None:
@@ -217,10 +219,14 @@ class StepStats:
         sum_squares = factor * tf.stack(per_var) if per_var else tf.zeros([0], tf.float32)
         total = tf.cast(factor * tf.add_n(halves), tf.float64) if halves \
             else tf.constant(0.0, tf.float64)
-        loss = tf.convert_to_tensor(loss)
-        if loss.shape.rank != 0:
-            loss = tf.reduce_mean(loss)
-        loss = tf.cast(loss, tf.float64)
+        if loss is None:  # not seen by the instrumentation: NaN in the row, not tested
+            loss, tested = tf.constant(np.nan, tf.float64), total
+        else:
+            loss = tf.convert_to_tensor(loss)
+            if loss.shape.rank != 0:
+                loss = tf.reduce_mean(loss)
+            loss = tf.cast(loss, tf.float64)
+            tested = total + loss
 
         def count():
             found = tf.add_n([count_nonfinite(g) for g in present]
@@ -230,7 +236,7 @@ class StepStats:
             return found
 
         # The cond holds no collective (see `instrumentation.distribute`).
-        nonfinite = rare_cond(tf.logical_not(tf.math.is_finite(total + loss)), count,
+        nonfinite = rare_cond(tf.logical_not(tf.math.is_finite(tested)), count,
                               lambda: tf.constant(0.0, tf.float64))
         return LocalStats(loss=loss, sum_squares=sum_squares, total=total, nonfinite=nonfinite)
 

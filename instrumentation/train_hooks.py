@@ -5,6 +5,8 @@
 * `make_loss_hook` wraps ``optimizer.scale_loss`` and ``model.compute_loss``
   to keep the raw loss tensor of the trace (Keras' logged loss is a running
   mean); `captured_loss` hands it to the wrapped ``apply``.
+* `make_train_step` wraps ``model.train_step``: a custom train step that
+  computes its loss itself gets it from its returned logs (`fill_loss`).
 * `make_train_function` is the ``model.train_function`` the host calls: it
   picks the log-step or lean train function, reads the statistics every
   `read_interval` steps and flushes on errors and on time.
@@ -78,6 +80,9 @@ def make_apply(callback, optimizer, original):
                 sources_for=stats.snapshots_of if early and not deltas_expected else None)
             state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
                                                         loss=loss, on_nonfinite=hook)
+            callback._applied_graph = current_graph()
+            if loss is None:  # fill_loss completes the row after train_step returns
+                callback._pending_row = (state.step, current_graph())
             if not early:
                 stats.snapshot(state)
         except Exception as error:  # noqa: BLE001
@@ -125,20 +130,109 @@ def make_loss_hook(callback, original, scale: bool):
 
 
 def captured_loss(callback):
-    """The loss tensor compute_loss/scale_loss produced in this trace (NaN if none)."""
+    """The loss tensor compute_loss/scale_loss produced in this trace, or None.
+
+    None (a train step that computes its loss itself): the row's loss is
+    filled in from what ``train_step`` returns, or left out (`fill_loss`).
+    """
     captured = callback._loss_graph is not None and callback._loss_graph is current_graph()
     loss, callback._loss_tensor, callback._loss_graph = callback._loss_tensor, None, None
-    if captured:
-        return loss
-    if not callback._warned_loss:
-        callback._warned_loss = True
-        warnings.warn(
-            "tb-stability: the train step calls neither optimizer.scale_loss "
-            "nor model.compute_loss; the per-step loss is recorded as NaN",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-    return tf.constant(float("nan"), tf.float64)
+    return loss if captured else None
+
+
+def make_train_step(callback, original):
+    """Wraps ``model.train_step``: after it returns, the loss where no hook saw it."""
+
+    def train_step(*args, **kwargs):
+        callback._pending_row = None
+        callback._applied_graph = None
+        logs = original(*args, **kwargs)
+        if callback._active and not callback._broken:
+            try:
+                fill_loss(callback, logs)
+            except Exception as error:  # noqa: BLE001
+                callback._fail(error)
+        return logs
+
+    return train_step
+
+
+def fill_loss(callback, logs) -> None:
+    """Completes this trace's row once ``train_step`` has returned its logs.
+
+    A custom ``train_step`` that computes its loss without ``compute_loss`` or
+    ``scale_loss`` leaves the row's loss unknown. Its returned ``"loss"`` is
+    written into the row when it is this step's own value (it depends on the
+    batch); a metric's running mean (it reads only variables) would hide every
+    spike, so the loss column is then left out of the log. A train step that
+    never calls ``model.optimizer.apply`` (its own optimizers) records nothing.
+    """
+    graph = current_graph()
+    pending, callback._pending_row = callback._pending_row, None
+    if callback._applied_graph is not graph:
+        callback._warn_once(
+            "no_apply",
+            "tb-stability: the train step never calls model.optimizer.apply (it updates "
+            "the weights with optimizers of its own, e.g. a GAN's), so no statistics are "
+            "recorded; use instrumentation.StabilityMonitor inside train_step instead")
+        callback._loss_source = "none"
+        callback._not_recorded = ("the train step never calls model.optimizer.apply (optimizers "
+                                  "of its own): use StabilityMonitor inside train_step")
+        return
+    if pending is None or pending[1] is not graph:
+        return  # compute_loss or scale_loss gave the loss
+    step = pending[0]
+    loss = logs.get("loss") if isinstance(logs, dict) else None
+    if (tf.is_tensor(loss) and loss.dtype.is_floating and not distribute.replica_context()
+            and depends_on_batch(loss)):
+        loss = tf.cast(loss, tf.float64)
+        if loss.shape.rank != 0:
+            loss = tf.reduce_mean(loss)
+        stats = callback._stats
+        row = tf.math.floormod(tf.cast(step, tf.int64), stats.capacity)
+        tf.raw_ops.ResourceScatterNdUpdate(
+            ref=stats.ring.handle, indices=tf.reshape(tf.stack([row, 1]), [1, 2]),
+            updates=tf.reshape(loss, [1]))
+        callback._loss_source = "train_step"
+        return
+    callback._loss_source = "none"
+    if callback._drainer is not None:
+        callback._drainer.omit_loss = True
+    callback._warn_once(
+        "loss",
+        "tb-stability: the train step computes its loss without model.compute_loss or "
+        "optimizer.scale_loss and returns no per-step 'loss' (a metric's running mean "
+        "hides spikes), so the per-step loss is not recorded; call "
+        "self.compute_loss(x, y, y_pred) in train_step, or return the step's own loss as "
+        "'loss'")
+
+
+_DATA_OPS = frozenset({"IteratorGetNext", "IteratorGetNextSync", "OptionalGetValue"})
+
+
+def depends_on_batch(tensor, limit: int = 2000) -> bool:
+    """Whether ``tensor`` is computed from the step's data, not only from variables.
+
+    Walks the data inputs (not control inputs) of its graph: the batch enters
+    a train step as a non-resource placeholder (a function argument) or an
+    iterator op; a metric's ``result()`` reads only variables (resource
+    placeholders) and constants. Unknown (the walk hit ``limit``) counts as
+    depending on the batch.
+    """
+    seen, stack = set(), [tensor.op]
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        if len(seen) > limit:
+            return True
+        if op.type in _DATA_OPS:
+            return True
+        if op.type == "Placeholder" and op.outputs[0].dtype != tf.resource:
+            return True
+        stack.extend(t.op for t in op.inputs)
+    return False
 
 
 def make_train_function(callback, functions: dict):

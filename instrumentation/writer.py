@@ -227,6 +227,9 @@ class Drainer:
         self.next_step = int(next_step)
         self.saw_nonfinite = False
         self.first_nonfinite_step: Optional[int] = None
+        # The loss column holds no loss (a train step whose loss the
+        # instrumentation cannot see): it is left out rather than written as NaN.
+        self.omit_loss = False
         # Optional `readback.BatchedRead` already holding this drain's values.
         self.batch: Optional[readback.BatchedRead] = None
         # Objects with feed_steps(rows, columns) / feed_variables(step, stats, names),
@@ -270,12 +273,17 @@ class Drainer:
                     self.writer.write_variables(step, record, self.stats.names)
                     for listener in self.listeners:
                         listener.feed_variables(step, record, self.stats.names)
-        self.writer.write_steps(fresh)
+        columns = tuple(getattr(self.stats, "columns", schema.STEP_COLUMNS))
+        written = fresh
+        if self.omit_loss:
+            written = np.delete(fresh, columns.index("loss"), axis=1)
+            columns = tuple(c for c in columns if c != "loss")
+        self.writer.write_steps(written, columns)
         for listener in self.listeners:
-            listener.feed_steps(fresh, getattr(self.stats, "columns", schema.STEP_COLUMNS))
+            listener.feed_steps(written, columns)
         self.next_step = last + 1
         if not self.saw_nonfinite:
-            values = fresh[:, 1:3]
+            values = fresh[:, 2:3] if self.omit_loss else fresh[:, 1:3]
             bad = ~np.isfinite(values).all(axis=1) | (fresh[:, 3] > 0)
             if bad.any():
                 self.saw_nonfinite = True

@@ -10,6 +10,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
+from tb_stability import schema
 from tb_stability.findings import Finding, severity_rank, sort_findings
 from tb_stability.reader import load_logdir
 from tb_stability.rundata import RunData
@@ -255,7 +256,7 @@ def analyze_logdir(
         if run_filter is not None and run_filter not in name:
             continue
         run = logdir.runs[name]
-        run_warnings = list(run.warnings)
+        run_warnings = list(run.warnings) + _not_recorded(run)
         findings = analyze_run(run, detectors, run_warnings)
         findings = sort_findings(findings + [f for f in pair_findings if f.run == name])
         report.runs.append(RunReport(run=name, findings=findings, warnings=run_warnings,
@@ -284,3 +285,13 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "runs": [run_report_to_json(r) for r in sorted(report.runs, key=lambda r: r.run)],
         "warnings": list(report.warnings),
     }
+
+
+def _not_recorded(run: RunData) -> list[str]:
+    """Why an instrumented training recorded no statistics (from its run_info), if it says."""
+    if run.instrumented:
+        return []
+    for _, info in reversed(run.json.get(schema.TAG_RUN_INFO) or []):
+        if isinstance(info, dict) and isinstance(info.get("not_recorded"), str):
+            return [f"the instrumentation recorded no statistics: {info['not_recorded']}"]
+    return []
