@@ -123,6 +123,7 @@ class StabilityCallback(keras.callbacks.Callback):
         self._active = False
         self._broken = False
         self._warned: set = set()
+        self._run_end: Optional[int] = None  # the step after the last one written, offset included
         self._loss_graph = None
         self._loss_tensor = None
         self._pending_row = None  # (step, graph) of a row whose loss train_step returns
@@ -207,6 +208,10 @@ class StabilityCallback(keras.callbacks.Callback):
         self._capacity = self._read_interval + self._spe + 1
         self._start_step = int(distribute.micro_iterations(optimizer).numpy())
         self._next_step = self._start_step  # host count of the next step
+        # A later fit of this callback with a fresh optimizer (fine-tuning after a
+        # recompile) restarts iterations at 0: its steps continue the run's instead.
+        if self._run_end is not None:
+            self.writer.step_offset = max(0, self._run_end - self._start_step)
         self._since_read = 0
         self._info_written = False
         self._loss_graph = None
@@ -310,11 +315,16 @@ class StabilityCallback(keras.callbacks.Callback):
         """
         with contextlib.ExitStack() as cleanup:  # runs its callbacks last-in first-out
             cleanup.callback(self._uninstall)
+            cleanup.callback(self._note_run_end)
             cleanup.callback(self._flush_writer)
             cleanup.callback(self._host_jobs.close)
             if not self._broken:
                 self._drain()
                 self._announce_live(force=True)
+
+    def _note_run_end(self) -> None:
+        if self._drainer is not None and self._writer is not None:
+            self._run_end = self._drainer.next_step + self._writer.step_offset
 
     def _flush_writer(self) -> None:
         if self._writer is not None:

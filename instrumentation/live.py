@@ -68,6 +68,9 @@ class LiveDiagnosis:
         rows = np.array(rows, dtype=np.float64, copy=True)
         if rows.ndim != 2 or rows.shape[0] == 0:
             return
+        if self._rows and (tuple(columns) != self._columns or rows[0, 0] <= self._rows[-1][-1, 0]):
+            self._rows.clear()  # a new fit (steps restart, other columns): a new window
+            self._row_count = 0
         self._columns = tuple(columns)
         self._rows.append(rows)
         self._row_count += rows.shape[0]
@@ -76,6 +79,8 @@ class LiveDiagnosis:
 
     def feed_variables(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
         """Adds one per-variable record ``[rows, num_variables]`` (rows as `VARIABLE_ROWS`)."""
+        if tuple(names) != self._names or (self._records and step <= self._records[-1][0]):
+            self._records.clear()  # other variables (layers unfrozen) or a new fit
         self._names = tuple(names)
         self._records.append((int(step), np.array(stats, dtype=np.float64, copy=True)))
 

@@ -68,6 +68,9 @@ class SummaryWriter:
         self._writer = None
         self._metadata_cache: dict = {}
         self._pending: Optional[list] = None
+        # Added to every training step written (not to epochs): a later fit with a
+        # fresh optimizer, whose iterations restart at 0, continues the run's steps.
+        self.step_offset = 0
 
     @contextlib.contextmanager
     def batch(self):
@@ -82,8 +85,10 @@ class SummaryWriter:
             pending, self._pending = self._pending, None
             self._write_raw(pending)
 
-    def _emit(self, tag: str, array: np.ndarray, step: int, metadata: bytes) -> None:
-        self._emit_summary(int(step), encode_summary(tag, array, metadata))
+    def _emit(self, tag: str, array: np.ndarray, step: int, metadata: bytes,
+              training_step: bool = True) -> None:
+        step = int(step) + (self.step_offset if training_step else 0)
+        self._emit_summary(step, encode_summary(tag, array, metadata))
 
     def _emit_summary(self, step: int, summary: bytes) -> None:
         host_jobs.pause()  # on the worker thread: the training thread may take the GIL
@@ -128,7 +133,11 @@ class SummaryWriter:
         rows = np.asarray(rows, np.float64)
         if rows.size == 0:
             return
-        self._emit(schema.TAG_STEPS, rows, int(rows[-1, 0]), self._meta("steps", columns))
+        if self.step_offset:
+            rows = rows.copy()
+            rows[:, list(columns).index("step")] += self.step_offset
+        self._emit(schema.TAG_STEPS, rows, int(rows[-1, 0]), self._meta("steps", columns),
+                   training_step=False)  # the step column already holds the offset
 
     def write_variables(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
         """Writes ``stats[GRAD_NORM|WEIGHT_NORM|UPDATE_RATIO]`` vectors for one step.
@@ -151,8 +160,11 @@ class SummaryWriter:
         if tag not in schema.JSON_TAGS:
             raise ValueError(f"not a JSON tag: {tag!r}")
         quantity = schema.quantity_of_tag(tag)
+        if self.step_offset and isinstance(record.get("step"), int):
+            record = {**record, "step": record["step"] + self.step_offset}
         text = json.dumps(record, default=str, sort_keys=True)
-        self._emit_summary(int(step), encode_string_summary(tag, text, self._meta(quantity)))
+        self._emit_summary(int(step) + self.step_offset,
+                           encode_string_summary(tag, text, self._meta(quantity)))
 
     # -- activation probes, data statistics and epoch logs (probes/data_stats) --
 
@@ -181,13 +193,14 @@ class SummaryWriter:
                    self._meta(schema.quantity_of_tag(tag), _class_names(counts.shape[0])))
 
     def write_scalars(self, step: int, values: dict) -> None:
-        """Writes ordinary scalars (plugin ``scalars``, as ``tf.summary.scalar``)."""
+        """Writes ordinary scalars (plugin ``scalars``, as ``tf.summary.scalar``) at ``step`` as given
+        (an epoch: no `step_offset`)."""
         for tag, value in values.items():
             try:
                 value = np.asarray(float(np.asarray(value)), np.float32)
             except (TypeError, ValueError):
                 continue
-            self._emit(str(tag), value, int(step), _scalar_metadata())
+            self._emit(str(tag), value, int(step), _scalar_metadata(), training_step=False)
 
     def flush(self) -> None:
         """Flushes pending events to disk (no-op before the first write)."""

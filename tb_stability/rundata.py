@@ -27,14 +27,31 @@ class Series:
 
 @dataclasses.dataclass
 class Matrix:
-    """A vector quantity over time: ``values[i, j]`` is ``names[j]`` at ``steps[i]``."""
+    """A vector quantity over time: ``values[i, j]`` is ``names[j]`` at ``steps[i]``.
+
+    ``missing`` marks entries no record held (NaN in ``values``): the names
+    changed over the run, e.g. layers unfrozen for fine-tuning. None: every
+    entry was recorded.
+    """
 
     steps: np.ndarray  # int64 [T]
     names: tuple[str, ...]
     values: np.ndarray  # float64 [T, N]
+    missing: np.ndarray | None = None  # bool [T, N]
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
+
+    def nonfinite(self) -> np.ndarray:
+        """``[T, N]`` True where a recorded value is NaN or infinite (not where it is missing)."""
+        bad = ~np.isfinite(np.asarray(self.values, dtype=np.float64))
+        return bad if self.missing is None else bad & ~self.missing
+
+    def rows(self, keep) -> "Matrix":
+        """The records selected by ``keep`` (a boolean mask or indices over steps)."""
+        missing = None if self.missing is None else self.missing[keep]
+        return Matrix(steps=self.steps[keep], names=self.names, values=self.values[keep],
+                      missing=missing)
 
 
 @dataclasses.dataclass

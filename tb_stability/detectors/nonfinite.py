@@ -82,7 +82,7 @@ def first_positive(steps, values) -> int | None:
     return int(np.asarray(steps)[bad[0]]) if bad.size else None
 
 
-def nonfinite_columns(steps, names, values, step: int) -> tuple[int | None, list[str]]:
+def nonfinite_columns(steps, names, values, step: int, missing=None) -> tuple[int | None, list[str]]:
     """Names with a non-finite value at the record nearest to ``step``.
 
     Records at or after ``step`` are preferred (the first with any non-finite
@@ -96,6 +96,8 @@ def nonfinite_columns(steps, names, values, step: int) -> tuple[int | None, list
     if values.ndim != 2 or not values.shape[0]:
         return None, []
     bad = ~np.isfinite(values)
+    if missing is not None:  # not recorded is not non-finite
+        bad &= ~np.asarray(missing, bool)
     rows = np.flatnonzero(bad.any(axis=1))
     if not rows.size:
         return None, []
@@ -124,7 +126,7 @@ def grad_growth_before(steps, grad, onset: int, lookback: int = LOOKBACK) -> tup
 def _matrix_onset(m: Matrix | None) -> int | None:
     if m is None or not len(m):
         return None
-    rows = np.flatnonzero((~np.isfinite(m.values)).any(axis=1))
+    rows = np.flatnonzero(m.nonfinite().any(axis=1))
     return int(m.steps[rows[0]]) if rows.size else None
 
 
@@ -157,11 +159,11 @@ def detect(run: RunData) -> list[Finding]:
         for q, m in mats.items():
             if group == "variables" and benign and m is not None and len(m):
                 keep = ~np.isin(m.steps, np.fromiter(benign, np.int64))
-                m = Matrix(steps=m.steps[keep], names=m.names, values=m.values[keep])
+                m = m.rows(keep)
             k = _matrix_onset(m)
             if k is not None:
                 candidates[f"{group}:{q}"] = k
-                lasts.append(int(m.steps[np.flatnonzero((~np.isfinite(m.values)).any(axis=1))[-1]]))
+                lasts.append(int(m.steps[np.flatnonzero(m.nonfinite().any(axis=1))[-1]]))
     for tag, s in run.scalars.items():
         if run.steps and tag.rsplit("/", 1)[-1].startswith("epoch_"):
             continue  # indexed by epoch, not by step: the per-step columns are exact
@@ -186,7 +188,7 @@ def detect(run: RunData) -> list[Finding]:
     for q in ("grad_norm", "weight_norm", "update_ratio"):
         m = run.variables.get(q)
         if m is not None and len(m):
-            record_step, names = nonfinite_columns(m.steps, m.names, m.values, onset)
+            record_step, names = nonfinite_columns(m.steps, m.names, m.values, onset, m.missing)
             if names:
                 break
     # The recorded origin (forensic re-run of the step) is more precise than

@@ -133,7 +133,8 @@ def _matrix(segments: list[tuple[tuple[str, ...], np.ndarray, np.ndarray]],
     """Stacks (names, steps, [n, size] values) pieces into a `Matrix`, sorted, last wins.
 
     When the names change over time (a model grew a layer) the matrix holds the
-    union of names in order of first appearance, NaN where a name is missing.
+    union of names in order of first appearance, NaN where a name is missing
+    (marked in ``missing``, so that it is not read as a non-finite value).
     """
     steps, order = shared.order([s[1] for s in segments])
     first = segments[0][0]
@@ -148,13 +149,17 @@ def _matrix(segments: list[tuple[tuple[str, ...], np.ndarray, np.ndarray]],
             index.setdefault(name, len(index))
     total = sum(s[2].shape[0] for s in segments)
     values = np.full((total, len(index)), np.nan)
+    missing = np.ones((total, len(index)), bool)
     row = 0
     for names, _, vectors in segments:
         names = names or tuple(str(k) for k in range(vectors.shape[1]))
         count = vectors.shape[0]
-        values[row:row + count, [index[n] for n in names]] = vectors
+        columns = [index[n] for n in names]
+        values[row:row + count, columns] = vectors
+        missing[row:row + count, columns] = False
         row += count
-    return Matrix(steps=steps, names=tuple(index), values=_take([values], order))
+    return Matrix(steps=steps, names=tuple(index), values=_take([values], order),
+                  missing=_take([missing], order))
 
 
 def _pieces(segments: list[Segment]) -> list:
