@@ -99,7 +99,7 @@ class StabilityWriter:
         self.path = os.path.join(os.fspath(run_dir), event_file_name(filename_suffix))
         self._wall_time = wall_time
         self._file = open(self.path, "wb")
-        self._tags_seen: set[str] = set()
+        self._tags_seen: dict[str, bytes] = {}  # tag -> the metadata last written with it
         self.write_event(event_pb2.Event(file_version="brain.Event:2"))
 
     # -- low level -----------------------------------------------------------
@@ -117,9 +117,13 @@ class StabilityWriter:
     def _write_value(self, step: int, tag: str, tensor: tensor_pb2.TensorProto,
                      metadata: summary_pb2.SummaryMetadata) -> None:
         value = summary_pb2.Summary.Value(tag=tag, tensor=tensor)
-        if tag not in self._tags_seen:
+        # As TensorFlow, metadata on a tag's first event; and again whenever it
+        # changes (other names: the model's variables changed), or the reader
+        # would pair the new values with the old names.
+        serialized = metadata.SerializeToString(deterministic=True)
+        if self._tags_seen.get(tag) != serialized:
             value.metadata.CopyFrom(metadata)
-            self._tags_seen.add(tag)
+            self._tags_seen[tag] = serialized
         self.write_event(event_pb2.Event(step=int(step), summary=summary_pb2.Summary(value=[value])))
 
     # -- the stability contract ----------------------------------------------

@@ -80,8 +80,16 @@ def build_logdir(root: str) -> str:
     return root
 
 
+LATE_STEP = 200
+LATE_VARIABLE = "late/kernel"
+
+
 def write_disconnected_run(root: str, name: str = "disconnected") -> str:
-    """A healthy run in which ``unused/kernel`` never gets a gradient (norm exactly 0)."""
+    """A healthy run in which ``unused/kernel`` never gets a gradient (norm exactly 0).
+
+    Its gradient norms also hold `LATE_VARIABLE` from `LATE_STEP` on only (a
+    layer unfrozen half-way): the records before do not hold it.
+    """
     rng = np.random.default_rng(7)
     loss = 2.0 * np.exp(-np.arange(STEPS) / 150.0) + 0.1 + 0.01 * rng.standard_normal(STEPS)
     grad = 1.0 + 0.05 * rng.standard_normal(STEPS)
@@ -90,6 +98,10 @@ def write_disconnected_run(root: str, name: str = "disconnected") -> str:
         writer.write_steps(_steps_block(loss, grad))
         for step in range(0, STEPS, 10):
             norms = np.array([1e-1, 1e-1, 1e-1, 1e-1, 1e-1, 0.0]) * (1 + 0.1 * rng.random(6))
+            if step >= LATE_STEP:  # a layer unfrozen for the second half (fine-tuning)
+                writer.write_variables(step, "grad_norm", names + (LATE_VARIABLE,),
+                                       np.append(norms, 0.05))
+                continue
             writer.write_variables(step, "grad_norm", names, norms)
             ratios = np.full(6, 1e-3) * (1 + rng.random(6))
             ratios[-1] = 0.0

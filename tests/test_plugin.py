@@ -220,6 +220,37 @@ def test_downsampled_matrix_is_bounded_and_keeps_nonfinite():
     assert body["step_ends"][-1] == 9998
 
 
+def test_matrix_entries_no_record_held_are_null_not_nan(tmp_path):
+    """A variable added half-way (layers unfrozen): its earlier cells are not non-finite."""
+    logdir = str(tmp_path / "logs")
+    plugin_support.write_disconnected_run(logdir)
+    body = get_json(make_client(logdir), "/matrix", run="disconnected", quantity="grad_norm")
+    late = body["names"].index(plugin_support.LATE_VARIABLE)
+    for step, row in zip(body["steps"], body["values"]):
+        if step < plugin_support.LATE_STEP:
+            assert row[late] is None
+        else:
+            assert row[late] == pytest.approx(0.05)
+    assert all(v is not None for row in body["values"] for j, v in enumerate(row) if j != late)
+    assert "nan" not in {v for row in body["values"] for v in row if isinstance(v, str)}
+
+
+def test_downsampled_matrix_reduces_over_recorded_entries_only():
+    values = np.ones((100, 2))
+    missing = np.zeros((100, 2), bool)
+    values[:60, 1], missing[:60, 1] = np.nan, True  # column 1 recorded from row 60 on
+    values[70, 1] = 3.0
+    body = downsample.downsample_matrix(np.arange(100), ["a", "b"], values, 10, 10, missing=missing)
+    column = [row[1] for row in body["values"]]
+    assert column == [None] * 6 + [1.0, 3.0, 1.0, 1.0]
+    assert [row[0] for row in body["values"]] == [1.0] * 10
+    mixed = np.ones((100, 2))
+    mixed[:55, 1], gaps = np.nan, np.zeros((100, 2), bool)
+    gaps[:55, 1] = True  # the block of rows 50-59 holds five recorded values
+    body = downsample.downsample_matrix(np.arange(100), ["a", "b"], mixed, 10, 10, missing=gaps)
+    assert [row[1] for row in body["values"]][5] == 1.0
+
+
 def test_cache_picks_up_new_runs(tmp_path):
     logdir = plugin_support.build_logdir(str(tmp_path / "logs"))
     client = make_client(logdir)

@@ -44,6 +44,7 @@ export class Heatmap {
   private lo = 0;
   private hi = 1;
   private offScale = false; // a value <= 0 on a log scale (a variable without gradient)
+  private absent = false; // a cell no record held (null: e.g. a layer unfrozen later)
   private colStart = 0;
   private colEnd: number;
   private highlight = new Set<string>();
@@ -103,6 +104,7 @@ export class Heatmap {
     let hi = -Infinity;
     for (const row of this.matrix.values) {
       for (const raw of row) {
+        if (raw === null) { this.absent = true; continue; }
         const v = toNumber(raw);
         if (this.log && v <= 0) this.offScale = true;
         if (!Number.isFinite(v) || (this.log && v <= 0)) continue;
@@ -130,7 +132,8 @@ export class Heatmap {
     const ctx = bar.getContext("2d");
     if (ctx) for (let x = 0; x < 160; x++) { ctx.fillStyle = colorAt(x / 159); ctx.fillRect(x, 0, 1, 10); }
     const bad = el("span", { class: "swatch swatch-nonfinite" });
-    const zero = this.offScale ? ["   ", el("span", { class: "swatch swatch-missing" }), " 0"] : [];
+    const greyLabel = [this.offScale ? "0" : "", this.absent ? "not recorded" : ""].filter(Boolean).join(" or ");
+    const zero = greyLabel ? ["   ", el("span", { class: "swatch swatch-missing" }), ` ${greyLabel}`] : [];
     return el("div", { class: "legend" }, [fmt(this.lo), " ", bar, " ", fmt(this.hi), "   ", bad, " non-finite", ...zero]);
   }
 
@@ -167,8 +170,10 @@ export class Heatmap {
       ctx.fillStyle = this.highlight.has(name) ? nonfinite : fg;
       if (rowH >= 8) ctx.fillText(label, 2, y + rowH / 2, labelW - 6);
       for (let i = this.colStart; i < this.colEnd; i++) {
-        const v = toNumber(values[i][j]);
-        ctx.fillStyle = Number.isNaN(v) || !Number.isFinite(v) ? nonfinite : this.log && v <= 0 ? missing : colorAt(this.scaled(v));
+        const raw = values[i][j];
+        const v = raw === null ? 0 : toNumber(raw);
+        ctx.fillStyle = raw === null ? missing : !Number.isFinite(v) ? nonfinite
+          : this.log && v <= 0 ? missing : colorAt(this.scaled(v));
         ctx.fillRect(labelW + (i - this.colStart) * cellW, y, Math.ceil(cellW), rowH - (rowH > 8 ? 1 : 0));
       }
       if (this.highlight.has(name)) {
@@ -215,6 +220,7 @@ export class Heatmap {
     const a = this.matrix.steps[i];
     const b = this.matrix.step_ends[i];
     const range = a === b ? `step ${a}` : `steps ${a}–${b}`;
-    this.tooltip.textContent = `${name} @ ${range}: ${fmt(toNumber(this.matrix.values[i][j]))}`;
+    const raw = this.matrix.values[i][j];
+    this.tooltip.textContent = `${name} @ ${range}: ${raw === null ? "not recorded" : fmt(toNumber(raw))}`;
   }
 }

@@ -62,7 +62,7 @@ export interface MatrixResponse {
   names: string[];
   steps: number[];
   step_ends: number[];
-  values: JsonNumber[][];
+  values: (JsonNumber | null)[][]; // null: not recorded (variables that changed)
   total_steps: number;
   total_names: number;
   downsampled: boolean;

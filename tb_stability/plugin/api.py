@@ -236,7 +236,8 @@ def matrix_impl(
     body = {"run": run, "quantity": quantity, "group": group}
     body.update(
         downsample.downsample_matrix(
-            matrix.steps, matrix.names, matrix.values, max_steps, max_names
+            matrix.steps, matrix.names, matrix.values, max_steps, max_names,
+            missing=matrix.missing,
         )
     )
     if any(len(n) > MAX_NAME_LEN for n in body.get("names", [])):

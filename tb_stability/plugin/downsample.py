@@ -115,15 +115,20 @@ def downsample_series(
     }
 
 
-def _reduce_block(block: np.ndarray) -> np.ndarray:
-    """Per column: largest finite value, or the worst non-finite value."""
+def _reduce_block(block: np.ndarray, missing: np.ndarray | None = None) -> np.ndarray:
+    """Per column: largest finite value, or the worst non-finite value.
+
+    Entries marked ``missing`` (not recorded) are left out; a column with
+    nothing recorded in the block is NaN (and missing in `_missing_block`).
+    """
+    recorded = np.ones(block.shape, bool) if missing is None else ~missing
     with np.errstate(all="ignore"):
-        finite = np.isfinite(block)
+        finite = np.isfinite(block) & recorded
         out = np.where(finite, block, -np.inf).max(axis=0)
         out = np.where(finite.any(axis=0), out, np.nan)
-        out = np.where((block == -np.inf).any(axis=0), -np.inf, out)
-        out = np.where((block == np.inf).any(axis=0), np.inf, out)
-        out = np.where(np.isnan(block).any(axis=0), np.nan, out)
+        out = np.where(((block == -np.inf) & recorded).any(axis=0), -np.inf, out)
+        out = np.where(((block == np.inf) & recorded).any(axis=0), np.inf, out)
+        out = np.where((np.isnan(block) & recorded).any(axis=0), np.nan, out)
     return out
 
 
@@ -133,6 +138,7 @@ def downsample_matrix(
     values: np.ndarray,
     max_steps: int = DEFAULT_MAX_STEPS,
     max_names: int = DEFAULT_MAX_NAMES,
+    missing: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Downsamples a layer x step matrix for the `/matrix` route.
 
@@ -142,11 +148,13 @@ def downsample_matrix(
       values: float array ``[T, N]``.
       max_steps: Upper bound on the number of step columns returned.
       max_names: Upper bound on the number of names (rows) returned.
+      missing: Optional bool ``[T, N]``: entries no record held (`Matrix.missing`).
 
     Returns:
       ``{"names", "steps", "step_ends", "values", "total_steps",
       "total_names", "downsampled", "truncated_names"}``; ``values[i][j]`` is
-      name ``j`` over logged steps ``steps[i]..step_ends[i]`` (`json_number`).
+      name ``j`` over logged steps ``steps[i]..step_ends[i]`` (`json_number`),
+      or null where none of those records held it.
     """
     steps = np.asarray(steps, dtype=np.int64).reshape(-1)
     values = np.asarray(values, dtype=np.float64)
@@ -154,22 +162,33 @@ def downsample_matrix(
     if values.ndim != 2 or values.shape[0] != steps.shape[0]:
         raise ValueError("values must be [len(steps), len(names)]")
     total_steps, total_names = int(values.shape[0]), int(values.shape[1])
+    if missing is not None:
+        missing = np.asarray(missing, bool)
     if total_names > max_names:
         values = values[:, :max_names]
+        missing = missing[:, :max_names] if missing is not None else None
     names = names[: values.shape[1]]
     if total_steps <= max_steps:
-        starts, ends, reduced = steps, steps, values
+        starts, ends, reduced, absent = steps, steps, values, missing
     else:
         edges = np.linspace(0, total_steps, max_steps + 1).astype(np.int64)
         pairs = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
         starts = np.array([steps[lo] for lo, _ in pairs], dtype=np.int64)
         ends = np.array([steps[hi - 1] for _, hi in pairs], dtype=np.int64)
-        reduced = np.stack([_reduce_block(values[lo:hi]) for lo, hi in pairs])
+        reduced = np.stack([_reduce_block(values[lo:hi], None if missing is None else missing[lo:hi])
+                            for lo, hi in pairs])
+        absent = None if missing is None else np.stack([missing[lo:hi].all(axis=0)
+                                                        for lo, hi in pairs])
+    if absent is None:
+        rows = [[json_number(v) for v in row] for row in reduced]
+    else:
+        rows = [[None if gone else json_number(v) for v, gone in zip(row, gaps)]
+                for row, gaps in zip(reduced, absent)]
     return {
         "names": names,
         "steps": [int(s) for s in starts],
         "step_ends": [int(s) for s in ends],
-        "values": [[json_number(v) for v in row] for row in reduced],
+        "values": rows,
         "total_steps": total_steps,
         "total_names": total_names,
         "downsampled": bool(len(starts) < total_steps),
