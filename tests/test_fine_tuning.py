@@ -32,7 +32,8 @@ def test_a_second_fit_after_unfreezing_continues_the_run(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCHES * 32, 16)).astype("float32")
     y = (x[:, 0] > 0).astype("int64") + (x[:, 1] > 0)
-    base = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu")], name="base")
+    base = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu", name="dense")],
+                            name="base")
     base.trainable = False
     inputs = keras.Input((16,))
     model = keras.Model(inputs, keras.layers.Dense(3, name="head")(base(inputs)))

@@ -588,5 +588,8 @@ def test_a_second_fit_after_recompiling_writes_its_own_probe_steps(tmp_path):
     for _ in range(2):  # a fresh optimizer: its iterations start again at 0
         model.compile(keras.optimizers.SGD(0.01), "mse")
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
-    steps = [e.step for e in read_events(tmp_path)[(".", "stability/layer/act_mean")]]
-    assert steps == [0, 1, 2, 3, 0, 1, 2, 3]
+    # The second fit's probes continue the run's steps, as its per-step rows do.
+    events = read_events(tmp_path)
+    steps = [e.step for e in events[(".", "stability/layer/act_mean")]]
+    assert steps == list(range(8))
+    assert sorted(int(s) for e in events[(".", "stability/steps")] for s in e.value[:, 0]) == steps
