@@ -171,7 +171,6 @@ def test_wrong_content_size_is_a_warning_and_other_records_stay(tmp_path):
 def test_blocks_without_step_column_end_at_the_event_step(tmp_path):
     columns = ("loss", "grad_norm")
     with StabilityWriter(tmp_path) as writer:
-        writer._tags_seen.add(schema.TAG_STEPS)  # write metadata by hand below
         metadata = schema.create_summary_metadata("steps", names=columns)
         from tb_stability.writer import make_tensor_proto
 
