@@ -124,12 +124,7 @@ class StabilityCallback(keras.callbacks.Callback):
         self._broken = False
         self._warned: set = set()
         self._run_end: Optional[int] = None  # the step after the last one written, offset included
-        self._loss_graph = None
-        self._loss_tensor = None
-        self._pending_row = None  # (step, graph) of a row whose loss train_step returns
-        self._applied_graph = None  # the trace in which optimizer.apply last ran
-        self._loss_source = "compute_loss"  # or "train_step" (its logs) or "none"
-        self._not_recorded = None  # why nothing is recorded, when a trace found out
+        self._trace = train_hooks.TraceState()
         self._info_written = False
         self._since_read = 0
         self._next_step = 0
@@ -214,10 +209,7 @@ class StabilityCallback(keras.callbacks.Callback):
             self.writer.step_offset = max(0, self._run_end - self._start_step)
         self._since_read = 0
         self._info_written = False
-        self._loss_graph = None
-        self._pending_row = self._applied_graph = None
-        self._loss_source = "compute_loss"
-        self._not_recorded = None
+        self._trace = train_hooks.TraceState()
         self._stats_ready = False
         self._drainer = None
         self._extra_columns = optimizer_step.extra_columns(model, optimizer)
@@ -341,7 +333,7 @@ class StabilityCallback(keras.callbacks.Callback):
             capture fired (its forensics re-run the model).
         """
         self._host_jobs.wait()
-        if self._broken or (self._drainer is None and not self._not_recorded):
+        if self._broken or (self._drainer is None and not self._trace.not_recorded):
             return
         if not self._info_written:
             self._info_written = True
@@ -350,7 +342,7 @@ class StabilityCallback(keras.callbacks.Callback):
                 self._start_step,
                 run_info(self.model, self.model.optimizer, self.every,
                          self._stats.names if self._stats is not None else (),
-                         extra=self._run_info_extra()),
+                         extra={**self._extras.run_info_extra(), **self._trace.run_info()}),
             )
         if self._drainer is None:  # nothing recorded; run_info says why
             return
@@ -394,12 +386,6 @@ class StabilityCallback(keras.callbacks.Callback):
             return
         for finding in findings:
             logger.warning("%s", warning_line(finding, self.log_dir))
-
-    def _run_info_extra(self) -> dict:
-        extra = {**self._extras.run_info_extra(), "loss_source": self._loss_source}
-        if self._not_recorded:
-            extra["not_recorded"] = self._not_recorded
-        return extra
 
     def _warn_once(self, key: str, message: str) -> None:
         """Warns ``message`` the first time ``key`` comes up for this callback."""

@@ -109,6 +109,14 @@ class GradientState:
     local_nonfinite: Optional[tf.Tensor] = None
 
 
+def scalar_loss(loss: Any) -> Any:
+    """A step's loss as a float64 scalar (the mean of a per-example loss)."""
+    loss = tf.convert_to_tensor(loss)
+    if loss.shape.rank != 0:
+        loss = tf.reduce_mean(loss)
+    return tf.cast(loss, tf.float64)
+
+
 class StepStats:
     """Non-trainable variables holding recent training statistics.
 
@@ -222,10 +230,7 @@ class StepStats:
         if loss is None:  # not seen by the instrumentation: NaN in the row, not tested
             loss, tested = tf.constant(np.nan, tf.float64), total
         else:
-            loss = tf.convert_to_tensor(loss)
-            if loss.shape.rank != 0:
-                loss = tf.reduce_mean(loss)
-            loss = tf.cast(loss, tf.float64)
+            loss = scalar_loss(loss)
             tested = total + loss
 
         def count():
@@ -256,10 +261,19 @@ class StepStats:
         for name in self.columns[len(values):]:
             value = extras.get(name, np.nan)
             values.append(float64_scalar(value))
-        index = tf.math.floormod(step, self.capacity)
-        tf.raw_ops.ResourceScatterUpdate(resource=self.ring.handle, indices=index,
+        tf.raw_ops.ResourceScatterUpdate(resource=self.ring.handle, indices=self._row_of(step),
                                          updates=tf.stack(values))
         return GradientState(step=step, is_log=self._is_log(step), sum_squares=local.sum_squares)
+
+    def write_loss(self, step: Any, loss: Any) -> None:
+        """Sets the loss of ``step``'s row, written by `write_row` earlier in this trace."""
+        index = tf.stack([self._row_of(tf.cast(step, tf.int64)),
+                          tf.constant(self.columns.index("loss"), tf.int64)])
+        tf.raw_ops.ResourceScatterNdUpdate(ref=self.ring.handle, indices=tf.reshape(index, [1, 2]),
+                                           updates=tf.reshape(scalar_loss(loss), [1]))
+
+    def _row_of(self, step) -> Any:
+        return tf.math.floormod(step, self.capacity)
 
     def _is_log(self, step) -> Any:
         if self.log_mode == "always":

@@ -19,7 +19,9 @@ Each takes the callback whose state it reads and writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
+from typing import Any, Optional
 
 import tensorflow as tf
 
@@ -31,6 +33,40 @@ from instrumentation.graph_values import current_graph
 
 _NORMAL_END = (StopIteration, tf.errors.OutOfRangeError)
 MIN_READ_STEPS = 32
+
+
+NO_APPLY = ("the train step never calls model.optimizer.apply (it updates the weights with "
+            "optimizers of its own, e.g. a GAN's); use instrumentation.StabilityMonitor inside "
+            "train_step instead")
+
+
+@dataclasses.dataclass
+class TraceState:
+    """What the hooks learn while one fit's train step is traced (new for each fit).
+
+    Attributes:
+      loss: The loss tensor ``compute_loss``/``scale_loss`` gave in ``loss_graph``.
+      loss_graph: The graph (trace) of ``loss``.
+      pending_row: ``(step, graph)`` of a row whose loss ``train_step``'s logs give.
+      applied_graph: The trace in which ``optimizer.apply`` last ran.
+      loss_source: ``"compute_loss"`` (the hooks), ``"train_step"`` (its
+        returned logs) or ``"none"`` (not recorded).
+      not_recorded: Why nothing at all is recorded, once a trace found out.
+    """
+
+    loss: Any = None
+    loss_graph: Any = None
+    pending_row: Optional[tuple] = None
+    applied_graph: Any = None
+    loss_source: str = "compute_loss"
+    not_recorded: Optional[str] = None
+
+    def run_info(self) -> dict:
+        """The ``run_info`` entries that say where the loss came from."""
+        info = {"loss_source": self.loss_source}
+        if self.not_recorded:
+            info["not_recorded"] = self.not_recorded
+        return info
 
 
 def read_interval(every: int) -> int:
@@ -80,9 +116,9 @@ def make_apply(callback, optimizer, original):
                 sources_for=stats.snapshots_of if early and not deltas_expected else None)
             state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
                                                         loss=loss, on_nonfinite=hook)
-            callback._applied_graph = current_graph()
+            callback._trace.applied_graph = current_graph()
             if loss is None:  # fill_loss completes the row after train_step returns
-                callback._pending_row = (state.step, current_graph())
+                callback._trace.pending_row = (state.step, current_graph())
             if not early:
                 stats.snapshot(state)
         except Exception as error:  # noqa: BLE001
@@ -120,8 +156,8 @@ def make_loss_hook(callback, original, scale: bool):
             callback._ensure_stats()
             # Kept as a tensor of this graph (no variable, no extra op): the
             # wrapped apply of the same trace reads it.
-            callback._loss_tensor = loss
-            callback._loss_graph = current_graph()
+            callback._trace.loss = loss
+            callback._trace.loss_graph = current_graph()
         except Exception as error:  # noqa: BLE001
             callback._fail(error)
         return result
@@ -135,8 +171,9 @@ def captured_loss(callback):
     None (a train step that computes its loss itself): the row's loss is
     filled in from what ``train_step`` returns, or left out (`fill_loss`).
     """
-    captured = callback._loss_graph is not None and callback._loss_graph is current_graph()
-    loss, callback._loss_tensor, callback._loss_graph = callback._loss_tensor, None, None
+    trace = callback._trace
+    captured = trace.loss_graph is not None and trace.loss_graph is current_graph()
+    loss, trace.loss, trace.loss_graph = trace.loss, None, None
     return loss if captured else None
 
 
@@ -144,8 +181,7 @@ def make_train_step(callback, original):
     """Wraps ``model.train_step``: after it returns, the loss where no hook saw it."""
 
     def train_step(*args, **kwargs):
-        callback._pending_row = None
-        callback._applied_graph = None
+        callback._trace.pending_row = callback._trace.applied_graph = None
         logs = original(*args, **kwargs)
         if callback._active and not callback._broken:
             try:
@@ -168,34 +204,21 @@ def fill_loss(callback, logs) -> None:
     never calls ``model.optimizer.apply`` (its own optimizers) records nothing.
     """
     graph = current_graph()
-    pending, callback._pending_row = callback._pending_row, None
-    if callback._applied_graph is not graph:
-        callback._warn_once(
-            "no_apply",
-            "tb-stability: the train step never calls model.optimizer.apply (it updates "
-            "the weights with optimizers of its own, e.g. a GAN's), so no statistics are "
-            "recorded; use instrumentation.StabilityMonitor inside train_step instead")
-        callback._loss_source = "none"
-        callback._not_recorded = ("the train step never calls model.optimizer.apply (optimizers "
-                                  "of its own): use StabilityMonitor inside train_step")
+    trace = callback._trace
+    pending, trace.pending_row = trace.pending_row, None
+    if trace.applied_graph is not graph:
+        callback._warn_once("no_apply", f"tb-stability: no statistics are recorded: {NO_APPLY}")
+        trace.loss_source, trace.not_recorded = "none", NO_APPLY
         return
     if pending is None or pending[1] is not graph:
         return  # compute_loss or scale_loss gave the loss
-    step = pending[0]
     loss = logs.get("loss") if isinstance(logs, dict) else None
     if (tf.is_tensor(loss) and loss.dtype.is_floating and not distribute.replica_context()
             and depends_on_batch(loss)):
-        loss = tf.cast(loss, tf.float64)
-        if loss.shape.rank != 0:
-            loss = tf.reduce_mean(loss)
-        stats = callback._stats
-        row = tf.math.floormod(tf.cast(step, tf.int64), stats.capacity)
-        tf.raw_ops.ResourceScatterNdUpdate(
-            ref=stats.ring.handle, indices=tf.reshape(tf.stack([row, 1]), [1, 2]),
-            updates=tf.reshape(loss, [1]))
-        callback._loss_source = "train_step"
+        callback._stats.write_loss(pending[0], loss)
+        trace.loss_source = "train_step"
         return
-    callback._loss_source = "none"
+    trace.loss_source = "none"
     if callback._drainer is not None:
         callback._drainer.omit_loss = True
     callback._warn_once(

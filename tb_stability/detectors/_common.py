@@ -101,7 +101,7 @@ def no_gradient_variables(run: RunData) -> set[str]:
         m = run.variables.get("update_ratio")
         if m is None or len(m) < 3 or accumulation_steps(run) > 1:
             return set()
-        m = Matrix(steps=m.steps[1:], names=m.names, values=m.values[1:])
+        m = m.rows(slice(1, None))
     v = np.asarray(m.values, dtype=np.float64)
     finite = np.isfinite(v)
     out = set()

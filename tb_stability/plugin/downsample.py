@@ -119,7 +119,7 @@ def _reduce_block(block: np.ndarray, missing: np.ndarray | None = None) -> np.nd
     """Per column: largest finite value, or the worst non-finite value.
 
     Entries marked ``missing`` (not recorded) are left out; a column with
-    nothing recorded in the block is NaN (and missing in `_missing_block`).
+    nothing recorded in the block is NaN (`downsample_matrix` sends it as null).
     """
     recorded = np.ones(block.shape, bool) if missing is None else ~missing
     with np.errstate(all="ignore"):
