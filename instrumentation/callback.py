@@ -342,7 +342,8 @@ class StabilityCallback(keras.callbacks.Callback):
                 self._start_step,
                 run_info(self.model, self.model.optimizer, self.every,
                          self._stats.names if self._stats is not None else (),
-                         extra={**self._extras.run_info_extra(), **self._trace.run_info()}),
+                         extra={**self._extras.run_info_extra(), **self._trace.run_info(),
+                                "steps_per_epoch": self._steps_per_epoch()}),
             )
         if self._drainer is None:  # nothing recorded; run_info says why
             return
@@ -356,6 +357,14 @@ class StabilityCallback(keras.callbacks.Callback):
             self._host_jobs.submit(self._write_read)
         else:
             self._write_read()
+
+    def _steps_per_epoch(self) -> Optional[int]:
+        """Batches per epoch as `fit` knows them (None for a dataset of unknown length)."""
+        try:
+            steps = int((getattr(self, "params", None) or {}).get("steps"))
+        except (TypeError, ValueError):
+            return None
+        return steps if steps > 0 else None
 
     def _write_read(self) -> None:
         """Writes the values the last `_drain` copied (on either thread)."""

@@ -14,11 +14,16 @@ const MARKER_LABEL: Record<string, string> = {
 };
 const QUANTITY_ORDER = ["grad_norm", "update_ratio", "weight_norm", "dead_fraction", "saturated_fraction", "act_std", "act_mean"];
 
-function pickLossTag(summary: RunSummary): [string, string] | null {
-  if (summary.series.steps.includes("loss")) return ["loss", "steps"];
+/** The loss series to chart as [tag, source, title]: the one the findings were computed on. */
+function pickLoss(summary: RunSummary): [string, string, string] | null {
+  if (summary.series.steps.includes("loss")) return ["loss", "steps", "raw per-step loss"];
+  if (summary.series.per_batch?.includes("batch_loss")) {
+    return ["batch_loss", "per_batch", "per-batch loss (recovered from Keras' running-mean batch_loss)"];
+  }
   const scalars = summary.series.scalars;
-  const tag = ["batch_loss", "loss", "epoch_loss"].find((t) => scalars.includes(t)) ?? scalars.find((t) => /loss/.test(t));
-  return tag ? [tag, "scalars"] : null;
+  const tag = ["loss", "epoch_loss", "batch_loss"].find((t) => scalars.includes(t)) ?? scalars.find((t) => /loss/.test(t));
+  if (!tag) return null;
+  return [tag, "scalars", tag === "batch_loss" ? "batch_loss (Keras' running epoch mean)" : tag];
 }
 
 export class RunView {
@@ -62,8 +67,8 @@ export class RunView {
     const markers = this.markers();
     const syncKey = `run:${this.summary.run}`;
     const wanted: [string, string, string, boolean, string][] = [];
-    const loss = pickLossTag(this.summary);
-    if (loss) wanted.push([loss[0], loss[1], `raw per-step ${loss[0]}`, false, cssVar("--series-loss") || "#1976d2"]);
+    const loss = pickLoss(this.summary);
+    if (loss) wanted.push([loss[0], loss[1], loss[2], false, cssVar("--series-loss") || "#1976d2"]);
     if (this.summary.series.steps.includes("grad_norm")) {
       wanted.push(["grad_norm", "steps", "global gradient norm (log)", true, cssVar("--series-grad") || "#ef6c00"]);
     }

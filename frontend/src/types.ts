@@ -13,7 +13,8 @@ export interface RunSummary {
   kinds: string[];
   warnings: number;
   instrumented: boolean;
-  series: { steps: string[]; scalars: string[] };
+  /** per_batch: running-mean tags whose per-batch values the server recovers. */
+  series: { steps: string[]; scalars: string[]; per_batch?: string[] };
   matrices: { variables: string[]; layers: string[] };
   has_nan_origin: boolean;
 }

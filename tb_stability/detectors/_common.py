@@ -8,12 +8,17 @@ import re
 
 import numpy as np
 
-from tb_stability import schema
+from tb_stability import running_mean, schema
 from tb_stability.rundata import Matrix, RunData, Series
 
-# Ordinary-log loss tags, best first. Keras 3 `batch_loss` is a running epoch
-# mean (it hides spikes and resets every epoch), so `epoch_loss` is preferred.
+# Ordinary-log loss tags, best first. Keras' `batch_loss` is a running epoch
+# mean (it hides spikes and resets every epoch): its per-batch values, when
+# `running_mean.per_batch` can recover them, come before `epoch_loss`, the raw
+# running mean after it.
 LOSS_TAGS = ("loss", "train_loss", "training_loss", "train/loss", "epoch_loss", "batch_loss")
+PER_BATCH_BEFORE = "epoch_loss"
+VALIDATION_RUNS = ("validation", "eval")
+PER_BATCH_SOURCE = "scalar:batch_loss (per batch)"
 VAL_LOSS_TAGS = ("val_loss", "epoch_val_loss", "validation_loss", "val/loss", "valid_loss")
 _NOT_WEIGHT = re.compile(
     r"(^|[/_])(bias|beta|gamma|moving_mean|moving_variance|mean|variance|count|seed|iterations)(:\d+)?$"
@@ -24,17 +29,28 @@ def loss_series(run: RunData) -> tuple[Series | None, str]:
     """The run's training loss series and where it came from.
 
     Prefers the instrumentation's raw per-step loss (``steps["loss"]``), else
-    an ordinary scalar tag in `LOSS_TAGS` order, else any other tag whose last
-    path component ends in ``loss`` and that is not a validation loss.
+    an ordinary scalar tag in `LOSS_TAGS` order, with the per-batch losses
+    recovered from Keras' running-mean ``batch_loss`` (`running_mean`) before
+    ``epoch_loss``, else any other tag whose last path component ends in
+    ``loss`` and that is not a validation loss.
 
     Returns:
-      ``(series, source)`` where source is e.g. ``"stability/steps:loss"`` or
-      ``"scalar:epoch_loss"``; ``(None, "")`` when the run has no loss.
+      ``(series, source)`` where source is e.g. ``"stability/steps:loss"``,
+      ``"scalar:epoch_loss"`` or `PER_BATCH_SOURCE`; ``(None, "")`` when the
+      run has no loss, or is the validation half of Keras' ``X/train`` and
+      ``X/validation`` pair (its ``epoch_loss`` is the validation loss, which
+      the overfitting detector reads).
     """
     s = run.steps.get("loss")
     if s is not None and len(s):
         return s, "stability/steps:loss"
+    if is_validation_run(run.name):
+        return None, ""
     for tag in LOSS_TAGS:
+        if tag == PER_BATCH_BEFORE:
+            s = running_mean.per_batch(run, "batch_loss")
+            if s is not None:
+                return s, PER_BATCH_SOURCE
         s = run.scalars.get(tag)
         if s is not None and len(s):
             return s, f"scalar:{tag}"
@@ -44,6 +60,11 @@ def loss_series(run: RunData) -> tuple[Series | None, str]:
         if last.endswith("loss") and not is_validation_tag(low) and len(run.scalars[tag]):
             return run.scalars[tag], f"scalar:{tag}"
     return None, ""
+
+
+def is_validation_run(name: str) -> bool:
+    """True for the run Keras' TensorBoard callback writes validation metrics to."""
+    return name.rsplit("/", 1)[-1] in VALIDATION_RUNS
 
 
 def is_validation_tag(tag: str) -> bool:
@@ -204,6 +225,45 @@ def latest_run_info(run: RunData, key: str | None = None) -> dict:
         if isinstance(info, dict) and (key is None or key in info):
             return info
     return {}
+
+
+def epoch_positions(run: RunData, source: str, steps) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where each of ``steps`` sits in its epoch: ``(position, epoch_length)`` in batches.
+
+    ``position`` counts from 0, so ``position == epoch_length - 1`` is an
+    epoch's last batch. Known exactly for the per-batch losses recovered from
+    Keras' ``batch_loss`` (`PER_BATCH_SOURCE`: the epochs end where the running
+    mean equals ``epoch_loss``; a trailing unfinished epoch gets the first
+    epoch's length), and for an instrumented run whose ``run_info`` records
+    ``steps_per_epoch`` S: each fit's record sits at its first step s0, and its
+    epochs are the S steps from s0 + kS. None where unknown.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    if source == PER_BATCH_SOURCE:
+        batch, epoch = run.scalars.get("batch_loss"), run.scalars.get("epoch_loss")
+        if batch is None or epoch is None:
+            return None
+        ends = running_mean.epoch_end_indices(batch.steps, batch.values, epoch.values)
+        if ends is None:
+            return None
+        spacing = running_mean.spacing(batch.steps)
+        bounds = np.concatenate([[batch.steps[0] - spacing], batch.steps[ends]])
+        first_len = bounds[1] - bounds[0]
+        bounds = np.concatenate([bounds, [bounds[-1] + first_len]])
+        idx = np.clip(np.searchsorted(bounds, steps, side="left"), 1, bounds.size - 1)
+        return steps - bounds[idx - 1] - 1, bounds[idx] - bounds[idx - 1]
+    records = sorted((int(step), info.get("steps_per_epoch")) for step, info in
+                     run.json.get("stability/run_info") or [] if isinstance(info, dict))
+    if not records or not all(isinstance(spe, int) and spe > 0 for _, spe in records):
+        return None
+    position = np.full(steps.size, -1, dtype=np.int64)
+    length = np.zeros(steps.size, dtype=np.int64)
+    for i, (start, spe) in enumerate(records):
+        stop = records[i + 1][0] if i + 1 < len(records) else np.iinfo(np.int64).max
+        inside = (steps >= start) & (steps < stop)
+        position[inside] = (steps[inside] - start) % spe
+        length[inside] = spe
+    return position, length
 
 
 def single_loss_name(info: dict) -> str:

@@ -5,7 +5,9 @@ per-step loss or global gradient norm is NaN/Inf, or ``nonfinite_grads > 0``
 (per-step signals, so no step is missed); a per-variable gradient/weight/update
 norm or a per-layer activation statistic is non-finite (every N steps); an
 ordinary scalar (e.g. ``epoch_loss``) is non-finite; or the instrumentation's
-``stability/nan_origin`` record. Threshold: any single non-finite value.
+``stability/nan_origin`` record. Keras' ``epoch_*`` scalars are indexed by
+epoch, not step, so they are left out where a run also logs per step (the
+instrumentation's columns, or ``batch_*`` scalars). Threshold: any single non-finite value.
 The variables named are those whose gradient (else weight) norm is non-finite
 at the nearest per-variable record at or after the onset (else before it).
 
@@ -164,9 +166,10 @@ def detect(run: RunData) -> list[Finding]:
             if k is not None:
                 candidates[f"{group}:{q}"] = k
                 lasts.append(int(m.steps[np.flatnonzero(m.nonfinite().any(axis=1))[-1]]))
+    per_step = bool(run.steps) or any(t.rsplit("/", 1)[-1].startswith("batch_") for t in run.scalars)
     for tag, s in run.scalars.items():
-        if run.steps and tag.rsplit("/", 1)[-1].startswith("epoch_"):
-            continue  # indexed by epoch, not by step: the per-step columns are exact
+        if per_step and tag.rsplit("/", 1)[-1].startswith("epoch_"):
+            continue  # indexed by epoch, not by step: the per-step values are exact
         k = first_nonfinite(s.steps, s.values)
         if k is not None:
             candidates[f"scalar:{tag}"] = k

@@ -17,7 +17,10 @@ is *flagged* when
   llm-foundry uses 2x the window mean).
 
 An episode starts at a flagged point and extends while the following points
-exceed the threshold against the statistics frozen at its start. An episode that starts within the
+exceed the threshold against the statistics frozen at its start. A spike (at
+most ``MAX_LEN`` flagged points, then back in range) is left out of the
+windows of the points after it (`leave_out_spikes`), so that a spike that
+recurs does not hide its repetitions. An episode that starts within the
 last ``TAIL`` (3) logged points and runs to the end is a ``final_step_spike``;
 an episode of at most ``MAX_LEN`` (3) points followed by a return to range is a
 ``loss_spike``. Longer excursions are left to divergence. A step is never
@@ -45,9 +48,12 @@ MAX_LEN = 3
 TAIL = 3
 HUGE_FACTOR = 10.0
 MAX_LISTED = 10
+EARLY_Z_FACTOR = 3.0
 PHASE_MAX_PERIOD = 1000
 PHASE_MIN_POINTS = 8
 PHASE_RATIO = 3.0
+PHASE_MIN_MULTIPLE_POINTS = 3
+PHASE_SHARE_GAIN = 0.25
 
 
 def min_history_for(n: int) -> int:
@@ -100,6 +106,83 @@ def flag_spikes(values, window: int | None = None, z: float = Z_THRESHOLD,
         flags = (score > z) & ((f - med) >= rel_jump * np.abs(med))
     flags &= np.isfinite(score)
     return flags, med, spread, score, index
+
+
+def _early_outliers(f, med, window, z, rel_jump, min_history, max_len) -> np.ndarray:
+    """Points too early to score (no trailing history) that spike against the points after them.
+
+    They are not reported (the rule needs history before a point), only left
+    out of later windows: a bad batch in the first steps of an epoch that
+    recurs would otherwise hide every repetition. The points after one may
+    hold that repetition, so the test uses their MAD alone (no tail term) and
+    a threshold ``EARLY_Z_FACTOR`` (3) times higher.
+    """
+    out = np.zeros(f.size, dtype=bool)
+    for i in np.flatnonzero(np.isnan(med)):
+        ahead = f[i + 1:i + 1 + window]
+        ahead = ahead[np.isfinite(ahead)]
+        if ahead.size < min_history:
+            continue
+        m = R.median(ahead)
+        sp = max(R.MAD_TO_STD * R.mad(ahead), 1e-3 * abs(m), 1e-12)
+        out[i] = bool((f[i] - m) / sp > EARLY_Z_FACTOR * z and f[i] - m >= rel_jump * abs(m))
+    for a, b in R.true_runs(out):
+        if b - a + 1 > max_len:
+            out[a:b + 1] = False
+    return out
+
+
+def leave_out_spikes(values, flags, med, spread, score, window: int | None = None,
+                     z: float = Z_THRESHOLD, rel_jump: float = REL_JUMP,
+                     min_history: int | None = None, max_len: int = MAX_LEN) -> None:
+    """Re-scores (in place) the points whose windows hold an earlier spike, without it.
+
+    The tail-aware spread widens a window that holds an earlier spike (its
+    99th percentile is that spike when the window is short), so a spike that
+    recurs, e.g. one bad batch every epoch, would hide its repetitions and the
+    final step after them. As OLMo leaves skipped steps out of its window, the
+    candidates (``x - median >= rel_jump * |median|``) are taken in order, and
+    a run of at most ``max_len`` flagged points that came back to range (or
+    one too early to score that spikes against the points after it,
+    `_early_outliers`) is left out of the windows of every later candidate: their median, spread, score
+    and flag are recomputed from the rest. A longer run (a level shift) stays
+    in, so the window still follows the curve.
+
+    Args:
+      values: The finite series; ``flags``, ``med``, ``spread``, ``score`` from
+        ``flag_spikes(values, all_spreads=False)`` (updated in place).
+    """
+    f = np.asarray(values, dtype=np.float64)
+    if min_history is None:
+        min_history = min_history_for(f.size)
+    if window is None:
+        window = window_for(f.size)
+    with np.errstate(invalid="ignore"):
+        candidates = np.flatnonzero((f - med) >= rel_jump * np.abs(med))
+    left_out = _early_outliers(f, med, window, z, rel_jump, min_history, max_len)
+    run_start = run_end = None  # the last run of flagged points
+    for i in candidates:
+        if run_end is not None and run_end < i - 1:  # that run came back to range
+            if run_end - run_start + 1 <= max_len:
+                left_out[run_start:run_end + 1] = True
+            run_start = run_end = None
+        lo = max(0, i - window)
+        if left_out[lo:i].any():
+            rest = f[lo:i][~left_out[lo:i]]
+            if rest.size >= min_history:
+                med[i] = R.median(rest)
+                spread[i] = R.robust_std(rest)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    score[i] = (f[i] - med[i]) / spread[i]
+                flags[i] = bool(np.isfinite(score[i]) and score[i] > z
+                                and f[i] - med[i] >= rel_jump * abs(med[i]))
+        if flags[i]:
+            if run_end == i - 1:
+                run_end = i
+            else:
+                if run_end is not None and run_end - run_start + 1 <= max_len:
+                    left_out[run_start:run_end + 1] = True
+                run_start = run_end = i
 
 
 def fill_spreads(values, med, spread, score, points, window: int | None = None) -> None:
@@ -165,7 +248,13 @@ def recurring_phase(values, spike_idx, max_period: int = PHASE_MAX_PERIOD,
     each candidate period P (2..max_period) with every spike index congruent
     modulo P, the median residual at that phase (at least ``min_points``
     points) must be >= ``ratio`` times the median of all residuals. This is
-    the signature of a tiny last batch in every epoch.
+    the signature of a tiny last batch in every epoch, or of one bad batch
+    that comes back every epoch because the data is not shuffled.
+
+    Large spikes every 2P steps also pass at P (half of that phase's points
+    are spikes), so a multiple kP (at least `PHASE_MIN_MULTIPLE_POINTS` points)
+    replaces P when a larger share of its phase is that noisy
+    (`PHASE_SHARE_GAIN` more).
 
     Returns:
       The period, or None.
@@ -179,12 +268,23 @@ def recurring_phase(values, spike_idx, max_period: int = PHASE_MAX_PERIOD,
     if not overall > 0:
         return None
     phase0 = spike_idx[0]
+
+    def congruent(p):
+        return not any((i - phase0) % p for i in spike_idx)
+
+    def share(p):
+        return float(np.mean(resid[phase0 % p::p] >= ratio * overall))
+
     for p in range(2, min(max_period, x.size // min_points) + 1):
-        if any((i - phase0) % p for i in spike_idx):
+        if not congruent(p):
             continue
         pts = resid[phase0 % p::p]
         if pts.size >= min_points and R.median(pts) >= ratio * overall:
-            return p
+            best = p
+            for q in range(2 * p, min(max_period, x.size // PHASE_MIN_MULTIPLE_POINTS) + 1, p):
+                if congruent(q) and share(q) >= share(best) + PHASE_SHARE_GAIN:
+                    best = q
+            return best
     return None
 
 
@@ -202,16 +302,48 @@ def _small_batch_steps(run: RunData, steps) -> list[int]:
     return out
 
 
+def _same_batch_every_epoch(period, where) -> tuple[int, int] | None:
+    """``(position, epoch_length)`` when the recurring spikes are one mid-epoch batch.
+
+    None when there is no period, the epochs are unknown (``where`` None), or
+    every spike is an epoch's last batch (the tiny-last-batch signature).
+    """
+    if period is None or where is None:
+        return None
+    position, length = where
+    if not length.size or np.any(length <= 0):
+        return None
+    if np.all(position == length - 1):
+        return None
+    return int(position[0]), int(length[0])
+
+
+def _same_batch_remedy(same_batch) -> str:
+    """The first remedy lines for one bad batch that recurs every epoch ("" otherwise)."""
+    if same_batch is None:
+        return ""
+    k = same_batch[0]
+    return (
+        f"Look at batch {k + 1} of the epoch (in unshuffled order, samples "
+        f"{k} * batch_size to {k + 1} * batch_size - 1), fix or drop the bad samples, and "
+        "shuffle every epoch so that no batch is always the same:\n"
+        f"    bad = slice({k} * batch_size, {k + 1} * batch_size)\n"
+        "    print(x[bad], y[bad])\n"
+        "    model.fit(x, y, batch_size=batch_size, shuffle=True)  # tf.data: ds.shuffle(n).batch(b)\n"
+    )
+
+
 def detect(run: RunData) -> list[Finding]:
     """loss_spike / final_step_spike adapter (see module docstring)."""
     loss, source = C.loss_series(run)
     if loss is None:
         return []
     flags, med, spread, score, index = flag_spikes(loss.values, all_spreads=False)
-    if not flags.any():
-        return []
     steps = loss.steps[index]
     values = loss.values[index]
+    leave_out_spikes(values, flags, med, spread, score)
+    if not flags.any():
+        return []
     spikes, final = classify(values, flags, med, spread)
     fill_spreads(values, med, spread, score,
                  [i for a, b in spikes + ([final] if final else []) for i in range(a, b + 1)])
@@ -222,12 +354,23 @@ def detect(run: RunData) -> list[Finding]:
     flagged = [i for a, b in spikes + ([final] if final else []) for i in range(a, b + 1)]
     period = recurring_phase(values, flagged)
     small = _small_batch_steps(run, steps[flagged])
-    benign = period is not None or (small and len(small) == len(flagged))
-    benign_note = (
-        f" The spikes recur every {period} steps at the same position, the signature of a "
-        "tiny last batch each epoch." if period else
-        " Every spike is on a batch less than half the usual size." if benign else ""
-    )
+    where = C.epoch_positions(run, source, steps[flagged])
+    same_batch = _same_batch_every_epoch(period, where)
+    benign = (small and len(small) == len(flagged)) or (period is not None and same_batch is None)
+    if benign and period:
+        at = (" at the last batch of each epoch" if where is not None
+              else " at the same position")
+        benign_note = f" The spikes recur every {period} steps{at}, the signature of a tiny last batch."
+    elif benign:
+        benign_note = " Every spike is on a batch less than half the usual size."
+    elif same_batch is not None:
+        benign_note = (
+            f" The spikes recur every {period} steps, at batch {same_batch[0] + 1} of "
+            f"{same_batch[1]} in each epoch: the same samples every epoch (the data is not "
+            "shuffled), and they hold outliers or wrong labels."
+        )
+    else:
+        benign_note = ""
     grad = run.steps.get("grad_norm")
     grad_med = R.median(grad.values) if grad is not None and len(grad) else None
     run_clipnorm = gradients.remedy_settings(run).clipnorm
@@ -279,6 +422,8 @@ def detect(run: RunData) -> list[Finding]:
                 "threshold": threshold,
                 "median_grad_norm": C.num(grad_med),
                 "recurring_period": period,
+                "batch_in_epoch": None if same_batch is None else same_batch[0] + 1,
+                "batches_per_epoch": None if same_batch is None else same_batch[1],
             },
             explanation=(
                 f"The loss jumped to {C.fmt(worst['loss'])} at step {worst['step']}, "
@@ -286,7 +431,8 @@ def detect(run: RunData) -> list[Finding]:
                 f"and came back ({len(spikes)} spike(s) in total)." + benign_note
             ),
             remedy=(
-                clip_line
+                _same_batch_remedy(same_batch)
+                + clip_line
                 + "If the spikes recur at the same batches, inspect those samples for outliers "
                 "or bad labels; warm up or lower the learning rate:\n"
                 "    lr = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=10_000, "

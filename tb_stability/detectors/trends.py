@@ -20,7 +20,14 @@ stalled
   ratio is below ``STALL_UPDATE`` (1e-4). (b) Second half: improvement below
   1% while the median kernel update ratio there is below ``FROZEN`` (1e-5;
   weights frozen, e.g. dead units) and the loss is not already ~0 (end level
-  > 1e-3 x start level). Severity: ``warning``.
+  > 1e-3 x start level). A loss that ends more than ``STALL_WORSE`` (1.5x)
+  above where it started is not stalled (divergence reads rises). Severity:
+  ``warning``.
+  For the per-batch losses recovered from Keras' ``batch_loss``
+  (`_common.PER_BATCH_SOURCE`), test (a) compares the first and the last
+  ``epoch_loss`` instead when there are at least ``EPOCH_POINTS`` (3) epochs:
+  each is the exact mean of an epoch's batches, where a short run's per-batch
+  losses are too noisy to resolve 1%.
 
 oscillation
   In the second half of the run: no progress (improvement < ``OSC_PROGRESS``,
@@ -45,8 +52,10 @@ RISE = 2.0
 SUSTAIN = 1.5
 BLOWUP = 10.0
 STALL_REL = 0.01
+STALL_WORSE = 1.5
 STALL_UPDATE = 1e-4
 FROZEN = 1e-5
+EPOCH_POINTS = 3
 OSC_PROGRESS = 0.05
 OSC_AMPLITUDE = 0.5
 OSC_LAG1 = -0.3
@@ -90,6 +99,16 @@ def improvement(values, fraction: float = 0.1) -> float:
     if not np.isfinite(start) or abs(start) < 1e-12:
         return float("nan")
     return (start - end) / abs(start)
+
+
+def _whole_run_levels(run: RunData, values, source: str) -> tuple[float, float, str]:
+    """``(start, end, basis)`` of the whole-run stall test (see module docstring)."""
+    if source == C.PER_BATCH_SOURCE:
+        epoch = run.scalars.get("epoch_loss")
+        e = epoch.values[np.isfinite(epoch.values)] if epoch is not None else np.zeros(0)
+        if e.size >= EPOCH_POINTS:
+            return float(e[0]), float(e[-1]), "first and last epoch_loss"
+    return R.level(values), R.level(values, at_end=True), "first and last 10%"
 
 
 def oscillation(values) -> dict | None:
@@ -189,17 +208,20 @@ def detect_stalled(run: RunData) -> list[Finding]:
     loss, steps, values, source = _loss(run)
     if loss is None or values.size < MIN_POINTS:
         return []
-    imp = improvement(values)
+    start, end, basis = _whole_run_levels(run, values, source)
+    imp = (start - end) / abs(start) if np.isfinite(start) and abs(start) >= 1e-12 else float("nan")
     upd = _median_kernel_update(run)
     first = int(steps[0])
-    whole = np.isfinite(imp) and imp < STALL_REL and (upd is None or upd < STALL_UPDATE)
+    whole = (np.isfinite(imp) and 1 - STALL_WORSE <= imp < STALL_REL
+             and (upd is None or upd < STALL_UPDATE))
     if not whole:
         half = values[values.size // 2:]
         first = int(steps[values.size // 2])
         imp = improvement(half)
         upd = _median_kernel_update(run, first)
         start, end = R.level(values), R.level(values, at_end=True)
-        if not (half.size >= MIN_POINTS and np.isfinite(imp) and imp < STALL_REL
+        basis = "first and last 10% of the second half"
+        if not (half.size >= MIN_POINTS and np.isfinite(imp) and 1 - STALL_WORSE <= imp < STALL_REL
                 and upd is not None and upd < FROZEN and abs(end) > 1e-3 * abs(start)):
             return []
     lr = C.lr_at(run, None)
@@ -226,8 +248,9 @@ def detect_stalled(run: RunData) -> list[Finding]:
         evidence={
             "source": source,
             "since_step": first,
-            "start_level": R.level(values),
-            "end_level": R.level(values, at_end=True),
+            "start_level": start,
+            "end_level": end,
+            "levels_from": basis,
             "relative_improvement": imp,
             "median_kernel_update_ratio": C.num(upd),
             "learning_rate": C.num(lr),

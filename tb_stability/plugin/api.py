@@ -13,6 +13,7 @@ from typing import Any
 
 from tensorboard import errors
 
+from tb_stability import running_mean
 from tb_stability.findings import SEVERITIES
 from tb_stability.plugin import downsample
 from tb_stability.plugin.data import Snapshot
@@ -146,7 +147,7 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
             "kinds": sorted({f.get("kind") for f in findings if f.get("kind")}),
             "warnings": len(entry.get("warnings", [])),
             "instrumented": bool(data is not None and data.instrumented),
-            "series": {"steps": [], "scalars": []},
+            "series": {"steps": [], "scalars": [], "per_batch": []},
             "matrices": {"variables": [], "layers": []},
             "has_nan_origin": False,
         }
@@ -157,6 +158,7 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
                 for kind in kinds:
                     item[group][kind], cut_here = _names(getattr(data, kind))
                     cut = cut or cut_here
+            item["series"]["per_batch"] = running_mean.recoverable_tags(data)
             item["has_nan_origin"] = bool(data.json.get("stability/nan_origin"))
             if cut:
                 item["truncated"] = True
@@ -193,15 +195,19 @@ def series_impl(
       run: Run name.
       tag: A per-step column (``loss``, ``grad_norm``, ...) or a scalar tag.
       source: ``"steps"`` or ``"scalars"`` to disambiguate; by default the
-        per-step columns are looked up first.
+        per-step columns are looked up first. ``"per_batch"``: the per-batch
+        values recovered from Keras' running-mean ``batch_loss``
+        (`tb_stability.running_mean`).
       max_points: Upper bound on the points returned.
     """
     run = _known_run(snapshot, run)
     tag = require(tag, "tag")
-    if source not in (None, "", "steps", "scalars"):
-        raise errors.InvalidArgumentError("source must be 'steps' or 'scalars'")
+    if source not in (None, "", "steps", "scalars", "per_batch"):
+        raise errors.InvalidArgumentError("source must be 'steps', 'scalars' or 'per_batch'")
     data = _run_data(snapshot, run)
     series, found = None, None
+    if source == "per_batch":
+        series, found = running_mean.per_batch(data, tag), "per_batch"
     for candidate in ("steps", "scalars"):
         if source and source != candidate:
             continue

@@ -1,0 +1,124 @@
+"""Ordinary Keras TensorBoard logs with ``update_freq="batch"``, from real fits.
+
+Keras writes ``batch_loss`` as the epoch's running mean; the report reads the
+per-batch losses recovered from it (`tb_stability.running_mean`). These tests
+check the recovered values against the instrumentation's raw per-step loss of
+the same fit, and the diagnoses on a bad batch that recurs every epoch, a
+corrupted final batch, and their clean twins.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from instrumentation import StabilityCallback  # noqa: E402
+from tb_stability.analysis import analyze_logdir, report_to_json  # noqa: E402
+from tb_stability.detectors import _common as C  # noqa: E402
+from tb_stability.reader import load_logdir  # noqa: E402
+
+BATCH = 32
+
+
+def _data(samples, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((samples, 8)).astype("float32")
+    y = (x[:, :3].sum(axis=1, keepdims=True) + 0.1 * rng.standard_normal((samples, 1))).astype("float32")
+    return x, y
+
+
+def _fit(logdir, x, y, epochs, *extra_callbacks):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu", name="hidden"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
+              callbacks=[keras.callbacks.TensorBoard(str(logdir), update_freq="batch"), *extra_callbacks])
+
+
+def _findings(report, run="train"):
+    return [f for r in report.runs if r.run == run for f in r.findings]
+
+
+def test_recovered_losses_equal_the_instrumented_raw_losses_of_the_same_fit(tmp_path):
+    x, y = _data(40 * BATCH + 7)  # 41 batches per epoch, the last of 7 samples
+    _fit(tmp_path / "keras", x, y, 3, StabilityCallback(str(tmp_path / "stability"), every=1))
+    keras_run = load_logdir(str(tmp_path / "keras")).runs["train"]
+    raw = load_logdir(str(tmp_path / "stability")).runs["."].steps["loss"]
+    series, source = C.loss_series(keras_run)
+    assert source == C.PER_BATCH_SOURCE
+    assert series.steps.tolist() == (raw.steps + 1).tolist()  # Keras counts batches from 1
+    full = np.ones(len(raw), bool)
+    full[40::41] = False  # each epoch's 7-sample batch: recovered as a lower bound only
+    np.testing.assert_allclose(series.values[full], raw.values[full], rtol=2e-3)
+    position, length = C.epoch_positions(keras_run, source, series.steps)
+    assert (position == length - 1).nonzero()[0].tolist() == [40, 81, 122]
+
+
+def test_bad_batch_every_epoch_is_named_and_clean_twin_is_quiet(tmp_path):
+    x, y = _data(30 * BATCH)
+    bad = y.copy()
+    bad[12 * BATCH:13 * BATCH] = 300.0  # batch 13 of 30, every epoch (no shuffling)
+    _fit(tmp_path / "bad", x, bad, 4, StabilityCallback(str(tmp_path / "instrumented")))
+    _fit(tmp_path / "clean", x, y, 4)
+    # The same fit, read from Keras' log and from the instrumentation's (steps from 0).
+    for logdir, run, first, source in (("bad", "train", 43, C.PER_BATCH_SOURCE),
+                                       ("instrumented", ".", 42, "stability/steps:loss")):
+        report = analyze_logdir(str(tmp_path / logdir))
+        spikes = [f for f in _findings(report, run) if f.kind == "loss_spike"]
+        assert spikes, report_to_json(report)
+        spike = spikes[0]
+        # The first bad batch has too little history to be scored; it is left out of
+        # the windows after it, so that it does not hide its repetitions.
+        assert spike.severity == "warning" and spike.first_step == first
+        assert spike.evidence["source"] == source and spike.evidence["count"] == 3
+        assert (spike.evidence["recurring_period"], spike.evidence["batch_in_epoch"],
+                spike.evidence["batches_per_epoch"]) == (30, 13, 30)
+        assert "bad = slice(12 * batch_size, 13 * batch_size)" in spike.remedy
+    clean = analyze_logdir(str(tmp_path / "clean"))
+    assert [f for f in _findings(clean) if f.severity != "info"] == [], report_to_json(clean)
+
+
+def test_corrupted_final_batch_is_a_final_step_spike(tmp_path):
+    x, y = _data(30 * BATCH)
+    y[-BATCH:] += 40.0
+    _fit(tmp_path / "keras", x, y, 1)
+    finals = [f for f in _findings(analyze_logdir(str(tmp_path / "keras"))) if f.kind == "final_step_spike"]
+    assert finals and finals[0].first_step == 30, report_to_json(analyze_logdir(str(tmp_path / "keras")))
+    # Only epoch_loss (the old preference) has one point: nothing to see there.
+    assert os.listdir(tmp_path / "keras") == ["train"]
+
+
+def test_validation_run_is_not_read_as_a_training_loss(tmp_path):
+    x, y = _data(20 * BATCH)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-9), loss="mse")  # nothing moves
+    model.fit(x, y, batch_size=BATCH, epochs=9, validation_split=0.25, verbose=0,
+              callbacks=[keras.callbacks.TensorBoard(str(tmp_path))])
+    report = analyze_logdir(str(tmp_path))
+    assert {f.kind for f in _findings(report, "train")} == {"stalled"}, report_to_json(report)
+    assert _findings(report, "validation") == [], report_to_json(report)
+
+
+def test_plugin_serves_the_recovered_losses_the_findings_were_computed_on(tmp_path):
+    from tests.test_plugin import get_json, make_client
+
+    x, y = _data(30 * BATCH)
+    y[-BATCH:] += 40.0
+    _fit(tmp_path / "keras", x, y, 2)
+    client = make_client(str(tmp_path / "keras"))
+    runs = {r["run"]: r for r in get_json(client, "/runs")["runs"]}
+    assert runs["train"]["series"]["per_batch"] == ["batch_loss"]
+    series = get_json(client, "/series", run="train", tag="batch_loss", source="per_batch")
+    running = get_json(client, "/series", run="train", tag="batch_loss", source="scalars")
+    assert series["source"] == "per_batch" and series["steps"] == list(range(1, 61))
+    finding = [f for f in get_json(client, "/findings", run="train")["runs"][0]["findings"]
+               if f["kind"] == "final_step_spike"][0]
+    assert finding["evidence"]["last_points"][-1]["loss"] == pytest.approx(series["values"][-1])
+    assert series["values"][-1] > 10 * running["values"][-1] / 2  # the running mean hides it
+    get_json(client, "/series", 404, run="train", tag="epoch_loss", source="per_batch")
+    get_json(client, "/series", 400, run="train", tag="batch_loss", source="average")
