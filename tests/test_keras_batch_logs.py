@@ -88,6 +88,7 @@ def test_corrupted_final_batch_is_a_final_step_spike(tmp_path):
     _fit(tmp_path / "keras", x, y, 1)
     finals = [f for f in _findings(analyze_logdir(str(tmp_path / "keras"))) if f.kind == "final_step_spike"]
     assert finals and finals[0].first_step == 30, report_to_json(analyze_logdir(str(tmp_path / "keras")))
+    assert "if that last batch was smaller than the others" in finals[0].explanation
     # Only epoch_loss (the old preference) has one point: nothing to see there.
     assert os.listdir(tmp_path / "keras") == ["train"]
 

@@ -467,6 +467,9 @@ def detect(run: RunData) -> list[Finding]:
                 f"{C.fmt(ratio)}x the median of the preceding steps ({C.fmt(p['window_median'])}). "
                 "The final update came from an outlier batch (often a smaller last batch) or a "
                 "learning rate still too high at the end, and the saved weights reflect it." + benign_note
+                + (" (This loss is recovered from Keras' running mean: if that last batch was "
+                   "smaller than the others, its own loss was higher still.)"
+                   if source == C.PER_BATCH_SOURCE else "")
             ),
             remedy=(
                 "Check the size of the last batch and drop the remainder; decay the learning "
