@@ -89,7 +89,7 @@ def epoch_end_indices(steps, values, epoch_values) -> list[int] | None:
                 return None
             end = lo + int(hits[0])
         if period is None:
-            period = int(steps[end] - (steps[0] - spacing(steps)))
+            period = int(steps[end] - first_start(steps))
         prev_step = int(steps[end])
         ends.append(end)
     return ends
@@ -102,12 +102,27 @@ def spacing(steps: np.ndarray) -> int:
     return max(1, int(np.min(np.diff(steps))))
 
 
+def first_start(steps: np.ndarray) -> int:
+    """The batch count before the first epoch: one spacing before the first step
+    (Keras counts batches from 1, and logs every N-th from N)."""
+    return int(steps[0]) - spacing(steps) if steps.size else 0
+
+
+def epoch_starts(steps, ends: list[int]) -> np.ndarray:
+    """The batch count before each epoch: `first_start`, then each epoch's end step.
+
+    One entry per epoch in ``ends`` plus one for the batches after the last
+    end (an unfinished epoch, possibly empty).
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    return np.concatenate([[first_start(steps)], steps[list(ends)]]).astype(np.int64)
+
+
 def deaverage(steps, values, ends: list[int]) -> np.ndarray:
     """Per-batch (or per-window) values from running means and epoch ends.
 
     Args:
-      steps: Batch steps, increasing; the first epoch starts one spacing
-        before the first step (Keras counts batches from 1).
+      steps: Batch steps, increasing; the epochs start at `epoch_starts`.
       values: Running means at those steps.
       ends: `epoch_end_indices`; points after the last end are a partial
         epoch (training stopped before the epoch's value was written).
@@ -119,9 +134,8 @@ def deaverage(steps, values, ends: list[int]) -> np.ndarray:
     steps = np.asarray(steps, dtype=np.int64)
     m = np.asarray(values, dtype=np.float64)
     out = np.empty_like(m)
-    start_step = int(steps[0]) - spacing(steps) if steps.size else 0
     lo = 0
-    for hi in list(ends) + [steps.size - 1]:
+    for start_step, hi in zip(epoch_starts(steps, ends), list(ends) + [steps.size - 1]):
         if hi < lo:
             continue
         k = (steps[lo:hi + 1] - start_step).astype(np.float64)
@@ -134,9 +148,19 @@ def deaverage(steps, values, ends: list[int]) -> np.ndarray:
         # the batch that made it so and every later one keep the mean's value.
         bad = ~np.isfinite(mk)
         out[lo:hi + 1][bad] = mk[bad]
-        start_step = int(steps[hi])
         lo = hi + 1
     return out
+
+
+def _placed(run: RunData, tag: str) -> tuple[Series, list[int]] | None:
+    """``tag``'s series and `epoch_end_indices`, or None where the epochs cannot be placed."""
+    epoch_tag = EPOCH_TAG_OF.get(tag)
+    batch = run.scalars.get(tag)
+    epoch = run.scalars.get(epoch_tag) if epoch_tag else None
+    if batch is None or epoch is None or len(batch) < 2 or not len(epoch):
+        return None
+    ends = epoch_end_indices(batch.steps, batch.values, epoch.values)
+    return None if ends is None else (batch, ends)
 
 
 def per_batch(run: RunData, tag: str = "batch_loss") -> Series | None:
@@ -148,17 +172,32 @@ def per_batch(run: RunData, tag: str = "batch_loss") -> Series | None:
       (a log not written by Keras' callback, batches that restarted, an
       epoch whose end was not logged).
     """
-    epoch_tag = EPOCH_TAG_OF.get(tag)
-    batch = run.scalars.get(tag)
-    epoch = run.scalars.get(epoch_tag) if epoch_tag else None
-    if batch is None or epoch is None or len(batch) < 2 or not len(epoch):
+    placed = _placed(run, tag)
+    if placed is None:
         return None
-    ends = epoch_end_indices(batch.steps, batch.values, epoch.values)
-    if ends is None:
-        return None
+    batch, ends = placed
     return Series(steps=batch.steps.copy(), values=deaverage(batch.steps, batch.values, ends))
 
 
+def epoch_positions(run: RunData, steps, tag: str = "batch_loss"
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where each of ``steps`` sits in its epoch: ``(position, epoch_length)`` in batches.
+
+    ``position`` counts from 0; the batches after the last epoch end (an
+    unfinished epoch) get the first epoch's length. None where `per_batch`
+    cannot place the epochs.
+    """
+    placed = _placed(run, tag)
+    if placed is None:
+        return None
+    batch, ends = placed
+    starts = epoch_starts(batch.steps, ends)
+    bounds = np.append(starts, starts[-1] + starts[1] - starts[0])
+    steps = np.asarray(steps, dtype=np.int64)
+    idx = np.clip(np.searchsorted(bounds, steps, side="left"), 1, bounds.size - 1)
+    return steps - bounds[idx - 1] - 1, bounds[idx] - bounds[idx - 1]
+
+
 def recoverable_tags(run: RunData) -> list[str]:
-    """The batch tags of ``run`` that `per_batch` can recover."""
-    return [tag for tag in EPOCH_TAG_OF if per_batch(run, tag) is not None]
+    """The batch tags of ``run`` whose epochs `per_batch` can place (so recover)."""
+    return [tag for tag in EPOCH_TAG_OF if _placed(run, tag) is not None]

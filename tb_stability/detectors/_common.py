@@ -188,6 +188,8 @@ def num(x):
 
 
 MAX_SUGGESTED_LR = 1e-2
+
+
 def zero_gradient_causes(run: RunData) -> str:
     """Where (near) zero gradients come from when the learning rate is already large."""
     return (
@@ -232,26 +234,14 @@ def epoch_positions(run: RunData, source: str, steps) -> tuple[np.ndarray, np.nd
 
     ``position`` counts from 0, so ``position == epoch_length - 1`` is an
     epoch's last batch. Known exactly for the per-batch losses recovered from
-    Keras' ``batch_loss`` (`PER_BATCH_SOURCE`: the epochs end where the running
-    mean equals ``epoch_loss``; a trailing unfinished epoch gets the first
-    epoch's length), and for an instrumented run whose ``run_info`` records
+    Keras' ``batch_loss`` (`PER_BATCH_SOURCE`: `running_mean.epoch_positions`),
+    and for an instrumented run whose ``run_info`` records
     ``steps_per_epoch`` S: each fit's record sits at its first step s0, and its
     epochs are the S steps from s0 + kS. None where unknown.
     """
     steps = np.asarray(steps, dtype=np.int64)
     if source == PER_BATCH_SOURCE:
-        batch, epoch = run.scalars.get("batch_loss"), run.scalars.get("epoch_loss")
-        if batch is None or epoch is None:
-            return None
-        ends = running_mean.epoch_end_indices(batch.steps, batch.values, epoch.values)
-        if ends is None:
-            return None
-        spacing = running_mean.spacing(batch.steps)
-        bounds = np.concatenate([[batch.steps[0] - spacing], batch.steps[ends]])
-        first_len = bounds[1] - bounds[0]
-        bounds = np.concatenate([bounds, [bounds[-1] + first_len]])
-        idx = np.clip(np.searchsorted(bounds, steps, side="left"), 1, bounds.size - 1)
-        return steps - bounds[idx - 1] - 1, bounds[idx] - bounds[idx - 1]
+        return running_mean.epoch_positions(run, steps, "batch_loss")
     records = sorted((int(step), info.get("steps_per_epoch")) for step, info in
                      run.json.get("stability/run_info") or [] if isinstance(info, dict))
     if not records or not all(isinstance(spe, int) and spe > 0 for _, spe in records):

@@ -67,6 +67,22 @@ def window_for(n: int) -> int:
     return int(min(WINDOW, max(20, n // 4)))
 
 
+def jumped(x, med, rel_jump: float = REL_JUMP):
+    """``x - median >= rel_jump * |median|``: the candidates (False where the median is NaN)."""
+    with np.errstate(invalid="ignore"):
+        return (x - med) >= rel_jump * np.abs(med)
+
+
+def spiking(x, med, spread, z: float = Z_THRESHOLD, rel_jump: float = REL_JUMP):
+    """``(flag, score)``: the rule of the module docstring, for arrays or single values.
+
+    The flag is False where the score is not finite (no history).
+    """
+    with np.errstate(invalid="ignore", divide="ignore"):
+        score = (x - med) / spread
+        return (score > z) & jumped(x, med, rel_jump) & np.isfinite(score), score
+
+
 def flag_spikes(values, window: int | None = None, z: float = Z_THRESHOLD,
                 rel_jump: float = REL_JUMP, min_history: int | None = None,
                 all_spreads: bool = True):
@@ -98,13 +114,9 @@ def flag_spikes(values, window: int | None = None, z: float = Z_THRESHOLD,
         med, spread = R.trailing_stats(f, window, min_history)
     else:
         med, spread = R.trailing_stats(f, window, min_history, where=np.zeros(f.size, bool))
-        with np.errstate(invalid="ignore"):
-            rows = np.flatnonzero((f - med) >= rel_jump * np.abs(med))
+        rows = np.flatnonzero(jumped(f, med, rel_jump))
         spread[rows] = R.trailing_spread(f, window, med, rows)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        score = (f - med) / spread
-        flags = (score > z) & ((f - med) >= rel_jump * np.abs(med))
-    flags &= np.isfinite(score)
+    flags, score = spiking(f, med, spread, z, rel_jump)
     return flags, med, spread, score, index
 
 
@@ -125,7 +137,7 @@ def _early_outliers(f, med, window, z, rel_jump, min_history, max_len) -> np.nda
             continue
         m = R.median(ahead)
         sp = max(R.MAD_TO_STD * R.mad(ahead), 1e-3 * abs(m), 1e-12)
-        out[i] = bool((f[i] - m) / sp > EARLY_Z_FACTOR * z and f[i] - m >= rel_jump * abs(m))
+        out[i] = bool(spiking(f[i], m, sp, EARLY_Z_FACTOR * z, rel_jump)[0])
     for a, b in R.true_runs(out):
         if b - a + 1 > max_len:
             out[a:b + 1] = False
@@ -157,8 +169,7 @@ def leave_out_spikes(values, flags, med, spread, score, window: int | None = Non
         min_history = min_history_for(f.size)
     if window is None:
         window = window_for(f.size)
-    with np.errstate(invalid="ignore"):
-        candidates = np.flatnonzero((f - med) >= rel_jump * np.abs(med))
+    candidates = np.flatnonzero(jumped(f, med, rel_jump))
     left_out = _early_outliers(f, med, window, z, rel_jump, min_history, max_len)
     run_start = run_end = None  # the last run of flagged points
     for i in candidates:
@@ -172,16 +183,11 @@ def leave_out_spikes(values, flags, med, spread, score, window: int | None = Non
             if rest.size >= min_history:
                 med[i] = R.median(rest)
                 spread[i] = R.robust_std(rest)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    score[i] = (f[i] - med[i]) / spread[i]
-                flags[i] = bool(np.isfinite(score[i]) and score[i] > z
-                                and f[i] - med[i] >= rel_jump * abs(med[i]))
+                flags[i], score[i] = spiking(f[i], med[i], spread[i], z, rel_jump)
         if flags[i]:
             if run_end == i - 1:
                 run_end = i
-            else:
-                if run_end is not None and run_end - run_start + 1 <= max_len:
-                    left_out[run_start:run_end + 1] = True
+            else:  # the run before was closed above
                 run_start = run_end = i
 
 
@@ -228,7 +234,7 @@ def classify(values, flags, med, spread, z: float = Z_THRESHOLD, rel_jump: float
             continue
         m, sp = med[i], spread[i]
         j = i + 1
-        while j < n and (f[j] - m) / sp > z and (f[j] - m) >= rel_jump * abs(m):
+        while j < n and spiking(f[j], m, sp, z, rel_jump)[0]:
             j += 1
         s, e = i, j - 1
         if e == n - 1:

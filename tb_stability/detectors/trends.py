@@ -94,11 +94,19 @@ def divergence(values) -> dict | None:
 
 def improvement(values, fraction: float = 0.1) -> float:
     """Relative improvement between the first and last ``fraction`` (medians)."""
-    start = R.level(values, fraction)
-    end = R.level(values, fraction, at_end=True)
+    return relative_improvement(R.level(values, fraction), R.level(values, fraction, at_end=True))
+
+
+def relative_improvement(start: float, end: float) -> float:
+    """``(start - end) / |start|``; NaN where ``start`` is not finite or ~0."""
     if not np.isfinite(start) or abs(start) < 1e-12:
         return float("nan")
     return (start - end) / abs(start)
+
+
+def _no_progress(imp: float) -> bool:
+    """Improved by less than ``STALL_REL`` and ended at most ``STALL_WORSE`` x its start."""
+    return bool(np.isfinite(imp) and 1 - STALL_WORSE <= imp < STALL_REL)
 
 
 def _whole_run_levels(run: RunData, values, source: str) -> tuple[float, float, str]:
@@ -209,11 +217,10 @@ def detect_stalled(run: RunData) -> list[Finding]:
     if loss is None or values.size < MIN_POINTS:
         return []
     start, end, basis = _whole_run_levels(run, values, source)
-    imp = (start - end) / abs(start) if np.isfinite(start) and abs(start) >= 1e-12 else float("nan")
+    imp = relative_improvement(start, end)
     upd = _median_kernel_update(run)
     first = int(steps[0])
-    whole = (np.isfinite(imp) and 1 - STALL_WORSE <= imp < STALL_REL
-             and (upd is None or upd < STALL_UPDATE))
+    whole = _no_progress(imp) and (upd is None or upd < STALL_UPDATE)
     if not whole:
         half = values[values.size // 2:]
         first = int(steps[values.size // 2])
@@ -221,7 +228,7 @@ def detect_stalled(run: RunData) -> list[Finding]:
         upd = _median_kernel_update(run, first)
         start, end = R.level(values), R.level(values, at_end=True)
         basis = "first and last 10% of the second half"
-        if not (half.size >= MIN_POINTS and np.isfinite(imp) and 1 - STALL_WORSE <= imp < STALL_REL
+        if not (half.size >= MIN_POINTS and _no_progress(imp)
                 and upd is not None and upd < FROZEN and abs(end) > 1e-3 * abs(start)):
             return []
     lr = C.lr_at(run, None)
