@@ -77,6 +77,8 @@ class RunData:
         tag -> list of ``(step, dict)``.
       warnings: Human-readable problems met while reading this run (corrupt
         file, unknown metadata version, ...), each naming the file.
+      held_out: The run holds a validation or test split's metrics, not
+        training's (`mark_held_out`): its loss is not a training loss.
     """
 
     name: str
@@ -91,8 +93,46 @@ class RunData:
         default_factory=dict
     )
     warnings: list[str] = dataclasses.field(default_factory=list)
+    held_out: bool = False
 
     @property
     def instrumented(self) -> bool:
         """True when the run holds tb-stability instrumentation data."""
         return bool(self.steps or self.variables or self.layers)
+
+
+# A run named so holds a held-out split's metrics: Keras' TensorBoard callback
+# writes `X/train` and `X/validation`, an Estimator `eval`. The other names
+# count only beside a training run, as a run of its own may be called "test".
+HELD_OUT_RUNS = ("validation", "eval")
+HELD_OUT_BESIDE_TRAIN = ("val", "valid", "test", "evaluation", "dev", "holdout")
+TRAIN_RUNS = ("train", "training")
+
+
+def held_out_names(names) -> dict[str, str]:
+    """The held-out runs among ``names``, each with its training sibling ("" if none).
+
+    ``X/validation`` and ``X/eval`` are held out on their own; ``X/val``,
+    ``X/test``, ... (any case) only beside ``X/train`` or ``X/training``.
+    """
+    names = list(names)
+    present = {n.lower(): n for n in names}
+    out = {}
+    for name in names:
+        parent, _, last = name.rpartition("/")
+        last = last.lower()
+        if last not in HELD_OUT_RUNS and last not in HELD_OUT_BESIDE_TRAIN:
+            continue
+        prefix = parent + "/" if parent else ""
+        sibling = next((present[(prefix + t).lower()] for t in TRAIN_RUNS
+                        if (prefix + t).lower() in present), "")
+        if last in HELD_OUT_RUNS or sibling:
+            out[name] = sibling
+    return out
+
+
+def mark_held_out(runs: dict[str, RunData]) -> None:
+    """Sets each run's ``held_out`` from the run names (`held_out_names`)."""
+    held = held_out_names(runs)
+    for name, run in runs.items():
+        run.held_out = name in held

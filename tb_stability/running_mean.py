@@ -198,6 +198,11 @@ def epoch_positions(run: RunData, steps, tag: str = "batch_loss"
     return steps - bounds[idx - 1] - 1, bounds[idx] - bounds[idx - 1]
 
 
+def recoverable(run: RunData, tag: str = "batch_loss") -> bool:
+    """True when `per_batch` can place ``tag``'s epochs (so recover its batches)."""
+    return _placed(run, tag) is not None
+
+
 def recoverable_tags(run: RunData) -> list[str]:
     """The batch tags of ``run`` whose epochs `per_batch` can place (so recover)."""
-    return [tag for tag in EPOCH_TAG_OF if _placed(run, tag) is not None]
+    return [tag for tag in EPOCH_TAG_OF if recoverable(run, tag)]

@@ -109,6 +109,27 @@ def write_disconnected_run(root: str, name: str = "disconnected") -> str:
     return os.path.join(root, name)
 
 
+ORDINARY_RUN = "plain/train"
+
+
+def write_ordinary_run(root: str, name: str = ORDINARY_RUN) -> str:
+    """A run without instrumentation, tagged as many hand-written loops tag it.
+
+    ``Loss/train`` every step with a spike at `SPIKE_STEP`, ``Loss/test`` every
+    10 steps falling then rising (overfitting), ``Accuracy/train`` beside them.
+    """
+    rng = np.random.default_rng(3)
+    loss = 2.0 * np.exp(-np.arange(STEPS) / 150.0) + 0.1 + 0.01 * rng.standard_normal(STEPS)
+    loss[SPIKE_STEP] *= 25.0
+    with StabilityWriter(os.path.join(root, name), wall_time=1.0) as writer:
+        for step in range(STEPS):
+            writer.write_scalar("Loss/train", step, float(loss[step]))
+            writer.write_scalar("Accuracy/train", step, float(0.5 + step / (2 * STEPS)))
+            if step % 10 == 0:
+                writer.write_scalar("Loss/test", step, float(1.0 + ((step - 100) / 150.0) ** 2))
+    return os.path.join(root, name)
+
+
 def free_port() -> int:
     """An unused TCP port on localhost."""
     with socket.socket() as sock:

@@ -29,6 +29,7 @@ def session(tmp_path_factory):
     """One TensorBoard process, one browser page on the Stability tab."""
     logdir = plugin_support.build_logdir(str(tmp_path_factory.mktemp("browser") / "logs"))
     plugin_support.write_disconnected_run(logdir)
+    plugin_support.write_ordinary_run(logdir)
     # A corrupt event file in the hostile run: its warning names a hostile path.
     corrupt = os.path.join(logdir, plugin_support.HOSTILE_RUN, "events.out.tfevents.0.corrupt")
     with open(corrupt, "wb") as handle:
@@ -136,6 +137,28 @@ def test_a_variable_without_gradient_is_a_legended_zero_on_the_log_scale(session
         box.uncheck()
 
 
+def test_an_ordinary_log_charts_the_loss_the_findings_read(session):
+    frame = session["frame"]
+    run = plugin_support.ORDINARY_RUN
+    box = frame.locator(f".run-item[data-run='{run}'] input[type=checkbox]")
+    box.check()
+    try:
+        frame.wait_for_selector(f".run-view[data-run='{run}'][data-loaded=true] .chart")
+        tags = [tag for tag, _, _ in x_ranges(frame, run)]
+        # `Loss/train`, not `Accuracy/train` (first by name) nor the test split's loss.
+        assert tags[0] == "Loss/train", tags
+        kinds = frame.eval_on_selector_all(f".finding[data-run='{run}']",
+                                           "els => els.map(e => e.dataset.kind)")
+        assert {"loss_spike", "overfitting"} <= set(kinds), kinds
+        frame.click(f".finding[data-kind='loss_spike'][data-run='{run}']")
+        frame.wait_for_function(
+            f"() => document.querySelector(\".run-view[data-run='{run}'] .chart\").dataset.xMin !== '0'")
+        lo, hi = x_ranges(frame, run)[0][1:]
+        assert lo <= plugin_support.SPIKE_STEP <= hi
+    finally:
+        box.uncheck()
+
+
 def test_hostile_run_name_is_inert_text(session):
     frame, events = session["frame"], session["events"]
     hostile = plugin_support.HOSTILE_RUN
@@ -171,7 +194,7 @@ def test_run_filter(session):
     frame.fill(".filter", "spik")
     assert frame.eval_on_selector_all(".run-item", "els => els.map(e => e.dataset.run)") == ["spiky"]
     frame.fill(".filter", "")
-    assert frame.locator(".run-item").count() == 5
+    assert frame.locator(".run-item").count() == 6
 
 
 def test_theme_follows_tensorboard_dark_mode(session):

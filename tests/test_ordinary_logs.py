@@ -48,8 +48,8 @@ def test_keras_tensorboard_callback_overfitting_is_flagged(tmp_path):
     assert not any(f.severity == "critical" for r in report.runs for f in r.findings)
 
 
-def _tape_loop(logdir, learning_rate, steps, corrupt_last=False, seed=0):
-    """Plain GradientTape linear regression logging `loss` with tf.summary.scalar."""
+def _tape_loop(logdir, learning_rate, steps, corrupt_last=False, seed=0, tag="loss"):
+    """Plain GradientTape linear regression logging ``tag`` with tf.summary.scalar."""
     x, y = _regression(seed)
     w = tf.Variable(tf.zeros((x.shape[1], 1)))
     writer = tf.summary.create_file_writer(str(logdir))
@@ -63,7 +63,7 @@ def _tape_loop(logdir, learning_rate, steps, corrupt_last=False, seed=0):
             with tf.GradientTape() as tape:
                 loss = tf.reduce_mean((tf.matmul(xb, w) - yb) ** 2)
             w.assign_sub(learning_rate * tape.gradient(loss, w))
-            tf.summary.scalar("loss", loss, step=step)
+            tf.summary.scalar(tag, loss, step=step)
     writer.close()
 
 
@@ -82,6 +82,14 @@ def test_plain_tf_summary_final_step_spike_is_flagged_and_healthy_twin_is_clean(
     clean = analyze_logdir(str(tmp_path / "clean"))
     assert not [f for r in clean.runs for f in r.findings if f.severity in ("critical", "warning")], (
         report_to_json(clean))
+
+
+def test_plain_tf_summary_loss_tagged_as_a_chart_group_is_read(tmp_path):
+    _tape_loop(tmp_path / "spike", learning_rate=0.05, steps=300, corrupt_last=True, tag="Loss/train")
+    report = analyze_logdir(str(tmp_path / "spike"))
+    finals = [f for r in report.runs for f in r.findings if f.kind == "final_step_spike"]
+    assert finals and finals[0].first_step == 299, report_to_json(report)
+    assert finals[0].evidence["source"] == "scalar:Loss/train"
 
 
 def test_plain_tf_summary_stalled_is_flagged(tmp_path):

@@ -15,13 +15,20 @@ const MARKER_LABEL: Record<string, string> = {
 const QUANTITY_ORDER = ["grad_norm", "update_ratio", "weight_norm", "dead_fraction", "saturated_fraction", "act_std", "act_mean"];
 
 /** The loss series to chart as [tag, source, title]: the one the findings were computed on. */
+const PER_BATCH_LABEL = "per-batch loss (recovered from Keras' running-mean batch_loss)";
+
+/** The loss to chart: the one the detectors read (the server names it), else a loss-like tag. */
 function pickLoss(summary: RunSummary): [string, string, string] | null {
-  if (summary.series.steps.includes("loss")) return ["loss", "steps", "raw per-step loss"];
-  if (summary.series.per_batch?.includes("batch_loss")) {
-    return ["batch_loss", "per_batch", "per-batch loss (recovered from Keras' running-mean batch_loss)"];
+  const chosen = summary.loss;
+  if (chosen) {
+    if (chosen.source === "steps") return [chosen.tag, "steps", "raw per-step loss"];
+    if (chosen.source === "per_batch") return [chosen.tag, "per_batch", PER_BATCH_LABEL];
+    return [chosen.tag, "scalars", chosen.tag === "batch_loss" ? "batch_loss (Keras' running epoch mean)" : chosen.tag];
   }
+  if (summary.series.steps.includes("loss")) return ["loss", "steps", "raw per-step loss"];
+  if (summary.series.per_batch?.includes("batch_loss")) return ["batch_loss", "per_batch", PER_BATCH_LABEL];
   const scalars = summary.series.scalars;
-  const tag = ["loss", "epoch_loss", "batch_loss"].find((t) => scalars.includes(t)) ?? scalars.find((t) => /loss/.test(t));
+  const tag = ["loss", "epoch_loss", "batch_loss"].find((t) => scalars.includes(t)) ?? scalars.find((t) => /loss/i.test(t));
   if (!tag) return null;
   return [tag, "scalars", tag === "batch_loss" ? "batch_loss (Keras' running epoch mean)" : tag];
 }

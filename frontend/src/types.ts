@@ -17,6 +17,8 @@ export interface RunSummary {
   series: { steps: string[]; scalars: string[]; per_batch?: string[] };
   matrices: { variables: string[]; layers: string[] };
   has_nan_origin: boolean;
+  /** The training loss the detectors read; null for a held-out split or a run without one. */
+  loss?: { source: "steps" | "per_batch" | "scalars"; tag: string } | null;
 }
 
 export interface RunsResponse {

@@ -9,6 +9,7 @@ import re
 import numpy as np
 
 from tb_stability import running_mean, schema
+from tb_stability.detectors import _loss_tags
 from tb_stability.rundata import Matrix, RunData, Series
 
 # Ordinary-log loss tags, best first. Keras' `batch_loss` is a running epoch
@@ -25,41 +26,60 @@ _NOT_WEIGHT = re.compile(
 )
 
 
+def loss_choice(run: RunData) -> tuple[str, str] | None:
+    """Which series `loss_series` reads: ``(kind, tag)`` without building it.
+
+    ``kind`` is ``"steps"`` (the instrumentation's raw per-step loss),
+    ``"per_batch"`` (Keras' running-mean ``batch_loss``, recovered by
+    `running_mean.per_batch`) or ``"scalars"`` (an ordinary scalar tag). None
+    when the run has no training loss: none is logged, or the run is a
+    held-out split (Keras' ``X/validation``, or ``X/val``, ``X/test`` beside
+    ``X/train``; see `rundata.mark_held_out`), whose loss the overfitting
+    detector reads.
+    """
+    s = run.steps.get("loss")
+    if s is not None and len(s):
+        return "steps", "loss"
+    if run.held_out or is_validation_run(run.name):
+        return None
+    for tag in LOSS_TAGS:
+        if tag == PER_BATCH_BEFORE and running_mean.recoverable(run, "batch_loss"):
+            return "per_batch", "batch_loss"
+        s = run.scalars.get(tag)
+        if s is not None and len(s):
+            return "scalars", tag
+    others = _loss_tags.training_loss_tags(run)
+    return ("scalars", others[0]) if others else None
+
+
 def loss_series(run: RunData) -> tuple[Series | None, str]:
     """The run's training loss series and where it came from.
 
     Prefers the instrumentation's raw per-step loss (``steps["loss"]``), else
     an ordinary scalar tag in `LOSS_TAGS` order, with the per-batch losses
     recovered from Keras' running-mean ``batch_loss`` (`running_mean`) before
-    ``epoch_loss``, else any other tag whose last path component ends in
-    ``loss`` and that is not a validation loss.
+    ``epoch_loss``, else the best of the run's other training loss tags
+    (`_loss_tags.training_loss_tags`: ``Loss/train``, ``train_loss_step``,
+    ``Loss/total_loss``, ...).
 
     Returns:
       ``(series, source)`` where source is e.g. ``"stability/steps:loss"``,
-      ``"scalar:epoch_loss"`` or `PER_BATCH_SOURCE`; ``(None, "")`` when the
-      run has no loss, or is the validation half of Keras' ``X/train`` and
-      ``X/validation`` pair (its ``epoch_loss`` is the validation loss, which
-      the overfitting detector reads).
+      ``"scalar:epoch_loss"`` or `PER_BATCH_SOURCE`; ``(None, "")`` when
+      `loss_choice` finds none.
     """
-    s = run.steps.get("loss")
-    if s is not None and len(s):
-        return s, "stability/steps:loss"
-    if is_validation_run(run.name):
+    choice = loss_choice(run)
+    if choice is None:
         return None, ""
-    for tag in LOSS_TAGS:
-        if tag == PER_BATCH_BEFORE:
-            s = running_mean.per_batch(run, "batch_loss")
-            if s is not None:
-                return s, PER_BATCH_SOURCE
-        s = run.scalars.get(tag)
-        if s is not None and len(s):
-            return s, f"scalar:{tag}"
-    for tag in sorted(run.scalars):
-        low = tag.lower()
-        last = low.rsplit("/", 1)[-1]
-        if last.endswith("loss") and not is_validation_tag(low) and len(run.scalars[tag]):
-            return run.scalars[tag], f"scalar:{tag}"
-    return None, ""
+    kind, tag = choice
+    if kind == "steps":
+        return run.steps[tag], "stability/steps:loss"
+    if kind == "per_batch":
+        s = running_mean.per_batch(run, tag)
+        if s is not None:
+            return s, PER_BATCH_SOURCE
+        s = run.scalars.get(PER_BATCH_BEFORE)
+        return (s, f"scalar:{PER_BATCH_BEFORE}") if s is not None and len(s) else (None, "")
+    return run.scalars[tag], f"scalar:{tag}"
 
 
 def is_validation_run(name: str) -> bool:
@@ -68,18 +88,23 @@ def is_validation_run(name: str) -> bool:
 
 
 def is_validation_tag(tag: str) -> bool:
-    """True for tags that hold validation/test metrics."""
-    low = tag.lower()
-    return bool(re.search(r"(^|[/_])(val|valid|validation|test|eval)([/_]|$)", low))
+    """True for tags that hold validation/test metrics (`_loss_tags.is_held_out`)."""
+    return _loss_tags.is_held_out(tag)
 
 
-def val_loss_series(run: RunData) -> tuple[Series | None, str]:
-    """The run's validation loss scalar if it logs one, e.g. ``epoch_val_loss``."""
+def val_loss_series(run: RunData, twin_of: str | None = None) -> tuple[Series | None, str]:
+    """The run's validation loss scalar if it logs one, e.g. ``epoch_val_loss``.
+
+    Keras' names (`VAL_LOSS_TAGS`) first, else the best held-out loss tag
+    (`_loss_tags.validation_loss_tags`), the twin of the training tag
+    ``twin_of`` first (``Loss/test`` for ``Loss/train``).
+    """
     for tag in VAL_LOSS_TAGS:
         s = run.scalars.get(tag)
         if s is not None and len(s):
             return s, tag
-    return None, ""
+    others = _loss_tags.validation_loss_tags(run, twin_of)
+    return (run.scalars[others[0]], others[0]) if others else (None, "")
 
 
 def is_weight(name: str) -> bool:

@@ -2,8 +2,9 @@
 
 Signals: a training loss and a validation loss on a common step axis (steps
 present in both), either within one run (``epoch_loss`` + ``epoch_val_loss``,
-``loss`` + ``val_loss``, ...) or across Keras' separate runs ``X/train`` and
-``X/validation`` (tag ``epoch_loss`` in both; see `detect_pairs`).
+``loss`` + ``val_loss``, ``Loss/train`` + ``Loss/test``, ...) or across a
+training run and its held-out sibling (Keras' ``X/train`` and
+``X/validation``, tag ``epoch_loss`` in both; see `detect_pairs`).
 
 Rule: needs >= ``MIN_POINTS`` (5) common points. Smooth the validation loss
 with a trailing median of 3; ``b`` is its minimum. Overfitting when at least
@@ -17,9 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _loss_tags
 from tb_stability.detectors import _robust as R
 from tb_stability.findings import Finding
-from tb_stability.rundata import RunData, Series
+from tb_stability.rundata import RunData, Series, held_out_names
 
 MIN_POINTS = 5
 RISE = 1.1
@@ -78,51 +80,58 @@ def _finding(run_name, steps, tr, va, o, sources) -> Finding:
     )
 
 
+def _train_tags(run: RunData) -> list[str]:
+    """Scalar training loss tags to pair with a validation loss, best first."""
+    exact = [t for t in ("epoch_loss", "loss", "train_loss") if len(run.scalars.get(t, ()))]
+    return exact + [t for t in _loss_tags.training_loss_tags(run) if t not in exact]
+
+
 def detect(run: RunData) -> list[Finding]:
-    """overfitting within one run (train and validation loss tags side by side)."""
-    val, vtag = C.val_loss_series(run)
-    if val is None:
-        return []
-    train = None
-    for tag in ("epoch_loss", "loss", "train_loss"):
-        if tag in run.scalars and len(run.scalars[tag]):
-            train, ttag = run.scalars[tag], tag
-            break
-    if train is None:
-        return []
-    steps, tr, va = _align(train, val)
-    o = overfit(tr, va)
-    if o is None:
-        return []
-    return [_finding(run.name, steps, tr, va, o, {"train_tag": ttag, "val_tag": vtag})]
+    """overfitting within one run (train and validation loss tags side by side).
+
+    The first training loss tag (`_train_tags`) that shares at least
+    ``MIN_POINTS`` steps with a validation loss (its twin first) is the pair.
+    """
+    for ttag in _train_tags(run):
+        val, vtag = C.val_loss_series(run, twin_of=ttag)
+        if val is None:
+            return []
+        steps, tr, va = _align(run.scalars[ttag], val)
+        if steps.size < MIN_POINTS:
+            continue
+        o = overfit(tr, va)
+        if o is None:
+            return []
+        return [_finding(run.name, steps, tr, va, o, {"train_tag": ttag, "val_tag": vtag})]
+    return []
 
 
-def _pair_name(name: str) -> str | None:
-    if name == "train":
-        return "validation"
-    if name.endswith("/train"):
-        return name[: -len("train")] + "validation"
+def _shared_tag(train: RunData, val: RunData) -> str | None:
+    """The loss tag both runs log: ``epoch_loss`` (Keras), else the training run's best."""
+    for tag in _train_tags(train):
+        if len(val.scalars.get(tag, ())):
+            return tag
     return None
 
 
 def detect_pairs(runs: dict[str, RunData]) -> list[Finding]:
-    """overfitting across Keras' ``X/train`` and ``X/validation`` runs.
+    """overfitting across a training run and its held-out sibling.
 
-    The finding is attributed to the validation run.
+    Keras' ``X/train`` and ``X/validation``, or ``X/train`` beside ``X/val``,
+    ``X/test``, ... (`rundata.held_out_names`), logging the same loss tag.
+    The finding is attributed to the held-out run.
     """
     out = []
-    for name, run in runs.items():
-        other = _pair_name(name)
-        if other is None or other not in runs:
+    for other, name in held_out_names(runs).items():
+        if not name:
             continue
-        vrun = runs[other]
-        train = run.scalars.get("epoch_loss")
-        val = vrun.scalars.get("epoch_loss")
-        if train is None or val is None:
+        run, vrun = runs[name], runs[other]
+        tag = _shared_tag(run, vrun)
+        if tag is None:
             continue
-        steps, tr, va = _align(train, val)
+        steps, tr, va = _align(run.scalars[tag], vrun.scalars[tag])
         o = overfit(tr, va)
         if o is not None:
             out.append(_finding(other, steps, tr, va, o, {"train_run": name, "validation_run": other,
-                                                          "tag": "epoch_loss"}))
+                                                          "tag": tag}))
     return out

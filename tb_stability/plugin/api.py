@@ -150,6 +150,7 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
             "series": {"steps": [], "scalars": [], "per_batch": []},
             "matrices": {"variables": [], "layers": []},
             "has_nan_origin": False,
+            "loss": None,
         }
         if data is not None:
             cut = False
@@ -159,6 +160,7 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
                     item[group][kind], cut_here = _names(getattr(data, kind))
                     cut = cut or cut_here
             item["series"]["per_batch"] = running_mean.recoverable_tags(data)
+            item["loss"] = _loss_choice(data)
             item["has_nan_origin"] = bool(data.json.get("stability/nan_origin"))
             if cut:
                 item["truncated"] = True
@@ -168,6 +170,22 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
     if len(all_names) > MAX_RUNS or cut_w:
         body.update(truncated=True, total_runs=len(all_names))
     return _dumps(body), JSON_MIME
+
+
+def _loss_choice(data) -> dict[str, str] | None:
+    """The training loss the detectors read (`_common.loss_choice`), for the panel to chart.
+
+    None when the run has none, or when the detectors cannot be imported (the
+    report says why; the panel then picks a loss tag itself).
+    """
+    try:
+        from tb_stability.detectors._common import loss_choice  # pylint: disable=import-outside-toplevel
+        choice = loss_choice(data)
+    except Exception:  # pylint: disable=broad-except
+        return None
+    if choice is None or len(choice[1]) > MAX_NAME_LEN:
+        return None
+    return {"source": choice[0], "tag": choice[1]}
 
 
 def findings_impl(snapshot: Snapshot, run: str | None = None) -> tuple[str, str]:

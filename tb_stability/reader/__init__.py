@@ -27,7 +27,7 @@ import threading
 
 from tb_stability.reader.assemble import build_run
 from tb_stability.reader.decode import FileState, read_file_into
-from tb_stability.rundata import RunData
+from tb_stability.rundata import RunData, mark_held_out
 
 __all__ = ["Logdir", "LogdirError", "LogdirReader", "load_logdir", "load_run"]
 
@@ -112,6 +112,7 @@ class LogdirReader:
             for name, entries in found.items():
                 result.runs[name] = self._load(root, name, entries)
             self._forget_missing(root, found)
+        mark_held_out(result.runs)
         return result
 
     def load_run(self, path: str | os.PathLike, name: str = ".") -> RunData:

@@ -1,0 +1,96 @@
+"""Which scalar of an ordinary log is the training loss, and which its validation twin.
+
+The tag names people give their losses, beside Keras' own (``epoch_loss``,
+``batch_loss``, ``epoch_val_loss``): ``loss``, ``train/loss``, ``Loss/train``
+and ``Loss/test`` (one chart per quantity), ``Loss/total_loss`` beside
+``Loss/classification_loss`` (a detection model's parts), ``train_loss_step``
+and ``train_loss_epoch`` beside ``val_loss`` (per step and per epoch),
+``trainLoss``. A tag is split into words (at ``/``, ``_``, ``-``, ``.``,
+spaces and camelCase humps); it holds a loss when a word ends in ``loss``, a
+validation or test loss when a word names a held-out split.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tb_stability.rundata import RunData
+
+HELD_OUT_WORDS = frozenset({"val", "valid", "validation", "test", "eval", "evaluation", "dev",
+                            "holdout"})
+TRAIN_WORDS = frozenset({"train", "training"})
+# Words beside "loss" in its own path component that leave it the whole loss
+# (`total_loss`, `train_loss_step`), as against one part of it (`rpn_loss`).
+WHOLE_LOSS_WORDS = frozenset({"loss", "total", "overall", "train", "training", "step", "batch",
+                              "epoch", "avg", "average", "mean", "running", "smoothed", "sum"})
+_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_SEPARATORS = re.compile(r"[_\-. :]+")
+
+
+def components(tag: str) -> list[list[str]]:
+    """``tag``'s path components, each as its lower-case words."""
+    return [[w for w in _SEPARATORS.split(_HUMP.sub("_", part).lower()) if w]
+            for part in tag.split("/")]
+
+
+def words(tag: str) -> list[str]:
+    """All of ``tag``'s lower-case words, in order."""
+    return [w for part in components(tag) for w in part]
+
+
+def is_loss(tag: str) -> bool:
+    """True when one of ``tag``'s words ends in ``loss`` (``loss``, ``total_loss``, ``NLLLoss``)."""
+    return any(w.endswith("loss") for w in words(tag))
+
+
+def is_held_out(tag: str) -> bool:
+    """True for tags of a validation, test or evaluation split (``val_loss``, ``Loss/test``)."""
+    return any(w in HELD_OUT_WORDS for w in words(tag))
+
+
+def is_part(tag: str) -> bool:
+    """True for one named part of a loss (``Loss/classification_loss``, ``rpn_loss``)."""
+    for part in components(tag):
+        if any(w.endswith("loss") for w in part):
+            if any(w.endswith("loss") and w != "loss" for w in part):
+                return True
+            if any(w not in WHOLE_LOSS_WORDS and w not in HELD_OUT_WORDS for w in part):
+                return True
+    return False
+
+
+def _core(tag: str) -> tuple[str, ...]:
+    """``tag``'s words without the split's name: ``Loss/train`` and ``Loss/test`` share theirs."""
+    return tuple(w for w in words(tag) if w not in HELD_OUT_WORDS and w not in TRAIN_WORDS)
+
+
+def training_loss_tags(run: RunData) -> list[str]:
+    """Scalar tags of ``run`` that hold a training loss, most telling first.
+
+    A per-step loss before a per-epoch one, the whole loss before its parts,
+    the longer series first, then by name. Keras' own names are not ranked
+    here: `_common.loss_series` looks for them first.
+    """
+    tags = [t for t, s in run.scalars.items() if len(s) and is_loss(t) and not is_held_out(t)]
+    return sorted(tags, key=lambda t: ("epoch" in words(t), is_part(t), -len(run.scalars[t]), t))
+
+
+def validation_loss_tags(run: RunData, twin_of: str | None = None) -> list[str]:
+    """Scalar tags of ``run`` that hold a validation or test loss, best first.
+
+    Args:
+      run: The run.
+      twin_of: A training loss tag; its twin (``Loss/test`` for ``Loss/train``,
+        ``val_loss`` for ``train_loss_epoch``'s words without ``epoch`` too)
+        comes first.
+    """
+    core = _core(twin_of) if twin_of else None
+    loose = tuple(w for w in core if w not in ("epoch", "step", "batch")) if core else None
+
+    def rank(tag):
+        mine = _core(tag)
+        return (mine != core, tuple(w for w in mine if w not in ("epoch", "step", "batch")) != loose,
+                is_part(tag), -len(run.scalars[tag]), tag)
+
+    tags = [t for t, s in run.scalars.items() if len(s) and is_loss(t) and is_held_out(t)]
+    return sorted(tags, key=rank)
