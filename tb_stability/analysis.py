@@ -142,7 +142,8 @@ def analyze_run(
             if not item.run:
                 item.run = run.name
             findings.append(item)
-    return sort_findings(mark_consequences_of_dead_units(mark_consequences_of_nan(findings)))
+    findings = mark_consequences_of_dead_units(mark_consequences_of_nan(findings))
+    return sort_findings(mark_consequences_of_bad_batch(findings))
 
 
 def mark_consequences_of_nan(findings: list[Finding]) -> list[Finding]:
@@ -200,6 +201,47 @@ def mark_consequences_of_dead_units(findings: list[Finding]) -> list[Finding]:
                 _mark_consequence(finding, dead, names)
                 break
     return findings
+
+
+def mark_consequences_of_bad_batch(findings: list[Finding]) -> list[Finding]:
+    """Downgrades a stalled or diverging loss beside a bad batch that recurs every epoch.
+
+    A batch that comes back at the same place every epoch with a loss far
+    above the others' (``loss_spike`` naming its ``batch_in_epoch``: outliers
+    or wrong labels in unshuffled data) throws the model back at every epoch,
+    so the other batches' loss stops improving or rises: the stalled and
+    divergence rules flag that, with learning-rate fixes that cure nothing.
+    Those findings stay, as ``info`` with ``evidence["consequence_of"] =
+    "loss_spike"`` and the bad batch's remedy first, where their steps overlap
+    the spikes'. Critical ones (a loss that went 10x up or non-finite) stay.
+    """
+    bad = [f for f in findings if f.kind == "loss_spike" and f.severity == "warning"
+           and f.evidence.get("batch_in_epoch")]
+    for finding in findings:
+        if finding.kind not in ("stalled", "divergence") or finding.severity != "warning":
+            continue
+        spike = next((b for b in bad if _overlap(b, finding)), None)
+        if spike is None:
+            continue
+        position = f"batch {spike.evidence['batch_in_epoch']} of {spike.evidence['batches_per_epoch']}"
+        finding.severity = "info"
+        finding.evidence["consequence_of"] = "loss_spike"
+        finding.evidence["bad_batch_in_epoch"] = spike.evidence["batch_in_epoch"]
+        finding.explanation = (
+            f"Most likely a consequence of the bad {position} in every epoch (its loss "
+            f"{_spike_ratio(spike)} the others'; each of its updates throws the model back): "
+            f"{finding.explanation}"
+        )
+        finding.remedy = f"Fix the bad batch first:\n{spike.remedy}"
+    return findings
+
+
+def _spike_ratio(spike: Finding) -> str:
+    """How far a loss_spike finding's worst spike stood above its median, in words."""
+    points = spike.evidence.get("spikes") or []
+    ratios = [p.get("ratio_to_median") for p in points if isinstance(p, dict)]
+    ratios = [r for r in ratios if isinstance(r, (int, float))]
+    return f"reaching {max(ratios):.3g}x" if ratios else "far above"
 
 
 def _before_dead_layers(vanishing: Finding, dead_names: list[str]) -> bool:

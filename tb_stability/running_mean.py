@@ -160,7 +160,30 @@ def _placed(run: RunData, tag: str) -> tuple[Series, list[int]] | None:
     if batch is None or epoch is None or len(batch) < 2 or not len(epoch):
         return None
     ends = epoch_end_indices(batch.steps, batch.values, epoch.values)
+    if ends is None:
+        ends = _last_epochs_ends(batch, epoch.values)
     return None if ends is None else (batch, ends)
+
+
+MAX_FIRST_EPOCH_TRIES = 3
+
+
+def _last_epochs_ends(batch: Series, epoch_values: np.ndarray) -> list[int] | None:
+    """`epoch_end_indices` for batches that cover only the last epochs.
+
+    Keras' batch counter restarts at every ``fit``, so after a second fit
+    (``initial_epoch=3``) the batch steps hold that fit's batches only (the
+    reader keeps the later training, `reader.restarts`) while ``epoch_loss``
+    holds every epoch. The batches then start at one of the later epochs: the
+    first few epochs whose value some batch holds are tried as that start.
+    """
+    values = np.asarray(epoch_values, dtype=np.float64)
+    present = np.isin(values[1:].astype(np.float32), np.asarray(batch.values, dtype=np.float32))
+    for first in (np.flatnonzero(present)[:MAX_FIRST_EPOCH_TRIES] + 1):
+        ends = epoch_end_indices(batch.steps, batch.values, values[first:])
+        if ends is not None:
+            return ends
+    return None
 
 
 def per_batch(run: RunData, tag: str = "batch_loss") -> Series | None:

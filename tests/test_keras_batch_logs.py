@@ -123,3 +123,62 @@ def test_plugin_serves_the_recovered_losses_the_findings_were_computed_on(tmp_pa
     assert series["values"][-1] > 10 * running["values"][-1] / 2  # the running mean hides it
     get_json(client, "/series", 404, run="train", tag="epoch_loss", source="per_batch")
     get_json(client, "/series", 400, run="train", tag="batch_loss", source="average")
+
+
+def _model(steps_per_execution=1):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(32, activation="relu", name="hidden"),
+                              keras.layers.Dense(1, name="out")])
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", steps_per_execution=steps_per_execution)
+    return model
+
+
+def test_a_second_fit_of_the_same_model_is_read_after_the_first(tmp_path):
+    # Keras' batch counter restarts at every fit while the epochs go on: the
+    # second fit's batches replace the first's, and are placed on its epochs.
+    x, y = _data(30 * BATCH)
+    bad = y.copy()
+    bad[12 * BATCH:13 * BATCH] = 300.0
+    model = _model()
+    model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0,
+              callbacks=[keras.callbacks.TensorBoard(str(tmp_path), update_freq="batch")])
+    model.fit(x, bad, batch_size=BATCH, epochs=6, initial_epoch=2, shuffle=False, verbose=0,
+              callbacks=[keras.callbacks.TensorBoard(str(tmp_path), update_freq="batch")])
+    run = load_logdir(str(tmp_path)).runs["train"]
+    assert [w for w in run.warnings if "60 point(s) from step 1 on were left out" in w], run.warnings
+    series, source = C.loss_series(run)
+    assert source == C.PER_BATCH_SOURCE and series.steps.tolist() == list(range(1, 121))
+    assert np.argsort(series.values)[-4:].tolist() == sorted([12, 42, 72, 102], key=lambda i: series.values[i])
+    report = analyze_logdir(str(tmp_path))
+    spikes = [f for f in _findings(report) if f.kind == "loss_spike"]
+    assert spikes and (spikes[0].evidence["batch_in_epoch"], spikes[0].evidence["batches_per_epoch"]) == (13, 30)
+
+
+def test_a_rerun_into_the_same_logdir_reads_only_the_rerun(tmp_path):
+    x, y = _data(30 * BATCH)
+    bad = y.copy()
+    bad[12 * BATCH:13 * BATCH] = 300.0
+    for labels, epochs in ((bad, 4), (y, 3)):  # the notebook cell, fixed and run again
+        _model().fit(x, labels, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0,
+                     callbacks=[keras.callbacks.TensorBoard(str(tmp_path), update_freq="batch")])
+    report = analyze_logdir(str(tmp_path))
+    assert [f for f in _findings(report) if f.severity != "info"] == [], report_to_json(report)
+    assert C.loss_series(load_logdir(str(tmp_path)).runs["train"])[0].steps.tolist() == list(range(1, 91))
+
+
+def test_bad_batch_under_steps_per_execution_and_what_it_causes(tmp_path):
+    x, y = _data(30 * BATCH)
+    y[12 * BATCH:13 * BATCH] = 300.0  # batch 13: in the 5th call of the batch hook (batches 13-15)
+    _model(steps_per_execution=3).fit(
+        x, y, batch_size=BATCH, epochs=5, shuffle=False, verbose=0,
+        callbacks=[keras.callbacks.TensorBoard(str(tmp_path), update_freq="batch")])
+    report = analyze_logdir(str(tmp_path))
+    findings = _findings(report)
+    spike = [f for f in findings if f.kind == "loss_spike"][0]
+    assert (spike.evidence["batch_in_epoch"], spike.evidence["batches_per_epoch"]) == (5, 10)
+    assert "steps_per_execution=N" in spike.remedy and "4 * N * batch_size" in spike.remedy
+    # What the bad batch does to the others' loss is its consequence, not a cause.
+    others = [f for f in findings if f is not spike]
+    assert others
+    assert all(f.severity == "info" and f.evidence.get("consequence_of") == "loss_spike"
+               for f in others), report_to_json(report)

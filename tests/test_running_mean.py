@@ -127,15 +127,30 @@ def test_nan_batch_keeps_its_nan_and_places_the_epoch():
     np.testing.assert_allclose(got[:27], np.concatenate(losses)[:27], rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["restarted-steps", "epoch-end-not-logged", "no-epoch-values",
+def test_batches_of_a_later_fit_are_placed_on_its_epochs():
+    # Keras' batch counter restarts at every fit: after fit(initial_epoch=2)
+    # the batch steps hold that fit's epochs only (the reader keeps the later
+    # fit), while epoch_loss holds every epoch.
+    rng = np.random.default_rng(5)
+    losses, sizes = _epochs(rng, 4, 30)
+    batch, epoch = keras_running_means(losses, sizes)
+    run = _run(np.arange(1, 31), batch[60:90], epoch[:3])
+    np.testing.assert_allclose(RM.per_batch(run).values, losses[2], rtol=1e-4)
+    run = _run(np.arange(1, 61), batch[60:], epoch)
+    np.testing.assert_allclose(RM.per_batch(run).values, np.concatenate(losses[2:]), rtol=1e-4)
+    position, length = C.epoch_positions(run, C.PER_BATCH_SOURCE, [1, 30, 31, 60])
+    assert position.tolist() == [0, 29, 0, 29] and length.tolist() == [30] * 4
+
+
+@pytest.mark.parametrize("case", ["later-fit-of-other-epochs", "epoch-end-not-logged", "no-epoch-values",
                                   "epoch-values-do-not-match"])
 def test_logs_that_do_not_fit_are_left_unrecovered(case):
     rng = np.random.default_rng(5)
     losses, sizes = _epochs(rng, 2, 30)
     batch, epoch = keras_running_means(losses, sizes)
     steps = np.arange(1, batch.size + 1)
-    if case == "restarted-steps":  # a second fit overwrote the first one's batch steps
-        run = _run(steps[:30], batch[30:], epoch)
+    if case == "later-fit-of-other-epochs":  # its epoch values were not logged
+        run = _run(steps[:30], batch[30:], epoch[:1])
     elif case == "epoch-end-not-logged":  # update_freq=7 does not divide 30 batches
         run = _run(steps[6::7], batch[6::7], epoch)
     elif case == "no-epoch-values":

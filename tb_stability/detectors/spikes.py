@@ -324,8 +324,13 @@ def _same_batch_every_epoch(period, where) -> tuple[int, int] | None:
     return int(position[0]), int(length[0])
 
 
-def _same_batch_remedy(same_batch) -> str:
-    """The first remedy lines for one bad batch that recurs every epoch ("" otherwise)."""
+def _same_batch_remedy(same_batch, keras_log: bool = False) -> str:
+    """The first remedy lines for one bad batch that recurs every epoch ("" otherwise).
+
+    ``keras_log``: the positions count the points Keras' TensorBoard callback
+    logged, one per call of its batch hook, which holds N batches under
+    ``compile(steps_per_execution=N)``; a log cannot tell N.
+    """
     if same_batch is None:
         return ""
     k = same_batch[0]
@@ -336,6 +341,9 @@ def _same_batch_remedy(same_batch) -> str:
         f"    bad = slice({k} * batch_size, {k + 1} * batch_size)\n"
         "    print(x[bad], y[bad])\n"
         "    model.fit(x, y, batch_size=batch_size, shuffle=True)  # tf.data: ds.shuffle(n).batch(b)\n"
+        + (f"(Positions count the batches Keras' TensorBoard callback logged: under "
+           f"compile(steps_per_execution=N) it logs once per N batches, so look at samples "
+           f"{k} * N * batch_size to {k + 1} * N * batch_size - 1.)\n" if keras_log else "")
     )
 
 
@@ -437,7 +445,7 @@ def detect(run: RunData) -> list[Finding]:
                 f"and came back ({len(spikes)} spike(s) in total)." + benign_note
             ),
             remedy=(
-                _same_batch_remedy(same_batch)
+                _same_batch_remedy(same_batch, keras_log=source == C.PER_BATCH_SOURCE)
                 + clip_line
                 + "If the spikes recur at the same batches, inspect those samples for outliers "
                 "or bad labels; warm up or lower the learning rate:\n"

@@ -58,8 +58,20 @@ def _is_event_file(name: str) -> bool:
     return EVENT_FILE_MARKER in name
 
 
+def file_order(name: str) -> tuple:
+    """Sort key putting a run's event files in the order they were written.
+
+    Names are ``events.out.tfevents.<time>.<host>.<pid>.<n>...`` (TensorFlow's
+    and this project's writers): the numbers compare as numbers, so that the
+    tenth file a process opens in one second (``.10``) comes after its ninth
+    (``.9``), where the plain name would put it first.
+    """
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part)
+                 for part in name.split("."))
+
+
 def find_runs(root: str, warnings: list[str]) -> dict[str, list[os.DirEntry]]:
-    """Walks ``root`` and returns run name -> event file entries (sorted by name).
+    """Walks ``root`` and returns run name -> event file entries (in `file_order`).
 
     Symbolic links to directories are not followed (no cycles); unreadable
     directories become warnings.
@@ -86,7 +98,7 @@ def find_runs(root: str, warnings: list[str]) -> dict[str, list[os.DirEntry]]:
                 continue
         if files:
             name = os.path.relpath(directory, root).replace(os.sep, "/")
-            runs[name] = sorted(files, key=lambda e: e.name)
+            runs[name] = sorted(files, key=lambda e: file_order(e.name))
     return runs
 
 
@@ -126,7 +138,7 @@ class LogdirReader:
                 raise LogdirError(f"cannot read {os.fspath(path)!r}: {error}") from error
             if not entries:
                 raise LogdirError(f"no TensorBoard event files in {os.fspath(path)!r}")
-            return self._load(root, name, sorted(entries, key=lambda e: e.name),
+            return self._load(root, name, sorted(entries, key=lambda e: file_order(e.name)),
                               label_root=root)
 
     def clear(self) -> None:

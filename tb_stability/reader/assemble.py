@@ -1,8 +1,11 @@
 """Turns the segments of a run's event files into a `RunData`.
 
-Records from all files of a run are concatenated in file-name order (event
-file names start with a timestamp) and record order, sorted by step, and
-duplicate steps are dropped keeping the last write.
+Records from all files of a run are concatenated in the order the files were
+written (`tb_stability.reader.file_order`: their names start with a
+timestamp and a counter) and record order, sorted by step, and
+duplicate steps are dropped keeping the last write. Before that, an earlier
+file's points that a later file's restarted training replaces are left out
+(`restarts`).
 
 When a quantity comes from a single segment whose steps already increase
 strictly (the usual case: one file per run, written in order), the `RunData`
@@ -18,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from tb_stability import schema
+from tb_stability.reader import restarts
 from tb_stability.reader.decode import FileState
 from tb_stability.reader.segments import Segment, read_only
 from tb_stability.rundata import Matrix, RunData, Series
@@ -71,35 +75,36 @@ def _take(values: list[np.ndarray], order, axis: int = 0) -> np.ndarray:
 
 
 def build_run(name: str, states: Sequence[FileState]) -> RunData:
-    """Builds the `RunData` of one run from its files' states (in file order)."""
+    """Builds the `RunData` of one run from its files' states (in file order).
+
+    What a later file replaces (its training restarted at a step an earlier
+    file reached) is left out first, with a warning (`restarts`).
+    """
     run = RunData(name=name)
     for state in states:
         run.warnings.extend(state.all_warnings())
+    files = restarts.without_orphans(states, run.warnings)
     shared = _Steps()
-    run.steps = _build_steps([b for s in states for b in s.blocks], shared)
-    tensors: dict[str, list[Segment]] = {}
-    for state in states:
-        for tag, segments in state.tensors.items():
-            tensors.setdefault(tag, []).extend(segments)
-    for tag, segments in sorted(tensors.items()):
-        try:
-            _place_tensor(run, tag, segments, shared)
-        except ValueError as error:
-            run.warnings.append(f"tag {tag!r}: {error}; skipped the tag")
-    scalars: dict[str, list[Segment]] = {}
-    for state in states:
-        for tag, segments in state.scalars.items():
-            scalars.setdefault(tag, []).extend(segments)
-    for tag, segments in sorted(scalars.items()):
-        steps, order = shared.order([s.steps for s in segments])
-        run.scalars[tag] = Series(steps=steps, values=_take([s.values for s in segments], order))
-    json_records: dict[str, list] = {}
-    for state in states:
-        for tag, records in state.json.items():
-            json_records.setdefault(tag, []).extend(records)
-    for tag, records in sorted(json_records.items()):
-        order = last_wins(np.asarray([step for step, _ in records], dtype=np.int64))
-        run.json[tag] = [records[i] for i in order]
+    run.steps = _build_steps([b for f in files for b in f.blocks], shared)
+    for kind in ("tensors", "scalars", "json"):
+        merged: dict[str, list] = {}
+        for data in files:
+            for tag, items in getattr(data, kind).items():
+                merged.setdefault(tag, []).extend(items)
+        for tag, items in sorted(merged.items()):
+            if not items:  # every point replaced by a later file's
+                continue
+            if kind == "tensors":
+                try:
+                    _place_tensor(run, tag, items, shared)
+                except ValueError as error:
+                    run.warnings.append(f"tag {tag!r}: {error}; skipped the tag")
+            elif kind == "scalars":
+                steps, order = shared.order([s.steps for s in items])
+                run.scalars[tag] = Series(steps=steps, values=_take([s.values for s in items], order))
+            else:
+                order = last_wins(np.asarray([step for step, _ in items], dtype=np.int64))
+                run.json[tag] = [items[i] for i in order]
     return run
 
 
