@@ -170,3 +170,44 @@ def test_runs_route_names_the_loss_the_detectors_read(tmp_path):
     kinds = {(run, f.kind) for run, f in _findings(report)}
     assert {(plugin_support.ORDINARY_RUN, "loss_spike"), (plugin_support.ORDINARY_RUN, "overfitting"),
             ("keras/validation", "overfitting")} <= kinds
+
+
+def _exploding(seed=0, points=400, onset=250):
+    rng = np.random.default_rng(seed)
+    loss = 2.0 * np.exp(-np.arange(points) / 100) + 0.3 + 0.02 * rng.standard_normal(points)
+    grad = 1.0 + 0.05 * rng.standard_normal(points)
+    grad[onset:] *= np.exp(np.arange(points - onset) / 20)
+    loss[onset + 10:] *= np.exp(np.arange(points - onset - 10) / 40)
+    return loss, grad
+
+
+@pytest.mark.parametrize("loss_tag,grad_tag", [
+    ("train/loss", "train/grad_norm"), ("loss", "grad_norm"), ("loss", "gradients/global_norm"),
+    ("Loss/train", "Gradient/norm"),
+])
+def test_an_ordinary_global_gradient_norm_is_read(tmp_path, loss_tag, grad_tag):
+    loss, grad = _exploding()
+    _write(tmp_path / "run", {loss_tag: loss, grad_tag: grad, "grad_norm/dense_1": grad / 10})
+    report = analyze_logdir(str(tmp_path))
+    exploding = _findings(report, "exploding_gradients")
+    assert len(exploding) == 1, report_to_json(report)
+    assert exploding[0][1].evidence["signal"] == f"scalar:{grad_tag}"
+    assert "clipnorm=2" in exploding[0][1].remedy  # 2x the early norm (~1)
+
+
+def test_a_per_layer_gradient_norm_is_not_read_as_the_global_one(tmp_path):
+    loss, grad = _exploding()
+    _write(tmp_path / "run", {"loss": loss, "grad_norm/dense_1": grad, "dense/grad_norm_max": grad})
+    report = analyze_logdir(str(tmp_path))
+    assert _findings(report, "exploding_gradients") == []
+    assert [f.kind for _, f in _findings(report)] == ["divergence"]
+
+
+def test_a_loss_spike_names_the_gradient_norm_of_an_ordinary_log(tmp_path):
+    loss, grad = _curve(), 1.0 + 0.05 * np.random.default_rng(1).standard_normal(STEPS)
+    loss[SPIKE] *= 10
+    grad[SPIKE] *= 30
+    _write(tmp_path / "run", {"loss": loss, "grad_norm": grad})
+    (_, spike), = _findings(analyze_logdir(str(tmp_path)), "loss_spike")
+    assert spike.evidence["spikes"][0]["grad_norm"] == pytest.approx(grad[SPIKE])
+    assert "The gradient norm also jumped" in spike.remedy and "clipnorm=2" in spike.remedy

@@ -118,8 +118,24 @@ def weight_columns(matrix: Matrix) -> list[int]:
     return cols or list(range(len(matrix.names)))
 
 
+def global_grad_norm_source(run: RunData) -> str | None:
+    """Where `global_grad_norm` reads the norm from, as evidence names it."""
+    s = run.steps.get("grad_norm")
+    if s is not None and len(s):
+        return "stability/steps:grad_norm"
+    m = run.variables.get("grad_norm")
+    if m is not None and len(m):
+        return "variables:grad_norm (global)"
+    tag = _loss_tags.gradient_norm_tag(run)
+    return f"scalar:{tag}" if tag is not None else None
+
+
 def global_grad_norm(run: RunData) -> Series | None:
-    """Per-step global gradient norm, or one rebuilt from per-variable norms."""
+    """Per-step global gradient norm, or one rebuilt from per-variable norms.
+
+    In an ordinary log, a scalar that holds the global gradient norm
+    (`_loss_tags.gradient_norm_tag`: ``grad_norm``, ``train/grad_norm``, ...).
+    """
     s = run.steps.get("grad_norm")
     if s is not None and len(s):
         return s
@@ -128,7 +144,8 @@ def global_grad_norm(run: RunData) -> Series | None:
         with np.errstate(over="ignore", invalid="ignore"):
             g = np.sqrt(np.sum(np.square(m.values), axis=1))
         return Series(steps=m.steps, values=g)
-    return None
+    tag = _loss_tags.gradient_norm_tag(run)
+    return run.scalars[tag] if tag is not None else None
 
 
 def no_gradient_variables(run: RunData) -> set[str]:

@@ -1,4 +1,4 @@
-"""Which scalar of an ordinary log is the training loss, and which its validation twin.
+"""Which scalar of an ordinary log is the training loss, its validation twin, the gradient norm.
 
 The tag names people give their losses, beside Keras' own (``epoch_loss``,
 ``batch_loss``, ``epoch_val_loss``): ``loss``, ``train/loss``, ``Loss/train``
@@ -7,7 +7,10 @@ and ``Loss/test`` (one chart per quantity), ``Loss/total_loss`` beside
 and ``train_loss_epoch`` beside ``val_loss`` (per step and per epoch),
 ``trainLoss``. A tag is split into words (at ``/``, ``_``, ``-``, ``.``,
 spaces and camelCase humps); it holds a loss when a word ends in ``loss``, a
-validation or test loss when a word names a held-out split.
+validation or test loss when a word names a held-out split. A global gradient
+norm is a tag whose words name a gradient and a norm (``grad_norm``,
+``train/grad_norm``, ``gradients/global_norm``, ``gradient_norm``); a
+per-layer one (``grad_norm/dense_1``) is not read as the global norm.
 """
 
 from __future__ import annotations
@@ -94,3 +97,29 @@ def validation_loss_tags(run: RunData, twin_of: str | None = None) -> list[str]:
 
     tags = [t for t, s in run.scalars.items() if len(s) and is_loss(t) and is_held_out(t)]
     return sorted(tags, key=rank)
+
+
+GRADIENT_WORDS = frozenset({"grad", "grads", "gradient", "gradients"})
+NORM_WORDS = frozenset({"norm", "globalnorm", "l2", "l2norm"})
+# Words that leave a gradient norm tag the global one (`train/grad_norm`).
+WHOLE_NORM_WORDS = (GRADIENT_WORDS | NORM_WORDS | TRAIN_WORDS
+                    | frozenset({"global", "total", "step", "batch", "before", "clip", "clipping",
+                                 "unclipped", "pre", "raw", "model"}))
+
+
+def gradient_norm_tag(run: RunData) -> str | None:
+    """The scalar tag of ``run`` that holds the global gradient norm, if one does.
+
+    Its words name a gradient and a norm and nothing else but the split or a
+    qualifier (`WHOLE_NORM_WORDS`): ``grad_norm``, ``train/grad_norm``,
+    ``gradients/global_norm``, ``grad_norm/before_clip``. Held-out splits and
+    per-layer norms (a layer's name among the words) are not. The longest
+    series wins, then the name.
+    """
+    found = []
+    for tag, series in run.scalars.items():
+        names = set(words(tag))
+        if (len(series) and names & GRADIENT_WORDS and names & NORM_WORDS
+                and names <= WHOLE_NORM_WORDS):
+            found.append(tag)
+    return min(found, key=lambda t: (-len(run.scalars[t]), t)) if found else None

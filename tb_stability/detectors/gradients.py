@@ -236,7 +236,7 @@ def detect_exploding(run: RunData) -> list[Finding]:
         f"learning_rate={C.round_sig(lr / factor):g}, " if lr else ""
     )
     evidence = {
-        "signal": "stability/steps:grad_norm" if "grad_norm" in run.steps else "variables:grad_norm (global)",
+        "signal": C.global_grad_norm_source(run),
         "baseline_grad_norm": base,
         "baseline_points": baseline_count(int(np.isfinite(g.values).sum())),
         "smoothed_over": SMOOTH,

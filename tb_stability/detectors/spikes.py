@@ -385,7 +385,7 @@ def detect(run: RunData) -> list[Finding]:
         )
     else:
         benign_note = ""
-    grad = run.steps.get("grad_norm")
+    grad = C.global_grad_norm(run)
     grad_med = R.median(grad.values) if grad is not None and len(grad) else None
     run_clipnorm = gradients.remedy_settings(run).clipnorm
     out = []
