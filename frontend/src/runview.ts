@@ -6,7 +6,7 @@ import { clear, el, fmt } from "./dom";
 import { badge } from "./findings";
 import { Heatmap } from "./heatmap";
 import { cssVar } from "./theme";
-import type { Finding, RunSummary } from "./types";
+import type { Finding, LossChoice, RunSummary } from "./types";
 
 const MARKED_KINDS = new Set(["loss_spike", "final_step_spike", "nan_inf", "divergence"]);
 const MARKER_LABEL: Record<string, string> = {
@@ -14,23 +14,23 @@ const MARKER_LABEL: Record<string, string> = {
 };
 const QUANTITY_ORDER = ["grad_norm", "update_ratio", "weight_norm", "dead_fraction", "saturated_fraction", "act_std", "act_mean"];
 
-/** The loss series to chart as [tag, source, title]: the one the findings were computed on. */
-const PER_BATCH_LABEL = "per-batch loss (recovered from Keras' running-mean batch_loss)";
-
-/** The loss to chart: the one the detectors read (the server names it), else a loss-like tag. */
-function pickLoss(summary: RunSummary): [string, string, string] | null {
-  const chosen = summary.loss;
-  if (chosen) {
-    if (chosen.source === "steps") return [chosen.tag, "steps", "raw per-step loss"];
-    if (chosen.source === "per_batch") return [chosen.tag, "per_batch", PER_BATCH_LABEL];
-    return [chosen.tag, "scalars", chosen.tag === "batch_loss" ? "batch_loss (Keras' running epoch mean)" : chosen.tag];
-  }
-  if (summary.series.steps.includes("loss")) return ["loss", "steps", "raw per-step loss"];
-  if (summary.series.per_batch?.includes("batch_loss")) return ["batch_loss", "per_batch", PER_BATCH_LABEL];
+/** A loss-like series where the server names none (a held-out split, an older server). */
+function guessLoss(summary: RunSummary): LossChoice | null {
+  if (summary.series.steps.includes("loss")) return { source: "steps", tag: "loss" };
+  if (summary.series.per_batch?.includes("batch_loss")) return { source: "per_batch", tag: "batch_loss" };
   const scalars = summary.series.scalars;
   const tag = ["loss", "epoch_loss", "batch_loss"].find((t) => scalars.includes(t)) ?? scalars.find((t) => /loss/i.test(t));
-  if (!tag) return null;
-  return [tag, "scalars", tag === "batch_loss" ? "batch_loss (Keras' running epoch mean)" : tag];
+  return tag ? { source: "scalars", tag } : null;
+}
+
+/** The loss series to chart as [tag, source, title]: the one the findings were computed on. */
+function pickLoss(summary: RunSummary): [string, string, string] | null {
+  const chosen = summary.loss ?? guessLoss(summary);
+  if (!chosen) return null;
+  const title = chosen.source === "steps" ? "raw per-step loss"
+    : chosen.source === "per_batch" ? "per-batch loss (recovered from Keras' running-mean batch_loss)"
+    : chosen.tag === "batch_loss" ? "batch_loss (Keras' running epoch mean)" : chosen.tag;
+  return [chosen.tag, chosen.source, title];
 }
 
 export class RunView {

@@ -18,7 +18,13 @@ export interface RunSummary {
   matrices: { variables: string[]; layers: string[] };
   has_nan_origin: boolean;
   /** The training loss the detectors read; null for a held-out split or a run without one. */
-  loss?: { source: "steps" | "per_batch" | "scalars"; tag: string } | null;
+  loss?: LossChoice | null;
+}
+
+/** A loss series: where `/series` finds it (`source`) and its tag. */
+export interface LossChoice {
+  source: "steps" | "per_batch" | "scalars";
+  tag: string;
 }
 
 export interface RunsResponse {

@@ -10,7 +10,7 @@ import numpy as np
 
 from tb_stability import running_mean, schema
 from tb_stability.detectors import _loss_tags
-from tb_stability.rundata import Matrix, RunData, Series
+from tb_stability.rundata import HELD_OUT_RUNS, Matrix, RunData, Series
 
 # Ordinary-log loss tags, best first. Keras' `batch_loss` is a running epoch
 # mean (it hides spikes and resets every epoch): its per-batch values, when
@@ -18,12 +18,34 @@ from tb_stability.rundata import Matrix, RunData, Series
 # running mean after it.
 LOSS_TAGS = ("loss", "train_loss", "training_loss", "train/loss", "epoch_loss", "batch_loss")
 PER_BATCH_BEFORE = "epoch_loss"
-VALIDATION_RUNS = ("validation", "eval")
 PER_BATCH_SOURCE = "scalar:batch_loss (per batch)"
 VAL_LOSS_TAGS = ("val_loss", "epoch_val_loss", "validation_loss", "val/loss", "valid_loss")
 _NOT_WEIGHT = re.compile(
     r"(^|[/_])(bias|beta|gamma|moving_mean|moving_variance|mean|variance|count|seed|iterations)(:\d+)?$"
 )
+
+
+def _loss_candidates(run: RunData):
+    """``(kind, tag)`` of each training loss the run may have, best first.
+
+    A ``"per_batch"`` candidate still needs its epochs placed
+    (`running_mean`); the first of the others is always there.
+    """
+    s = run.steps.get("loss")
+    if s is not None and len(s):
+        yield "steps", "loss"
+        return
+    if run.held_out or is_validation_run(run.name):
+        return
+    for tag in LOSS_TAGS:
+        if tag == PER_BATCH_BEFORE and "batch_loss" in run.scalars:
+            yield "per_batch", "batch_loss"
+        s = run.scalars.get(tag)
+        if s is not None and len(s):
+            yield "scalars", tag
+    others = _loss_tags.training_loss_tags(run)
+    if others:
+        yield "scalars", others[0]
 
 
 def loss_choice(run: RunData) -> tuple[str, str] | None:
@@ -37,23 +59,14 @@ def loss_choice(run: RunData) -> tuple[str, str] | None:
     ``X/train``; see `rundata.mark_held_out`), whose loss the overfitting
     detector reads.
     """
-    s = run.steps.get("loss")
-    if s is not None and len(s):
-        return "steps", "loss"
-    if run.held_out or is_validation_run(run.name):
-        return None
-    for tag in LOSS_TAGS:
-        if tag == PER_BATCH_BEFORE and running_mean.recoverable(run, "batch_loss"):
-            return "per_batch", "batch_loss"
-        s = run.scalars.get(tag)
-        if s is not None and len(s):
-            return "scalars", tag
-    others = _loss_tags.training_loss_tags(run)
-    return ("scalars", others[0]) if others else None
+    for kind, tag in _loss_candidates(run):
+        if kind != "per_batch" or running_mean.recoverable(run, tag):
+            return kind, tag
+    return None
 
 
 def loss_series(run: RunData) -> tuple[Series | None, str]:
-    """The run's training loss series and where it came from.
+    """The run's training loss series and where it came from (`loss_choice`'s).
 
     Prefers the instrumentation's raw per-step loss (``steps["loss"]``), else
     an ordinary scalar tag in `LOSS_TAGS` order, with the per-batch losses
@@ -65,26 +78,27 @@ def loss_series(run: RunData) -> tuple[Series | None, str]:
     Returns:
       ``(series, source)`` where source is e.g. ``"stability/steps:loss"``,
       ``"scalar:epoch_loss"`` or `PER_BATCH_SOURCE`; ``(None, "")`` when
-      `loss_choice` finds none.
+      the run has none.
     """
-    choice = loss_choice(run)
-    if choice is None:
-        return None, ""
-    kind, tag = choice
-    if kind == "steps":
-        return run.steps[tag], "stability/steps:loss"
-    if kind == "per_batch":
+    for kind, tag in _loss_candidates(run):
+        if kind == "steps":
+            return run.steps[tag], "stability/steps:loss"
+        if kind == "scalars":
+            return run.scalars[tag], f"scalar:{tag}"
         s = running_mean.per_batch(run, tag)
         if s is not None:
             return s, PER_BATCH_SOURCE
-        s = run.scalars.get(PER_BATCH_BEFORE)
-        return (s, f"scalar:{PER_BATCH_BEFORE}") if s is not None and len(s) else (None, "")
-    return run.scalars[tag], f"scalar:{tag}"
+    return None, ""
 
 
 def is_validation_run(name: str) -> bool:
-    """True for the run Keras' TensorBoard callback writes validation metrics to."""
-    return name.rsplit("/", 1)[-1] in VALIDATION_RUNS
+    """True for the run Keras' TensorBoard callback writes validation metrics to.
+
+    By its name alone (`rundata.HELD_OUT_RUNS`), for a run read on its own;
+    `load_logdir` also marks ``X/val``, ``X/test``, ... beside ``X/train``
+    (`RunData.held_out`).
+    """
+    return name.rsplit("/", 1)[-1] in HELD_OUT_RUNS
 
 
 def is_validation_tag(tag: str) -> bool:
@@ -118,16 +132,18 @@ def weight_columns(matrix: Matrix) -> list[int]:
     return cols or list(range(len(matrix.names)))
 
 
-def global_grad_norm_source(run: RunData) -> str | None:
-    """Where `global_grad_norm` reads the norm from, as evidence names it."""
+def global_grad_norm_with_source(run: RunData) -> tuple[Series | None, str | None]:
+    """`global_grad_norm` and where it came from, as evidence names it."""
     s = run.steps.get("grad_norm")
     if s is not None and len(s):
-        return "stability/steps:grad_norm"
+        return s, "stability/steps:grad_norm"
     m = run.variables.get("grad_norm")
     if m is not None and len(m):
-        return "variables:grad_norm (global)"
+        with np.errstate(over="ignore", invalid="ignore"):
+            g = np.sqrt(np.sum(np.square(m.values), axis=1))
+        return Series(steps=m.steps, values=g), "variables:grad_norm (global)"
     tag = _loss_tags.gradient_norm_tag(run)
-    return f"scalar:{tag}" if tag is not None else None
+    return (run.scalars[tag], f"scalar:{tag}") if tag is not None else (None, None)
 
 
 def global_grad_norm(run: RunData) -> Series | None:
@@ -136,16 +152,7 @@ def global_grad_norm(run: RunData) -> Series | None:
     In an ordinary log, a scalar that holds the global gradient norm
     (`_loss_tags.gradient_norm_tag`: ``grad_norm``, ``train/grad_norm``, ...).
     """
-    s = run.steps.get("grad_norm")
-    if s is not None and len(s):
-        return s
-    m = run.variables.get("grad_norm")
-    if m is not None and len(m):
-        with np.errstate(over="ignore", invalid="ignore"):
-            g = np.sqrt(np.sum(np.square(m.values), axis=1))
-        return Series(steps=m.steps, values=g)
-    tag = _loss_tags.gradient_norm_tag(run)
-    return run.scalars[tag] if tag is not None else None
+    return global_grad_norm_with_source(run)[0]
 
 
 def no_gradient_variables(run: RunData) -> set[str]:

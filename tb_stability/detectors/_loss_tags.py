@@ -67,6 +67,11 @@ def _core(tag: str) -> tuple[str, ...]:
     return tuple(w for w in words(tag) if w not in HELD_OUT_WORDS and w not in TRAIN_WORDS)
 
 
+def _without_period(core: tuple[str, ...]) -> tuple[str, ...]:
+    """``core`` without the words that say how often it is logged (``train_loss_epoch``)."""
+    return tuple(w for w in core if w not in ("epoch", "step", "batch"))
+
+
 def training_loss_tags(run: RunData) -> list[str]:
     """Scalar tags of ``run`` that hold a training loss, most telling first.
 
@@ -88,12 +93,12 @@ def validation_loss_tags(run: RunData, twin_of: str | None = None) -> list[str]:
         comes first.
     """
     core = _core(twin_of) if twin_of else None
-    loose = tuple(w for w in core if w not in ("epoch", "step", "batch")) if core else None
+    loose = _without_period(core) if core else None
 
     def rank(tag):
         mine = _core(tag)
-        return (mine != core, tuple(w for w in mine if w not in ("epoch", "step", "batch")) != loose,
-                is_part(tag), -len(run.scalars[tag]), tag)
+        return (mine != core, _without_period(mine) != loose, is_part(tag),
+                -len(run.scalars[tag]), tag)
 
     tags = [t for t, s in run.scalars.items() if len(s) and is_loss(t) and is_held_out(t)]
     return sorted(tags, key=rank)

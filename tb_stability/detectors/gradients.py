@@ -198,7 +198,7 @@ def vanishing_mask(first, last, ratio: float = VANISH_RATIO, absolute: float = V
 
 def detect_exploding(run: RunData) -> list[Finding]:
     """exploding_gradients adapter (see module docstring)."""
-    g = C.global_grad_norm(run)
+    g, signal = C.global_grad_norm_with_source(run)
     if g is None:
         return []
     ex = explosion(g.values)
@@ -236,7 +236,7 @@ def detect_exploding(run: RunData) -> list[Finding]:
         f"learning_rate={C.round_sig(lr / factor):g}, " if lr else ""
     )
     evidence = {
-        "signal": C.global_grad_norm_source(run),
+        "signal": signal,
         "baseline_grad_norm": base,
         "baseline_points": baseline_count(int(np.isfinite(g.values).sum())),
         "smoothed_over": SMOOTH,

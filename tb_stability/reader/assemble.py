@@ -74,6 +74,15 @@ def _take(values: list[np.ndarray], order, axis: int = 0) -> np.ndarray:
     return read_only(array)
 
 
+def _merged(files: list[restarts.FileData], kind: str) -> list[tuple[str, list]]:
+    """``(tag, items)`` of one kind over all files, in file order, sorted by tag."""
+    merged: dict[str, list] = {}
+    for data in files:
+        for tag, items in data.tables[kind].items():
+            merged.setdefault(tag, []).extend(items)
+    return sorted(((tag, items) for tag, items in merged.items() if items), key=lambda e: e[0])
+
+
 def build_run(name: str, states: Sequence[FileState]) -> RunData:
     """Builds the `RunData` of one run from its files' states (in file order).
 
@@ -85,26 +94,18 @@ def build_run(name: str, states: Sequence[FileState]) -> RunData:
         run.warnings.extend(state.all_warnings())
     files = restarts.without_orphans(states, run.warnings)
     shared = _Steps()
-    run.steps = _build_steps([b for f in files for b in f.blocks], shared)
-    for kind in ("tensors", "scalars", "json"):
-        merged: dict[str, list] = {}
-        for data in files:
-            for tag, items in getattr(data, kind).items():
-                merged.setdefault(tag, []).extend(items)
-        for tag, items in sorted(merged.items()):
-            if not items:  # every point replaced by a later file's
-                continue
-            if kind == "tensors":
-                try:
-                    _place_tensor(run, tag, items, shared)
-                except ValueError as error:
-                    run.warnings.append(f"tag {tag!r}: {error}; skipped the tag")
-            elif kind == "scalars":
-                steps, order = shared.order([s.steps for s in items])
-                run.scalars[tag] = Series(steps=steps, values=_take([s.values for s in items], order))
-            else:
-                order = last_wins(np.asarray([step for step, _ in items], dtype=np.int64))
-                run.json[tag] = [items[i] for i in order]
+    run.steps = _build_steps([b for _, blocks in _merged(files, "steps") for b in blocks], shared)
+    for tag, segments in _merged(files, "tensors"):
+        try:
+            _place_tensor(run, tag, segments, shared)
+        except ValueError as error:
+            run.warnings.append(f"tag {tag!r}: {error}; skipped the tag")
+    for tag, segments in _merged(files, "scalars"):
+        steps, order = shared.order([s.steps for s in segments])
+        run.scalars[tag] = Series(steps=steps, values=_take([s.values for s in segments], order))
+    for tag, records in _merged(files, "json"):
+        order = last_wins(np.asarray([step for step, _ in records], dtype=np.int64))
+        run.json[tag] = [records[i] for i in order]
     return run
 
 

@@ -31,13 +31,17 @@ from tb_stability.reader.segments import Segment
 
 @dataclasses.dataclass
 class FileData:
-    """One file's records, trimmed of what later files replace."""
+    """One file's records, trimmed of what later files replace.
+
+    Attributes:
+      label: How warnings name the file.
+      tables: kind -> tag -> items: ``"steps"`` (``{"": blocks}``),
+        ``"tensors"`` and ``"scalars"`` hold `Segment` lists, ``"json"``
+        ``(step, record)`` lists.
+    """
 
     label: str
-    blocks: list[Segment]
-    tensors: dict[str, list[Segment]]
-    scalars: dict[str, list[Segment]]
-    json: dict[str, list[tuple[int, Any]]]
+    tables: dict[str, dict[str, list]]
 
 
 def _segments_range(segments: list[Segment]) -> tuple[int, int] | None:
@@ -74,19 +78,10 @@ def _trim_records(records, cutoff: int):
     return kept, len(records) - len(kept)
 
 
-def _quantities(data: FileData):
-    """``(key, getter, setter, range_of, trim)`` for every quantity of one file."""
-    def slot(table, tag):
-        return (lambda: table[tag]), (lambda value: table.__setitem__(tag, value))
-
-    if data.blocks:
-        yield ("steps", "", lambda: data.blocks, lambda v: setattr(data, "blocks", v),
-               _segments_range, _trim_segments)
-    for kind, table in (("tensor", data.tensors), ("scalar", data.scalars)):
-        for tag in list(table):
-            yield (kind, tag, *slot(table, tag), _segments_range, _trim_segments)
-    for tag in list(data.json):
-        yield ("json", tag, *slot(data.json, tag), _records_range, _trim_records)
+def _file_data(state) -> FileData:
+    return FileData(state.label, {"steps": {"": list(state.blocks)} if state.blocks else {},
+                                  "tensors": dict(state.tensors), "scalars": dict(state.scalars),
+                                  "json": dict(state.json)})
 
 
 def without_orphans(states: Sequence[Any], warnings: list[str]) -> list[FileData]:
@@ -101,27 +96,28 @@ def without_orphans(states: Sequence[Any], warnings: list[str]) -> list[FileData
     Returns:
       One `FileData` per state, in the same order.
     """
-    files = [FileData(s.label, list(s.blocks), dict(s.tensors), dict(s.scalars), dict(s.json))
-             for s in states]
+    files = [_file_data(s) for s in states]
     if len(files) < 2:
         return files
-    # quantity -> (the lowest step any later file logs it at, that file's index)
+    # (kind, tag) -> (the lowest step any later file logs it at, that file's index)
     later_start: dict[tuple[str, str], tuple[int, int]] = {}
     for index in range(len(files) - 1, -1, -1):
         dropped, restart, by = 0, math.inf, None
-        for kind, tag, get, put, range_of, trim in _quantities(files[index]):
-            span = range_of(get())
-            if span is None:
-                continue
-            start = later_start.get((kind, tag))
-            if start is not None and span[1] >= start[0]:
-                kept, count = trim(get(), start[0])
-                put(kept)
-                dropped += count
-                if start[0] < restart:
-                    restart, by = start[0], start[1]
-            if start is None or span[0] <= start[0]:
-                later_start[(kind, tag)] = (span[0], index)
+        for kind, table in files[index].tables.items():
+            span_of, trim = ((_records_range, _trim_records) if kind == "json"
+                             else (_segments_range, _trim_segments))
+            for tag, items in list(table.items()):
+                span = span_of(items)
+                if span is None:
+                    continue
+                start = later_start.get((kind, tag))
+                if start is not None and span[1] >= start[0]:
+                    table[tag], count = trim(items, start[0])
+                    dropped += count
+                    if start[0] < restart:
+                        restart, by = start[0], start[1]
+                if start is None or span[0] <= start[0]:
+                    later_start[(kind, tag)] = (span[0], index)
         if dropped:
             warnings.append(
                 f"{files[index].label}: {dropped} point(s) from step {restart} on were left out: "
