@@ -377,6 +377,8 @@ class StabilityCallback(keras.callbacks.Callback):
                     if self.stop_on_nan:
                         self.model.stop_training = True
                 self._extras.drain(self._batch)
+                if self._live is not None and self._extras.origin is not None:
+                    self._live.feed_origin(self._extras.origin["step"], self._extras.origin)
         finally:
             self._drainer.batch = None
             self._batch.clear()

@@ -61,6 +61,7 @@ class LiveDiagnosis:
         self._min_interval = float(min_interval)
         self._last_check = -float("inf")
         self._detectors = list(detectors) if detectors is not None else None
+        self._origin: Optional[tuple[int, dict]] = None
         self.announced: set[str] = set()
 
     def feed_steps(self, rows: np.ndarray, columns: Sequence[str] = schema.STEP_COLUMNS) -> None:
@@ -71,6 +72,7 @@ class LiveDiagnosis:
         if self._rows and (tuple(columns) != self._columns or rows[0, 0] <= self._rows[-1][-1, 0]):
             self._rows.clear()  # a new fit (steps restart, other columns): a new window
             self._row_count = 0
+            self._origin = None
         self._columns = tuple(columns)
         self._rows.append(rows)
         self._row_count += rows.shape[0]
@@ -83,6 +85,10 @@ class LiveDiagnosis:
             self._records.clear()  # other variables (layers unfrozen) or a new fit
         self._names = tuple(names)
         self._records.append((int(step), np.array(stats, dtype=np.float64, copy=True)))
+
+    def feed_origin(self, step: int, record: dict) -> None:
+        """Adds the NaN forensics' record (``stability/nan_origin``) of ``step``."""
+        self._origin = (int(step), record)
 
     def run_data(self) -> RunData:
         """The window as `RunData`, as the reader would build it."""
@@ -99,6 +105,8 @@ class LiveDiagnosis:
             stacked = np.stack([stats[:rows] for _, stats in self._records])  # [T, rows, V]
             for index, quantity in enumerate(VARIABLE_ROWS[:rows]):
                 run.variables[quantity] = Matrix(steps, self._names, stacked[:, index, :])
+        if self._origin is not None:
+            run.json[schema.TAG_NAN_ORIGIN] = [self._origin]
         return run
 
     def check(self, force: bool = False) -> list[Finding]:

@@ -9,8 +9,12 @@ Approach:
    `find_origin` re-runs that step eagerly with the captured weights: inputs
    non-finite -> ``"inputs"``; else the first layer (in call completion
    order, so a child before its parent) whose output is non-finite ->
-   ``"layer"``; else a non-finite loss -> ``"loss"``; else the variables with
-   non-finite gradients -> ``"gradients"``; else ``"not_reproduced"``.
+   ``"layer"``; else a non-finite loss with non-finite labels (or sample
+   weights) -> ``"labels"`` (``"sample_weights"``), with finite ones ->
+   ``"loss"``; else the variables with non-finite gradients ->
+   ``"gradients"``; else ``"not_reproduced"``. For inputs, labels and sample
+   weights the record says which batch rows hold the bad values
+   (``"nonfinite_rows"``).
 3. `save_artifacts` writes ``<run>/nan_origin/batch.npz`` (batch and
    weights), ``nan_origin.json`` and, when Keras can serialise the model,
    ``model.keras`` (holding the weights before the step), for
@@ -57,6 +61,43 @@ def _finite(values) -> bool:
     return True
 
 
+ROWS_LISTED = 10
+
+
+def nonfinite_rows(values) -> list[dict]:
+    """Where a batch part holds NaN/Inf, one entry per array that does.
+
+    Args:
+      values: One array, or a list or dict of them (a model's inputs or labels).
+
+    Returns:
+      ``[{"name", "rows" (the first ROWS_LISTED batch rows), "count" (rows),
+      "of" (rows in the batch), "values" (non-finite values)}]``; ``name`` is the
+      dict key or list index, ``""`` for a single array. Empty when all are finite.
+    """
+    if isinstance(values, dict):
+        named = list(values.items())
+    elif isinstance(values, (list, tuple)):
+        named = [(str(i), v) for i, v in enumerate(values)]
+    else:
+        named = [("", values)]
+    found = []
+    for name, value in named:
+        if value is None or not tf.is_tensor(value) and not isinstance(value, np.ndarray):
+            continue
+        value = tf.convert_to_tensor(value)
+        if not value.dtype.is_floating or value.shape.rank == 0:
+            continue
+        bad = ~np.asarray(tf.math.is_finite(value))
+        if not bad.any():
+            continue
+        rows = np.flatnonzero(bad.reshape(len(bad), -1).any(axis=1))
+        found.append({"name": str(name), "rows": [int(r) for r in rows[:ROWS_LISTED]],
+                      "count": int(len(rows)), "of": int(len(bad)),
+                      "values": int(bad.sum())})
+    return found
+
+
 def variable_path(variable) -> str:
     """A variable's path (``dense/kernel``) or name."""
     name = getattr(variable, "path", None) or getattr(variable, "name", "")
@@ -71,13 +112,16 @@ def find_origin(model, x, y, sample_weight=None) -> dict:
       x, y, sample_weight: The batch.
 
     Returns:
-      ``{"origin": "inputs"|"layer"|"loss"|"gradients"|"not_reproduced",
-      "layer", "variables", "loss", "layers_checked"}``.
+      ``{"origin": "inputs"|"layer"|"labels"|"sample_weights"|"loss"|
+      "gradients"|"not_reproduced", "layer", "variables", "loss",
+      "layers_checked"}``, and ``"nonfinite_rows"`` (see `nonfinite_rows`)
+      for ``inputs``, ``labels`` and ``sample_weights``.
     """
     result: dict[str, Any] = {"origin": "not_reproduced", "layer": None, "variables": [],
                               "loss": None}
     if not _finite(x):
         result["origin"] = "inputs"
+        result["nonfinite_rows"] = nonfinite_rows(x)
         return result
     calls: list = []
     saved = []
@@ -114,6 +158,14 @@ def find_origin(model, x, y, sample_weight=None) -> dict:
         result["layer_input_finite"] = next(inp for name, inp, ok in calls if not ok)
         return result
     if not np.isfinite(loss_value):
+        # A label is blamed only when it turned the loss non-finite: a loss
+        # that masks missing (NaN) labels reaches this point with a finite loss.
+        for part, values in (("labels", y), ("sample_weights", sample_weight)):
+            rows = nonfinite_rows(values)
+            if rows:
+                result["origin"] = part
+                result["nonfinite_rows"] = rows
+                return result
         result["origin"] = "loss"
         return result
     bad_vars = [variable_path(v) for v, g in zip(variables, grads)
@@ -186,4 +238,9 @@ def describe(origin: dict) -> str:
         text += f" layer={origin['layer']}"
     if origin.get("variables"):
         text += " variables=" + ",".join(origin["variables"][:8])
+    for entry in origin.get("nonfinite_rows") or []:
+        name = f" {entry['name']}" if entry.get("name") else ""
+        text += f" rows{name}=" + ",".join(str(r) for r in entry["rows"])
+        if entry["count"] > len(entry["rows"]):
+            text += f",... ({entry['count']} of {entry['of']})"
     return text

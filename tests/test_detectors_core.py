@@ -412,9 +412,16 @@ def test_detectors_accept_empty_run():
         ({"origin": "gradients", "layer": None, "variables": ["sequential/dense_1/kernel"]},
          "sequential/dense_1/kernel", "non-finite gradients of sequential/dense_1/kernel", None),
         ({"origin": "inputs", "layer": None, "variables": []}, None,
-         "non-finite values in the input batch", "isfinite"),
+         "The input batch of step 150 holds NaN/Inf: ", "isfinite"),
+        ({"origin": "labels", "nonfinite_rows": [{"name": "", "rows": [3, 8], "count": 12,
+                                                   "of": 64, "values": 12}]}, None,
+         "The labels of step 150 hold NaN/Inf (batch rows 3, 8 and 10 more of 64)", "dropna"),
+        ({"origin": "sample_weights", "nonfinite_rows": [{"name": "1", "rows": [0], "count": 1,
+                                                           "of": 32, "values": 1}]}, None,
+         "The sample weights of step 150 hold NaN/Inf (batch row 0 of 32 in 1)",
+         "sample weight finite"),
     ],
-    ids=["layer", "gradients", "inputs"],
+    ids=["layer", "gradients", "inputs", "labels", "sample-weights"],
 )
 def test_recorded_origin_leads_layers_explanation_and_remedy(origin, expected_first, text, remedy):
     n, k = 300, 150

@@ -216,3 +216,83 @@ def test_a_fit_adds_one_weight_copy_however_many_layers(tmp_path):
     assert len(capture.variables) == 10 and len(capture.copies) == 1
     assert capture.copies[0].variable.shape == (sum(int(np.prod(v.shape))
                                                     for v in model.trainable_variables),)
+
+
+def _fit_with_bad_batch_part(log_dir, part, rows, x=None, model=None, loss="mse"):
+    """One epoch of 4 batches of 16, NaN written into ``part`` at ``rows`` of batch 2."""
+    keras.utils.set_random_seed(0)
+    features, labels = _data()
+    x = features if x is None else x
+    weights = np.ones(len(labels), "float32")
+    target = {"labels": labels, "sample_weights": weights}.get(part)
+    for row in rows:
+        if part == "inputs":
+            x["right"][16 * 2 + row, 1] = np.nan
+        else:
+            target[16 * 2 + row] = np.nan
+    if model is None:
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(1e-2), loss)
+    model.fit(x, labels, sample_weight=weights, batch_size=16, epochs=1, verbose=0,
+              shuffle=False, callbacks=[StabilityCallback(str(log_dir), every=2)])
+    records = load_run(str(log_dir)).json.get("stability/nan_origin", [])
+    findings = [f for r in analyze_logdir(str(log_dir)).runs for f in r.findings
+                if f.kind == "nan_inf"]
+    return records, findings
+
+
+@pytest.mark.parametrize(
+    "part,rows,named",
+    [("labels", [5], ""), ("labels", [0, 3, 9], ""), ("sample_weights", [15], ""),
+     ("inputs", [2, 7], "right")],
+    ids=["one-label", "three-labels", "sample-weight", "dict-input"],
+)
+def test_bad_rows_of_the_batch_are_named_and_the_data_is_blamed(part, rows, named, tmp_path):
+    x = None
+    model = None
+    if part == "inputs":
+        left, right = keras.Input((4,), name="left"), keras.Input((4,), name="right")
+        model = keras.Model({"left": left, "right": right},
+                            keras.layers.Dense(1)(keras.layers.Concatenate()([left, right])))
+        features, _ = _data()
+        x = {"left": features, "right": features.copy()}
+    records, findings = _fit_with_bad_batch_part(tmp_path, part, rows, x=x, model=model)
+    step, origin = records[0]
+    assert step == 2 and origin["origin"] == part
+    assert origin["nonfinite_rows"] == [{"name": named, "rows": rows, "count": len(rows),
+                                         "of": 16, "values": len(rows)}]
+    (finding,) = findings
+    rows_txt = ", ".join(str(r) for r in rows)
+    assert finding.explanation.startswith(
+        {"labels": "The labels", "sample_weights": "The sample weights",
+         "inputs": "The input batch"}[part] + " of step 2 hold")
+    assert f"batch row{'s' if len(rows) > 1 else ''} {rows_txt} of 16" in finding.explanation
+    assert "log of 0" not in finding.explanation
+    assert {"labels": "labels are NaN", "sample_weights": "sample weight finite",
+            "inputs": "Clean the input pipeline"}[part] in finding.remedy
+
+
+def test_a_loss_that_masks_missing_labels_does_not_blame_them(tmp_path):
+    """NaN labels the loss ignores are not the origin: the layer that overflows is."""
+
+    def masked_mse(y_true, y_pred):
+        known = tf.math.is_finite(y_true)
+        diff = tf.where(known, y_pred - tf.where(known, y_true, 0.0), 0.0)
+        return tf.reduce_mean(tf.square(diff))
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                              DivideByZero(name="divide"), keras.layers.Dense(1)])
+    records, _ = _fit_with_bad_batch_part(tmp_path, "labels", [1], model=model, loss=masked_mse)
+    step, origin = records[0]
+    assert step == 0 and origin["origin"] == "layer" and origin["layer"] == "divide"
+    assert "nonfinite_rows" not in origin
+
+
+def test_the_live_warning_names_the_bad_labels(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="instrumentation"):
+        _fit_with_bad_batch_part(tmp_path, "labels", [4])
+    live = [r.getMessage() for r in caplog.records if "CRITICAL nan_inf" in r.getMessage()]
+    assert len(live) == 1
+    assert "The labels of step 2 hold NaN/Inf (batch row 4 of 16)" in live[0]
+    assert "Drop or impute the examples whose labels" in live[0]

@@ -294,15 +294,15 @@ def detect(run: RunData) -> list[Finding]:
                 f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}, clipnorm={clip:g}')}\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
-    elif isinstance(origin, dict) and origin.get("origin") in ("layer", "inputs"):
+    elif isinstance(origin, dict) and origin.get("origin") in ("layer",) + tuple(DATA_REMEDIES):
         layer = origin.get("layer")
         explanation = f"Values became non-finite at step {onset} ({what})."
-        if origin.get("origin") == "inputs":
-            remedy = (
-                "Clean the input pipeline: drop or impute rows with NaN/Inf before batching:\n"
-                "    mask = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))\n"
-                "    x, y = x[mask], y[mask]"
-            )
+        if origin.get("origin") in DATA_REMEDIES:
+            # The batch itself is the cause: say so first (the live warning
+            # shows the explanation's first sentence only).
+            remedy = DATA_REMEDIES[origin["origin"]]
+            explanation = f"{origin_sentence(origin)} {explanation}"
+            origin = {}
         else:
             remedy = (
                 f"Guard the computation in layer {layer}: avoid division by zero, log of "
@@ -362,13 +362,54 @@ def detect(run: RunData) -> list[Finding]:
     ]
 
 
+DATA_REMEDIES = {
+    "inputs": (
+        "Clean the input pipeline: drop or impute rows with NaN/Inf before batching:\n"
+        "    mask = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))\n"
+        "    x, y = x[mask], y[mask]"
+    ),
+    "labels": (
+        "Drop or impute the examples whose labels are NaN/Inf before batching:\n"
+        "    mask = np.isfinite(y).all(axis=tuple(range(1, y.ndim)))\n"
+        "    x, y = x[mask], y[mask]\n"
+        "    # pandas: df = df.dropna(subset=[label_column])"
+    ),
+    "sample_weights": (
+        "Make every sample weight finite: one NaN/Inf weight makes the whole batch's loss "
+        "non-finite.\n"
+        "    assert np.isfinite(sample_weight).all()\n"
+        "    # class_weight: give every class a finite weight"
+    ),
+}
+
+
+def _rows_txt(origin: dict) -> str:
+    """`` (batch rows 0, 5 of 64 in left)`` from a forensic record's ``nonfinite_rows``."""
+    parts = []
+    for entry in origin.get("nonfinite_rows") or []:
+        if not isinstance(entry, dict) or not entry.get("rows"):
+            continue
+        rows = ", ".join(str(r) for r in entry["rows"])
+        more = f" and {entry['count'] - len(entry['rows'])} more" \
+            if entry.get("count", 0) > len(entry["rows"]) else ""
+        name = f" in {entry['name']}" if entry.get("name") else ""
+        parts.append(f"batch row{'s' if entry.get('count', 0) > 1 else ''} {rows}{more} of "
+                     f"{entry.get('of')}{name}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def origin_sentence(origin: dict) -> str:
     """One sentence on where the first non-finite value came from (forensic re-run)."""
     kind = origin.get("origin") or origin.get("kind")
     if kind == "layer" and origin.get("layer"):
         return f"Re-running the step found the first non-finite output in layer {origin['layer']}."
-    if kind == "inputs":
-        return "Re-running the step found non-finite values in the input batch itself."
+    if kind in DATA_REMEDIES:
+        part = {"inputs": "input batch", "sample_weights": "sample weights"}.get(kind, kind)
+        at = f" of step {origin['step']}" if origin.get("step") is not None else ""
+        found = ("re-running the step found them before any layer" if kind == "inputs" else
+                 "re-running the step found every layer output finite and the loss non-finite")
+        return f"The {part}{at} hold{'s' if kind == 'inputs' else ''} NaN/Inf" \
+               f"{_rows_txt(origin)}: {found}."
     if kind == "loss":
         return "Re-running the step found every layer output finite and the loss non-finite."
     if kind in ("gradients", "gradient"):
