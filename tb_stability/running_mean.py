@@ -18,11 +18,22 @@ epoch's last logged batch holds exactly (float32) the epoch's value. An
 epoch boundary that cannot be placed that way leaves the series unrecovered
 (`per_batch` returns None) rather than guessed.
 
+With an integer ``update_freq`` that does not divide the epoch, Keras
+writes ``epoch_loss`` only for the epochs whose last batch it logs (its
+``record_if`` holds the batch count): the epochs are then placed from those
+epoch numbers, all epochs the same length (`_periodic_starts`), and the
+first logged point of each epoch holds the mean of the batches so far.
+
 Limits, stated where the values are used:
 
 * A batch smaller than the others (an epoch's remainder) is weighted less in
   the running mean, so its recovered deviation from the mean before it is
-  ``b/B`` of the true one at most: a lower bound in size, same sign.
+  ``b/B`` of the true one at most: a lower bound in size, same sign. Above
+  the mean before it, the true loss is at least the recovered one. Below it,
+  the true loss may be anywhere under the recovered one, so where the
+  recovered value would stand out above the batches before it (the mean was
+  raised by a bad batch earlier in the epoch) it says nothing and is left
+  out (`UNDETERMINED_Z`).
 * The running mean is float32, so a recovered value carries an error of about
   ``k * 1e-7`` of the loss at the k-th batch of an epoch (1e-3 after 10,000
   batches).
@@ -118,51 +129,130 @@ def epoch_starts(steps, ends: list[int]) -> np.ndarray:
     return np.concatenate([[first_start(steps)], steps[list(ends)]]).astype(np.int64)
 
 
-def deaverage(steps, values, ends: list[int]) -> np.ndarray:
-    """Per-batch (or per-window) values from running means and epoch ends.
+def deaverage(steps, values, starts) -> np.ndarray:
+    """Per-batch (or per-window) values from running means and epoch starts.
 
     Args:
-      steps: Batch steps, increasing; the epochs start at `epoch_starts`.
+      steps: Batch steps, increasing.
       values: Running means at those steps.
-      ends: `epoch_end_indices`; points after the last end are a partial
-        epoch (training stopped before the epoch's value was written).
+      starts: The batch count before each epoch, increasing (`epoch_starts`):
+        a step ``s`` belongs to the epoch of the last start below it. Points
+        after the last end are a partial epoch (training stopped before the
+        epoch's value was written).
 
     Returns:
       float64 array like ``values``: at each point, the mean of the batches
-      since the previous logged point of its epoch.
+      since the previous logged point of its epoch (since the epoch's start
+      for its first logged point).
     """
     steps = np.asarray(steps, dtype=np.int64)
     m = np.asarray(values, dtype=np.float64)
-    out = np.empty_like(m)
-    lo = 0
-    for start_step, hi in zip(epoch_starts(steps, ends), list(ends) + [steps.size - 1]):
-        if hi < lo:
-            continue
-        k = (steps[lo:hi + 1] - start_step).astype(np.float64)
-        mk = m[lo:hi + 1]
-        k_prev = np.concatenate([[0.0], k[:-1]])
-        m_prev = np.concatenate([[0.0], mk[:-1]])
-        with np.errstate(invalid="ignore", over="ignore"):
-            out[lo:hi + 1] = (k * mk - k_prev * m_prev) / (k - k_prev)
-        # Once the running mean is non-finite the difference is NaN (inf - inf);
-        # the batch that made it so and every later one keep the mean's value.
-        bad = ~np.isfinite(mk)
-        out[lo:hi + 1][bad] = mk[bad]
-        lo = hi + 1
+    epoch = np.searchsorted(np.asarray(starts, dtype=np.int64), steps, side="left") - 1
+    k = (steps - np.asarray(starts, dtype=np.int64)[np.maximum(epoch, 0)]).astype(np.float64)
+    same = np.concatenate([[False], epoch[1:] == epoch[:-1]])
+    k_prev = np.where(same, np.concatenate([[0.0], k[:-1]]), 0.0)
+    m_prev = np.where(same, np.concatenate([[0.0], m[:-1]]), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = (k * m - k_prev * m_prev) / (k - k_prev)
+    # Once the running mean is non-finite the difference is NaN (inf - inf);
+    # the batch that made it so and every later one keep the mean's value.
+    bad = ~np.isfinite(m)
+    out[bad] = m[bad]
     return out
 
 
-def _placed(run: RunData, tag: str) -> tuple[Series, list[int]] | None:
-    """``tag``'s series and `epoch_end_indices`, or None where the epochs cannot be placed."""
+UNDETERMINED_Z = 3.0  # robust z above the points before it: "would stand out"
+UNDETERMINED_WINDOW = 20
+
+
+def undetermined(steps, values, starts, recovered) -> np.ndarray:
+    """Which recovered epoch ends say nothing about their batch (module docstring).
+
+    An epoch's last batch may be smaller than the others. Where the running
+    mean fell at it, the true loss lies anywhere below the recovered value;
+    that value is left out where it would stand out (robust z above
+    `UNDETERMINED_Z`) among the `UNDETERMINED_WINDOW` recovered values
+    before it.
+
+    Returns:
+      A boolean mask over ``steps``.
+    """
+    steps = np.asarray(steps, dtype=np.int64)
+    m = np.asarray(values, dtype=np.float64)
+    out = np.zeros(steps.size, dtype=bool)
+    for index in np.flatnonzero(np.isin(steps, np.asarray(starts)[1:])):
+        if index == 0 or not m[index] < m[index - 1]:
+            continue
+        if np.searchsorted(starts, steps[index - 1], side="left") != np.searchsorted(
+                starts, steps[index], side="left"):
+            continue  # the epoch's only logged point: the whole epoch's mean, exact
+        before = recovered[max(0, index - UNDETERMINED_WINDOW):index]
+        before = before[np.isfinite(before) & ~out[max(0, index - UNDETERMINED_WINDOW):index]]
+        if before.size < 3:
+            continue
+        median = float(np.median(before))
+        spread = max(1.4826 * float(np.median(np.abs(before - median))), 1e-3 * abs(median))
+        out[index] = recovered[index] > median + UNDETERMINED_Z * spread
+    return out
+
+
+def _placed(run: RunData, tag: str) -> tuple[Series, np.ndarray] | None:
+    """``tag``'s series and its epochs' `epoch_starts`, or None where they cannot be placed."""
     epoch_tag = EPOCH_TAG_OF.get(tag)
     batch = run.scalars.get(tag)
     epoch = run.scalars.get(epoch_tag) if epoch_tag else None
     if batch is None or epoch is None or len(batch) < 2 or not len(epoch):
         return None
+    numbers = np.asarray(epoch.steps, dtype=np.int64)
+    if numbers[0] != 0 or np.any(np.diff(numbers) != 1):
+        # Some epochs' values are missing: only those whose end was logged.
+        starts = _periodic_starts(batch, epoch)
+        return None if starts is None else (batch, starts)
     ends = epoch_end_indices(batch.steps, batch.values, epoch.values)
     if ends is None:
         ends = _last_epochs_ends(batch, epoch.values)
-    return None if ends is None else (batch, ends)
+    return None if ends is None else (batch, epoch_starts(batch.steps, ends))
+
+
+def _periodic_starts(batch: Series, epoch: Series) -> np.ndarray | None:
+    """`epoch_starts` from the numbers of the epochs whose value was written.
+
+    Keras writes an epoch's value only when it logs the epoch's last batch,
+    so with epochs of ``P`` batches that start in epoch ``E0`` (0 for a single
+    fit; the batch count restarts with every fit), epoch ``e`` ends at batch
+    ``first_start + (e - E0 + 1) P``. A placement holds when every epoch
+    value whose end falls on the logged batches is the running mean logged
+    there, and every epoch end logged has its value; the first ``E0`` (then
+    ``P``) that holds is taken.
+    """
+    steps = np.asarray(batch.steps, dtype=np.int64)
+    values = np.asarray(batch.values, dtype=np.float64)
+    numbers = np.asarray(epoch.steps, dtype=np.int64)
+    start = first_start(steps)
+    value_of = dict(zip(numbers.tolist(), np.asarray(epoch.values, dtype=np.float64).tolist()))
+    logged = dict(zip(steps.tolist(), range(steps.size)))
+    for e, target in value_of.items():
+        hits = steps[_same(values, target)]
+        if hits.size:
+            break
+    else:
+        return None
+    end = int(hits[0])
+    for first_epoch in range(0, e + 1):
+        period, rest = divmod(end - start, e - first_epoch + 1)
+        if rest or period < spacing(steps):
+            continue
+        count = (int(steps[-1]) - start) // period
+        ends = start + period * np.arange(1, count + 1)
+        holds = all(
+            (int(s) in logged) == (first_epoch + j in value_of)
+            and (int(s) not in logged
+                 or _same(values[logged[int(s)]:logged[int(s)] + 1], value_of[first_epoch + j])[0])
+            for j, s in enumerate(ends)
+        )
+        if holds:
+            return start + period * np.arange(0, count + 1)
+    return None
 
 
 MAX_FIRST_EPOCH_TRIES = 3
@@ -190,7 +280,8 @@ def per_batch(run: RunData, tag: str = "batch_loss") -> Series | None:
     """``tag``'s per-batch values, recovered from Keras' running mean.
 
     Returns:
-      A `Series` at the batch tag's steps, or None when the run has no such
+      A `Series` at the batch tag's steps (less the epoch ends that say
+      nothing, `undetermined`), or None when the run has no such
       tag, no epoch values to place the epochs with, or the two do not fit
       (a log not written by Keras' callback, batches that restarted, an
       epoch whose end was not logged).
@@ -198,8 +289,10 @@ def per_batch(run: RunData, tag: str = "batch_loss") -> Series | None:
     placed = _placed(run, tag)
     if placed is None:
         return None
-    batch, ends = placed
-    return Series(steps=batch.steps.copy(), values=deaverage(batch.steps, batch.values, ends))
+    batch, starts = placed
+    recovered = deaverage(batch.steps, batch.values, starts)
+    keep = ~undetermined(batch.steps, batch.values, starts, recovered)
+    return Series(steps=batch.steps[keep], values=recovered[keep])
 
 
 def epoch_positions(run: RunData, steps, tag: str = "batch_loss"
@@ -213,8 +306,7 @@ def epoch_positions(run: RunData, steps, tag: str = "batch_loss"
     placed = _placed(run, tag)
     if placed is None:
         return None
-    batch, ends = placed
-    starts = epoch_starts(batch.steps, ends)
+    starts = placed[1]
     bounds = np.append(starts, starts[-1] + starts[1] - starts[0])
     steps = np.asarray(steps, dtype=np.int64)
     idx = np.clip(np.searchsorted(bounds, steps, side="left"), 1, bounds.size - 1)

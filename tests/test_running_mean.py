@@ -51,7 +51,7 @@ def test_every_batch_logged_recovers_each_loss(epochs, per_epoch):
     steps = np.arange(1, batch.size + 1)
     ends = RM.epoch_end_indices(steps, batch, epoch)
     assert ends == [per_epoch * (e + 1) - 1 for e in range(epochs)]
-    got = RM.deaverage(steps, batch, ends)
+    got = RM.deaverage(steps, batch, RM.epoch_starts(steps, ends))
     np.testing.assert_allclose(got, np.concatenate(losses), rtol=2e-4 * per_epoch / 50, atol=0)
 
 
@@ -78,7 +78,7 @@ def test_smaller_last_batch_is_a_lower_bound_of_the_same_sign():
     losses[1][-1] = 0.01
     batch, epoch = keras_running_means(losses, sizes)
     steps = np.arange(1, batch.size + 1)
-    got = RM.deaverage(steps, batch, RM.epoch_end_indices(steps, batch, epoch))
+    got = RM.deaverage(steps, batch, RM.epoch_starts(steps, RM.epoch_end_indices(steps, batch, epoch)))
     np.testing.assert_allclose(got[:39], losses[0][:39], rtol=1e-4)
     before0, before1 = batch[38], batch[78]
     assert before0 < got[39] < 30.0  # a spike: recovered smaller, still far above the mean
@@ -95,7 +95,7 @@ def test_every_nth_batch_logged_recovers_window_means():
     logged = batch[steps - 1]
     ends = RM.epoch_end_indices(steps, logged, epoch)
     assert ends == [14, 29, 44]
-    got = RM.deaverage(steps, logged, ends)
+    got = RM.deaverage(steps, logged, RM.epoch_starts(steps, ends))
     want = np.concatenate(losses).reshape(-1, every).mean(axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
@@ -110,7 +110,8 @@ def test_epoch_stopped_early_and_unfinished_epoch():
     # Killed during the third epoch: no epoch value for it; its batches are a partial epoch.
     ends = RM.epoch_end_indices(steps, batch, epoch[:2])
     assert ends == [29, 59]
-    np.testing.assert_allclose(RM.deaverage(steps, batch, ends), np.concatenate(losses), rtol=1e-4)
+    np.testing.assert_allclose(RM.deaverage(steps, batch, RM.epoch_starts(steps, ends)),
+                               np.concatenate(losses), rtol=1e-4)
 
 
 def test_nan_batch_keeps_its_nan_and_places_the_epoch():
@@ -122,7 +123,7 @@ def test_nan_batch_keeps_its_nan_and_places_the_epoch():
     steps = np.arange(1, batch.size + 1)
     ends = RM.epoch_end_indices(steps, batch, epoch)
     assert ends == [19, 27]
-    got = RM.deaverage(steps, batch, ends)
+    got = RM.deaverage(steps, batch, RM.epoch_starts(steps, ends))
     assert np.isnan(got[27]) and np.all(np.isfinite(got[:27]))
     np.testing.assert_allclose(got[:27], np.concatenate(losses)[:27], rtol=1e-4)
 
@@ -183,3 +184,47 @@ def test_epoch_positions_of_recovered_losses():
     position, length = C.epoch_positions(run, C.PER_BATCH_SOURCE, [1, 10, 11, 20, 30])
     assert position.tolist() == [0, 9, 0, 9, 9]
     assert length.tolist() == [10, 10, 10, 10, 10]
+
+
+def _keras_epoch_series(epoch_values, numbers):
+    return Series(np.asarray(numbers, np.int64), np.asarray(epoch_values, np.float64)[numbers])
+
+
+@pytest.mark.parametrize("every,per_epoch,epochs", [(7, 30, 8), (4, 30, 6), (5, 29, 6)],
+                         ids=["7-of-30", "4-of-30", "5-of-29"])
+def test_epochs_placed_from_the_few_epoch_values_keras_writes(every, per_epoch, epochs):
+    # With an integer update_freq Keras writes an epoch's value only when it
+    # logs the epoch's last batch.
+    rng = np.random.default_rng(every)
+    losses, sizes = _epochs(rng, epochs, per_epoch)
+    batch, epoch = keras_running_means(losses, sizes)
+    steps = np.arange(every, batch.size + 1, every)
+    numbers = [e for e in range(epochs) if (e + 1) * per_epoch % every == 0]
+    assert 0 < len(numbers) < epochs
+    run = RunData(name="train", scalars={"batch_loss": Series(steps, batch[steps - 1]),
+                                         "epoch_loss": _keras_epoch_series(epoch, numbers)})
+    flat = np.concatenate(losses)
+    want = [flat[max(s - every, (s - 1) // per_epoch * per_epoch):s].mean() for s in steps]
+    np.testing.assert_allclose(RM.per_batch(run).values, want, rtol=1e-4)
+    # An epoch value that is not the logged running mean at its end places nothing.
+    run.scalars["epoch_loss"] = _keras_epoch_series(epoch * 1.5, numbers)
+    assert RM.per_batch(run) is None
+
+
+def test_a_smaller_last_batch_below_a_raised_mean_is_left_out():
+    rng = np.random.default_rng(8)
+    losses, sizes = _epochs(rng, 4, 40, last_size=5)
+    steps = np.arange(1, 161)
+    batch, epoch = keras_running_means(losses, sizes)
+    clean = RM.per_batch(_run(steps, batch, epoch))
+    assert clean.steps.tolist() == steps.tolist()  # an ordinary run keeps every point
+    for e in range(4):
+        losses[e][12] = 300.0  # a bad batch that raises the rest of the epoch's mean
+    losses[3][-1] = 40.0  # a spike on the last small batch: above the mean, kept
+    batch, epoch = keras_running_means(losses, sizes)
+    got = RM.per_batch(_run(steps, batch, epoch))
+    assert got.steps.tolist() == [s for s in steps if s not in (40, 80, 120)]
+    full = got.steps % 40 != 0
+    np.testing.assert_allclose(got.values[full], np.concatenate(losses)[got.steps[full] - 1],
+                               rtol=1e-3)
+    assert batch[158] < got.values[-1] < 40.0  # the kept spike: a lower bound
