@@ -29,12 +29,15 @@ class RunReport:
       findings: Sorted findings (worst first).
       warnings: Reader and detector warnings for this run.
       instrumented: Whether the run holds tb-stability instrumentation data.
+      checked: False when the run holds nothing the detectors read (no scalar,
+        no stability data: images, text, histograms or hparams only).
     """
 
     run: str
     findings: list[Finding] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     instrumented: bool = False
+    checked: bool = True
 
     @property
     def worst_severity(self) -> str | None:
@@ -299,10 +302,13 @@ def analyze_logdir(
             continue
         run = logdir.runs[name]
         run_warnings = list(run.warnings) + _not_recorded(run)
+        checked = bool(run.instrumented or run.scalars or run.json)
+        if not checked:
+            run_warnings.append(NOTHING_TO_CHECK)
         findings = analyze_run(run, detectors, run_warnings)
         findings = sort_findings(findings + [f for f in pair_findings if f.run == name])
         report.runs.append(RunReport(run=name, findings=findings, warnings=run_warnings,
-                                     instrumented=run.instrumented))
+                                     instrumented=run.instrumented, checked=checked))
     return report
 
 
@@ -327,6 +333,10 @@ def report_to_json(report: Report) -> dict[str, Any]:
         "runs": [run_report_to_json(r) for r in sorted(report.runs, key=lambda r: r.run)],
         "warnings": list(report.warnings),
     }
+
+
+NOTHING_TO_CHECK = ("no scalar and no stability data in this run (only images, text, "
+                    "histograms or hparams): nothing was checked")
 
 
 def _not_recorded(run: RunData) -> list[str]:

@@ -73,6 +73,8 @@ def format_steps(finding: Finding) -> str:
 def verdict(run_report: RunReport) -> str:
     """A one-phrase health verdict for a run."""
     text = VERDICTS[run_report.worst_severity]
+    if run_report.worst_severity is None and not run_report.checked:
+        return "nothing to check"
     if run_report.worst_severity is None and not run_report.instrumented:
         text += " (not instrumented: only ordinary scalars were checked)"
     return text

@@ -131,3 +131,21 @@ def test_console_script_process_and_lazy_imports(logdir):
     missing = subprocess.run([sys.executable, "-m", "tb_stability.cli", "report",
                               str(logdir / "missing")], env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+
+
+def test_a_run_without_scalars_is_nothing_to_check_not_healthy(tmp_path, capsys):
+    tf = pytest.importorskip("tensorflow")
+    with tf.summary.create_file_writer(str(tmp_path / "pictures")).as_default():
+        tf.summary.image("sample", tf.zeros([1, 4, 4, 1]), step=0)
+        tf.summary.text("note", "hello", step=0)
+    with tf.summary.create_file_writer(str(tmp_path / "training")).as_default():
+        for step in range(20):
+            tf.summary.scalar("loss", 1.0 / (step + 1), step=step)
+    assert cli.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "== run pictures: nothing to check" in out
+    assert "== run training: healthy" in out
+    assert cli.main(["report", str(tmp_path), "--format", "json"]) == 0
+    runs = {r["run"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert runs["pictures"]["warnings"] == [analysis.NOTHING_TO_CHECK]
+    assert runs["training"]["warnings"] == []

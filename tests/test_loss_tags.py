@@ -211,3 +211,23 @@ def test_a_loss_spike_names_the_gradient_norm_of_an_ordinary_log(tmp_path):
     (_, spike), = _findings(analyze_logdir(str(tmp_path)), "loss_spike")
     assert spike.evidence["spikes"][0]["grad_norm"] == pytest.approx(grad[SPIKE])
     assert "The gradient norm also jumped" in spike.remedy and "clipnorm=2" in spike.remedy
+
+
+@pytest.mark.parametrize("lr_tag", ["learning_rate", "lr", "train/lr", "lr-Adam", "LearningRate",
+                                    "optimizer/lr", "lr/group0", "epoch_learning_rate"])
+def test_the_learning_rate_of_an_ordinary_log_sets_the_remedy(tmp_path, lr_tag):
+    loss, grad = _exploding()
+    _write(tmp_path / "run", {"loss": loss, "grad_norm": grad, lr_tag: np.full(len(loss), 0.3),
+                              "lr_scale": np.full(len(loss), 7.0)})
+    (_, divergence), = _findings(analyze_logdir(str(tmp_path)), "divergence")
+    assert divergence.evidence["learning_rate"] == pytest.approx(0.3)
+    assert "learning_rate=0.03" in divergence.remedy  # 10x lower than the logged rate
+
+
+@pytest.mark.parametrize("tag", ["lr_scale", "lr_decay_steps", "learning_rate_warmup_steps",
+                                 "clr", "lr_finder/loss", "Loss/train"])
+def test_tags_that_are_not_the_learning_rate(tag):
+    from tb_stability.rundata import RunData, Series
+
+    run = RunData(name="r", scalars={tag: Series(np.arange(3), np.ones(3))})
+    assert _loss_tags.learning_rate_tag(run) is None

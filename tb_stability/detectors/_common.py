@@ -196,10 +196,8 @@ def lr_at(run: RunData, step: int | None) -> float | None:
     """Learning rate at or just before ``step`` when logged."""
     s = run.steps.get("learning_rate")
     if s is None:
-        for tag in ("learning_rate", "epoch_learning_rate", "lr"):
-            if tag in run.scalars:
-                s = run.scalars[tag]
-                break
+        tag = _loss_tags.learning_rate_tag(run)
+        s = run.scalars[tag] if tag else None
     if s is None or not len(s):
         return None
     if step is None:

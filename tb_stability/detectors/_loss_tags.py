@@ -128,3 +128,33 @@ def gradient_norm_tag(run: RunData) -> str | None:
                 and names <= WHOLE_NORM_WORDS):
             found.append(tag)
     return min(found, key=lambda t: (-len(run.scalars[t]), t)) if found else None
+
+
+LR_WORDS = frozenset({"lr", "learningrate"})
+# Words that make a learning-rate tag something else (`lr_scale`, `lr_decay_steps`).
+NOT_LR_WORDS = frozenset({"scale", "scaler", "decay", "factor", "multiplier", "mult", "warmup",
+                          "steps", "schedule", "min", "max", "ratio", "finder"})
+
+
+def _names_lr(part: list[str]) -> bool:
+    joined = [w for w in part if w not in HELD_OUT_WORDS]
+    if joined[:2] == ["learning", "rate"]:
+        joined = ["lr"] + joined[2:]
+    return bool(joined) and joined[0] in LR_WORDS and not set(joined) & NOT_LR_WORDS
+
+
+def learning_rate_tag(run: RunData) -> str | None:
+    """The scalar tag of ``run`` that holds the learning rate, if one does.
+
+    A path component names it: ``learning_rate``, ``lr``, ``LearningRate``,
+    ``epoch_learning_rate``, ``train/lr``, ``lr-Adam`` (one per optimizer),
+    ``lr/group0`` (one per parameter group: the first by name); not
+    ``lr_scale`` or ``lr_decay_steps`` (`NOT_LR_WORDS`). Plain ``learning_rate``
+    and ``lr`` come first, then the longest series, then the name.
+    """
+    found = [tag for tag, series in run.scalars.items() if len(series) and any(
+        _names_lr([w for w in part if w not in ("epoch", "train", "training", "optimizer")])
+        for part in components(tag))]
+    plain = ("learning_rate", "epoch_learning_rate", "lr")
+    return min(found, key=lambda t: (t not in plain, plain.index(t) if t in plain else 0,
+                                     -len(run.scalars[t]), t)) if found else None
