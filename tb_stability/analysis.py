@@ -302,7 +302,7 @@ def analyze_logdir(
             continue
         run = logdir.runs[name]
         run_warnings = list(run.warnings) + _not_recorded(run)
-        checked = bool(run.instrumented or run.scalars or run.json)
+        checked = run.checkable
         if not checked:
             run_warnings.append(NOTHING_TO_CHECK)
         findings = analyze_run(run, detectors, run_warnings)

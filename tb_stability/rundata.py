@@ -100,6 +100,11 @@ class RunData:
         """True when the run holds tb-stability instrumentation data."""
         return bool(self.steps or self.variables or self.layers)
 
+    @property
+    def checkable(self) -> bool:
+        """True when the run holds anything the detectors read (a scalar or stability data)."""
+        return bool(self.instrumented or self.scalars or self.json)
+
 
 # A run named so holds a held-out split's metrics: Keras' TensorBoard callback
 # writes `X/train` and `X/validation`, an Estimator `eval`. The other names

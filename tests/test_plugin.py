@@ -295,3 +295,16 @@ def test_plugin_works_without_tensorflow(logdir):
                          cwd=plugin_support.REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "4"
+
+
+def test_a_run_without_scalars_is_listed_as_not_checked(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    with tf.summary.create_file_writer(str(tmp_path / "pictures")).as_default():
+        tf.summary.image("sample", tf.zeros([1, 4, 4, 1]), step=0)
+    with tf.summary.create_file_writer(str(tmp_path / "training")).as_default():
+        for step in range(20):
+            tf.summary.scalar("loss", 1.0 / (step + 1), step=step)
+    runs = {r["run"]: r for r in get_json(make_client(str(tmp_path)), "/runs")["runs"]}
+    assert (runs["pictures"]["checked"], runs["pictures"]["worst_severity"]) == (False, None)
+    assert runs["pictures"]["warnings"] == 1
+    assert (runs["training"]["checked"], runs["training"]["instrumented"]) == (True, False)

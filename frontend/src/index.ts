@@ -121,9 +121,14 @@ class App {
         void this.syncViews();
       });
       const counts = SEVERITIES.filter((s) => run.counts[s]).map((s) => `${run.counts[s]} ${s}`).join(", ");
-      this.runList.appendChild(el("li", { class: "run-item", data: { run: run.run, severity: run.worst_severity ?? "healthy" } }, [
-        el("label", {}, [box, " ", badge(run.worst_severity), " ", el("span", { class: "run-name" }, [run.run])]),
-        el("div", { class: "muted counts" }, [counts || (run.instrumented ? "no findings" : "not instrumented")]),
+      const unchecked = run.checked === false;
+      const mark = unchecked
+        ? el("span", { class: "badge badge-unchecked", data: { severity: "unchecked" } }, ["no data"])
+        : badge(run.worst_severity);
+      const note = unchecked ? "nothing to check" : run.instrumented ? "no findings" : "not instrumented";
+      this.runList.appendChild(el("li", { class: "run-item", data: { run: run.run, severity: run.worst_severity ?? (unchecked ? "unchecked" : "healthy") } }, [
+        el("label", {}, [box, " ", mark, " ", el("span", { class: "run-name" }, [run.run])]),
+        el("div", { class: "muted counts" }, [counts || note]),
       ]));
     }
     if (!this.runList.firstChild) this.runList.appendChild(el("li", { class: "muted" }, ["No run matches the filter."]));

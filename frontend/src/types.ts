@@ -13,6 +13,8 @@ export interface RunSummary {
   kinds: string[];
   warnings: number;
   instrumented: boolean;
+  /** False when the run holds no scalar and no stability data: nothing was checked. */
+  checked: boolean;
   /** per_batch: running-mean tags whose per-batch values the server recovers. */
   series: { steps: string[]; scalars: string[]; per_batch?: string[] };
   matrices: { variables: string[]; layers: string[] };

@@ -147,6 +147,7 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
             "kinds": sorted({f.get("kind") for f in findings if f.get("kind")}),
             "warnings": len(entry.get("warnings", [])),
             "instrumented": bool(data is not None and data.instrumented),
+            "checked": bool(data is not None and data.checkable),
             "series": {"steps": [], "scalars": [], "per_batch": []},
             "matrices": {"variables": [], "layers": []},
             "has_nan_origin": False,
