@@ -28,6 +28,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -68,21 +69,18 @@ def nonfinite_rows(values) -> list[dict]:
     """Where a batch part holds NaN/Inf, one entry per array that does.
 
     Args:
-      values: One array, or a list or dict of them (a model's inputs or labels).
+      values: One array, or a (nested) list or dict of them (a model's inputs
+        or labels).
 
     Returns:
       ``[{"name", "rows" (the first ROWS_LISTED batch rows), "count" (rows),
       "of" (rows in the batch), "values" (non-finite values)}]``; ``name`` is the
-      dict key or list index, ``""`` for a single array. Empty when all are finite.
+      array's path of dict keys and list indices (``left``, ``0``, ``a/b``),
+      ``""`` for a single array. Empty when all are finite.
     """
-    if isinstance(values, dict):
-        named = list(values.items())
-    elif isinstance(values, (list, tuple)):
-        named = [(str(i), v) for i, v in enumerate(values)]
-    else:
-        named = [("", values)]
     found = []
-    for name, value in named:
+    for path, value in keras.tree.flatten_with_path(values):
+        name = "/".join(str(key) for key in path)
         if value is None or not tf.is_tensor(value) and not isinstance(value, np.ndarray):
             continue
         value = tf.convert_to_tensor(value)

@@ -129,6 +129,12 @@ def epoch_starts(steps, ends: list[int]) -> np.ndarray:
     return np.concatenate([[first_start(steps)], steps[list(ends)]]).astype(np.int64)
 
 
+def epoch_of(steps, starts) -> np.ndarray:
+    """Each step's epoch: the index of the last of ``starts`` below it (-1 before the first)."""
+    return np.searchsorted(np.asarray(starts, dtype=np.int64), np.asarray(steps, dtype=np.int64),
+                           side="left") - 1
+
+
 def deaverage(steps, values, starts) -> np.ndarray:
     """Per-batch (or per-window) values from running means and epoch starts.
 
@@ -147,7 +153,7 @@ def deaverage(steps, values, starts) -> np.ndarray:
     """
     steps = np.asarray(steps, dtype=np.int64)
     m = np.asarray(values, dtype=np.float64)
-    epoch = np.searchsorted(np.asarray(starts, dtype=np.int64), steps, side="left") - 1
+    epoch = epoch_of(steps, starts)
     k = (steps - np.asarray(starts, dtype=np.int64)[np.maximum(epoch, 0)]).astype(np.float64)
     same = np.concatenate([[False], epoch[1:] == epoch[:-1]])
     k_prev = np.where(same, np.concatenate([[0.0], k[:-1]]), 0.0)
@@ -179,15 +185,15 @@ def undetermined(steps, values, starts, recovered) -> np.ndarray:
     """
     steps = np.asarray(steps, dtype=np.int64)
     m = np.asarray(values, dtype=np.float64)
+    epoch = epoch_of(steps, starts)
     out = np.zeros(steps.size, dtype=bool)
     for index in np.flatnonzero(np.isin(steps, np.asarray(starts)[1:])):
         if index == 0 or not m[index] < m[index - 1]:
             continue
-        if np.searchsorted(starts, steps[index - 1], side="left") != np.searchsorted(
-                starts, steps[index], side="left"):
+        if epoch[index - 1] != epoch[index]:
             continue  # the epoch's only logged point: the whole epoch's mean, exact
-        before = recovered[max(0, index - UNDETERMINED_WINDOW):index]
-        before = before[np.isfinite(before) & ~out[max(0, index - UNDETERMINED_WINDOW):index]]
+        window = slice(max(0, index - UNDETERMINED_WINDOW), index)
+        before = recovered[window][np.isfinite(recovered[window]) & ~out[window]]
         if before.size < 3:
             continue
         median = float(np.median(before))

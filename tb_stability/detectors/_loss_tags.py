@@ -136,11 +136,17 @@ NOT_LR_WORDS = frozenset({"scale", "scaler", "decay", "factor", "multiplier", "m
                           "steps", "schedule", "min", "max", "ratio", "finder"})
 
 
+# Words beside a learning rate that leave it the learning rate (`epoch_learning_rate`, `train/lr`).
+LR_QUALIFIERS = HELD_OUT_WORDS | TRAIN_WORDS | frozenset({"epoch", "optimizer"})
+PLAIN_LR_TAGS = ("learning_rate", "epoch_learning_rate", "lr")
+
+
 def _names_lr(part: list[str]) -> bool:
-    joined = [w for w in part if w not in HELD_OUT_WORDS]
-    if joined[:2] == ["learning", "rate"]:
-        joined = ["lr"] + joined[2:]
-    return bool(joined) and joined[0] in LR_WORDS and not set(joined) & NOT_LR_WORDS
+    """Whether one path component's words name a learning rate (`learning_rate_tag`)."""
+    named = [w for w in part if w not in LR_QUALIFIERS]
+    if named[:2] == ["learning", "rate"]:
+        named = ["lr"] + named[2:]
+    return bool(named) and named[0] in LR_WORDS and not set(named) & NOT_LR_WORDS
 
 
 def learning_rate_tag(run: RunData) -> str | None:
@@ -152,9 +158,11 @@ def learning_rate_tag(run: RunData) -> str | None:
     ``lr_scale`` or ``lr_decay_steps`` (`NOT_LR_WORDS`). Plain ``learning_rate``
     and ``lr`` come first, then the longest series, then the name.
     """
-    found = [tag for tag, series in run.scalars.items() if len(series) and any(
-        _names_lr([w for w in part if w not in ("epoch", "train", "training", "optimizer")])
-        for part in components(tag))]
-    plain = ("learning_rate", "epoch_learning_rate", "lr")
-    return min(found, key=lambda t: (t not in plain, plain.index(t) if t in plain else 0,
-                                     -len(run.scalars[t]), t)) if found else None
+    found = [tag for tag, series in run.scalars.items()
+             if len(series) and any(_names_lr(part) for part in components(tag))]
+
+    def rank(tag):
+        plain = PLAIN_LR_TAGS.index(tag) if tag in PLAIN_LR_TAGS else len(PLAIN_LR_TAGS)
+        return plain, -len(run.scalars[tag]), tag
+
+    return min(found, key=rank) if found else None

@@ -262,6 +262,7 @@ def detect(run: RunData) -> list[Finding]:
 
     where = f" in {', '.join(names[:5])}" if names else ""
     what = ", ".join(signals)
+    origin_told = False  # the explanation already leads with the origin
     if exploding:
         settings = gradients.remedy_settings(run)
         level = settings.healthy_norm or (
@@ -302,7 +303,7 @@ def detect(run: RunData) -> list[Finding]:
             # shows the explanation's first sentence only).
             remedy = DATA_REMEDIES[origin["origin"]]
             explanation = f"{origin_sentence(origin)} {explanation}"
-            origin = {}
+            origin_told = True
         else:
             remedy = (
                 f"Guard the computation in layer {layer}: avoid division by zero, log of "
@@ -338,7 +339,7 @@ def detect(run: RunData) -> list[Finding]:
             "    p = tf.clip_by_value(p, 1e-7, 1.0)\n"
             f"    optimizer = {C.lowered_optimizer_call(run, 10.0, _fallback_clip(run))}"
         )
-    if isinstance(origin, dict) and origin:
+    if isinstance(origin, dict) and origin and not origin_told:
         explanation += f" {origin_sentence(origin)}"
     explanation += replicas_txt
     if "steps:skipped" in signals:

@@ -250,15 +250,14 @@ def classify(values, flags, med, spread, z: float = Z_THRESHOLD, rel_jump: float
     return spikes, final
 
 
-def recurring_phase(values, spike_idx, max_period: int = PHASE_MAX_PERIOD,
-                    min_points: int = PHASE_MIN_POINTS, ratio: float = PHASE_RATIO,
-                    steps=None) -> int | None:
+def recurring_phase(values, spike_idx, steps, max_period: int = PHASE_MAX_PERIOD,
+                    min_points: int = PHASE_MIN_POINTS, ratio: float = PHASE_RATIO) -> int | None:
     """Smallest period P at whose phase all spikes sit and the loss is far noisier.
 
-    With ``steps``, the series is first laid on the grid of its logged steps
-    (one point per ``spacing`` steps; points left out, e.g. `running_mean`'s
-    undetermined epoch ends, are gaps), so P counts steps; without, P counts
-    points.
+    The series is first laid on the grid of its logged ``steps`` (one point
+    per ``spacing`` steps; points left out, e.g. `running_mean`'s undetermined
+    epoch ends, are gaps), so P counts steps; where the steps lie on no grid,
+    P counts points.
 
     The absolute residual ``|x - rolling_median(x, 25)|`` is computed once; for
     each candidate period P (2..max_period) with every spike index congruent
@@ -279,11 +278,8 @@ def recurring_phase(values, spike_idx, max_period: int = PHASE_MAX_PERIOD,
     Returns:
       The period, or None.
     """
-    x = np.asarray(values, dtype=np.float64)
-    spike_idx = [int(i) for i in spike_idx]
-    unit = 1
-    if steps is not None:
-        x, spike_idx, unit = _on_step_grid(steps, x, spike_idx)
+    x, spike_idx, unit = _on_step_grid(steps, np.asarray(values, dtype=np.float64),
+                                       [int(i) for i in spike_idx])
     if not spike_idx or np.count_nonzero(np.isfinite(x)) < 2 * min_points:
         return None
     resid = np.abs(x - R.rolling_median(x, 25))
@@ -414,7 +410,7 @@ def detect(run: RunData) -> list[Finding]:
     if not spikes and final is None:
         return []
     flagged = [i for a, b in spikes + ([final] if final else []) for i in range(a, b + 1)]
-    period = recurring_phase(values, flagged, steps=steps)
+    period = recurring_phase(values, flagged, steps)
     small = _small_batch_steps(run, steps[flagged])
     where = C.epoch_positions(run, source, steps[flagged])
     same_batch = _same_batch_every_epoch(period, where)
