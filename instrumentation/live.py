@@ -62,6 +62,7 @@ class LiveDiagnosis:
         self._last_check = -float("inf")
         self._detectors = list(detectors) if detectors is not None else None
         self._origin: Optional[tuple[int, dict]] = None
+        self._holds_start = True  # the window still begins at the fit's first step
         self.announced: set[str] = set()
 
     def feed_steps(self, rows: np.ndarray, columns: Sequence[str] = schema.STEP_COLUMNS) -> None:
@@ -73,11 +74,13 @@ class LiveDiagnosis:
             self._rows.clear()  # a new fit (steps restart, other columns): a new window
             self._row_count = 0
             self._origin = None
+            self._holds_start = True
         self._columns = tuple(columns)
         self._rows.append(rows)
         self._row_count += rows.shape[0]
         while self._rows and self._row_count - self._rows[0].shape[0] >= self._window_steps:
             self._row_count -= self._rows.popleft().shape[0]
+            self._holds_start = False
 
     def feed_variables(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
         """Adds one per-variable record ``[rows, num_variables]`` (rows as `VARIABLE_ROWS`)."""
@@ -123,6 +126,8 @@ class LiveDiagnosis:
         fresh = []
         for detector in self._detectors:
             for finding in detector(run) or []:
+                if finding.evidence.get("early_blowup") and not self._holds_start:
+                    continue  # the window's first point is not the fit's: no "early" to speak of
                 if finding.severity == "critical" and finding.kind not in self.announced:
                     self.announced.add(finding.kind)
                     finding.run = self.run_name

@@ -19,7 +19,8 @@ import urllib.request
 import numpy as np
 
 from tb_stability import schema
-from tb_stability.writer import StabilityWriter
+from tb_stability.writer import StabilityWriter, make_string_tensor_proto
+from tensorboard.compat.proto import event_pb2, summary_pb2
 
 HOSTILE_RUN = "<img src=x onerror=alert(1)>"
 LAYERS = ("dense/kernel", "dense/bias", "dense_1/kernel", "dense_1/bias", "output/kernel")
@@ -127,6 +128,31 @@ def write_ordinary_run(root: str, name: str = ORDINARY_RUN) -> str:
             writer.write_scalar("Accuracy/train", step, float(0.5 + step / (2 * STEPS)))
             if step % 10 == 0:
                 writer.write_scalar("Loss/test", step, float(1.0 + ((step - 100) / 150.0) ** 2))
+    return os.path.join(root, name)
+
+
+BLOWUP_RUN = "blowup/train"
+UNCHECKED_RUN = "pictures"
+
+
+def write_blowup_run(root: str, name: str = BLOWUP_RUN) -> str:
+    """An ordinary run whose ``loss`` blows up 150x at steps 1-6, then recovers and decays."""
+    rng = np.random.default_rng(4)
+    loss = 2.0 * np.exp(-np.arange(STEPS) / 80.0) + 0.1 + 0.01 * rng.standard_normal(STEPS)
+    loss[1:7] = [120.0, 300.0, 200.0, 60.0, 15.0, 4.0]
+    with StabilityWriter(os.path.join(root, name), wall_time=1.0) as writer:
+        for step in range(STEPS):
+            writer.write_scalar("loss", step, float(loss[step]))
+    return os.path.join(root, name)
+
+
+def write_unchecked_run(root: str, name: str = UNCHECKED_RUN) -> str:
+    """A run holding only a text summary: nothing the findings could check."""
+    text = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+    value = summary_pb2.Summary.Value(tag="notes", metadata=text,
+                                      tensor=make_string_tensor_proto("a picture would go here"))
+    with StabilityWriter(os.path.join(root, name), wall_time=1.0) as writer:
+        writer.write_event(event_pb2.Event(wall_time=1.0, step=0, summary=summary_pb2.Summary(value=[value])))
     return os.path.join(root, name)
 
 

@@ -30,6 +30,8 @@ def session(tmp_path_factory):
     logdir = plugin_support.build_logdir(str(tmp_path_factory.mktemp("browser") / "logs"))
     plugin_support.write_disconnected_run(logdir)
     plugin_support.write_ordinary_run(logdir)
+    plugin_support.write_blowup_run(logdir)
+    plugin_support.write_unchecked_run(logdir)
     # A corrupt event file in the hostile run: its warning names a hostile path.
     corrupt = os.path.join(logdir, plugin_support.HOSTILE_RUN, "events.out.tfevents.0.corrupt")
     with open(corrupt, "wb") as handle:
@@ -159,6 +161,31 @@ def test_an_ordinary_log_charts_the_loss_the_findings_read(session):
         box.uncheck()
 
 
+def test_an_early_blowup_is_marked_as_a_blowup_on_the_loss_chart(session):
+    frame = session["frame"]
+    run = plugin_support.BLOWUP_RUN
+    badge = frame.locator(f".run-item[data-run='{run}'] .badge")
+    assert badge.text_content().strip() == "warning"
+    box = frame.locator(f".run-item[data-run='{run}'] input[type=checkbox]")
+    box.check()
+    try:
+        chart = frame.wait_for_selector(f".run-view[data-run='{run}'][data-loaded=true] .chart")
+        assert chart.get_attribute("data-tag") == "loss"
+        markers = chart.get_attribute("data-markers").split(";")
+        assert [m for m in markers if m.startswith("blow-up@1-")], markers
+        assert not [m for m in markers if m.startswith("diverges@")], markers
+    finally:
+        box.uncheck()
+
+
+def test_a_run_with_nothing_to_check_says_so(session):
+    item = session["frame"].locator(f".run-item[data-run='{plugin_support.UNCHECKED_RUN}']")
+    assert item.locator(".badge").text_content().strip() == "no data"
+    assert item.get_attribute("data-severity") == "unchecked"
+    assert item.locator(".counts").text_content().strip() == "nothing to check"
+    assert session["frame"].locator(".run-item[data-run='spiky'] .badge").text_content().strip() != "no data"
+
+
 def test_hostile_run_name_is_inert_text(session):
     frame, events = session["frame"], session["events"]
     hostile = plugin_support.HOSTILE_RUN
@@ -194,7 +221,7 @@ def test_run_filter(session):
     frame.fill(".filter", "spik")
     assert frame.eval_on_selector_all(".run-item", "els => els.map(e => e.dataset.run)") == ["spiky"]
     frame.fill(".filter", "")
-    assert frame.locator(".run-item").count() == 6
+    assert frame.locator(".run-item").count() == 8
 
 
 def test_theme_follows_tensorboard_dark_mode(session):

@@ -38,6 +38,32 @@ def test_window_is_bounded():
     assert len(run.variables["grad_norm"]) == 3
 
 
+def _stuck_after_blowup(start, count):
+    # 2.0 at the first step, 150x up for six steps, then back at about 2.0.
+    loss = 2.0 + 0.02 * np.random.default_rng(start).standard_normal(count)
+    loss[1:7] = [120.0, 300.0, 200.0, 60.0, 15.0, 6.0]
+    return _rows(start, count, loss)
+
+
+def test_a_blowup_at_the_start_of_the_fit_is_announced():
+    live = LiveDiagnosis("run", min_interval=0.0)
+    live.feed_steps(_stuck_after_blowup(0, 200))
+    findings = live.check()
+    assert [(f.kind, f.evidence["early_blowup"], f.first_step) for f in findings] == [
+        ("divergence", "stuck", 1)]
+
+
+def test_the_same_shape_after_the_window_slid_is_not_called_early():
+    live = LiveDiagnosis("run", window_steps=200, min_interval=0.0)
+    live.feed_steps(_rows(0, 200, 2.0))
+    live.feed_steps(_stuck_after_blowup(200, 200))  # the window now starts at step 200
+    assert live.run_data().steps["loss"].steps[0] == 200
+    assert [f for f in live.check() if f.evidence.get("early_blowup")] == []
+    # A new fit (steps restart) holds its start again.
+    live.feed_steps(_stuck_after_blowup(0, 200))
+    assert [f.evidence.get("early_blowup") for f in live.check()] == ["stuck"]
+
+
 def test_throttled_between_checks():
     live = LiveDiagnosis("run", min_interval=3600.0)
     live.feed_steps(_rows(0, 10, 1.0))

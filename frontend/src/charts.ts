@@ -23,7 +23,8 @@ export interface LineChartOptions {
 
 const HEIGHT = 170;
 
-/** One uPlot chart of one series; exposes its x-range as data-x-min/-max. */
+/** One uPlot chart of one series; exposes its x-range as data-x-min/-max and its
+ * markers as data-markers (`label@first-last`, `;`-separated). */
 export class LineChart {
   readonly root: HTMLElement;
   private plot: uPlot | null = null;
@@ -32,7 +33,8 @@ export class LineChart {
   private readonly resize: ResizeObserver | null = null;
 
   constructor(parent: HTMLElement, private readonly series: SeriesResponse, private readonly opts: LineChartOptions) {
-    this.root = el("div", { class: "chart", data: { tag: series.tag, run: series.run } });
+    const marked = opts.markers.map((m) => `${m.label}@${m.first}-${m.last}`).join(";");
+    this.root = el("div", { class: "chart", data: { tag: series.tag, run: series.run, markers: marked } });
     const note = series.downsampled
       ? ` (${series.steps.length} of ${series.total_points} points, min/max kept)`
       : "";

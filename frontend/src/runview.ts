@@ -12,6 +12,11 @@ const MARKED_KINDS = new Set(["loss_spike", "final_step_spike", "nan_inf", "dive
 const MARKER_LABEL: Record<string, string> = {
   loss_spike: "spike", final_step_spike: "final-step spike", nan_inf: "NaN", divergence: "diverges",
 };
+/** The chart label of a marked finding: a blow-up in the first steps is not a run that "diverges". */
+function markerLabel(finding: Finding): string {
+  if (finding.kind === "divergence" && finding.evidence.early_blowup) return "blow-up";
+  return MARKER_LABEL[finding.kind] ?? finding.kind;
+}
 const QUANTITY_ORDER = ["grad_norm", "update_ratio", "weight_norm", "dead_fraction", "saturated_fraction", "act_std", "act_mean"];
 
 /** A loss-like series where the server names none (a held-out split, an older server). */
@@ -122,7 +127,7 @@ export class RunView {
     };
     return this.findings
       .filter((f) => MARKED_KINDS.has(f.kind) && f.first_step !== null)
-      .map((f) => ({ first: f.first_step as number, last: f.last_step ?? (f.first_step as number), color: colors[f.severity] ?? "#888", label: MARKER_LABEL[f.kind] ?? f.kind }));
+      .map((f) => ({ first: f.first_step as number, last: f.last_step ?? (f.first_step as number), color: colors[f.severity] ?? "#888", label: markerLabel(f) }));
   }
 
   private async loadHeatmap(): Promise<void> {

@@ -5,7 +5,8 @@ per-step loss, else ``loss``/``train_loss``/``epoch_loss``/``batch_loss``),
 finite values only, and need at least ``MIN_POINTS`` (8) of them.
 
 divergence
-  Smooth with a trailing median of ``k = max(3, n // 20)`` points. With
+  (A loss that blows up in its first steps is `blowup`'s, reported under the
+  same kind where this test does not fire.) Smooth with a trailing median of ``k = max(3, n // 20)`` points. With
   ``best`` the lowest smoothed level, the run diverges when the final smoothed
   level is >= ``RISE`` (2x) ``best`` and the smoothed curve stays above
   ``SUSTAIN`` (1.5x) ``best`` for the last ``max(3, n // 10)`` points (so a
@@ -21,8 +22,14 @@ stalled
   1% while the median kernel update ratio there is below ``FROZEN`` (1e-5;
   weights frozen, e.g. dead units) and the loss is not already ~0 (end level
   > 1e-3 x start level). A loss that ends more than ``STALL_WORSE`` (1.5x)
-  above where it started is not stalled (divergence reads rises). Severity:
-  ``warning``.
+  above where it started is not stalled (divergence reads rises), nor is a
+  run the divergence rules flag (`divergence`, or a blow-up in the first steps
+  that did not recover, `blowup.early_blowup`). Where no update ratios are
+  logged and the loss ended more than ``WORSE_REL`` (10%) above its start, or
+  its relative spread (1.4826 MAD / median) in the first 10% is ``NOISIER``
+  (3) times that of the last 10% (it bounced, then settled), the remedy lowers
+  the learning rate instead of raising it: a rate too small gives a slow, quiet
+  descent, not a rise. Severity: ``warning``.
   For the per-batch losses recovered from Keras' ``batch_loss``
   (`_common.PER_BATCH_SOURCE`), test (a) compares the first and the last
   ``epoch_loss`` instead when there are at least ``EPOCH_POINTS`` (3) epochs:
@@ -43,7 +50,7 @@ import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _robust as R
-from tb_stability.detectors import gradients
+from tb_stability.detectors import blowup, gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
@@ -53,6 +60,8 @@ SUSTAIN = 1.5
 BLOWUP = 10.0
 STALL_REL = 0.01
 STALL_WORSE = 1.5
+WORSE_REL = 0.1
+NOISIER = 3.0
 STALL_UPDATE = 1e-4
 FROZEN = 1e-5
 EPOCH_POINTS = 3
@@ -102,6 +111,32 @@ def relative_improvement(start: float, end: float) -> float:
     if not np.isfinite(start) or abs(start) < 1e-12:
         return float("nan")
     return (start - end) / abs(start)
+
+
+def _blew_up(values) -> bool:
+    """The loss blew up in its first steps and did not recover (`blowup.early_blowup`)."""
+    b = blowup.early_blowup(values)
+    return b is not None and b["outcome"] != "recovered"
+
+
+def _relative_spread(part) -> float:
+    """Robust spread over level (1.4826 MAD / |median|); NaN where the median is 0."""
+    med = float(np.median(part))
+    return R.MAD_TO_STD * R.mad(part) / abs(med) if med else float("nan")
+
+
+def _noise_drop(values, fraction: float = 0.1) -> tuple[float, float] | None:
+    """``(first, last)`` relative spreads of the first and last ``fraction`` when the first is
+    ``NOISIER`` (3) times the last: a loss that bounced, then settled (e.g. collapsed to a
+    constant prediction). A rate too small keeps one level of batch noise throughout."""
+    x = np.asarray(values, dtype=np.float64)
+    k = max(MIN_POINTS, int(round(fraction * x.size)))
+    if x.size < 2 * k:
+        return None
+    first, last = _relative_spread(x[:k]), _relative_spread(x[-k:])
+    if np.isfinite(first) and last > 0 and first >= NOISIER * last:
+        return first, last
+    return None
 
 
 def _no_progress(imp: float) -> bool:
@@ -172,6 +207,9 @@ def detect_divergence(run: RunData) -> list[Finding]:
     if loss is None:
         return []
     d = divergence(values)
+    early = blowup.finding(run, steps, values, source)
+    if early is not None and (d is None or early.severity == "critical"):
+        return [early]  # a run that blew up and never recovered: the blow-up is the story
     if d is None:
         return []
     ends_nonfinite = not np.isfinite(loss.values[-1])
@@ -226,16 +264,27 @@ def detect_stalled(run: RunData) -> list[Finding]:
         first = int(steps[values.size // 2])
         imp = improvement(half)
         upd = _median_kernel_update(run, first)
-        start, end = R.level(values), R.level(values, at_end=True)
+        start, end = R.level(half), R.level(half, at_end=True)
         basis = "first and last 10% of the second half"
         if not (half.size >= MIN_POINTS and _no_progress(imp)
                 and upd is not None and upd < FROZEN and abs(end) > 1e-3 * abs(start)):
             return []
+    if divergence(values) is not None or _blew_up(values):
+        return []  # reported as divergence, with the opposite remedy
     lr = C.lr_at(run, None)
     factor = C.round_sig(1e-3 / upd, 1) if upd else 10.0
     factor = float(min(max(factor, 10.0), 1e4))
     new_lr, factor = C.raised_learning_rate(lr, factor)
-    if new_lr is None:
+    noise = _noise_drop(values)
+    overshooting = upd is None and (imp < -WORSE_REL or noise is not None)
+    if overshooting:
+        remedy = (
+            "Lower the learning rate ~10x and retrain from a fresh initialisation: a loss that "
+            "rises or bounces without progress is the steps overshooting (a rate too small gives "
+            "a smooth, slow descent), and check that labels match the inputs:\n"
+            f"    optimizer = {C.lowered_optimizer_call(run, 10.0)}"
+        )
+    elif new_lr is None:
         remedy = (f"The learning rate is already {lr:g}, so updates this small mean the "
                   f"gradients are (near) zero: {C.zero_gradient_causes(run)}")
     else:
@@ -259,6 +308,7 @@ def detect_stalled(run: RunData) -> list[Finding]:
             "end_level": end,
             "levels_from": basis,
             "relative_improvement": imp,
+            "relative_spread_first_last": None if noise is None else list(noise),
             "median_kernel_update_ratio": C.num(upd),
             "learning_rate": C.num(lr),
             "threshold": f"improvement < {STALL_REL:.0%} between first and last 10% and median "
@@ -266,9 +316,15 @@ def detect_stalled(run: RunData) -> list[Finding]:
             f"with update ratio < {FROZEN:g}",
         },
         explanation=(
-            f"The loss improved only {imp:.2%} since step {first}"
+            (f"The loss got {-imp:.2%} worse since step {first} ({C.fmt(start)} to {C.fmt(end)})"
+             if imp < 0 else f"The loss improved only {imp:.2%} since step {first}")
             + (f" and the weights move {C.fmt(upd)} of their norm per step" if upd is not None else "")
-            + ": training is not making progress."
+            + ": training is not making progress"
+            + (f". The loss was {C.fmt(noise[0] / noise[1])}x noisier in the first 10% than in "
+               f"the last (relative spread {noise[0]:.1%} against {noise[1]:.1%}): it bounced, "
+               "then settled where it started" if noise is not None else "")
+            + (", so the learning rate is more likely too large than too small." if overshooting
+               else ".")
         ),
         remedy=remedy,
     )]
@@ -282,8 +338,8 @@ def detect_oscillation(run: RunData) -> list[Finding]:
     o = oscillation(values)
     if o is None:
         return []
-    if divergence(values) is not None:
-        return []  # a rising curve is reported as divergence
+    if divergence(values) is not None or _blew_up(values):
+        return []  # a rising or blown-up curve is reported as divergence
     lr = C.lr_at(run, None)
     lr_txt = f"{C.round_sig(lr / 10):g}" if lr else "1e-4"
     half = steps[steps.size // 2:]

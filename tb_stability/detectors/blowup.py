@@ -1,0 +1,174 @@
+"""A loss that blows up in the first steps: reported as ``divergence``.
+
+`trends.divergence` compares the end of a run with its best smoothed level,
+and its smoothing leaves out the first points, so a loss that blows up in the
+first steps and never gets below its first value again has no "best" to rise
+from, and one that comes back down is not diverging at all. Yet both are the
+signature of a learning rate too large for a freshly initialised model
+(Adam at 0.2, RMSprop at 0.05 on a small MLP): the first updates throw the
+weights far out, and the model either finds its way back or collapses to a
+constant prediction at about its initial loss.
+
+Rule: with ``x0`` the first finite loss (> 0) and at least ``MIN_POINTS`` (8)
+finite values, a blow-up is a point within the first ``EARLY_FRACTION``
+(20 %) of them at or above ``EARLY_RISE`` (5) times ``x0``. On healthy real
+runs the first 20 % stay within about 2x ``x0`` (batch noise, Adam's first
+steps); a learning rate 100x too large gives 15x to 10^9x. Two guards keep
+out what is not a blow-up: the peak must also be ``EARLY_RISE`` times the
+90th percentile of the run's second half (a per-batch loss under class
+weights swings ~8x between batches with and without the rare class, every
+epoch), and the loss must stay above ``x0`` for more than `spikes.MAX_LEN`
+(3) points after the onset (one bad batch that comes straight back is a
+``loss_spike``). What happens next decides the outcome, with ``final`` the
+median of the last 10 %:
+
+* ``recovered``: ``final < RECOVERED * x0`` (0.8): ``warning``; the remedy is
+  a warm-up as long as the recovery took.
+* ``stuck``: ``RECOVERED * x0 <= final < RISE * x0``: the model came back
+  only to about where it started, so training achieved nothing after the
+  blow-up: ``critical``.
+* ``diverged``: ``final >= RISE * x0`` (2): ``critical``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tb_stability.detectors import _common as C
+from tb_stability.detectors import _robust as R
+from tb_stability.detectors import gradients, spikes
+from tb_stability.findings import Finding
+from tb_stability.rundata import RunData
+
+MIN_POINTS = 8
+EARLY_FRACTION = 0.2
+EARLY_RISE = 5.0
+RECOVERED = 0.8
+RISE = 2.0
+MIN_WARMUP = 100
+SETTLED_QUANTILE = 90
+MAX_SPIKE_LEN = spikes.MAX_LEN
+
+
+def early_blowup(values) -> dict | None:
+    """The early blow-up test on finite loss values (see module docstring).
+
+    Returns:
+      None, or a dict with ``initial`` (``x0``), ``onset`` (the first index at
+      or above ``EARLY_RISE * x0``), ``peak_index``, ``peak``, ``back_index``
+      (the first index after the peak at or below ``x0``; None when the loss
+      never got back), ``final`` and ``outcome`` (``recovered``, ``stuck`` or
+      ``diverged``).
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < MIN_POINTS or not x[0] > 0:
+        return None
+    x0 = float(x[0])
+    early = x[: max(2, int(np.ceil(EARLY_FRACTION * x.size)))]
+    above = np.flatnonzero(early >= EARLY_RISE * x0)
+    if not above.size:
+        return None
+    peak_index = int(np.argmax(early))
+    peak = float(x[peak_index])
+    if peak < EARLY_RISE * float(np.percentile(x[x.size // 2:], SETTLED_QUANTILE)):
+        return None  # no higher than the run's own range: batch noise (e.g. class weights)
+    back = np.flatnonzero(x[peak_index + 1:] <= x0)
+    back_index = peak_index + 1 + int(back[0]) if back.size else None
+    if back_index is not None and back_index - int(above[0]) <= MAX_SPIKE_LEN:
+        return None  # a spike, straight back: `spikes`' to report (a bad batch)
+    final = R.level(x, at_end=True)
+    if final < RECOVERED * x0:
+        outcome = "recovered"
+    elif final < RISE * x0:
+        outcome = "stuck"
+    else:
+        outcome = "diverged"
+    return {
+        "initial": x0,
+        "onset": int(above[0]),
+        "peak_index": peak_index,
+        "peak": peak,
+        "back_index": back_index,
+        "final": final,
+        "outcome": outcome,
+    }
+
+
+def finding(run: RunData, steps, values, source: str) -> Finding | None:
+    """The ``divergence`` finding of an early blow-up of ``values`` (finite, at ``steps``), or None."""
+    b = early_blowup(values)
+    if b is None:
+        return None
+    x0, peak, final = b["initial"], b["peak"], b["final"]
+    s0, onset, at_peak = int(steps[0]), int(steps[b["onset"]]), int(steps[b["peak_index"]])
+    back = None if b["back_index"] is None else int(steps[b["back_index"]])
+    ratio = peak / x0
+    settings = gradients.remedy_settings(run)
+    clip = settings.clipnorm or 1.0
+    lr = C.lr_at(run, onset)
+    blew = (f"The loss blew up at step {onset}: from {C.fmt(x0)} at step {s0} to "
+            f"{C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x)")
+    if b["outcome"] == "recovered":
+        warmup = max(MIN_WARMUP, int(C.round_sig(2 * ((back or at_peak) - s0), 1)))
+        target = f"{lr:g}" if lr else "1e-3"
+        severity = "warning"
+        explanation = (
+            f"{blew}, and took until step {back} to get back below where it started (it ended "
+            f"at {C.fmt(final)}). The first updates were too large for the freshly initialised "
+            "model; it recovered this time, but such a blow-up can also kill units or end in NaN."
+        )
+        remedy = (
+            f"Warm the learning rate up over the first ~{warmup} steps (or lower it "
+            f"{settings.lr_factor:g}x), and clip gradients:\n"
+            f"    lr = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=total_steps, "
+            f"warmup_target={target}, warmup_steps={warmup})"
+            + ("  # your learning rate\n" if not lr else "\n")
+            + f"    optimizer = {C.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}"
+        )
+    else:
+        severity = "critical"
+        if b["outcome"] == "stuck":
+            explanation = (
+                f"{blew}, and came back only to about where it started: it ended at "
+                f"{C.fmt(final)}, against {C.fmt(x0)} at step {s0}, so training achieved nothing "
+                "after the blow-up. Updates that large usually kill ReLU units or push the "
+                "outputs to a constant prediction, and the model does not recover from that."
+            )
+        else:
+            explanation = (
+                f"{blew}, and never came back down: it ended at {C.fmt(final)}, "
+                f"{C.fmt(final / x0)}x its first value: training is diverging."
+            )
+        remedy = (
+            f"Retrain from a fresh initialisation with the learning rate {settings.lr_factor:g}x "
+            "lower, warmed up, and clip gradients (these weights will not recover):\n"
+            f"    lr = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=total_steps, "
+            f"warmup_target={C.round_sig(lr / settings.lr_factor) if lr else 1e-4:g}, "
+            f"warmup_steps={MIN_WARMUP})\n"
+            f"    optimizer = {C.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}"
+        )
+    return Finding(
+        kind="divergence",
+        severity=severity,
+        run=run.name,
+        first_step=onset,
+        last_step=back if b["outcome"] == "recovered" and back is not None else int(steps[-1]),
+        evidence={
+            "source": source,
+            "early_blowup": b["outcome"],
+            "initial_loss": x0,
+            "initial_step": s0,
+            "peak_loss": peak,
+            "peak_step": at_peak,
+            "ratio_peak_to_initial": ratio,
+            "back_below_initial_step": back,
+            "final_loss": final,
+            "ratio_final_to_initial": final / x0,
+            "learning_rate": C.num(lr),
+            "threshold": f"loss >= {EARLY_RISE:g}x its first value within the first "
+            f"{EARLY_FRACTION:.0%} of points; recovered when the last 10% are < {RECOVERED:g}x "
+            f"it (warning), else critical",
+        },
+        explanation=explanation,
+        remedy=remedy,
+    )
