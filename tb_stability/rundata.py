@@ -79,6 +79,8 @@ class RunData:
         file, unknown metadata version, ...), each naming the file.
       held_out: The run holds a validation or test split's metrics, not
         training's (`mark_held_out`): its loss is not a training loss.
+      hparams: The run's hyperparameters as the HParams dashboard records
+        them (``hp.hparams({...})``): name -> number, string or bool.
     """
 
     name: str
@@ -94,6 +96,7 @@ class RunData:
     )
     warnings: list[str] = dataclasses.field(default_factory=list)
     held_out: bool = False
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def instrumented(self) -> bool:

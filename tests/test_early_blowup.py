@@ -54,8 +54,9 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 
-def _train(logdir, optimizer, learning_rate, task="regression", steps=512):
-    """A 2x128 ReLU MLP trained by a GradientTape loop logging ``train/loss`` every step."""
+def _train(logdir, optimizer, learning_rate, task="regression", steps=512, hparams=None):
+    """A 2x128 ReLU MLP trained by a GradientTape loop logging ``train/loss`` every step
+    (and ``hparams`` for the HParams dashboard, when given)."""
     data = np.random.default_rng(0)
     x = data.normal(size=(4096, 20)).astype("float32")
     if task == "regression":
@@ -86,6 +87,9 @@ def _train(logdir, optimizer, learning_rate, task="regression", steps=512):
     batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(4096, seed=0).batch(64).repeat()
     writer = tf.summary.create_file_writer(str(logdir))
     with writer.as_default():
+        if hparams:
+            from tensorboard.plugins.hparams import api as hp
+            hp.hparams(hparams)
         for i, (xb, yb) in enumerate(batches.take(steps)):
             tf.summary.scalar("train/loss", step(xb, yb), step=i)
     writer.close()
@@ -140,3 +144,17 @@ def test_a_stall_from_a_tiny_rate_is_still_told_to_raise_it(tmp_path):
     assert len(stalled) == 1, report_to_json(report)
     assert stalled[0].evidence["relative_spread_first_last"] is None
     assert stalled[0].remedy.startswith("Raise the learning rate")
+
+
+def test_hparams_give_the_remedy_the_runs_optimizer_and_rate(tmp_path):
+    hparams = {"learning_rate": 1.0, "optimizer": "sgd", "momentum": 0.9, "units": 128}
+    findings, report = _train(tmp_path / "run", "sgd", 1.0, task="classification", hparams=hparams)
+    stalled = [f for f in findings if f.kind == "stalled"]
+    assert len(stalled) == 1, report_to_json(report)
+    assert stalled[0].evidence["learning_rate"] == 1.0
+    assert "keras.optimizers.SGD(learning_rate=0.1, momentum=0.9)" in stalled[0].remedy
+    # The same run without hparams: the rate is unknown, Adam is assumed.
+    findings, _ = _train(tmp_path / "plain", "sgd", 1.0, task="classification")
+    plain = [f for f in findings if f.kind == "stalled"][0]
+    assert plain.evidence["learning_rate"] is None
+    assert "keras.optimizers.Adam(learning_rate=0.0001)" in plain.remedy

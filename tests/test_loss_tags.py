@@ -231,3 +231,34 @@ def test_tags_that_are_not_the_learning_rate(tag):
 
     run = RunData(name="r", scalars={tag: Series(np.arange(3), np.ones(3))})
     assert _loss_tags.learning_rate_tag(run) is None
+
+
+@pytest.mark.parametrize("hparams, expected", [
+    pytest.param({"learning_rate": 0.02, "units": 64.0}, 0.02, id="learning_rate"),
+    pytest.param({"lr": 3e-4, "dropout": 0.1}, 3e-4, id="lr"),
+    pytest.param({"optimizer/lr": 0.1, "lr_decay": 0.5}, 0.1, id="path-and-not-decay"),
+    pytest.param({"lr": 0.5, "learning_rate": 0.01}, 0.01, id="plain-name-first"),
+    pytest.param({"lr_scale": 2.0, "lr_warmup": 100.0}, None, id="only-modifiers"),
+    pytest.param({"learning_rate": "1e-3"}, None, id="a-string-is-not-read"),
+    pytest.param({"learning_rate": True}, None, id="a-bool-is-not-a-rate"),
+    pytest.param({"learning_rate": 0.0}, None, id="zero"),
+])
+def test_the_learning_rate_among_hparams(hparams, expected):
+    from tb_stability.rundata import RunData
+
+    assert _loss_tags.learning_rate_hparam(RunData(name="r", hparams=hparams)) == expected
+
+
+def test_a_logged_learning_rate_comes_before_the_hparam():
+    from tb_stability.detectors import _common
+    from tb_stability.rundata import RunData, Series
+
+    run = RunData(name="r", hparams={"learning_rate": 0.1, "optimizer": "SGD", "momentum": 0.9},
+                  scalars={"lr": Series(np.arange(3), np.array([0.3, 0.2, 0.05]))})
+    assert _common.lr_at(run, 1) == 0.2
+    del run.scalars["lr"]
+    assert _common.lr_at(run, 1) == 0.1
+    assert _common.optimizer_call(run, "learning_rate=0.01") == \
+        "keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)"
+    run.hparams["optimizer"] = "my_custom_opt"
+    assert _common.recorded_optimizer(run) == ("Adam", {})

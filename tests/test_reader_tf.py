@@ -109,3 +109,43 @@ def test_keras_tensorboard_callback_scalars(tmp_path):
     val = logdir.runs["validation"].scalars["epoch_loss"]
     np.testing.assert_allclose(val.values, history.history["val_loss"], rtol=1e-6)
     assert not logdir.runs["train"].instrumented
+
+
+def _hparams_file(run_dir, values):
+    from tensorboard.plugins.hparams import api as hp
+
+    writer = tf.summary.create_file_writer(str(run_dir))
+    with writer.as_default():
+        hp.hparams(values)
+        tf.summary.scalar("loss", 1.0, step=0)
+    writer.close()
+
+
+def test_hparams_session_is_read_and_a_rerun_wins(tmp_path):
+    _hparams_file(tmp_path / "run", {"learning_rate": 0.02, "optimizer": "sgd", "nesterov": True, "units": 64})
+    run = LogdirReader().load_logdir(tmp_path).runs["run"]
+    assert run.hparams == {"learning_rate": 0.02, "optimizer": "sgd", "nesterov": True, "units": 64.0}
+    assert run.warnings == []
+    # The notebook cell run again with another rate: the later file's session wins.
+    import time
+    time.sleep(1.1)  # event file names carry the second they were created
+    _hparams_file(tmp_path / "run", {"learning_rate": 0.005, "optimizer": "sgd"})
+    run = LogdirReader().load_logdir(tmp_path).runs["run"]
+    assert run.hparams == {"learning_rate": 0.005, "optimizer": "sgd"}
+
+
+def test_a_corrupt_hparams_session_is_a_warning_and_the_rest_loads(tmp_path):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    from tb_stability.reader import hparams
+
+    meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(
+        plugin_name="hparams", content=b"\xff\xff\xff not a proto"))
+    with StabilityWriter(tmp_path / "run", wall_time=1.0) as writer:
+        writer.write_event(event_pb2.Event(step=0, summary=summary_pb2.Summary(value=[
+            summary_pb2.Summary.Value(tag=hparams.SESSION_START_TAG, metadata=meta)])))
+        writer.write_scalar("loss", 0, 1.0)
+    run = LogdirReader().load_logdir(tmp_path).runs["run"]
+    assert run.hparams == {}
+    assert len(run.warnings) == 1 and "could not decode the hparams session" in run.warnings[0]
+    assert list(run.scalars["loss"].values) == [1.0]

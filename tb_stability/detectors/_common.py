@@ -193,13 +193,14 @@ def value_at(series: Series | None, step: int) -> float | None:
 
 
 def lr_at(run: RunData, step: int | None) -> float | None:
-    """Learning rate at or just before ``step`` when logged."""
+    """Learning rate at or just before ``step`` when logged; else the one the run's
+    hyperparameters name (`RunData.hparams`: constant over the run)."""
     s = run.steps.get("learning_rate")
     if s is None:
         tag = _loss_tags.learning_rate_tag(run)
         s = run.scalars[tag] if tag else None
     if s is None or not len(s):
-        return None
+        return _loss_tags.learning_rate_hparam(run)
     if step is None:
         step = int(s.steps[-1])
     idx = int(np.searchsorted(s.steps, step, side="right")) - 1
@@ -334,12 +335,30 @@ KEPT_OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay")
 def recorded_optimizer(run: RunData) -> tuple[str, dict]:
     """``(class name, config)`` of the run's optimizer (the inner one under loss scaling).
 
-    ``("Adam", {})`` where run_info records none (an ordinary TensorBoard log).
+    Where run_info records none (an ordinary TensorBoard log), the run's
+    hyperparameters (`RunData.hparams`) may name it (``optimizer="sgd"``, with
+    ``momentum`` beside it); else ``("Adam", {})``.
     """
     name, config = _optimizer_of(latest_run_info(run, "optimizer"))
     if not isinstance(name, str) or not name.isidentifier():
-        return "Adam", {}
+        return _hparams_optimizer(run)
     return name, config
+
+
+OPTIMIZER_HPARAMS = ("optimizer", "optim", "opt")
+
+
+def _hparams_optimizer(run: RunData) -> tuple[str, dict]:
+    """``(Keras class name, kept settings)`` from the run's hparams; ``("Adam", {})`` if none."""
+    by_lower = {name.lower(): name for name in KERAS_OPTIMIZERS}
+    for key in OPTIMIZER_HPARAMS:
+        value = run.hparams.get(key)
+        name = by_lower.get(value.strip().lower()) if isinstance(value, str) else None
+        if name:
+            config = {k: run.hparams[k] for k in KEPT_OPTIMIZER_SETTINGS
+                      if isinstance(run.hparams.get(k), (int, float))}
+            return name, config
+    return "Adam", {}
 
 
 def _optimizer_of(info: dict) -> tuple[object, dict]:

@@ -15,6 +15,8 @@ per-layer one (``grad_norm/dense_1``) is not read as the global norm.
 
 from __future__ import annotations
 
+import math
+
 import re
 
 from tb_stability.rundata import RunData
@@ -166,3 +168,21 @@ def learning_rate_tag(run: RunData) -> str | None:
         return plain, -len(run.scalars[tag]), tag
 
     return min(found, key=rank) if found else None
+
+
+def learning_rate_hparam(run: RunData) -> float | None:
+    """The learning rate among ``run``'s hyperparameters (`RunData.hparams`), if one is.
+
+    Named as `learning_rate_tag` names a scalar (``learning_rate``, ``lr``,
+    ``optimizer/lr``; not ``lr_decay``), a positive finite number; plain
+    ``learning_rate`` and ``lr`` first, then the name.
+    """
+    found = {name: value for name, value in run.hparams.items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool)
+             and math.isfinite(value) and value > 0
+             and any(_names_lr(part) for part in components(name))}
+    if not found:
+        return None
+    name = min(found, key=lambda n: (PLAIN_LR_TAGS.index(n) if n in PLAIN_LR_TAGS
+                                     else len(PLAIN_LR_TAGS), n))
+    return float(found[name])

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from tb_stability import schema
-from tb_stability.reader import restarts
+from tb_stability.reader import hparams, restarts
 from tb_stability.reader.decode import FileState
 from tb_stability.reader.segments import Segment, read_only
 from tb_stability.rundata import Matrix, RunData, Series
@@ -106,6 +106,8 @@ def build_run(name: str, states: Sequence[FileState]) -> RunData:
     for tag, records in _merged(files, "json"):
         order = last_wins(np.asarray([step for step, _ in records], dtype=np.int64))
         run.json[tag] = [records[i] for i in order]
+    for state in states:  # the last file that starts a session (a rerun's) holds the run's
+        run.hparams = hparams.session_hparams(state.meta, state.label, run.warnings) or run.hparams
     return run
 
 
