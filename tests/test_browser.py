@@ -6,6 +6,7 @@ playwright package is missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -118,13 +119,23 @@ def test_heatmap_quantity_switch_to_dead_fraction(session):
     assert "per-layer dead_fraction" in title and "linear" in title
 
 
+@contextlib.contextmanager
+def selected(frame, run):
+    """The run's checkbox ticked (its view shown) for the body, unticked after."""
+    box = frame.locator(f".run-item[data-run='{run}'] input[type=checkbox]")
+    box.check()
+    try:
+        yield
+    finally:
+        box.uncheck()
+
+
 def test_a_variable_without_gradient_is_a_legended_zero_on_the_log_scale(session):
     frame = session["frame"]
     view = ".run-view[data-run='disconnected']"
     box = frame.locator(".run-item[data-run='disconnected'] input[type=checkbox]")
     assert not box.is_checked()  # only the most urgent runs are shown at first
-    box.check()
-    try:
+    with selected(frame, "disconnected"):
         finding = frame.locator(".finding[data-run='disconnected']")
         assert finding.get_attribute("data-kind") == "update_ratio_low"
         assert "no gradient at all" in finding.text_content()
@@ -135,16 +146,12 @@ def test_a_variable_without_gradient_is_a_legended_zero_on_the_log_scale(session
         # No zero in the spiky run's norms: no such legend entry there.
         spiky = frame.locator(".run-view[data-run='spiky'] .heatmap[data-quantity='grad_norm']")
         assert spiky.locator(".legend .swatch-missing").count() == 0
-    finally:
-        box.uncheck()
 
 
 def test_an_ordinary_log_charts_the_loss_the_findings_read(session):
     frame = session["frame"]
     run = plugin_support.ORDINARY_RUN
-    box = frame.locator(f".run-item[data-run='{run}'] input[type=checkbox]")
-    box.check()
-    try:
+    with selected(frame, run):
         frame.wait_for_selector(f".run-view[data-run='{run}'][data-loaded=true] .chart")
         tags = [tag for tag, _, _ in x_ranges(frame, run)]
         # `Loss/train`, not `Accuracy/train` (first by name) nor the test split's loss.
@@ -157,8 +164,6 @@ def test_an_ordinary_log_charts_the_loss_the_findings_read(session):
             f"() => document.querySelector(\".run-view[data-run='{run}'] .chart\").dataset.xMin !== '0'")
         lo, hi = x_ranges(frame, run)[0][1:]
         assert lo <= plugin_support.SPIKE_STEP <= hi
-    finally:
-        box.uncheck()
 
 
 def test_an_early_blowup_is_marked_as_a_blowup_on_the_loss_chart(session):
@@ -166,16 +171,12 @@ def test_an_early_blowup_is_marked_as_a_blowup_on_the_loss_chart(session):
     run = plugin_support.BLOWUP_RUN
     badge = frame.locator(f".run-item[data-run='{run}'] .badge")
     assert badge.text_content().strip() == "warning"
-    box = frame.locator(f".run-item[data-run='{run}'] input[type=checkbox]")
-    box.check()
-    try:
+    with selected(frame, run):
         chart = frame.wait_for_selector(f".run-view[data-run='{run}'][data-loaded=true] .chart")
         assert chart.get_attribute("data-tag") == "loss"
         markers = chart.get_attribute("data-markers").split(";")
         assert [m for m in markers if m.startswith("blow-up@1-")], markers
         assert not [m for m in markers if m.startswith("diverges@")], markers
-    finally:
-        box.uncheck()
 
 
 def test_a_run_with_nothing_to_check_says_so(session):

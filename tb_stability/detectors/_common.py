@@ -401,9 +401,13 @@ def lowered_optimizer_call(run: RunData, factor: float, extra: str = "",
     ``default_lr`` where the run logged no learning rate (an ordinary log's
     Adam). ``extra`` are further arguments, e.g. ``"clipnorm=1"``.
     """
-    lr = lr_at(run, None)
-    new_lr = round_sig(lr / factor) if lr and math.isfinite(lr) and lr > 0 else default_lr
+    new_lr = lowered_rate(lr_at(run, None), factor, default_lr)
     return optimizer_call(run, ", ".join(a for a in (f"learning_rate={new_lr:g}", extra) if a))
+
+
+def lowered_rate(lr: float | None, factor: float, default_lr: float = 1e-4) -> float:
+    """``lr / factor`` to two significant digits; ``default_lr`` where ``lr`` is unknown."""
+    return round_sig(lr / factor) if lr and math.isfinite(lr) and lr > 0 else default_lr
 
 
 def kept_optimizer_call(run: RunData, extra: str, default_lr: float = 1e-3) -> str:

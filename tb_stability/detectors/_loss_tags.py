@@ -160,14 +160,18 @@ def learning_rate_tag(run: RunData) -> str | None:
     ``lr_scale`` or ``lr_decay_steps`` (`NOT_LR_WORDS`). Plain ``learning_rate``
     and ``lr`` come first, then the longest series, then the name.
     """
-    found = [tag for tag, series in run.scalars.items()
-             if len(series) and any(_names_lr(part) for part in components(tag))]
+    found = [tag for tag, series in run.scalars.items() if len(series) and _is_lr_name(tag)]
+    return min(found, key=lambda t: (_plain_lr_rank(t), -len(run.scalars[t]), t)) if found else None
 
-    def rank(tag):
-        plain = PLAIN_LR_TAGS.index(tag) if tag in PLAIN_LR_TAGS else len(PLAIN_LR_TAGS)
-        return plain, -len(run.scalars[tag]), tag
 
-    return min(found, key=rank) if found else None
+def _is_lr_name(name: str) -> bool:
+    """Whether a tag or hyperparameter name names a learning rate (one of its components does)."""
+    return any(_names_lr(part) for part in components(name))
+
+
+def _plain_lr_rank(name: str) -> int:
+    """The position of ``name`` in `PLAIN_LR_TAGS` (after them when it is not one)."""
+    return PLAIN_LR_TAGS.index(name) if name in PLAIN_LR_TAGS else len(PLAIN_LR_TAGS)
 
 
 def learning_rate_hparam(run: RunData) -> float | None:
@@ -179,10 +183,7 @@ def learning_rate_hparam(run: RunData) -> float | None:
     """
     found = {name: value for name, value in run.hparams.items()
              if isinstance(value, (int, float)) and not isinstance(value, bool)
-             and math.isfinite(value) and value > 0
-             and any(_names_lr(part) for part in components(name))}
+             and math.isfinite(value) and value > 0 and _is_lr_name(name)}
     if not found:
         return None
-    name = min(found, key=lambda n: (PLAIN_LR_TAGS.index(n) if n in PLAIN_LR_TAGS
-                                     else len(PLAIN_LR_TAGS), n))
-    return float(found[name])
+    return float(found[min(found, key=lambda n: (_plain_lr_rank(n), n))])

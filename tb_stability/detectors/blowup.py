@@ -120,10 +120,7 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
         remedy = (
             f"Warm the learning rate up over the first ~{warmup} steps (or lower it "
             f"{settings.lr_factor:g}x), and clip gradients:\n"
-            f"    lr = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=total_steps, "
-            f"warmup_target={target}, warmup_steps={warmup})"
-            + ("  # your learning rate\n" if not lr else "\n")
-            + f"    optimizer = {C.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}"
+            + _warmed_up(run, target, warmup, clip, "" if lr else "  # your learning rate")
         )
     else:
         severity = "critical"
@@ -142,10 +139,7 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
         remedy = (
             f"Retrain from a fresh initialisation with the learning rate {settings.lr_factor:g}x "
             "lower, warmed up, and clip gradients (these weights will not recover):\n"
-            f"    lr = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=total_steps, "
-            f"warmup_target={C.round_sig(lr / settings.lr_factor) if lr else 1e-4:g}, "
-            f"warmup_steps={MIN_WARMUP})\n"
-            f"    optimizer = {C.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}"
+            + _warmed_up(run, f"{C.lowered_rate(lr, settings.lr_factor):g}", MIN_WARMUP, clip)
         )
     return Finding(
         kind="divergence",
@@ -171,4 +165,13 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
         },
         explanation=explanation,
         remedy=remedy,
+    )
+
+
+def _warmed_up(run: RunData, target: str, warmup: int, clip: float, note: str = "") -> str:
+    """The remedy's snippet: a schedule warmed up to ``target`` and the run's optimizer on it."""
+    return (
+        f"    lr = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=total_steps, "
+        f"warmup_target={target}, warmup_steps={warmup}){note}\n"
+        f"    optimizer = {C.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}"
     )
