@@ -91,6 +91,24 @@ def loss_series(run: RunData) -> tuple[Series | None, str]:
     return None, ""
 
 
+def epoch_loss_series(run: RunData) -> tuple[Series, str] | None:
+    """The run's training loss logged once per epoch, and its source; None when it has none.
+
+    Keras' ``epoch_loss`` (its TensorBoard callback, the StabilityCallback's
+    epoch scalars), else the whole-loss training tag with the word ``epoch``
+    (``train_loss_epoch``). Held-out runs have none (`loss_series`).
+    """
+    if run.held_out or is_validation_run(run.name):
+        return None
+    s = run.scalars.get("epoch_loss")
+    if s is not None and len(s):
+        return s, "scalar:epoch_loss"
+    for tag in _loss_tags.training_loss_tags(run):
+        if "epoch" in _loss_tags.words(tag) and not _loss_tags.is_part(tag):
+            return run.scalars[tag], f"scalar:{tag}"
+    return None
+
+
 def is_validation_run(name: str) -> bool:
     """True for the run Keras' TensorBoard callback writes validation metrics to.
 

@@ -5,8 +5,9 @@ per-step loss, else ``loss``/``train_loss``/``epoch_loss``/``batch_loss``),
 finite values only, and need at least ``MIN_POINTS`` (8) of them.
 
 divergence
-  (A loss that blows up in its first steps is `blowup`'s, reported under the
-  same kind where this test does not fire.) Smooth with a trailing median of ``k = max(3, n // 20)`` points. With
+  (A loss that blows up in its first steps is `blowup`'s, and a per-epoch loss
+  that rises at every one of its last epochs `epoch_curve`'s, reported under
+  the same kind where this test does not fire.) Smooth with a trailing median of ``k = max(3, n // 20)`` points. With
   ``best`` the lowest smoothed level, the run diverges when the final smoothed
   level is >= ``RISE`` (2x) ``best`` and the smoothed curve stays above
   ``SUSTAIN`` (1.5x) ``best`` for the last ``max(3, n // 10)`` points (so a
@@ -20,8 +21,10 @@ stalled
   and, when per-variable update ratios are logged, the median kernel update
   ratio is below ``STALL_UPDATE`` (1e-4). (b) Second half: improvement below
   1% while the median kernel update ratio there is below ``FROZEN`` (1e-5;
-  weights frozen, e.g. dead units) and the loss is not already ~0 (end level
-  > 1e-3 x start level). A loss that ends more than ``STALL_WORSE`` (1.5x)
+  weights frozen, e.g. dead units), or, where no update ratios are logged, the
+  per-epoch loss is frozen in place (`epoch_curve.frozen`: within 1e-5 of its
+  level over the second half of the epochs), and the loss is not already ~0
+  (end level > 1e-3 x start level). A loss that ends more than ``STALL_WORSE`` (1.5x)
   above where it started is not stalled (divergence reads rises), nor is a
   run the divergence rules flag (`divergence`, or a blow-up in the first steps
   that did not recover, `blowup.early_blowup`). Where no update ratios are
@@ -50,7 +53,7 @@ import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _robust as R
-from tb_stability.detectors import blowup, gradients
+from tb_stability.detectors import blowup, epoch_curve, gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
@@ -119,6 +122,11 @@ def _blew_up(values) -> bool:
     return b is not None and b["outcome"] != "recovered"
 
 
+def _diverges(run: RunData, values) -> bool:
+    """Whether ``detect_divergence`` reports the run (by any of its three tests)."""
+    return divergence(values) is not None or _blew_up(values) or epoch_curve.rises(run)
+
+
 def _relative_spread(part) -> float:
     """Robust spread over level (1.4826 MAD / |median|); NaN where the median is 0."""
     med = float(np.median(part))
@@ -137,6 +145,13 @@ def _noise_drop(values, fraction: float = 0.1) -> tuple[float, float] | None:
     if np.isfinite(first) and last > 0 and first >= NOISIER * last:
         return first, last
     return None
+
+
+def _held(still: dict) -> str:
+    """How closely a frozen per-epoch loss held its level (`epoch_curve.frozen`), in words."""
+    if still["relative_range"] == 0:
+        return f"exactly at {still['level']:.6g}"
+    return f"within {still['relative_range']:.1e} of {still['level']:.6g} (relative)"
 
 
 def _no_progress(imp: float) -> bool:
@@ -211,7 +226,8 @@ def detect_divergence(run: RunData) -> list[Finding]:
     if early is not None and (d is None or early.severity == "critical"):
         return [early]  # a run that blew up and never recovered: the blow-up is the story
     if d is None:
-        return []
+        rise = epoch_curve.rise_finding(run)  # a per-epoch loss too smooth for the test above
+        return [rise] if rise is not None else []
     ends_nonfinite = not np.isfinite(loss.values[-1])
     severity = "critical" if d["ratio"] >= BLOWUP or ends_nonfinite else "warning"
     onset = int(steps[d["onset"]])
@@ -259,6 +275,7 @@ def detect_stalled(run: RunData) -> list[Finding]:
     upd = _median_kernel_update(run)
     first = int(steps[0])
     whole = _no_progress(imp) and (upd is None or upd < STALL_UPDATE)
+    still = None  # the per-epoch loss frozen in place, where no update ratios say so
     if not whole:
         half = values[values.size // 2:]
         first = int(steps[values.size // 2])
@@ -266,10 +283,13 @@ def detect_stalled(run: RunData) -> list[Finding]:
         upd = _median_kernel_update(run, first)
         start, end = R.level(half), R.level(half, at_end=True)
         basis = "first and last 10% of the second half"
-        if not (half.size >= MIN_POINTS and _no_progress(imp)
-                and upd is not None and upd < FROZEN and abs(end) > 1e-3 * abs(start)):
+        if upd is None:
+            still = epoch_curve.frozen(run)
+        if not ((half.size >= MIN_POINTS or still is not None) and _no_progress(imp)
+                and (still is not None or upd is not None and upd < FROZEN)
+                and abs(end) > 1e-3 * abs(start)):
             return []
-    if divergence(values) is not None or _blew_up(values):
+    if _diverges(run, values):
         return []  # reported as divergence, with the opposite remedy
     lr = C.lr_at(run, None)
     factor = C.round_sig(1e-3 / upd, 1) if upd else 10.0
@@ -309,16 +329,21 @@ def detect_stalled(run: RunData) -> list[Finding]:
             "levels_from": basis,
             "relative_improvement": imp,
             "relative_spread_first_last": None if noise is None else list(noise),
+            "epoch_loss_relative_range": None if still is None else still["relative_range"],
             "median_kernel_update_ratio": C.num(upd),
             "learning_rate": C.num(lr),
             "threshold": f"improvement < {STALL_REL:.0%} between first and last 10% and median "
             f"update ratio < {STALL_UPDATE:g} when logged; or second half < {STALL_REL:.0%} "
-            f"with update ratio < {FROZEN:g}",
+            f"with update ratio < {FROZEN:g}, or without update ratios a per-epoch loss within "
+            f"{epoch_curve.FLAT:g} of its level",
         },
         explanation=(
             (f"The loss got {-imp:.2%} worse since step {first} ({C.fmt(start)} to {C.fmt(end)})"
              if imp < 0 else f"The loss improved only {imp:.2%} since step {first}")
             + (f" and the weights move {C.fmt(upd)} of their norm per step" if upd is not None else "")
+            + (f", and its per-epoch mean has stayed {_held(still)} since step "
+               f"{still['since_step']}, so the weights no longer move (all units dead, or "
+               "outputs pinned)" if still is not None else "")
             + ": training is not making progress"
             + (f". The loss was {C.fmt(noise[0] / noise[1])}x noisier in the first 10% than in "
                f"the last (relative spread {noise[0]:.1%} against {noise[1]:.1%}): it bounced, "
@@ -338,7 +363,7 @@ def detect_oscillation(run: RunData) -> list[Finding]:
     o = oscillation(values)
     if o is None:
         return []
-    if divergence(values) is not None or _blew_up(values):
+    if _diverges(run, values):
         return []  # a rising or blown-up curve is reported as divergence
     lr = C.lr_at(run, None)
     lr_txt = f"{C.round_sig(lr / 10):g}" if lr else "1e-4"
