@@ -398,6 +398,25 @@ def test_sustained_blow_up_is_not_a_spike():
     assert spikes.detect(S.make_run(loss)) == []
 
 
+@pytest.mark.parametrize("length", [5, 20, 60])
+def test_an_excursion_that_comes_back_is_one_loss_spike(length):
+    loss = S.healthy_loss(1000)
+    loss[600:600 + length] *= 8
+    (f,) = spikes.detect(S.make_run(loss))
+    assert (f.kind, f.severity, f.first_step, f.last_step) == (
+        "loss_spike", "warning", 600, 600 + length - 1)
+    assert (f.evidence["count"], f.evidence["longest_points"]) == (1, length)
+    assert f"after {length} points above its range (steps 600-{600 + length - 1}" in f.explanation
+
+
+def test_an_early_blowup_that_comes_back_is_a_divergence_not_also_a_spike():
+    loss = S.healthy_loss(1000)
+    loss[100:110] *= 30  # within the first 20% of the run: blowup's, with a warm-up remedy
+    run = S.make_run(loss)
+    assert [(f.kind, f.first_step) for f in run_all(run) if f.kind in (
+        "loss_spike", "divergence")] == [("divergence", 100)]
+
+
 def test_detectors_accept_empty_run():
     assert run_all(RunData(name="empty")) == []
     run = RunData(name="short", steps={"loss": Series(np.arange(3), np.array([1.0, 2.0, 3.0]))})

@@ -134,6 +134,28 @@ def test_hparams_session_is_read_and_a_rerun_wins(tmp_path):
     assert run.hparams == {"learning_rate": 0.005, "optimizer": "sgd"}
 
 
+def test_pytorch_add_hparams_children_hand_their_hparams_to_the_run(tmp_path):
+    """PyTorch's add_hparams writes into ``run/<time.time()>``; the run that trained gets them."""
+    import shutil
+
+    _hparams_file(tmp_path / "run", {})  # the training run: no session of its own
+    _hparams_file(tmp_path / "run" / "1795000000.1234567", {"learning_rate": 0.5, "optimizer": "sgd"})
+    _hparams_file(tmp_path / "run" / "1795000100.5", {"learning_rate": 0.25, "optimizer": "sgd"})
+    _hparams_file(tmp_path / "own", {"learning_rate": 0.1})
+    _hparams_file(tmp_path / "own" / "1795000000.1", {"learning_rate": 0.9})
+    _hparams_file(tmp_path / "named", {})
+    _hparams_file(tmp_path / "named" / "trial_1", {"learning_rate": 0.9})
+    reader = LogdirReader()
+    runs = reader.load_logdir(tmp_path).runs
+    assert runs["run"].hparams == {"learning_rate": 0.25, "optimizer": "sgd"}  # the latest child
+    assert runs["run/1795000000.1234567"].hparams == {"learning_rate": 0.5, "optimizer": "sgd"}
+    assert runs["own"].hparams == {"learning_rate": 0.1}  # its own session wins
+    assert runs["named"].hparams == {}  # a child not named by a time is a run of its own
+    shutil.rmtree(tmp_path / "run" / "1795000100.5")
+    shutil.rmtree(tmp_path / "run" / "1795000000.1234567")
+    assert reader.load_logdir(tmp_path).runs["run"].hparams == {}  # the cache was not changed
+
+
 def test_a_corrupt_hparams_session_is_a_warning_and_the_rest_loads(tmp_path):
     from tensorboard.compat.proto import event_pb2, summary_pb2
 

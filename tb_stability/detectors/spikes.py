@@ -22,9 +22,12 @@ most ``MAX_LEN`` flagged points, then back in range) is left out of the
 windows of the points after it (`leave_out_spikes`), so that a spike that
 recurs does not hide its repetitions. An episode that starts within the
 last ``TAIL`` (3) logged points and runs to the end is a ``final_step_spike``;
-an episode of at most ``MAX_LEN`` (3) points followed by a return to range is a
-``loss_spike``. Longer excursions are left to divergence. A step is never
-reported as both kinds.
+an episode followed by a return to range is a ``loss_spike``, whatever its
+length: one bad batch, or an excursion of many points (a stretch of bad data,
+an optimizer that lost its footing and found it again; a 1.9e7x excursion of
+seven points in a run of 512 was reported by nothing before). One that never
+comes back is left to divergence, and so is an excursion inside a blow-up of
+the first steps (`blowup`). A step is never reported as both kinds.
 
 Severity: ``loss_spike`` is a ``warning``; ``final_step_spike`` is a
 ``warning``, ``critical`` when the final loss is >= ``HUGE_FACTOR`` (10x) the
@@ -211,7 +214,7 @@ def fill_spreads(values, med, spread, score, points, window: int | None = None) 
 
 
 def classify(values, flags, med, spread, z: float = Z_THRESHOLD, rel_jump: float = REL_JUMP,
-             tail: int = TAIL, max_len: int = MAX_LEN) -> tuple[list, tuple | None]:
+             tail: int = TAIL, max_len: int | None = MAX_LEN) -> tuple[list, tuple | None]:
     """Groups flagged points into episodes and splits them into kinds.
 
     An episode starts at a flagged point and extends while the following
@@ -225,8 +228,9 @@ def classify(values, flags, med, spread, z: float = Z_THRESHOLD, rel_jump: float
 
     Returns:
       ``(spikes, final)``: spikes is a list of inclusive ``(start, end)``
-      mid-run episodes of at most ``max_len`` points; final is the episode
-      starting within the last ``tail`` points and reaching the end, or None.
+      mid-run episodes that came back to range, of at most ``max_len`` points
+      (None: of any length); final is the episode starting within the last
+      ``tail`` points and reaching the end, or None.
     """
     f = np.asarray(values, dtype=np.float64)
     n = f.size
@@ -244,7 +248,7 @@ def classify(values, flags, med, spread, z: float = Z_THRESHOLD, rel_jump: float
         if e == n - 1:
             if s >= n - tail:
                 final = (s, e)
-        elif e - s + 1 <= max_len:
+        elif max_len is None or e - s + 1 <= max_len:
             spikes.append((s, e))
         i = j
     return spikes, final
@@ -391,6 +395,21 @@ def _same_batch_remedy(same_batch, keras_log: bool = False) -> str:
     )
 
 
+def _outside_early_blowup(values, episodes: list) -> list:
+    """``episodes`` without the excursions (longer than ``MAX_LEN``) inside an early blow-up.
+
+    A loss that blows up in its first steps and comes back is `blowup`'s
+    ``divergence`` (with a warm-up remedy); the same points are not a spike too.
+    """
+    from tb_stability.detectors import blowup  # blowup reads MAX_LEN from here
+
+    b = blowup.early_blowup(values)
+    if b is None:
+        return episodes
+    end = b["back_index"] if b["back_index"] is not None else len(values)
+    return [(s, e) for s, e in episodes if e - s + 1 <= MAX_LEN or e < b["onset"] or s > end]
+
+
 def detect(run: RunData) -> list[Finding]:
     """loss_spike / final_step_spike adapter (see module docstring)."""
     loss, source = C.loss_series(run)
@@ -402,7 +421,8 @@ def detect(run: RunData) -> list[Finding]:
     leave_out_spikes(values, flags, med, spread, score)
     if not flags.any():
         return []
-    spikes, final = classify(values, flags, med, spread)
+    spikes, final = classify(values, flags, med, spread, max_len=None)
+    spikes = _outside_early_blowup(values, spikes)
     fill_spreads(values, med, spread, score,
                  [i for a, b in spikes + ([final] if final else []) for i in range(a, b + 1)])
     if final is not None and index[final[1]] != len(loss) - 1:
@@ -465,6 +485,11 @@ def detect(run: RunData) -> list[Finding]:
     if spikes:
         pts = [point(i) for s, e in spikes for i in range(s, e + 1)]
         worst = max(pts, key=lambda p: p["z"])
+        longest = max(e - s + 1 for s, e in spikes)
+        at_worst = next((s, e) for s, e in spikes if steps[s] <= worst["step"] <= steps[e])
+        stayed = (f" after {at_worst[1] - at_worst[0] + 1} points above its range (steps "
+                  f"{int(steps[at_worst[0]])}-{int(steps[at_worst[1]])}; "
+                  if at_worst[1] - at_worst[0] + 1 > MAX_LEN else " (")
         grad_spike = (
             grad_med is not None and worst["grad_norm"] is not None
             and np.isfinite(worst["grad_norm"]) and worst["grad_norm"] >= 5 * grad_med
@@ -491,6 +516,7 @@ def detect(run: RunData) -> list[Finding]:
                 "count": len(spikes),
                 "spikes": pts[:MAX_LISTED],
                 "worst_step": worst["step"],
+                "longest_points": longest,
                 "threshold": threshold,
                 "median_grad_norm": C.num(grad_med),
                 "recurring_period": period,
@@ -500,7 +526,7 @@ def detect(run: RunData) -> list[Finding]:
             explanation=(
                 f"The loss jumped to {C.fmt(worst['loss'])} at step {worst['step']}, "
                 f"{C.fmt(worst['ratio_to_median'])}x its recent median ({C.fmt(worst['window_median'])}), "
-                f"and came back ({len(spikes)} spike(s) in total)." + benign_note
+                f"and came back{stayed}{len(spikes)} spike(s) in total)." + benign_note
             ),
             remedy=(
                 _same_batch_remedy(same_batch, keras_log=source == C.PER_BATCH_SOURCE)

@@ -25,6 +25,7 @@ import dataclasses
 import os
 import threading
 
+from tb_stability.reader import hparams
 from tb_stability.reader.assemble import build_run
 from tb_stability.reader.decode import FileState, read_file_into
 from tb_stability.rundata import RunData, mark_held_out
@@ -125,6 +126,7 @@ class LogdirReader:
                 result.runs[name] = self._load(root, name, entries)
             self._forget_missing(root, found)
         mark_held_out(result.runs)
+        result.runs.update(hparams.adopt_timestamped_sessions(result.runs))
         return result
 
     def load_run(self, path: str | os.PathLike, name: str = ".") -> RunData:
