@@ -21,8 +21,11 @@ import os
 import warnings
 from typing import Any, Optional
 
+import keras
+
 from instrumentation import config_check
 from instrumentation.data_stats import DataStats
+from instrumentation.graph_values import current_graph
 from instrumentation.nan_capture import NanCapture
 from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, rebuild,
                                         save_artifacts, swapped_weights, variable_path)
@@ -50,6 +53,7 @@ class CallbackExtras:
         self.nan_forensics = bool(nan_forensics)
         self.tracing = False
         self.log_mode = "cond"
+        self.batch_recorded = False  # compute_loss saw this trace's batch
         self.broken = False
         self.probes: Optional[ActivationProbes] = None
         self.data: Optional[DataStats] = None
@@ -86,7 +90,7 @@ class CallbackExtras:
                     or type(optimizer).__name__ == "LossScaleOptimizer"):
                 self.capture.loss_scale_optimizer = optimizer  # benign skips are not NaNs
         patch = self.callback._patch
-        patch(model, "train_step", self._make_train_step(model.train_step))
+        patch(model, "train_step", self._make_train_step(model.train_step, optimizer))
         patch(model, "compute_loss", self._make_compute_loss(model.compute_loss, optimizer))
 
     def uninstall(self) -> None:
@@ -104,21 +108,47 @@ class CallbackExtras:
 
     # ------------------------------------------------------------- wrappers
 
-    def _make_train_step(self, original):
+    def _make_train_step(self, original, optimizer):
         extras = self
 
         def train_step(*args, **kwargs):
             extras._set_tracing(True, getattr(extras.callback, "_trace_mode", "cond"))
+            extras.batch_recorded = False
             if extras.tracing and extras.probes is not None and extras.probes.tracing:
                 extras.probes.begin_step()
             try:
-                return original(*args, **kwargs)
+                logs = original(*args, **kwargs)
+                if extras.tracing and not extras.batch_recorded and args:
+                    extras._record_batch(args[0])  # compute_loss was not called
+                return logs
             finally:
                 if extras.tracing and extras.probes is not None:
                     extras.probes.finish_step()  # when compute_loss was not called
                 extras._set_tracing(False)
 
         return train_step
+
+    def _record_batch(self, data) -> None:
+        """The batch statistics of a train step that never called ``compute_loss``.
+
+        A custom ``train_step`` with a hand-written loss (or a GAN's) gets its
+        input and label statistics from the batch it was given: Keras'
+        ``(x, y, sample_weight)`` convention, or ``x`` alone, at the step of
+        the update it made (none without one: nothing is recorded). Without
+        ``compute_loss`` there is no prediction to count classes of, and no
+        NaN capture (it takes its batch from ``compute_loss``).
+        """
+        applied = self.callback._trace.step  # the step of this trace's update, if it made one
+        if (self.broken or self.data is None or self.log_mode == "never" or applied is None
+                or applied[1] is not current_graph()):
+            return
+        step = applied[0]
+        try:
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+            if x is not None:
+                self.data.record(step, x, y, None, always=self.log_mode == "always")
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
 
     def _set_tracing(self, value: bool, log_mode: str = "cond") -> None:
         """Marks the train-step trace; ``log_mode`` as `instrumentation.stats.LOG_MODES`."""
@@ -141,6 +171,7 @@ class CallbackExtras:
                 values = dict(zip(_LOSS_ARGS, args))
                 values.update({k: kwargs[k] for k in _LOSS_ARGS if k in kwargs})
                 x, y, y_pred = values.get("x"), values.get("y"), values.get("y_pred")
+                extras.batch_recorded = True
                 if extras.data is not None and x is not None and extras.log_mode != "never":
                     extras.data.record(optimizer.iterations, x, y, y_pred,
                                        always=extras.log_mode == "always")

@@ -146,3 +146,27 @@ def test_a_train_step_with_optimizers_of_its_own_says_nothing_was_recorded(tmp_p
     assert not report.instrumented and report.findings == []
     (note,) = report.warnings
     assert "recorded no statistics" in note and "StabilityMonitor" in note
+
+
+def test_a_hand_written_loss_still_records_the_input_statistics(tmp_path):
+    """Without compute_loss the batch comes from train_step's own argument."""
+    keras.utils.set_random_seed(0)
+    model = _functional(OwnLoss)
+    model.compile("adam")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 8)).astype("float32")
+    x[:, 3] = 1000.0 + 500.0 * x[:, 3]  # one feature left unscaled
+    y = rng.integers(0, 3, 256)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False,
+                  callbacks=[StabilityCallback(str(tmp_path), every=4)])
+    assert [str(w.message) for w in caught if "tb-stability" in str(w.message)] == []
+    run = load_run(str(tmp_path))
+    means = run.inputs["mean"]
+    assert means.steps.tolist() == list(range(0, 16, 4))
+    assert means.names[3] == "x[3]"
+    np.testing.assert_allclose(means.values[0], x[:32].mean(axis=0), rtol=1e-4, atol=1e-4)
+    (report,) = analyze_logdir(str(tmp_path)).runs
+    assert [f.kind for f in report.findings] == ["unscaled_inputs"]
+    assert "x[3]" in report.findings[0].explanation

@@ -17,7 +17,7 @@ steps); a learning rate 100x too large gives 15x to 10^9x. Two guards keep
 out what is not a blow-up: the peak must also be ``EARLY_RISE`` times the
 90th percentile of the run's second half (a per-batch loss under class
 weights swings ~8x between batches with and without the rare class, every
-epoch), and the loss must stay above ``x0`` for more than `spikes.MAX_LEN`
+epoch), and the loss must stay above ``x0`` for more than `_spike_rule.MAX_LEN`
 (3) points after the onset (one bad batch that comes straight back is a
 ``loss_spike``). What happens next decides the outcome, with ``final`` the
 median of the last 10 %:
@@ -36,7 +36,7 @@ import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _robust as R
-from tb_stability.detectors import gradients, spikes
+from tb_stability.detectors import _spike_rule, gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
@@ -47,7 +47,7 @@ RECOVERED = 0.8
 RISE = 2.0
 MIN_WARMUP = 100
 SETTLED_QUANTILE = 90
-MAX_SPIKE_LEN = spikes.MAX_LEN
+MAX_SPIKE_LEN = _spike_rule.MAX_LEN
 
 
 def early_blowup(values) -> dict | None:
