@@ -138,11 +138,11 @@ class CallbackExtras:
         ``compute_loss`` there is no prediction to count classes of, and no
         NaN capture (it takes its batch from ``compute_loss``).
         """
-        applied = self.callback._trace.step  # the step of this trace's update, if it made one
-        if (self.broken or self.data is None or self.log_mode == "never" or applied is None
-                or applied[1] is not current_graph()):
-            return
-        step = applied[0]
+        trace = self.callback._trace
+        if (self.broken or self.data is None or self.log_mode == "never"
+                or trace.applied_graph is not current_graph()):
+            return  # this trace made no update: no step to record at
+        step = trace.applied_step
         try:
             x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
             if x is not None:

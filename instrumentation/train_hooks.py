@@ -48,9 +48,9 @@ class TraceState:
       loss: The loss tensor ``compute_loss``/``scale_loss`` gave in ``loss_graph``.
       loss_graph: The graph (trace) of ``loss``.
       pending_row: ``(step, graph)`` of a row whose loss ``train_step``'s logs give.
-      step: ``(step, graph)``: the 0-based step (before the update) of the last
-        trace that applied gradients.
       applied_graph: The trace in which ``optimizer.apply`` last ran.
+      applied_step: The 0-based step (before the update) that apply recorded
+        in ``applied_graph``.
       loss_source: ``"compute_loss"`` (the hooks), ``"train_step"`` (its
         returned logs) or ``"none"`` (not recorded).
       not_recorded: Why nothing at all is recorded, once a trace found out.
@@ -59,8 +59,8 @@ class TraceState:
     loss: Any = None
     loss_graph: Any = None
     pending_row: Optional[tuple] = None
-    step: Optional[tuple] = None
     applied_graph: Any = None
+    applied_step: Any = None
     loss_source: str = "compute_loss"
     not_recorded: Optional[str] = None
 
@@ -120,7 +120,7 @@ def make_apply(callback, optimizer, original):
             state, skipped = optimizer_step.record_step(stats, optimizer, grads, variables,
                                                         loss=loss, on_nonfinite=hook)
             callback._trace.applied_graph = current_graph()
-            callback._trace.step = (state.step, current_graph())
+            callback._trace.applied_step = state.step
             if loss is None:  # fill_loss completes the row after train_step returns
                 callback._trace.pending_row = (state.step, current_graph())
             if not early:

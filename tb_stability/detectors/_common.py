@@ -35,7 +35,7 @@ def _loss_candidates(run: RunData):
     if s is not None and len(s):
         yield "steps", "loss"
         return
-    if run.held_out or is_validation_run(run.name):
+    if _held_out(run):
         return
     for tag in LOSS_TAGS:
         if tag == PER_BATCH_BEFORE and "batch_loss" in run.scalars:
@@ -98,7 +98,7 @@ def epoch_loss_series(run: RunData) -> tuple[Series, str] | None:
     epoch scalars), else the whole-loss training tag with the word ``epoch``
     (``train_loss_epoch``). Held-out runs have none (`loss_series`).
     """
-    if run.held_out or is_validation_run(run.name):
+    if _held_out(run):
         return None
     s = run.scalars.get("epoch_loss")
     if s is not None and len(s):
@@ -107,6 +107,11 @@ def epoch_loss_series(run: RunData) -> tuple[Series, str] | None:
         if "epoch" in _loss_tags.words(tag) and not _loss_tags.is_part(tag):
             return run.scalars[tag], f"scalar:{tag}"
     return None
+
+
+def _held_out(run: RunData) -> bool:
+    """Whether the run holds a held-out split's metrics, so no training loss."""
+    return run.held_out or is_validation_run(run.name)
 
 
 def is_validation_run(name: str) -> bool:

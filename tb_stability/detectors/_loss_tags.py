@@ -16,7 +16,6 @@ per-layer one (``grad_norm/dense_1``) is not read as the global norm.
 from __future__ import annotations
 
 import math
-
 import re
 
 from tb_stability.rundata import RunData
@@ -136,8 +135,6 @@ LR_WORDS = frozenset({"lr", "learningrate"})
 # Words that make a learning-rate tag something else (`lr_scale`, `lr_decay_steps`).
 NOT_LR_WORDS = frozenset({"scale", "scaler", "decay", "factor", "multiplier", "mult", "warmup",
                           "steps", "schedule", "min", "max", "ratio", "finder"})
-
-
 # Words beside a learning rate that leave it the learning rate (`epoch_learning_rate`, `train/lr`).
 LR_QUALIFIERS = HELD_OUT_WORDS | TRAIN_WORDS | frozenset({"epoch", "optimizer"})
 PLAIN_LR_TAGS = ("learning_rate", "epoch_learning_rate", "lr")
