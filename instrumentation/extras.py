@@ -116,6 +116,8 @@ class CallbackExtras:
             extras.batch_recorded = False
             if extras.tracing and extras.probes is not None and extras.probes.tracing:
                 extras.probes.begin_step()
+            if extras.tracing and args:
+                extras._pend_capture(args[0])  # compute_loss, if called, replaces it
             try:
                 logs = original(*args, **kwargs)
                 if extras.tracing and not extras.batch_recorded and args:
@@ -128,6 +130,23 @@ class CallbackExtras:
 
         return train_step
 
+    def _pend_capture(self, data) -> None:
+        """Hands the NaN capture the batch ``train_step`` was given.
+
+        For a custom ``train_step`` that computes its loss itself: the
+        capture then holds this batch, and its forensics replay the step
+        (`NanCapture.replay_with`). ``compute_loss``, when the step calls it,
+        replaces it with the batch and loss it saw.
+        """
+        if self.broken or self.capture is None:
+            return
+        try:
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            if x is not None:
+                self.capture.record_batch(x, y, sample_weight, None)
+        except Exception as error:  # noqa: BLE001
+            self._fail(error)
+
     def _record_batch(self, data) -> None:
         """The batch statistics of a train step that never called ``compute_loss``.
 
@@ -135,8 +154,7 @@ class CallbackExtras:
         input and label statistics from the batch it was given: Keras'
         ``(x, y, sample_weight)`` convention, or ``x`` alone, at the step of
         the update it made (none without one: nothing is recorded). Without
-        ``compute_loss`` there is no prediction to count classes of, and no
-        NaN capture (it takes its batch from ``compute_loss``).
+        ``compute_loss`` there is no prediction to count classes of.
         """
         trace = self.callback._trace
         if (self.broken or self.data is None or self.log_mode == "never"
@@ -323,7 +341,7 @@ class CallbackExtras:
         try:
             with swapped_weights(capture.variables, weights):
                 try:
-                    record.update(find_origin(model, x, y, sw))
+                    record.update(find_origin(model, x, y, sw, via=capture.replay_with))
                 except Exception as error:  # noqa: BLE001 - still save the batch
                     record.update(origin="unknown", error=f"{type(error).__name__}: {error}"[:300])
                 directory = os.path.join(self.callback.writer.log_dir, ARTIFACT_DIR)

@@ -56,11 +56,20 @@ class NanCapture:
         # when the skips persist (`tb_stability.detectors.nonfinite`'s rule).
         self.loss_scale_optimizer = None
         self.skip_run = None
+        # How the forensics re-run the step: "compute_loss" (Keras' train
+        # step), or "train_step" where the loss never went through compute_loss.
+        self.replay_with = "compute_loss"
 
     # ----------------------------------------------------------------- graph
 
     def record_batch(self, x, y, sample_weight, loss) -> None:
-        """Remembers the traced batch and loss of the step being traced."""
+        """Remembers the traced batch and loss of the step being traced.
+
+        Args:
+          loss: The loss ``compute_loss`` gave, or None for a batch taken from
+            the arguments of a ``train_step`` that computes its loss itself
+            (its forensics then replay that ``train_step``: `replay_with`).
+        """
         self._pending = (x, y, sample_weight, loss)
         self._graph = tf.compat.v1.get_default_graph()
 
@@ -83,7 +92,7 @@ class NanCapture:
             sums = [tf.reduce_sum(tf.cast(dense_values(g), tf.float32)) for g in grads
                     if g is not None]
             grads_ok = tf.math.is_finite(tf.add_n(sums) if sums else tf.constant(0.0))
-        loss = tf.reduce_sum(tf.cast(loss, tf.float32))
+        loss = tf.reduce_sum(tf.cast(loss, tf.float32)) if loss is not None else tf.constant(0.0)
         if self.loss_scale_optimizer is not None:
             from tb_stability.detectors.nonfinite import LOSS_SCALE_FLOOR, MAX_CONSECUTIVE_SKIPS
 
@@ -137,6 +146,8 @@ class NanCapture:
     def _take_pending(self):
         pending = self._pending if self._graph is tf.compat.v1.get_default_graph() else None
         self._pending = None
+        if pending is not None:
+            self.replay_with = "compute_loss" if pending[3] is not None else "train_step"
         return pending
 
     def _capture_fn(self, step, x, y, sample_weight, sources=None):

@@ -6,7 +6,9 @@ Approach:
    train step: on the first non-finite step only, the batch and the weights
    before the update are copied into non-trainable variables.
 2. Host side, at the next read (every N steps, or at the end of training):
-   `find_origin` re-runs that step eagerly with the captured weights: inputs
+   `find_origin` re-runs that step eagerly with the captured weights (the
+   forward pass and ``compute_loss``; for a custom ``train_step`` with a
+   hand-written loss, that ``train_step`` with the update intercepted): inputs
    non-finite -> ``"inputs"``; else the first layer (in call completion
    order, so a child before its parent) whose output is non-finite ->
    ``"layer"``; else a non-finite loss with non-finite labels (or sample
@@ -33,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation.graph_values import dense_values
+from instrumentation.instance_patches import InstancePatches
 from instrumentation.model_layers import all_layers
 
 logger = logging.getLogger("instrumentation")
@@ -102,12 +105,21 @@ def variable_path(variable) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
-def find_origin(model, x, y, sample_weight=None) -> dict:
+def find_origin(model, x, y, sample_weight=None, via: str = "compute_loss") -> dict:
     """Re-runs one training step eagerly and says where non-finite values start.
+
+    The model's state other than its trainable weights (batch-norm statistics,
+    metric totals, dropout seeds) is put back afterwards, so the replay adds
+    nothing to what training will report.
 
     Args:
       model: A compiled Keras model holding the weights before the step.
       x, y, sample_weight: The batch.
+      via: ``"compute_loss"``: the forward pass and ``model.compute_loss``
+        (Keras' own train step); ``"train_step"``: the model class's own
+        ``train_step`` on the packed batch, its ``optimizer.apply`` calls
+        intercepted (no update is made) for the gradients, and its returned
+        ``"loss"`` as the loss (a custom step with a hand-written loss).
 
     Returns:
       ``{"origin": "inputs"|"layer"|"labels"|"sample_weights"|"loss"|
@@ -133,22 +145,31 @@ def find_origin(model, x, y, sample_weight=None) -> dict:
 
         saved.append((layer, "call" in vars(layer), vars(layer).get("call")))
         object.__setattr__(layer, "call", call)
-    variables = list(model.trainable_variables)
+    state = _model_state(model)
     try:
-        with tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
-            loss = type(model).compute_loss(model, x=x, y=y, y_pred=y_pred,
-                                            sample_weight=sample_weight, training=True)
-        grads = tape.gradient(loss, variables)
+        if via == "train_step":
+            loss, grads, variables = _replay_train_step(model, x, y, sample_weight)
+            result["replay_with"] = "train_step"
+        else:
+            variables = list(model.trainable_variables)
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=True)
+                loss = type(model).compute_loss(model, x=x, y=y, y_pred=y_pred,
+                                                sample_weight=sample_weight, training=True)
+            grads = tape.gradient(loss, variables)
     finally:
         for layer, had, old in reversed(saved):
             if had:
                 object.__setattr__(layer, "call", old)
             else:
                 object.__delattr__(layer, "call")
+        for variable, value in state:
+            variable.assign(value)
     result["layers_checked"] = len(calls)
-    loss_value = float(np.asarray(tf.reduce_sum(tf.cast(loss, tf.float64))))
-    result["loss"] = loss_value if np.isfinite(loss_value) else str(loss_value)
+    loss_value = (float(np.asarray(tf.reduce_sum(tf.cast(loss, tf.float64))))
+                  if loss is not None else 0.0)
+    if loss is not None:
+        result["loss"] = loss_value if np.isfinite(loss_value) else str(loss_value)
     bad_layers = [name for name, _, ok in calls if not ok]
     if bad_layers:
         result["origin"] = "layer"
@@ -172,6 +193,48 @@ def find_origin(model, x, y, sample_weight=None) -> dict:
         result["origin"] = "gradients"
         result["variables"] = bad_vars
     return result
+
+
+def _model_state(model) -> list:
+    """``(variable, value)`` of the model's non-trainable and metric variables."""
+    variables = list(getattr(model, "non_trainable_variables", []) or [])
+    variables += list(getattr(model, "metrics_variables", []) or [])
+    seen, state = set(), []
+    for variable in variables:
+        if id(variable) in seen:
+            continue
+        seen.add(id(variable))
+        try:
+            state.append((variable, tf.identity(variable.value)))
+        except Exception:  # noqa: BLE001 - not built yet: nothing to put back
+            continue
+    return state
+
+
+def _replay_train_step(model, x, y, sample_weight):
+    """``(loss or None, gradients, variables)`` of one eager call of the class's ``train_step``.
+
+    The optimizer's ``apply`` is replaced on the instance for the call by one
+    that keeps the gradients it is given and updates nothing.
+    """
+    optimizer = model.optimizer
+    given: list = []
+
+    def apply(grads, trainable_variables=None):
+        variables = (list(trainable_variables) if trainable_variables is not None
+                     else list(model.trainable_variables))
+        given.extend(zip(list(grads), variables))
+
+    patches = InstancePatches()
+    patches.set(optimizer, "apply", apply)
+    try:
+        logs = type(model).train_step(model, keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
+    finally:
+        patches.restore()
+    loss = logs.get("loss") if isinstance(logs, dict) else None
+    if loss is not None and not (tf.is_tensor(loss) or isinstance(loss, (float, np.ndarray))):
+        loss = None
+    return loss, [g for g, _ in given], [v for _, v in given]
 
 
 class swapped_weights:

@@ -57,7 +57,13 @@ def load_model(record: dict, model_path: Optional[str]):
     try:
         return keras.saving.load_model(path)
     except Exception as error:  # noqa: BLE001 - e.g. an unregistered custom loss
-        raise ReplayError(f"cannot load {path!r}: {type(error).__name__}: {error}") from error
+        # Keras appends the model's whole config to this message: keep its first sentence.
+        reason = str(error).split(" Full object config:", 1)[0].strip()
+        if len(reason) > 400:
+            reason = reason[:400] + "..."
+        raise ReplayError(f"cannot load {path!r}: {type(error).__name__}: "
+                          f"{reason.rstrip('.')}. Pass --model FILE.py:FUNCTION (a function "
+                          "returning the compiled model)") from error
 
 
 def set_weights(model, names: Sequence[str], weights: Sequence) -> int:
@@ -89,7 +95,7 @@ def replay(run_dir: str, model_path: Optional[str] = None) -> tuple[dict, dict]:
     if not model.built:
         model(x)
     set_weights(model, record.get("weight_names", []), weights)
-    return record, find_origin(model, x, y, sw)
+    return record, find_origin(model, x, y, sw, via=record.get("replay_with", "compute_loss"))
 
 
 def same_origin(a: dict, b: dict) -> bool:
