@@ -250,7 +250,7 @@ def test_the_learning_rate_among_hparams(hparams, expected):
 
 
 def test_a_logged_learning_rate_comes_before_the_hparam():
-    from tb_stability.detectors import _common
+    from tb_stability.detectors import _common, _remedies
     from tb_stability.rundata import RunData, Series
 
     run = RunData(name="r", hparams={"learning_rate": 0.1, "optimizer": "SGD", "momentum": 0.9},
@@ -258,7 +258,7 @@ def test_a_logged_learning_rate_comes_before_the_hparam():
     assert _common.lr_at(run, 1) == 0.2
     del run.scalars["lr"]
     assert _common.lr_at(run, 1) == 0.1
-    assert _common.optimizer_call(run, "learning_rate=0.01") == \
+    assert _remedies.optimizer_call(run, "learning_rate=0.01") == \
         "keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)"
     run.hparams["optimizer"] = "my_custom_opt"
-    assert _common.recorded_optimizer(run) == ("Adam", {})
+    assert _remedies.recorded_optimizer(run) == ("Adam", {})

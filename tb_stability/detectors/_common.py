@@ -1,5 +1,6 @@
 """Helpers shared by the detector adapters: picking series out of `RunData`,
-classifying variable paths and formatting numbers for evidence and remedies."""
+classifying variable paths, reading run_info, and formatting numbers for
+evidence and remedies (the remedies' optimizer calls: `_remedies`)."""
 
 from __future__ import annotations
 
@@ -258,40 +259,6 @@ def num(x):
     return None if x is None else float(x)
 
 
-MAX_SUGGESTED_LR = 1e-2
-
-
-def zero_gradient_causes(run: RunData) -> str:
-    """Where (near) zero gradients come from when the learning rate is already large."""
-    return (
-        "look for dead or saturated units (the dead_units and saturated_activations findings), "
-        "layers left at trainable=False, or a loss that does not depend on them. A learning rate "
-        "this large can itself kill ReLU units: lower it and retrain from a fresh initialisation:\n"
-        f"    optimizer = {lowered_optimizer_call(run, 10.0)}"
-    )
-
-
-def raised_learning_rate(lr, factor: float) -> tuple[float | None, float | None]:
-    """``(new_lr, effective factor)`` to suggest when the updates are too small.
-
-    The suggestion is ``lr * factor`` capped at `MAX_SUGGESTED_LR` and rounded;
-    the factor is the one that cap leaves (so the text and the snippet agree).
-    ``(1e-3, None)`` when the learning rate is unknown; ``(None, None)`` when it
-    is already at or above the cap: then tiny updates mean tiny gradients, and
-    raising it is not the fix (`zero_gradient_causes`).
-    """
-    try:
-        lr = float(lr)
-    except (TypeError, ValueError):
-        return 1e-3, None
-    if not math.isfinite(lr) or lr <= 0:
-        return 1e-3, None
-    new = round_sig(min(lr * factor, MAX_SUGGESTED_LR), 1)
-    if new <= lr:
-        return None, None
-    return new, round_sig(new / lr, 2)
-
-
 def latest_run_info(run: RunData, key: str | None = None) -> dict:
     """The newest ``stability/run_info`` record of ``run`` (holding ``key``, if given); {} if none."""
     for _, info in reversed(run.json.get("stability/run_info") or []):
@@ -346,119 +313,6 @@ def single_loss_name(info: dict) -> str:
     if isinstance(loss, dict) and isinstance(loss.get("class_name"), str):
         return schema.snake_case(loss["class_name"])
     return ""
-
-
-KERAS_OPTIMIZERS = frozenset({
-    "SGD", "Adam", "AdamW", "Adamax", "Nadam", "RMSprop", "Adagrad", "Adadelta", "Ftrl", "Lion",
-    "Lamb", "Adafactor", "Muon"})
-ADAPTIVE_OPTIMIZERS = KERAS_OPTIMIZERS - {"SGD"}  # per-weight step sizes
-KEPT_OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay")
-
-
-def recorded_optimizer(run: RunData) -> tuple[str, dict]:
-    """``(class name, config)`` of the run's optimizer (the inner one under loss scaling).
-
-    Where run_info records none (an ordinary TensorBoard log), the run's
-    hyperparameters (`RunData.hparams`) may name it (``optimizer="sgd"``, with
-    ``momentum`` beside it); else ``("Adam", {})``.
-    """
-    name, config = _optimizer_of(latest_run_info(run, "optimizer"))
-    if not isinstance(name, str) or not name.isidentifier():
-        return _hparams_optimizer(run)
-    return name, config
-
-
-OPTIMIZER_HPARAMS = ("optimizer", "optim", "opt")
-
-
-def _hparams_optimizer(run: RunData) -> tuple[str, dict]:
-    """``(Keras class name, kept settings)`` from the run's hparams; ``("Adam", {})`` if none."""
-    by_lower = {name.lower(): name for name in KERAS_OPTIMIZERS}
-    for key in OPTIMIZER_HPARAMS:
-        value = run.hparams.get(key)
-        name = by_lower.get(value.strip().lower()) if isinstance(value, str) else None
-        if name:
-            config = {k: run.hparams[k] for k in KEPT_OPTIMIZER_SETTINGS
-                      if isinstance(run.hparams.get(k), (int, float))}
-            return name, config
-    return "Adam", {}
-
-
-def _optimizer_of(info: dict) -> tuple[object, dict]:
-    """``(class name, config)`` of one run_info record's optimizer: the inner one of a
-    LossScaleOptimizer (which carries the clipping and the learning rate)."""
-    name = info.get("optimizer")
-    config = info.get("optimizer_config")
-    config = config if isinstance(config, dict) else {}
-    inner = config.get("inner_optimizer")
-    if isinstance(inner, dict):
-        name = inner.get("class_name", name)
-        config = inner.get("config", inner)
-    return name, config if isinstance(config, dict) else {}
-
-
-def optimizer_call(run: RunData, args: str) -> str:
-    """``keras.optimizers.<the run's optimizer>(args)``, keeping its momentum and weight decay.
-
-    A learning rate worked out from the run's own is a rate for the optimizer
-    it was measured with: 0.2 is a cut for SGD at 2.0 and a disaster for Adam.
-    So a remedy names the run's optimizer class (Adam for an ordinary log),
-    and carries over the settings in `KEPT_OPTIMIZER_SETTINGS` that ``args``
-    does not set.
-    """
-    name, config = recorded_optimizer(run)
-    parts = [args.strip().rstrip(",").strip()] if args.strip() else []
-    for key in KEPT_OPTIMIZER_SETTINGS:
-        value = config.get(key)
-        if value in (None, False, 0, 0.0) or f"{key}=" in args:
-            continue
-        parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value!r}")
-    prefix = "keras.optimizers." if name in KERAS_OPTIMIZERS else ""
-    return f"{prefix}{name}({', '.join(parts)})"
-
-
-def lowered_optimizer_call(run: RunData, factor: float, extra: str = "",
-                           default_lr: float = 1e-4) -> str:
-    """`optimizer_call` with the run's learning rate (its first logged one) lowered ``factor``x.
-
-    ``default_lr`` where the run logged no learning rate (an ordinary log's
-    Adam). ``extra`` are further arguments, e.g. ``"clipnorm=1"``.
-    """
-    new_lr = lowered_rate(lr_at(run, None), factor, default_lr)
-    return optimizer_call(run, ", ".join(a for a in (f"learning_rate={new_lr:g}", extra) if a))
-
-
-def lowered_rate(lr: float | None, factor: float, default_lr: float = 1e-4) -> float:
-    """``lr / factor`` to two significant digits; ``default_lr`` where ``lr`` is unknown."""
-    return round_sig(lr / factor) if lr and math.isfinite(lr) and lr > 0 else default_lr
-
-
-def kept_optimizer_call(run: RunData, extra: str, default_lr: float = 1e-3) -> str:
-    """`optimizer_call` at the run's own learning rate (``default_lr`` if unlogged), plus ``extra``."""
-    return lowered_optimizer_call(run, 1.0, extra, default_lr)
-
-
-def or_adaptive(run: RunData) -> str:
-    """``" or switch to Adam"`` where the run's optimizer has no per-weight step sizes, else ""."""
-    name, _ = recorded_optimizer(run)
-    return "" if name in ADAPTIVE_OPTIMIZERS else " or switch to Adam"
-
-
-def configured_clipping(run: RunData) -> dict:
-    """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
-    records = run.json.get("stability/run_info") or []
-    if not records or not isinstance(records[0][1], dict):
-        return {}
-    _, config = _optimizer_of(records[0][1])
-    out = {}
-    for key in ("clipnorm", "global_clipnorm", "clipvalue"):
-        try:
-            value = float(config.get(key))
-        except (TypeError, ValueError):
-            continue
-        if np.isfinite(value) and value > 0:
-            out[key] = value
-    return out
 
 
 def accumulation_steps(run: RunData) -> int:

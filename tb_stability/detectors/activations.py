@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _robust as R
 from tb_stability.findings import Finding
 from tb_stability.rundata import Matrix, RunData
@@ -86,7 +87,7 @@ def detect_dead(run: RunData) -> list[Finding]:
         f"In {names}: lower the learning rate, use He initialisation and a leaky activation:\n"
         "    keras.layers.Dense(64, kernel_initializer='he_normal')\n"
         "    keras.layers.LeakyReLU(negative_slope=0.1)  # or activation='gelu'\n"
-        f"    optimizer = {C.lowered_optimizer_call(run, 10.0)}",
+        f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0)}",
     )]
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _robust as R
 from tb_stability.detectors import _spike_rule, gradients
 from tb_stability.findings import Finding
@@ -139,7 +140,7 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
         remedy = (
             f"Retrain from a fresh initialisation with the learning rate {settings.lr_factor:g}x "
             "lower, warmed up, and clip gradients (these weights will not recover):\n"
-            + _warmed_up(run, f"{C.lowered_rate(lr, settings.lr_factor):g}", MIN_WARMUP, clip)
+            + _warmed_up(run, f"{remedies.lowered_rate(lr, settings.lr_factor):g}", MIN_WARMUP, clip)
         )
     return Finding(
         kind="divergence",
@@ -173,5 +174,5 @@ def _warmed_up(run: RunData, target: str, warmup: int, clip: float, note: str = 
     return (
         f"    lr = keras.optimizers.schedules.CosineDecay(0.0, decay_steps=total_steps, "
         f"warmup_target={target}, warmup_steps={warmup}){note}\n"
-        f"    optimizer = {C.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}"
+        f"    optimizer = {remedies.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}"
     )

@@ -41,6 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
@@ -170,7 +171,7 @@ def rise_finding(run: RunData) -> Finding | None:
          if blew_up else "Lower the learning rate ~10x (or decay it)")
         + ", and log the loss per batch to see where it goes wrong "
         "(keras.callbacks.TensorBoard(update_freq='batch'), or the StabilityCallback):\n"
-        f"    optimizer = {C.lowered_optimizer_call(run, 10.0)}\n"
+        f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0)}\n"
         "    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.5, patience=2)"
     )
     return Finding(

@@ -36,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _layer_kinds as K
 from tb_stability.detectors import _robust as R
 from tb_stability.findings import Finding
@@ -250,7 +251,7 @@ def detect_exploding(run: RunData) -> list[Finding]:
         "suggested_clipnorm": clip,
         "suggested_lr_factor": factor,
     }
-    clipping = C.configured_clipping(run)
+    clipping = remedies.configured_clipping(run)
     if clipping:
         evidence["configured_clipping"] = clipping
     where = f" (largest in {', '.join(layers[:3])})" if layers else ""
@@ -279,13 +280,13 @@ def _remedy(run: RunData, clipping: dict, factor: float, lr_line: str, clip: flo
         return (
             f"Gradients are already clipped ({setting}) and the pre-clip norm still grows, so "
             f"clipping only hides it: lower the learning rate {factor:g}x (or add warm-up):\n"
-            f"    optimizer = {C.optimizer_call(run, lr_line + setting)}\n"
+            f"    optimizer = {remedies.optimizer_call(run, lr_line + setting)}\n"
             "    model.compile(optimizer=optimizer, loss=...)\n"
             "Also check input scaling and weight initialisation if the growth starts at step 0."
         )
     return (
         f"Clip gradients at ~2x the healthy norm and lower the learning rate {factor:g}x:\n"
-        f"    optimizer = {C.optimizer_call(run, f'{lr_line}clipnorm={clip:g}')}\n"
+        f"    optimizer = {remedies.optimizer_call(run, f'{lr_line}clipnorm={clip:g}')}\n"
         "    model.compile(optimizer=optimizer, loss=...)\n"
         "Also check input scaling and weight initialisation if the growth starts at step 0."
     )
@@ -363,7 +364,7 @@ def detect_vanishing(run: RunData) -> list[Finding]:
                 f"Gradients reaching {listed} are {C.fmt(evidence['median_ratio_first_to_last'])}x "
                 f"those of {names[-1]}, so the early layers barely learn."
             ),
-            remedy=(K.recurrent_remedy(layers, table, C.kept_optimizer_call(
+            remedy=(K.recurrent_remedy(layers, table, remedies.kept_optimizer_call(
                 run, f"clipnorm={remedy_settings(run).clipnorm or 1.0:g}"))
                     or _feedforward_remedy(listed, activations)),
         )

@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import gradients
 from tb_stability.detectors._loss_scale import (  # noqa: F401 - re-exported for the instrumentation
     LOSS_SCALE_FLOOR,
@@ -256,7 +257,7 @@ def detect(run: RunData) -> list[Finding]:
                 f" {label} {', '.join(str(r) for r in first_reps)} went non-finite first "
                 f"(step {first_rep_step})."
             )
-    clipping = C.configured_clipping(run)
+    clipping = remedies.configured_clipping(run)
     if clipping:
         evidence["configured_clipping"] = clipping
 
@@ -284,7 +285,7 @@ def detect(run: RunData) -> list[Finding]:
                 f"Gradients are already clipped ({_clip_txt(clipping)}), so lower the learning "
                 f"rate {factor:g}x and look for the op producing Inf/NaN (clipping cannot repair a "
                 "non-finite gradient):\n"
-                f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}, {_clip_txt(clipping)}')}\n"
+                f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr_txt}, {_clip_txt(clipping)}')}\n"
                 "    tf.debugging.enable_check_numerics()  # before building the model\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
@@ -292,7 +293,7 @@ def detect(run: RunData) -> list[Finding]:
             remedy = (
                 f"Clip gradients at about 2x the healthy norm ({C.fmt(level or float('nan'))}) "
                 f"and lower the learning rate {factor:g}x:\n"
-                f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}, clipnorm={clip:g}')}\n"
+                f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr_txt}, clipnorm={clip:g}')}\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
     elif isinstance(origin, dict) and origin.get("origin") in ("layer",) + tuple(DATA_REMEDIES):
@@ -337,7 +338,7 @@ def detect(run: RunData) -> list[Finding]:
             "Find the producing op with `tf.debugging.enable_check_numerics()` before "
             "building the model, check inputs for NaN/Inf, and guard logs/divisions:\n"
             "    p = tf.clip_by_value(p, 1e-7, 1.0)\n"
-            f"    optimizer = {C.lowered_optimizer_call(run, 10.0, _fallback_clip(run))}"
+            f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0, _fallback_clip(run))}"
         )
     if isinstance(origin, dict) and origin and not origin_told:
         explanation += f" {origin_sentence(origin)}"
@@ -427,7 +428,7 @@ def origin_sentence(origin: dict) -> str:
 
 def _fallback_clip(run: RunData) -> str:
     """The run's own clipping if set, else a clipnorm at twice its healthy norm (1 without one)."""
-    clipping = C.configured_clipping(run)
+    clipping = remedies.configured_clipping(run)
     if clipping:
         return _clip_txt(clipping)
     return f"clipnorm={gradients.remedy_settings(run).clipnorm or 1.0:g}"

@@ -46,6 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _robust as R
 from tb_stability.detectors import blowup, gradients
 from tb_stability.detectors._spike_recurrence import (
@@ -175,10 +176,10 @@ def detect(run: RunData) -> list[Finding]:
                 f"{C.fmt(grad_med)}); clip it at ~2x the median:\n"
                 if grad_spike else
                 f"Clip gradients at ~2x the median norm ({C.fmt(grad_med)}):\n"
-            ) + f"    optimizer = {C.optimizer_call(run, f'learning_rate=..., clipnorm={clip:g}')}\n"
+            ) + f"    optimizer = {remedies.optimizer_call(run, f'learning_rate=..., clipnorm={clip:g}')}\n"
         else:
             clip_line = ("Clip gradients (set clipnorm to ~2x the typical gradient norm):\n"
-                         f"    optimizer = {C.optimizer_call(run, 'learning_rate=..., clipnorm=1.0')}\n")
+                         f"    optimizer = {remedies.optimizer_call(run, 'learning_rate=..., clipnorm=1.0')}\n")
         out.append(Finding(
             kind="loss_spike",
             severity="info" if benign else "warning",
@@ -248,7 +249,7 @@ def detect(run: RunData) -> list[Finding]:
                 "rate to the end; keep the best weights rather than the last:\n"
                 "    ds = ds.batch(32, drop_remainder=True)\n"
                 "    lr = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=total_steps)\n"
-                f"    optimizer = {C.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}\n"
+                f"    optimizer = {remedies.optimizer_call(run, f'learning_rate=lr, clipnorm={clip:g}')}\n"
                 "    keras.callbacks.ModelCheckpoint('best.keras', monitor='loss', save_best_only=True)"
             ),
         ))

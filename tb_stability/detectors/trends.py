@@ -52,6 +52,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _robust as R
 from tb_stability.detectors import blowup, epoch_curve, gradients
 from tb_stability.findings import Finding
@@ -259,7 +260,7 @@ def detect_divergence(run: RunData) -> list[Finding]:
         ),
         remedy=(
             f"Lower the learning rate {factor:g}x (or decay it) and clip gradients:\n"
-            f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}{clip}')}\n"
+            f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr_txt}{clip}')}\n"
             "    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.5, patience=2)"
         ),
     )]
@@ -294,7 +295,7 @@ def detect_stalled(run: RunData) -> list[Finding]:
     lr = C.lr_at(run, None)
     factor = C.round_sig(1e-3 / upd, 1) if upd else 10.0
     factor = float(min(max(factor, 10.0), 1e4))
-    new_lr, factor = C.raised_learning_rate(lr, factor)
+    new_lr, factor = remedies.raised_learning_rate(lr, factor)
     noise = _noise_drop(values)
     overshooting = upd is None and (imp < -WORSE_REL or noise is not None)
     if overshooting:
@@ -302,18 +303,18 @@ def detect_stalled(run: RunData) -> list[Finding]:
             "Lower the learning rate ~10x and retrain from a fresh initialisation: a loss that "
             "rises or bounces without progress is the steps overshooting (a rate too small gives "
             "a smooth, slow descent), and check that labels match the inputs:\n"
-            f"    optimizer = {C.lowered_optimizer_call(run, 10.0)}"
+            f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0)}"
         )
     elif new_lr is None:
         remedy = (f"The learning rate is already {lr:g}, so updates this small mean the "
-                  f"gradients are (near) zero: {C.zero_gradient_causes(run)}")
+                  f"gradients are (near) zero: {remedies.zero_gradient_causes(run)}")
     else:
         raise_by = f"~{factor:g}x " if factor is not None else "(it is unknown; e.g. 1e-3) "
         remedy = (
             f"Raise the learning rate {raise_by}(update/weight ratios near 1e-3 are healthy)"
-            f"{C.or_adaptive(run)}; check that labels match the inputs and the layers are "
+            f"{remedies.or_adaptive(run)}; check that labels match the inputs and the layers are "
             "trainable:\n"
-            f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr:g}')}"
+            f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={new_lr:g}')}"
         )
     return [Finding(
         kind="stalled",
@@ -383,7 +384,7 @@ def detect_oscillation(run: RunData) -> list[Finding]:
         ),
         remedy=(
             "Lower the learning rate (10x) or decay it, and/or use larger batches:\n"
-            f"    optimizer = {C.optimizer_call(run, f'learning_rate={lr_txt}')}\n"
+            f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr_txt}')}\n"
             "    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.3, patience=2)"
         ),
     )]

@@ -31,6 +31,7 @@ import warnings
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
@@ -127,7 +128,7 @@ def detect(run: RunData) -> list[Finding]:
             ),
             remedy=(
                 f"Lower the learning rate ~{cut:g}x{_cut_note(measured, cut)}:\n"
-                f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr}, clipnorm={clip:g}')}"
+                f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={new_lr}, clipnorm={clip:g}')}"
             ),
         ))
     unconnected = C.no_gradient_variables(run)
@@ -144,17 +145,17 @@ def _low_finding(run: RunData, m, names, med, lo: list[int], zero: list[int], lr
     evidence = {}
     if lo:
         typical = float(np.nanmedian(med[lo]))
-        new_lr, factor = C.raised_learning_rate(lr, _lr_factor(typical))
+        new_lr, factor = remedies.raised_learning_rate(lr, _lr_factor(typical))
         if new_lr is None:
             remedy.append(f"The learning rate is already {lr:g}, so ratios this small mean these "
-                          f"layers get (near) zero gradients: {C.zero_gradient_causes(run)}")
+                          f"layers get (near) zero gradients: {remedies.zero_gradient_causes(run)}")
         else:
-            capped = f", capped at {C.MAX_SUGGESTED_LR:g}" if new_lr >= C.MAX_SUGGESTED_LR else ""
+            capped = f", capped at {remedies.MAX_SUGGESTED_LR:g}" if new_lr >= remedies.MAX_SUGGESTED_LR else ""
             measured = f"measured ratio {C.fmt(typical)}, healthy ~{HEALTHY:g}{capped}"
             raise_by = (f"~{factor:g}x ({measured})" if factor is not None
                         else f"(it is unknown; {measured})")
-            remedy.append(f"Raise the learning rate {raise_by}{C.or_adaptive(run)}:\n"
-                          f"    optimizer = {C.optimizer_call(run, f'learning_rate={new_lr:g}')}")
+            remedy.append(f"Raise the learning rate {raise_by}{remedies.or_adaptive(run)}:\n"
+                          f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={new_lr:g}')}")
         evidence["median_ratio"] = {names[j]: float(med[j]) for j in lo}
         explanation.append(
             f"{len(lo)} of {len(names)} kernels change by only {C.fmt(typical)} of their norm per "
