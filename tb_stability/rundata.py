@@ -81,6 +81,10 @@ class RunData:
         training's (`mark_held_out`): its loss is not a training loss.
       hparams: The run's hyperparameters as the HParams dashboard records
         them (``hp.hparams({...})``): name -> number, string or bool.
+      model_config: What Keras' TensorBoard callback recorded of the
+        compiled model (`reader.keras_model`), in run_info's field names
+        (``optimizer``, ``optimizer_config``, ``loss_name``, ``from_logits``,
+        ``output_activation``, ``output_units``); ``{}`` where none.
     """
 
     name: str
@@ -97,6 +101,7 @@ class RunData:
     warnings: list[str] = dataclasses.field(default_factory=list)
     held_out: bool = False
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def instrumented(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import statistics
 
 import numpy as np
@@ -121,7 +123,7 @@ def test_small_updates_advice_agrees_with_its_snippet(lr, advice):
     assert set(found) == {"stalled", "update_ratio_low"}
     for finding in found.values():
         assert advice in finding.remedy, finding.remedy
-        suggested = float(finding.remedy.split("learning_rate=")[-1].rstrip(")"))
+        suggested = float(re.findall(r"learning_rate=([0-9.e+-]+)", finding.remedy)[-1])
         if lr is not None and lr >= 1e-2:
             assert suggested < lr and "dead or saturated units" in finding.remedy
         elif lr is not None:

@@ -224,13 +224,23 @@ def lr_at(run: RunData, step: int | None) -> float | None:
         tag = _loss_tags.learning_rate_tag(run)
         s = run.scalars[tag] if tag else None
     if s is None or not len(s):
-        return _loss_tags.learning_rate_hparam(run)
+        return _compiled_learning_rate(run) or _loss_tags.learning_rate_hparam(run)
     if step is None:
         step = int(s.steps[-1])
     idx = int(np.searchsorted(s.steps, step, side="right")) - 1
     idx = min(max(idx, 0), len(s) - 1)
     v = float(s.values[idx])
     return v if math.isfinite(v) else None
+
+
+def _compiled_learning_rate(run: RunData) -> float | None:
+    """The constant learning rate the recorded compiled model's optimizer was given, if one."""
+    config = run.model_config.get("optimizer_config")
+    value = config.get("learning_rate") if isinstance(config, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and math.isfinite(value) and value > 0:
+        return float(value)
+    return None  # none recorded, or a schedule (a dict)
 
 
 def fmt(x) -> str:
@@ -315,10 +325,18 @@ def single_loss_name(info: dict) -> str:
     return ""
 
 
-def accumulation_steps(run: RunData) -> int:
-    """``gradient_accumulation_steps`` from run_info's optimizer config (1 if unset)."""
+def first_run_info(run: RunData) -> dict:
+    """The first ``stability/run_info`` record; else what Keras' TensorBoard callback
+    recorded of the compiled model (`RunData.model_config`, the same field names)."""
     records = run.json.get("stability/run_info") or []
-    config = records[0][1].get("optimizer_config") if records and isinstance(records[0][1], dict) else None
+    if records and isinstance(records[0][1], dict):
+        return records[0][1]
+    return run.model_config
+
+
+def accumulation_steps(run: RunData) -> int:
+    """``gradient_accumulation_steps`` from the optimizer's config (1 if unset)."""
+    config = first_run_info(run).get("optimizer_config")
     if isinstance(config, dict) and isinstance(config.get("inner_optimizer"), dict):
         config = config["inner_optimizer"].get("config", config["inner_optimizer"])
     try:

@@ -59,14 +59,19 @@ KEPT_OPTIMIZER_SETTINGS = ("momentum", "nesterov", "weight_decay")
 def recorded_optimizer(run: RunData) -> tuple[str, dict]:
     """``(class name, config)`` of the run's optimizer (the inner one under loss scaling).
 
-    Where run_info records none (an ordinary TensorBoard log), the run's
-    hyperparameters (`RunData.hparams`) may name it (``optimizer="sgd"``, with
-    ``momentum`` beside it); else ``("Adam", {})``.
+    Where run_info records none (an ordinary TensorBoard log), the compiled
+    model Keras' TensorBoard callback recorded (`RunData.model_config`) or
+    the run's hyperparameters (`RunData.hparams`: ``optimizer="sgd"``, with
+    ``momentum`` beside it) may name it; else ``("Adam", {})``.
     """
-    name, config = _optimizer_of(C.latest_run_info(run, "optimizer"))
-    if not isinstance(name, str) or not name.isidentifier():
-        return _hparams_optimizer(run)
-    return name, config
+    for info in (C.latest_run_info(run, "optimizer"), run.model_config):
+        name, config = _optimizer_of(info)
+        if isinstance(name, str) and name.isidentifier():
+            return _KERAS_NAMES.get(name.lower(), name), config
+    return _hparams_optimizer(run)
+
+
+_KERAS_NAMES = {name.lower(): name for name in KERAS_OPTIMIZERS}  # compile("adam")
 
 
 OPTIMIZER_HPARAMS = ("optimizer", "optim", "opt")
@@ -74,10 +79,9 @@ OPTIMIZER_HPARAMS = ("optimizer", "optim", "opt")
 
 def _hparams_optimizer(run: RunData) -> tuple[str, dict]:
     """``(Keras class name, kept settings)`` from the run's hparams; ``("Adam", {})`` if none."""
-    by_lower = {name.lower(): name for name in KERAS_OPTIMIZERS}
     for key in OPTIMIZER_HPARAMS:
         value = run.hparams.get(key)
-        name = by_lower.get(value.strip().lower()) if isinstance(value, str) else None
+        name = _KERAS_NAMES.get(value.strip().lower()) if isinstance(value, str) else None
         if name:
             config = {k: run.hparams[k] for k in KEPT_OPTIMIZER_SETTINGS
                       if isinstance(run.hparams.get(k), (int, float))}
@@ -123,15 +127,44 @@ def lowered_optimizer_call(run: RunData, factor: float, extra: str = "",
     """`optimizer_call` with the run's learning rate (its first logged one) lowered ``factor``x.
 
     ``default_lr`` where the run logged no learning rate (an ordinary log's
-    Adam). ``extra`` are further arguments, e.g. ``"clipnorm=1"``.
+    Adam); the optimizer's default where the lowered rate is still above its
+    usual range (`lowered_rate_for`). ``extra`` are further arguments, e.g.
+    ``"clipnorm=1"``.
     """
-    new_lr = lowered_rate(C.lr_at(run, None), factor, default_lr)
-    return optimizer_call(run, ", ".join(a for a in (f"learning_rate={new_lr:g}", extra) if a))
+    new_lr, note = lowered_rate_for(run, C.lr_at(run, None), factor, default_lr)
+    args = ", ".join(a for a in (f"learning_rate={new_lr:g}", extra) if a)
+    return optimizer_call(run, args) + note
 
 
 def lowered_rate(lr: float | None, factor: float, default_lr: float = 1e-4) -> float:
     """``lr / factor`` to two significant digits; ``default_lr`` where ``lr`` is unknown."""
     return C.round_sig(lr / factor) if lr and math.isfinite(lr) and lr > 0 else default_lr
+
+
+# Keras' default learning rate of the optimizers with per-weight step sizes of
+# about the learning rate: each weight moves by up to ~lr per step, so above
+# USUAL_RANGE x the default they are rarely stable whatever the model.
+DEFAULT_LR = {"Adam": 1e-3, "AdamW": 1e-3, "Adamax": 1e-3, "Nadam": 1e-3, "RMSprop": 1e-3}
+USUAL_RANGE = 10.0
+
+
+def lowered_rate_for(run: RunData, lr: float | None, factor: float,
+                     default_lr: float = 1e-4) -> tuple[float, str]:
+    """``(rate, note)``: `lowered_rate`, or the run's optimizer's default where that is too high.
+
+    A cut of ``factor`` from a rate 1000x too large (Adam at 1.0) still
+    leaves one 100x too large, and a remedy that suggests it fails again. So
+    for the optimizers in `DEFAULT_LR`, a lowered rate above `USUAL_RANGE`
+    times their default becomes the default, and ``note`` (a comment for the
+    end of the snippet's line) says why; otherwise ``note`` is "".
+    """
+    new_lr = lowered_rate(lr, factor, default_lr)
+    name, _ = recorded_optimizer(run)
+    usual = DEFAULT_LR.get(name)
+    if usual is None or factor <= 1.0 or new_lr <= USUAL_RANGE * usual:
+        return new_lr, ""
+    return usual, (f"  # {name}'s default: {factor:g}x lower ({new_lr:g}) is still above its "
+                   f"usual range (<= {USUAL_RANGE * usual:g})")
 
 
 def kept_optimizer_call(run: RunData, extra: str, default_lr: float = 1e-3) -> str:
@@ -147,10 +180,7 @@ def or_adaptive(run: RunData) -> str:
 
 def configured_clipping(run: RunData) -> dict:
     """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
-    records = run.json.get("stability/run_info") or []
-    if not records or not isinstance(records[0][1], dict):
-        return {}
-    _, config = _optimizer_of(records[0][1])
+    _, config = _optimizer_of(C.first_run_info(run))
     out = {}
     for key in ("clipnorm", "global_clipnorm", "clipvalue"):
         try:

@@ -137,10 +137,11 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
                 f"{blew}, and never came back down: it ended at {C.fmt(final)}, "
                 f"{C.fmt(final / x0)}x its first value: training is diverging."
             )
+        rate, note = remedies.lowered_rate_for(run, lr, settings.lr_factor)
         remedy = (
             f"Retrain from a fresh initialisation with the learning rate {settings.lr_factor:g}x "
             "lower, warmed up, and clip gradients (these weights will not recover):\n"
-            + _warmed_up(run, f"{remedies.lowered_rate(lr, settings.lr_factor):g}", MIN_WARMUP, clip)
+            + _warmed_up(run, f"{rate:g}", MIN_WARMUP, clip, note)
         )
     return Finding(
         kind="divergence",

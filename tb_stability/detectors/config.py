@@ -12,6 +12,11 @@ for a model with several, each with its own loss), checked with these rules:
 * binary cross-entropy with labels outside [0, 1];
 * categorical cross-entropy on a single output unit.
 
+An ordinary log has no run_info; there the same fields come from the
+compiled model Keras' TensorBoard callback recorded (`RunData.model_config`,
+from its ``keras`` tag): loss, ``from_logits``, the output layer's activation
+and units, and no label range.
+
 Severity: ``warning`` (``critical`` when the recorded problem says so).
 """
 
@@ -97,17 +102,18 @@ def _logits_loss(loss: str, activation: str) -> str:
 def detect(run: RunData) -> list[Finding]:
     """config_mismatch adapter."""
     records = run.json.get("stability/run_info") or []
-    if not records:
-        return []
-    step, info = max(records, key=lambda r: r[0])
-    if not isinstance(info, dict):
+    if records:
+        step, info = max(records, key=lambda r: r[0])
+    else:  # an ordinary log: the compiled model Keras' TensorBoard callback recorded
+        step, info = _first_step(run), run.model_config
+    if not isinstance(info, dict) or not info:
         return []
     problems = config_problems(info)
     if not problems:
         return []
     critical = any(str(p.get("severity", "")).lower() == "critical" for p in problems)
-    keys = ("loss", "output_activation", "from_logits", "label_min", "label_max", "output_units",
-            "outputs")
+    keys = ("loss", "loss_name", "output_activation", "from_logits", "label_min", "label_max",
+            "output_units", "outputs")
     return [Finding(
         kind="config_mismatch",
         severity="critical" if critical else "warning",
@@ -122,3 +128,9 @@ def detect(run: RunData) -> list[Finding]:
         or "Make the output activation, the loss and the label range agree, e.g.\n"
            "    keras.layers.Dense(1); loss = keras.losses.BinaryCrossentropy(from_logits=True)",
     )]
+
+
+def _first_step(run: RunData) -> int:
+    """The first step of the run's ordinary scalars (0 without any)."""
+    firsts = [int(series.steps[0]) for series in run.scalars.values() if len(series)]
+    return min(firsts) if firsts else 0

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from tb_stability import schema
-from tb_stability.reader import hparams, restarts
+from tb_stability.reader import hparams, keras_model, restarts
 from tb_stability.reader.decode import FileState
 from tb_stability.reader.segments import Segment, read_only
 from tb_stability.rundata import Matrix, RunData, Series
@@ -108,6 +108,9 @@ def build_run(name: str, states: Sequence[FileState]) -> RunData:
         run.json[tag] = [records[i] for i in order]
     for state in states:  # the last file that starts a session (a rerun's) holds the run's
         run.hparams = hparams.session_hparams(state.meta, state.label, run.warnings) or run.hparams
+        if state.keras_model is not None:  # likewise the last fit's model
+            run.model_config = (keras_model.compiled_model(state.keras_model, state.label,
+                                                           run.warnings) or run.model_config)
     return run
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2
 
 from tb_stability import schema
+from tb_stability.reader import keras_model
 from tb_stability.reader import segments as seg
 from tb_stability.reader.tfrecord import FrameProblem, iter_records
 
@@ -93,6 +94,8 @@ class FileState:
       tensors: other stability tags: tag -> list of `segments.Segment`.
       scalars: tag -> list of `segments.Segment`.
       json: tag -> list of (step, dict).
+      keras_model: The last model JSON Keras' TensorBoard callback wrote
+        (tag ``keras``; `keras_model`), or None.
       warnings: Persistent warnings (corruption in the middle, bad metadata).
       tail_warning: Warning about an incomplete final record, replaced on each
         read (a file being written often ends mid-record).
@@ -110,6 +113,7 @@ class FileState:
     tensors: dict[str, list[seg.Segment]] = dataclasses.field(default_factory=dict)
     scalars: dict[str, list[seg.Segment]] = dataclasses.field(default_factory=dict)
     json: dict[str, list] = dataclasses.field(default_factory=dict)
+    keras_model: bytes | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
     tail_warning: str | None = None
 
@@ -231,6 +235,8 @@ def _read_summary(state: FileState, event, offset: int, batch: _Batch) -> None:
                 scalar = _scalar_value(value.tensor)
                 if scalar is not None:
                     _add_scalar(batch, tag, step, scalar)
+            elif known[0] == keras_model.PLUGIN_NAME and value.tensor.string_val:
+                state.keras_model = bytes(value.tensor.string_val[0])
         except Exception as error:  # bad tensor, bad JSON: warn, keep going
             state.warnings.append(
                 f"{state.label}: could not decode tag {tag!r} at step {step} "
