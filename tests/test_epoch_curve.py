@@ -88,7 +88,9 @@ def test_adam_at_1_with_only_epoch_means_is_a_rising_loss(tmp_path):
     assert f.evidence["steady_rise_epochs"] >= epoch_curve.RISES
     assert f.evidence["first_epoch_to_later"] >= epoch_curve.FIRST_EPOCH
     assert f.evidence["learning_rate"] == 1.0
-    assert "fresh initialisation" in f.remedy and "learning_rate=0.1" in f.remedy
+    assert "fresh initialisation" in f.remedy
+    # Adam at 0.1 (a 10x cut) would still be 100x Adam's default: the default, said why.
+    assert "keras.optimizers.Adam(learning_rate=0.001)  # Adam's default" in f.remedy
     assert "update_freq='batch'" in f.remedy
 
 
