@@ -90,7 +90,7 @@ class CallbackExtras:
                     or type(optimizer).__name__ == "LossScaleOptimizer"):
                 self.capture.loss_scale_optimizer = optimizer  # benign skips are not NaNs
         patch = self.callback._patch
-        patch(model, "train_step", self._make_train_step(model.train_step, optimizer))
+        patch(model, "train_step", self._make_train_step(model.train_step))
         patch(model, "compute_loss", self._make_compute_loss(model.compute_loss, optimizer))
 
     def uninstall(self) -> None:
@@ -108,7 +108,7 @@ class CallbackExtras:
 
     # ------------------------------------------------------------- wrappers
 
-    def _make_train_step(self, original, optimizer):
+    def _make_train_step(self, original):
         extras = self
 
         def train_step(*args, **kwargs):
@@ -116,12 +116,17 @@ class CallbackExtras:
             extras.batch_recorded = False
             if extras.tracing and extras.probes is not None and extras.probes.tracing:
                 extras.probes.begin_step()
-            if extras.tracing and args:
-                extras._pend_capture(args[0])  # compute_loss, if called, replaces it
+            wanted = extras.capture is not None or extras.data is not None
+            batch = extras._unpack(args[0]) if extras.tracing and wanted and args else None
+            if batch is not None and extras.capture is not None:
+                # For a custom train_step that computes its loss itself, the
+                # capture keeps this batch and its forensics replay the step
+                # (`NanCapture.replay_with`); compute_loss, if called, replaces it.
+                extras.capture.record_batch(*batch, None)
             try:
                 logs = original(*args, **kwargs)
-                if extras.tracing and not extras.batch_recorded and args:
-                    extras._record_batch(args[0])  # compute_loss was not called
+                if batch is not None and extras.tracing and not extras.batch_recorded:
+                    extras._record_batch(batch)  # compute_loss was not called
                 return logs
             finally:
                 if extras.tracing and extras.probes is not None:
@@ -130,41 +135,32 @@ class CallbackExtras:
 
         return train_step
 
-    def _pend_capture(self, data) -> None:
-        """Hands the NaN capture the batch ``train_step`` was given.
-
-        For a custom ``train_step`` that computes its loss itself: the
-        capture then holds this batch, and its forensics replay the step
-        (`NanCapture.replay_with`). ``compute_loss``, when the step calls it,
-        replaces it with the batch and loss it saw.
-        """
-        if self.broken or self.capture is None:
-            return
+    def _unpack(self, data) -> Optional[tuple]:
+        """``(x, y, sample_weight)`` of the batch ``train_step`` was given (Keras'
+        convention, or ``x`` alone); None without inputs or on an internal error."""
         try:
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            if x is not None:
-                self.capture.record_batch(x, y, sample_weight, None)
         except Exception as error:  # noqa: BLE001
             self._fail(error)
+            return None
+        return (x, y, sample_weight) if x is not None else None
 
-    def _record_batch(self, data) -> None:
+    def _record_batch(self, batch: tuple) -> None:
         """The batch statistics of a train step that never called ``compute_loss``.
 
         A custom ``train_step`` with a hand-written loss (or a GAN's) gets its
-        input and label statistics from the batch it was given: Keras'
-        ``(x, y, sample_weight)`` convention, or ``x`` alone, at the step of
-        the update it made (none without one: nothing is recorded). Without
-        ``compute_loss`` there is no prediction to count classes of.
+        input and label statistics from the batch it was given (`_unpack`), at
+        the step of the update it made (none without one: nothing is
+        recorded). Without ``compute_loss`` there is no prediction to count
+        classes of.
         """
         trace = self.callback._trace
         if (self.broken or self.data is None or self.log_mode == "never"
                 or trace.applied_graph is not current_graph()):
             return  # this trace made no update: no step to record at
-        step = trace.applied_step
+        x, y, _ = batch
         try:
-            x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-            if x is not None:
-                self.data.record(step, x, y, None, always=self.log_mode == "always")
+            self.data.record(trace.applied_step, x, y, None, always=self.log_mode == "always")
         except Exception as error:  # noqa: BLE001
             self._fail(error)
 

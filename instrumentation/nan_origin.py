@@ -166,9 +166,9 @@ def find_origin(model, x, y, sample_weight=None, via: str = "compute_loss") -> d
         for variable, value in state:
             variable.assign(value)
     result["layers_checked"] = len(calls)
-    loss_value = (float(np.asarray(tf.reduce_sum(tf.cast(loss, tf.float64))))
-                  if loss is not None else 0.0)
+    loss_value = 0.0  # a train_step that returned no loss: only layers and gradients are tested
     if loss is not None:
+        loss_value = float(np.asarray(tf.reduce_sum(tf.cast(loss, tf.float64))))
         result["loss"] = loss_value if np.isfinite(loss_value) else str(loss_value)
     bad_layers = [name for name, _, ok in calls if not ok]
     if bad_layers:

@@ -237,10 +237,8 @@ def _compiled_learning_rate(run: RunData) -> float | None:
     """The constant learning rate the recorded compiled model's optimizer was given, if one."""
     config = run.model_config.get("optimizer_config")
     value = config.get("learning_rate") if isinstance(config, dict) else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and math.isfinite(value) and value > 0:
-        return float(value)
-    return None  # none recorded, or a schedule (a dict)
+    # None where none was recorded, or a schedule (a dict)
+    return float(value) if _loss_tags.is_positive_number(value) else None
 
 
 def fmt(x) -> str:
@@ -325,6 +323,19 @@ def single_loss_name(info: dict) -> str:
     return ""
 
 
+def optimizer_of(info: dict) -> tuple[object, dict]:
+    """``(class name, config)`` of one run_info record's optimizer: the inner one of a
+    LossScaleOptimizer (which carries the clipping and the learning rate)."""
+    name = info.get("optimizer")
+    config = info.get("optimizer_config")
+    config = config if isinstance(config, dict) else {}
+    inner = config.get("inner_optimizer")
+    if isinstance(inner, dict):
+        name = inner.get("class_name", name)
+        config = inner.get("config", inner)
+    return name, config if isinstance(config, dict) else {}
+
+
 def first_run_info(run: RunData) -> dict:
     """The first ``stability/run_info`` record; else what Keras' TensorBoard callback
     recorded of the compiled model (`RunData.model_config`, the same field names)."""
@@ -336,10 +347,8 @@ def first_run_info(run: RunData) -> dict:
 
 def accumulation_steps(run: RunData) -> int:
     """``gradient_accumulation_steps`` from the optimizer's config (1 if unset)."""
-    config = first_run_info(run).get("optimizer_config")
-    if isinstance(config, dict) and isinstance(config.get("inner_optimizer"), dict):
-        config = config["inner_optimizer"].get("config", config["inner_optimizer"])
+    _, config = optimizer_of(first_run_info(run))
     try:
-        return max(1, int((config or {}).get("gradient_accumulation_steps") or 1))
+        return max(1, int(config.get("gradient_accumulation_steps") or 1))
     except (TypeError, ValueError, AttributeError):
         return 1

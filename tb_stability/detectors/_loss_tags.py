@@ -179,8 +179,13 @@ def learning_rate_hparam(run: RunData) -> float | None:
     ``learning_rate`` and ``lr`` first, then the name.
     """
     found = {name: value for name, value in run.hparams.items()
-             if isinstance(value, (int, float)) and not isinstance(value, bool)
-             and math.isfinite(value) and value > 0 and _is_lr_name(name)}
+             if is_positive_number(value) and _is_lr_name(name)}
     if not found:
         return None
     return float(found[min(found, key=lambda n: (_plain_lr_rank(n), n))])
+
+
+def is_positive_number(value) -> bool:
+    """Whether a recorded setting is a positive finite number (not a bool, a string or a dict)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)

@@ -65,7 +65,7 @@ def recorded_optimizer(run: RunData) -> tuple[str, dict]:
     ``momentum`` beside it) may name it; else ``("Adam", {})``.
     """
     for info in (C.latest_run_info(run, "optimizer"), run.model_config):
-        name, config = _optimizer_of(info)
+        name, config = C.optimizer_of(info)
         if isinstance(name, str) and name.isidentifier():
             return _KERAS_NAMES.get(name.lower(), name), config
     return _hparams_optimizer(run)
@@ -87,19 +87,6 @@ def _hparams_optimizer(run: RunData) -> tuple[str, dict]:
                       if isinstance(run.hparams.get(k), (int, float))}
             return name, config
     return "Adam", {}
-
-
-def _optimizer_of(info: dict) -> tuple[object, dict]:
-    """``(class name, config)`` of one run_info record's optimizer: the inner one of a
-    LossScaleOptimizer (which carries the clipping and the learning rate)."""
-    name = info.get("optimizer")
-    config = info.get("optimizer_config")
-    config = config if isinstance(config, dict) else {}
-    inner = config.get("inner_optimizer")
-    if isinstance(inner, dict):
-        name = inner.get("class_name", name)
-        config = inner.get("config", inner)
-    return name, config if isinstance(config, dict) else {}
 
 
 def optimizer_call(run: RunData, args: str) -> str:
@@ -180,7 +167,7 @@ def or_adaptive(run: RunData) -> str:
 
 def configured_clipping(run: RunData) -> dict:
     """``clipnorm`` / ``global_clipnorm`` / ``clipvalue`` set in run_info's optimizer config."""
-    _, config = _optimizer_of(C.first_run_info(run))
+    _, config = C.optimizer_of(C.first_run_info(run))
     out = {}
     for key in ("clipnorm", "global_clipnorm", "clipvalue"):
         try:
