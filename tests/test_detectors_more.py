@@ -165,6 +165,29 @@ def test_unscaled_inputs(stats, flag):
         assert "Normalization" in found[0].remedy
 
 
+def named_input_run(names, extent):
+    mk = lambda v: Matrix(np.array([0]), tuple(names), np.asarray([v], float))  # noqa: E731
+    n = len(names)
+    return RunData(name="r", inputs={"mean": mk([0.0] * n), "std": mk([1.0] * n),
+                                     "min": mk([-e for e in extent]), "max": mk(extent)})
+
+
+@pytest.mark.parametrize("names, extent, adapted, spread_named", [
+    (("x[0]", "x[1]"), [5e3, 4.0], ["x_train)"], False),
+    (("age[0]", "pixels[*]"), [90.0, 0.5], ["x_train['age']"], False),
+    (("x0[0]", "x1[0]", "x1[1]"), [3e3, 2e3, 1.0], ["x_train[0]", "x_train[1]"], False),
+    (("f0", "f1"), [5.0, 5.0], ["x_train)"], True),
+], ids=["one-input", "dict-input", "list-of-inputs", "unnamed-std-ratio"])
+def test_unscaled_inputs_remedy_names_the_inputs_to_standardise(names, extent, adapted,
+                                                                spread_named):
+    run = named_input_run(names, extent)
+    if spread_named:
+        run.inputs["std"].values[0] = [200.0, 1.0]
+    (f,) = data.detect_unscaled(run)
+    assert re.findall(r"x_train(?:\[[^\]]+\]|\))", f.remedy) == adapted
+    assert ("spreads differ" in f.explanation) == spread_named
+
+
 def test_class_imbalance_labels_and_collapse():
     lab = Matrix(np.array([0, 10]), ("0", "1"), np.array([[970.0, 30.0], [960.0, 40.0]]))
     (f,) = data.detect_imbalance(RunData(name="r", labels=lab))

@@ -159,3 +159,18 @@ def test_per_feature_factors_after_a_reshape_are_not_mapped_onto_the_features(tm
     assert findings == []
     (entry,) = _scaling(tmp_path)
     assert entry["scaling"] == {"layer": "flat_norm", "class": "Normalization", "normalized": True}
+
+
+def test_a_dict_input_model_is_told_which_input_to_standardise(tmp_path):
+    """Features are named by their input; the remedy adapts a Normalization on that input only."""
+    inputs = {"age": keras.Input((1,), name="age"), "pixels": keras.Input((3,), name="pixels")}
+    hidden = keras.layers.Dense(8, activation="relu")(
+        keras.layers.Concatenate()([inputs["age"], inputs["pixels"]]))
+    model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+    x = {"age": RAW[:, 3:], "pixels": RNG.random((128, 3)).astype("float32")}
+    run, (finding,) = _fit(tmp_path, model, x=x)
+    assert load_run(str(tmp_path)).inputs["max"].names == (
+        "age[0]", "pixels[0]", "pixels[1]", "pixels[2]")
+    assert list(finding.evidence["largest_features"])[0] == "age[0]"
+    assert "norm.adapt(x_train['age'])" in finding.remedy
+    assert "pixels" not in finding.remedy and "keras.Sequential" not in finding.remedy

@@ -27,6 +27,7 @@ class_imbalance
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -43,6 +44,11 @@ MAJORITY = 0.9
 COLLAPSE = 0.95
 NOTHING_LEARNED = 0.9
 BALANCED = 0.6
+SPREAD_WORTH_NAMING = 10.0  # below it the explanation leaves the spread ratio out
+MAX_NAMED_INPUTS = 3
+
+_FEATURE_NAME = re.compile(r"(.+)\[(?:\d+|\*)\]")
+_LIST_INPUT = re.compile(r"x(\d+)")
 
 
 def input_scale(mean, std, lo, hi) -> dict:
@@ -95,23 +101,19 @@ def detect_unscaled(run: RunData) -> list[Finding]:
     flagged = [j for j in s["large_features"] + top[:1] if labels[j]]
     scaled = sorted({labels[j] for j in flagged})
     scaling_layers = sorted({layer_names[j] for j in flagged})
+    spread = f"{C.fmt(s['std_ratio'])}x" if s["std_ratio"] >= SPREAD_WORTH_NAMING else ""
     explanation = (
-        f"Input features reach |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]}) and "
-        f"their spreads differ {C.fmt(s['std_ratio'])}x; unscaled inputs saturate units and "
-        "make the loss surface badly conditioned."
+        f"Input features reach |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]})"
+        + (f" and their spreads differ {spread}" if spread else "")
+        + "; unscaled inputs saturate units and make the loss surface badly conditioned."
     )
-    remedy = (
-        "Standardise the features (fit on training data only):\n"
-        "    norm = keras.layers.Normalization()\n"
-        "    norm.adapt(x_train)\n"
-        "    model = keras.Sequential([keras.Input(x_train.shape[1:]), norm, ...])\n"
-        "    # or: x = sklearn.preprocessing.StandardScaler().fit_transform(x)"
-    )
+    remedy = _standardise_remedy([names[j] for j in s["large_features"] + top[:1]])
     if scaled:
         explanation = (
             f"The model scales its inputs ({', '.join(scaled)}), yet after that its first layers "
-            f"see |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]}) and spreads that "
-            f"differ {C.fmt(s['std_ratio'])}x: the scaling does not fit the data it is fed."
+            f"see |x| = {C.fmt(s['extent'][top[0]])} (feature {names[top[0]]})"
+            + (f" and spreads that differ {spread}" if spread else "")
+            + ": the scaling does not fit the data it is fed."
         )
         remedy = (
             "Fit the scaling to the data training feeds it: adapt the Normalization layer on the "
@@ -136,6 +138,40 @@ def detect_unscaled(run: RunData) -> list[Finding]:
         explanation=explanation,
         remedy=remedy,
     )]
+
+
+def input_key(feature: str) -> str | None:
+    """The input a feature belongs to (``"age"`` of ``"age[0]"``), or None for an unnamed one.
+
+    The instrumentation names features ``<input>[j]`` (``<input>[*]`` for an
+    input summarised as one feature): ``x`` for a single input, ``x0``, ``x1``
+    ... for a list of inputs, the key for a dict of inputs.
+    """
+    match = _FEATURE_NAME.fullmatch(feature)
+    return match.group(1) if match else None
+
+
+def _standardise_remedy(flagged: list[str]) -> str:
+    """Normalization snippet: one layer for a single input, one per named input of a multi-input model."""
+    keys = list(dict.fromkeys(k for k in map(input_key, flagged) if k is not None))
+    if not keys or keys == ["x"]:
+        return ("Standardise the features (fit on training data only):\n"
+                "    norm = keras.layers.Normalization()\n"
+                "    norm.adapt(x_train)\n"
+                "    model = keras.Sequential([keras.Input(x_train.shape[1:]), norm, ...])\n"
+                "    # or: x = sklearn.preprocessing.StandardScaler().fit_transform(x)")
+    shown = keys[:MAX_NAMED_INPUTS]
+    lines = [f"Standardise the input {shown[0]} (fit on training data only) with a Normalization "
+             "layer right after its keras.Input:" if len(shown) == 1 else
+             f"Standardise the inputs {', '.join(shown)} (fit on training data only), each with a "
+             "Normalization layer of its own right after its keras.Input:"]
+    for key in shown:
+        listed = _LIST_INPUT.fullmatch(key)
+        ref = listed.group(1) if listed else repr(key)
+        lines += [f"    norm = keras.layers.Normalization()",
+                  f"    norm.adapt(x_train[{ref}])",
+                  f"    scaled = norm(inputs[{ref}])  # build the model on this instead of inputs[{ref}]"]
+    return "\n".join(lines)
 
 
 class ModelView:
