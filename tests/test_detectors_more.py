@@ -269,3 +269,41 @@ def test_config_mismatch_recorded_and_rules():
     ok = {"loss": "binary_crossentropy", "output_activation": "sigmoid", "from_logits": False,
           "label_min": 0, "label_max": 1}
     assert config.detect(RunData(name="r", json={"stability/run_info": [(0, ok)]})) == []
+
+
+@pytest.mark.parametrize("origin, x_kind, y_kind, bad", [
+    ("inputs", "list", "single", [("x", "1", [3])]),
+    ("inputs", "dict", "single", [("x", "a", [0]), ("x", "b", [5, 6])]),
+    ("labels", "single", "dict", [("y", "reg", [2])]),
+], ids=["list-input", "two-dict-inputs", "multi-output-label"])
+def test_data_remedy_snippet_drops_exactly_the_rows_named(origin, x_kind, y_kind, bad):
+    """The snippet, run on data of the structure named, keeps every other row in every part."""
+    keras = pytest.importorskip("keras")
+    from tb_stability.detectors._data_remedies import data_remedy
+    rng = np.random.default_rng(0)
+
+    def make(kind, keys):
+        if kind == "single":
+            return rng.normal(size=(8, 3))
+        parts = [rng.normal(size=(8, 2, 2)) for _ in keys]
+        return list(parts) if kind == "list" else dict(zip(keys, parts))
+
+    data = {"x": make(x_kind, ["a", "b"]), "y": make(y_kind, ["cls", "reg"])}
+    data["y"] = data["y"] if y_kind != "single" else np.arange(8.0)
+    rows = []
+    for var, name, where in bad:
+        part = data[var][int(name)] if isinstance(data[var], list) else data[var][name]
+        part[where] = np.nan
+        rows += where
+    record = {"origin": origin, "nonfinite_rows": [
+        {"name": name, "rows": where, "count": len(where), "of": 8} for _, name, where in bad]}
+    remedy = data_remedy(record)
+    for _, name, _ in bad:
+        assert (f"[{name}]" if name.isdigit() else f"['{name}']") in remedy
+    code = "\n".join(line[4:] for line in remedy.splitlines()[1:]
+                     if line.startswith("    ") and not line.startswith("    #"))
+    scope = {"np": np, "keras": keras, **data}
+    exec(code, scope)
+    kept = keras.tree.flatten((scope["x"], scope["y"]))
+    assert {len(v) for v in kept} == {8 - len(set(rows))}
+    assert all(np.isfinite(v).all() for v in kept)

@@ -243,18 +243,23 @@ def _fit_with_bad_batch_part(log_dir, part, rows, x=None, model=None, loss="mse"
 
 
 @pytest.mark.parametrize(
-    "part,rows,named",
-    [("labels", [5], ""), ("labels", [0, 3, 9], ""), ("sample_weights", [15], ""),
-     ("inputs", [2, 7], "right")],
-    ids=["one-label", "three-labels", "sample-weight", "dict-input"],
+    "part,rows,named,hidden",
+    [("labels", [5], "", None), ("labels", [0, 3, 9], "", None),
+     ("sample_weights", [15], "", None), ("inputs", [2, 7], "right", None),
+     ("inputs", [4], "right", "relu")],
+    ids=["one-label", "three-labels", "sample-weight", "dict-input", "dict-input-relu"],
 )
-def test_bad_rows_of_the_batch_are_named_and_the_data_is_blamed(part, rows, named, tmp_path):
+def test_bad_rows_of_the_batch_are_named_and_the_data_is_blamed(part, rows, named, hidden,
+                                                                tmp_path):
+    """With a ReLU the loss stays finite (it drops the NaN) while the gradients do not."""
     x = None
     model = None
     if part == "inputs":
         left, right = keras.Input((4,), name="left"), keras.Input((4,), name="right")
-        model = keras.Model({"left": left, "right": right},
-                            keras.layers.Dense(1)(keras.layers.Concatenate()([left, right])))
+        joined = keras.layers.Concatenate()([left, right])
+        if hidden:
+            joined = keras.layers.Dense(8, activation=hidden)(joined)
+        model = keras.Model({"left": left, "right": right}, keras.layers.Dense(1)(joined))
         features, _ = _data()
         x = {"left": features, "right": features.copy()}
     records, findings = _fit_with_bad_batch_part(tmp_path, part, rows, x=x, model=model)
@@ -270,7 +275,21 @@ def test_bad_rows_of_the_batch_are_named_and_the_data_is_blamed(part, rows, name
     assert f"batch row{'s' if len(rows) > 1 else ''} {rows_txt} of 16" in finding.explanation
     assert "log of 0" not in finding.explanation
     assert {"labels": "labels are NaN", "sample_weights": "sample weight finite",
-            "inputs": "Clean the input pipeline"}[part] in finding.remedy
+            "inputs": "where input right holds NaN/Inf"}[part] in finding.remedy
+    if hidden:
+        assert finding.evidence["loss_at_onset"] is not None
+        assert np.isfinite(finding.evidence["loss_at_onset"])
+        assert "The loss stayed finite" in finding.explanation
+    assert "Clip gradients" not in finding.remedy and "clipnorm" not in finding.remedy
+    if part == "inputs":  # the snippet, run on the data fed to fit, drops exactly the bad rows
+        y = np.arange(len(x["left"]), dtype="float32")
+        code = "\n".join(line[4:] for line in finding.remedy.splitlines()[1:]
+                         if line.startswith("    ") and not line.startswith("    #"))
+        scope = {"np": np, "keras": keras, "x": x, "y": y}
+        exec(code, scope)
+        dropped = sorted(set(range(len(y))) - set(scope["y"].astype(int)))
+        assert dropped == [16 * 2 + r for r in rows]
+        assert all(np.isfinite(v).all() for v in scope["x"].values())
 
 
 def test_a_loss_that_masks_missing_labels_does_not_blame_them(tmp_path):

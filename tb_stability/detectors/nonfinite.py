@@ -30,7 +30,13 @@ are decoded into replica ids.
 The remedy depends on what went first: a non-finite loss with healthy gradients
 before it points at the loss computation (log of 0, division); gradients that
 grew >= 10x before the onset, or non-finite gradients with a finite loss, point
-at an exploding update (clipnorm, lower learning rate).
+at an exploding update (clipnorm, lower learning rate). Where the forensic
+re-run found the NaN/Inf in the batch itself (``origin`` ``inputs``,
+``labels`` or ``sample_weights``), that decides: no update caused it, so the
+remedy cleans the data, naming the arrays that hold it
+(`_data_remedies.data_remedy`), even when the gradients went first (a ReLU
+can drop a NaN input on the forward pass while the first layer's gradient
+keeps it).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _data_remedies as D
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import gradients
 from tb_stability.detectors._loss_scale import (  # noqa: F401 - re-exported for the instrumentation
@@ -264,7 +271,19 @@ def detect(run: RunData) -> list[Finding]:
     where = f" in {', '.join(names[:5])}" if names else ""
     what = ", ".join(signals)
     origin_told = False  # the explanation already leads with the origin
-    if exploding:
+    data_origin = isinstance(origin, dict) and origin.get("origin") in D.GENERIC
+    if data_origin:
+        # The batch itself holds the NaN/Inf: no update caused it, whatever the
+        # gradients did. Say so first (the live warning shows the first sentence).
+        remedy = D.data_remedy(origin)
+        explanation = (f"{origin_sentence(origin)} Values became non-finite at step {onset} "
+                       f"({what}).")
+        if grads_first and origin["origin"] == "inputs":
+            explanation += (" The loss stayed finite (a ReLU or max-pooling can drop a NaN on the "
+                            "forward pass), but the gradient of the first layer multiplies the "
+                            "raw inputs.")
+        origin_told = True
+    elif exploding:
         settings = gradients.remedy_settings(run)
         level = settings.healthy_norm or (
             healthy if np.isfinite(healthy) and healthy > 0 else None)
@@ -296,23 +315,15 @@ def detect(run: RunData) -> list[Finding]:
                 f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr_txt}, clipnorm={clip:g}')}\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
-    elif isinstance(origin, dict) and origin.get("origin") in ("layer",) + tuple(DATA_REMEDIES):
-        layer = origin.get("layer")
+    elif isinstance(origin, dict) and origin.get("origin") == "layer":
         explanation = f"Values became non-finite at step {onset} ({what})."
-        if origin.get("origin") in DATA_REMEDIES:
-            # The batch itself is the cause: say so first (the live warning
-            # shows the explanation's first sentence only).
-            remedy = DATA_REMEDIES[origin["origin"]]
-            explanation = f"{origin_sentence(origin)} {explanation}"
-            origin_told = True
-        else:
-            remedy = (
-                f"Guard the computation in layer {layer}: avoid division by zero, log of "
-                "non-positive values and overflowing exp, e.g.\n"
-                "    tf.math.divide_no_nan(a, b)        # instead of a / b\n"
-                "    tf.math.log(tf.maximum(x, 1e-7))   # instead of tf.math.log(x)\n"
-                f"Re-run the saved step with `tb-stability replay {run.name}` to check the fix."
-            )
+        remedy = (
+            f"Guard the computation in layer {origin.get('layer')}: avoid division by zero, log "
+            "of non-positive values and overflowing exp, e.g.\n"
+            "    tf.math.divide_no_nan(a, b)        # instead of a / b\n"
+            "    tf.math.log(tf.maximum(x, 1e-7))   # instead of tf.math.log(x)\n"
+            f"Re-run the saved step with `tb-stability replay {run.name}` to check the fix."
+        )
     elif loss_first:
         if np.isfinite(growth):
             explanation = (
@@ -364,27 +375,6 @@ def detect(run: RunData) -> list[Finding]:
     ]
 
 
-DATA_REMEDIES = {
-    "inputs": (
-        "Clean the input pipeline: drop or impute rows with NaN/Inf before batching:\n"
-        "    mask = np.isfinite(x).all(axis=tuple(range(1, x.ndim)))\n"
-        "    x, y = x[mask], y[mask]"
-    ),
-    "labels": (
-        "Drop or impute the examples whose labels are NaN/Inf before batching:\n"
-        "    mask = np.isfinite(y).all(axis=tuple(range(1, y.ndim)))\n"
-        "    x, y = x[mask], y[mask]\n"
-        "    # pandas: df = df.dropna(subset=[label_column])"
-    ),
-    "sample_weights": (
-        "Make every sample weight finite: one NaN/Inf weight makes the whole batch's loss "
-        "non-finite.\n"
-        "    assert np.isfinite(sample_weight).all()\n"
-        "    # class_weight: give every class a finite weight"
-    ),
-}
-
-
 def _rows_txt(origin: dict) -> str:
     """`` (batch rows 0, 5 of 64 in left)`` from a forensic record's ``nonfinite_rows``."""
     parts = []
@@ -405,7 +395,7 @@ def origin_sentence(origin: dict) -> str:
     kind = origin.get("origin") or origin.get("kind")
     if kind == "layer" and origin.get("layer"):
         return f"Re-running the step found the first non-finite output in layer {origin['layer']}."
-    if kind in DATA_REMEDIES:
+    if kind in D.GENERIC:
         part = {"inputs": "input batch", "sample_weights": "sample weights"}.get(kind, kind)
         at = f" of step {origin['step']}" if origin.get("step") is not None else ""
         found = ("re-running the step found them before any layer" if kind == "inputs" else
