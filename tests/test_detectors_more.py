@@ -146,6 +146,28 @@ def test_dead_and_saturated_layers():
     assert f.layers == ["dense_1"] and "BatchNormalization" in f.remedy
 
 
+@pytest.mark.parametrize("names, table, wanted, unwanted", [
+    (("gru_1",), {"seq/gru_1": {"class": "GRU", "activation": "tanh", "units": 32},
+                  "seq/gru_1/gru_cell": {"class": "GRUCell", "activation": "tanh"}},
+     ["GRU cell", "LayerNormalization", "clipnorm="], ["relu", "ReLU"]),
+    (("lstm",), {"seq/lstm": {"class": "LSTM", "activation": "sigmoid", "units": 16}},
+     ["activation='sigmoid'", "keras.layers.LSTM(16)", "activation='tanh'"], ["ReLU"]),
+    (("lstm_2",), {}, ["LSTM cell", "LayerNormalization"], ["ReLU"]),
+    (("dense_1",), {"seq/dense_1": {"class": "Dense", "activation": "sigmoid"}},
+     ["BatchNormalization", "switch to ReLU"], ["LayerNormalization", "LSTM"]),
+    (("dense_1", "gru"), {}, ["In gru: the GRU cell", "In dense_1: scale the inputs"], []),
+], ids=["gru-tanh", "lstm-sigmoid", "lstm-by-name", "dense-sigmoid", "dense-and-gru"])
+def test_saturated_remedy_fits_the_layer_kind(names, table, wanted, unwanted):
+    info = {"layer_activations": table} if table else {}
+    run = layer_run("saturated_fraction", [[0.9] * len(names)] * 6, names=names)
+    run.json["stability/run_info"] = [(0, info)]
+    (f,) = activations.detect_saturated(run)
+    for text in wanted:
+        assert text in f.remedy
+    for text in unwanted:
+        assert text not in f.remedy
+
+
 def input_run(mean, std, lo, hi):
     names = tuple(f"f{j}" for j in range(len(mean)))
     mk = lambda v: Matrix(np.array([0]), names, np.asarray([v], float))  # noqa: E731

@@ -41,6 +41,17 @@ def describe(table: dict, layer: str) -> Optional[dict]:
     return best
 
 
+def describe_named(table: dict, name: str) -> Optional[dict]:
+    """The recorded entry of the layer a probe names (its layer name, or a path ending in it).
+
+    Probes are named by layer (``gru_1``), the table by variable path
+    (``sequential/gru_1``, ``sequential/gru_1/gru_cell``): the shortest path
+    ending in ``name`` is the layer itself rather than its cell.
+    """
+    paths = [path for path in table if path == name or path.endswith("/" + name)]
+    return table[min(paths, key=len)] if paths else None
+
+
 def recurrent_class(layer: str, entry: Optional[dict]) -> Optional[str]:
     """``"LSTM"``/``"GRU"``/``"SimpleRNN"`` when ``layer`` is a recurrent layer, else None."""
     if entry is not None and entry.get("class") in _RECURRENT_CLASSES:

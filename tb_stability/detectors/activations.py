@@ -18,8 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _layer_kinds as K
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _robust as R
+from tb_stability.detectors import gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import Matrix, RunData
 
@@ -106,8 +108,49 @@ def detect_saturated(run: RunData) -> list[Finding]:
         f"median saturated fraction (|pre-activation| >= 5) over the second half > {SATURATED:g}",
         f"{worst:.0%} of the sigmoid/tanh inputs in {names} sit at |x| >= 5, where the "
         "derivative is ~0, so gradients vanish through them.",
-        f"In {names}: scale the inputs, normalise before the activation, or switch to ReLU:\n"
-        "    x = keras.layers.BatchNormalization()(x)\n"
-        "    x = keras.layers.Activation('tanh')(x)   # or activation='relu'\n"
-        "    keras.layers.LSTM(32, activation='tanh')  # not 'sigmoid'",
+        saturated_remedy(run, [m.names[j] for j, _, _ in hits]),
     )]
+
+
+def saturated_remedy(run: RunData, layers: list[str]) -> str:
+    """The fix for saturated ``layers``: recurrent cells and feed-forward layers differ.
+
+    A recurrent layer (run_info's recorded class, else Keras' layer names) is
+    never told to switch to ReLU: one whose recurrence uses another activation
+    than Keras' ``tanh`` is told to use ``tanh``; a ``tanh`` cell pinned at
+    +-1 has too large inputs or weights (scale, normalise, lower the learning
+    rate with clipping). Feed-forward layers: normalise before the activation
+    or switch to ReLU.
+    """
+    table = K.layer_activations(run)
+    recurrent, other = [], []
+    for name in layers:
+        entry = K.describe_named(table, name)
+        kind = K.recurrent_class(name, entry)
+        (recurrent if kind else other).append((name, entry or {}, kind))
+    lines = []
+    if recurrent:
+        listed = ", ".join(name for name, _, _ in recurrent[:4])
+        _, entry, kind = recurrent[0]
+        units = entry.get("units") if isinstance(entry.get("units"), int) else 32
+        activation = entry.get("activation")
+        if activation and activation != "tanh":
+            lines += [f"In {listed}: the recurrence uses activation='{activation}'. Use Keras' "
+                      "default activation='tanh' (zero-centred, with a derivative of 1 at 0):",
+                      f"    keras.layers.{kind}({units})  # activation='tanh', the default"]
+        else:
+            clip = gradients.remedy_settings(run).clipnorm or 1.0
+            lines += [f"In {listed}: the {kind} cell's inputs are so large that its tanh is "
+                      "pinned at +-1. Scale the inputs, normalise before and between recurrent "
+                      "layers, and if the weights grew during training, lower the learning rate "
+                      "and clip the gradient norm:",
+                      "    x = keras.layers.LayerNormalization()(x)  # before and between "
+                      "recurrent layers",
+                      f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0, f'clipnorm={clip:g}')}"]
+    if other:
+        listed = ", ".join(name for name, _, _ in other[:4])
+        lines += [f"In {listed}: scale the inputs, normalise before the activation, or switch "
+                  "to ReLU:",
+                  "    x = keras.layers.BatchNormalization()(x)",
+                  "    x = keras.layers.Activation('tanh')(x)   # or activation='relu'"]
+    return "\n".join(lines)
