@@ -222,8 +222,8 @@ def test_class_imbalance_labels_and_collapse():
 
 
 @pytest.mark.parametrize("final_loss, labels_known, learned_nothing", [
-    (0.69, True, True), (0.30, True, False), (0.69, False, False)],
-    ids=["loss-at-label-entropy", "loss-below-it", "labels-unknown"])
+    (0.69, True, True), (0.30, True, False), (0.69, False, False), (36.0, True, False)],
+    ids=["loss-at-label-entropy", "loss-below-it", "labels-unknown", "loss-far-above-it"])
 def test_a_collapse_on_balanced_labels_is_not_called_an_imbalance(final_loss, labels_known,
                                                                    learned_nothing):
     bal = Matrix(np.array([0, 10]), ("0", "1"), np.array([[500.0, 500.0], [490.0, 510.0]]))
@@ -242,6 +242,7 @@ def test_a_collapse_on_balanced_labels_is_not_called_an_imbalance(final_loss, la
     else:
         assert "class_weight=" in f.remedy and "label_entropy" not in f.evidence
     assert ("has learned nothing" in f.explanation) == learned_nothing
+    assert ("worse than knowing nothing" in f.explanation) == (final_loss > 1.5 * 0.6929)
 
 
 def test_a_collapse_on_70_30_labels_keeps_the_class_weight_remedy():

@@ -22,7 +22,8 @@ class_imbalance
   them, the collapse is not an imbalance: the remedy says so (class weights
   cannot help) and, for a cross-entropy loss, the evidence compares the final
   training loss with the labels' entropy (a loss >= ``NOTHING_LEARNED`` of it
-  means the base rate is all it learned).
+  means the base rate is all it learned; above ``WORSE_THAN_BASE_RATE`` (1.5x)
+  it, the model does worse than the base rate: the training itself failed).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ IMBALANCE = 10.0
 MAJORITY = 0.9
 COLLAPSE = 0.95
 NOTHING_LEARNED = 0.9
+WORSE_THAN_BASE_RATE = 1.5  # a final loss above this x the labels' entropy: training failed
 BALANCED = 0.6
 SPREAD_WORTH_NAMING = 10.0  # below it the explanation leaves the spread ratio out
 MAX_NAMED_INPUTS = 3
@@ -376,7 +378,12 @@ def _nothing_learned(run: RunData, labels: Matrix, label_share: float, evidence:
         return text
     evidence["final_loss"] = final
     evidence["label_entropy"] = entropy
-    if final >= NOTHING_LEARNED * entropy:
+    if final > WORSE_THAN_BASE_RATE * entropy:
+        text += (f" The training loss ends at {C.fmt(final)}, {C.fmt(final / entropy)}x the "
+                 f"entropy of the labels ({C.fmt(entropy)}), the loss of always predicting the "
+                 "class shares: the model does worse than knowing nothing, so the training "
+                 "itself is failing (a learning rate too large, a diverging run): fix that first.")
+    elif final >= NOTHING_LEARNED * entropy:
         text += (f" The training loss ends at {C.fmt(final)}, the entropy of the labels "
                  f"({C.fmt(entropy)}): the model predicts the base rate and has learned nothing.")
     return text
