@@ -48,6 +48,33 @@ def test_keras_tensorboard_callback_overfitting_is_flagged(tmp_path):
     assert not any(f.severity == "critical" for r in report.runs for f in r.findings)
 
 
+@pytest.mark.parametrize("update_freq", ["epoch", "batch"])
+def test_keras_callback_nan_is_placed_in_the_unit_each_run_counts(update_freq, tmp_path):
+    """Epoch scalars count epochs; the validation run's evaluation_*_vs_iterations count steps."""
+    keras.utils.set_random_seed(0)
+    x, y = _regression(samples=320)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.5), "mse")
+    logdir = tmp_path / "keras"
+    model.fit(x, y * 1e3, epochs=3, batch_size=32, validation_split=0.2, verbose=0,
+              callbacks=[keras.callbacks.TensorBoard(str(logdir), update_freq=update_freq)])
+    report = analyze_logdir(str(logdir))
+    found = {r.run: f for r in report.runs for f in r.findings if f.kind == "nan_inf"}
+    assert set(found) == {"train", "validation"}, report_to_json(report)
+    steps_per_epoch = 256 // 32
+    # The validation losses are logged at the iteration each epoch ends: never at step 0.
+    val = found["validation"]
+    assert val.first_step == steps_per_epoch and f"at step {steps_per_epoch}" in val.explanation
+    assert all("evaluation_" in s for s in val.evidence["signals_at_onset"])
+    train = found["train"]
+    if update_freq == "epoch":
+        assert train.first_step == 0 and "at epoch 0" in train.explanation
+    else:
+        assert 0 < train.first_step < steps_per_epoch
+        assert f"at step {train.first_step}" in train.explanation
+
+
 def _tape_loop(logdir, learning_rate, steps, corrupt_last=False, seed=0, tag="loss"):
     """Plain GradientTape linear regression logging ``tag`` with tf.summary.scalar."""
     x, y = _regression(seed)

@@ -7,7 +7,8 @@ norm or a per-layer activation statistic is non-finite (every N steps); an
 ordinary scalar (e.g. ``epoch_loss``) is non-finite; or the instrumentation's
 ``stability/nan_origin`` record. Keras' ``epoch_*`` scalars are indexed by
 epoch, not step, so they are left out where a run also logs per step (the
-instrumentation's columns, or ``batch_*`` scalars). Threshold: any single non-finite value.
+instrumentation's columns, ``batch_*`` scalars, or the validation run's
+``evaluation_*_vs_iterations``). Threshold: any single non-finite value.
 The variables named are those whose gradient (else weight) norm is non-finite
 at the nearest per-variable record at or after the onset (else before it).
 
@@ -116,6 +117,13 @@ def nonfinite_columns(steps, names, values, step: int, missing=None) -> tuple[in
     return int(steps[row]), [names[j] for j in np.flatnonzero(bad[row])]
 
 
+def _per_step_tag(tag: str) -> bool:
+    """Keras' scalars indexed by step: ``batch_*`` (train) and ``evaluation_*_vs_iterations``."""
+    name = tag.rsplit("/", 1)[-1]
+    return name.startswith("batch_") or (name.startswith("evaluation_")
+                                          and name.endswith("_vs_iterations"))
+
+
 def grad_growth_before(steps, grad, onset: int, lookback: int = LOOKBACK) -> tuple[float, float]:
     """Median finite grad norm before ``onset`` and max/median growth in the lookback.
 
@@ -174,7 +182,7 @@ def detect(run: RunData) -> list[Finding]:
             if k is not None:
                 candidates[f"{group}:{q}"] = k
                 lasts.append(int(m.steps[np.flatnonzero(m.nonfinite().any(axis=1))[-1]]))
-    per_step = bool(run.steps) or any(t.rsplit("/", 1)[-1].startswith("batch_") for t in run.scalars)
+    per_step = bool(run.steps) or any(_per_step_tag(t) for t in run.scalars)
     for tag, s in run.scalars.items():
         if per_step and tag.rsplit("/", 1)[-1].startswith("epoch_"):
             continue  # indexed by epoch, not by step: the per-step values are exact
@@ -269,6 +277,11 @@ def detect(run: RunData) -> list[Finding]:
         evidence["configured_clipping"] = clipping
 
     where = f" in {', '.join(names[:5])}" if names else ""
+    # A run with only Keras' epoch scalars counts its steps in epochs.
+    epoch_indexed = all(sig.startswith("scalar:") and
+                        sig[len("scalar:"):].rsplit("/", 1)[-1].startswith("epoch_")
+                        for sig in signals)
+    at = f"epoch {onset}" if epoch_indexed else f"step {onset}"
     what = ", ".join(signals)
     origin_told = False  # the explanation already leads with the origin
     data_origin = isinstance(origin, dict) and origin.get("origin") in D.GENERIC
@@ -276,7 +289,7 @@ def detect(run: RunData) -> list[Finding]:
         # The batch itself holds the NaN/Inf: no update caused it, whatever the
         # gradients did. Say so first (the live warning shows the first sentence).
         remedy = D.data_remedy(origin)
-        explanation = (f"{origin_sentence(origin)} Values became non-finite at step {onset} "
+        explanation = (f"{origin_sentence(origin)} Values became non-finite at {at} "
                        f"({what}).")
         if grads_first and origin["origin"] == "inputs":
             explanation += (" The loss stayed finite (a ReLU or max-pooling can drop a NaN on the "
@@ -292,7 +305,7 @@ def detect(run: RunData) -> list[Finding]:
         lr = C.lr_at(run, onset)
         lr_txt = f"{C.round_sig(lr / factor, 2):g}" if lr else "1e-4"
         explanation = (
-            f"Values became non-finite at step {onset} ({what}){where}. "
+            f"Values became non-finite at {at} ({what}){where}. "
             + (f"The gradient norm grew {C.fmt(growth)}x over the {recent} recorded steps "
                "before, so an exploding update overflowed the weights."
                if np.isfinite(growth) and growth >= GROWTH_BEFORE_ONSET
@@ -316,7 +329,7 @@ def detect(run: RunData) -> list[Finding]:
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
     elif isinstance(origin, dict) and origin.get("origin") == "layer":
-        explanation = f"Values became non-finite at step {onset} ({what})."
+        explanation = f"Values became non-finite at {at} ({what})."
         remedy = (
             f"Guard the computation in layer {origin.get('layer')}: avoid division by zero, log "
             "of non-positive values and overflowing exp, e.g.\n"
@@ -327,13 +340,13 @@ def detect(run: RunData) -> list[Finding]:
     elif loss_first:
         if np.isfinite(growth):
             explanation = (
-                f"The loss became non-finite at step {onset} while the gradients before it were "
+                f"The loss became non-finite at {at} while the gradients before it were "
                 f"healthy (grew only {C.fmt(growth)}x), which points at the loss computation "
                 "(log of 0, division by 0, or probabilities outside (0, 1))."
             )
         else:
             explanation = (
-                f"The loss was non-finite from step {onset}, before any finite gradient norm was "
+                f"The loss was non-finite from {at}, before any finite gradient norm was "
                 "recorded, so no update caused it: that points at the loss computation (log of "
                 "0, division by 0, or probabilities outside (0, 1)) or at the data."
             )
@@ -344,7 +357,7 @@ def detect(run: RunData) -> list[Finding]:
             "Check inputs and labels for NaN (`np.isfinite(x).all()`)."
         )
     else:
-        explanation = f"Values became non-finite at step {onset} ({what}){where}."
+        explanation = f"Values became non-finite at {at} ({what}){where}."
         remedy = (
             "Find the producing op with `tf.debugging.enable_check_numerics()` before "
             "building the model, check inputs for NaN/Inf, and guard logs/divisions:\n"
