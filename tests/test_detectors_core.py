@@ -7,6 +7,7 @@ random inputs, then the adapters on readable synthetic runs.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 
 import numpy as np
@@ -491,3 +492,21 @@ def test_every_finding_on_one_exploding_run_suggests_the_same_clipnorm_and_learn
     for kind in ("exploding_gradients", "divergence", "nan_inf"):
         assert f"learning_rate={1e-3 / factor:.2g}," in found[kind].remedy, found[kind].remedy
         assert f"learning rate {factor:g}x" in found[kind].remedy, found[kind].remedy
+
+
+@pytest.mark.parametrize("optimizer_config, clip", [
+    (None, "clipnorm=1"),
+    ({"learning_rate": 0.3, "clipvalue": 0.5}, "clipvalue=0.5"),
+], ids=["no-gradient-norms", "clipping-configured"])
+def test_divergence_remedy_clips_as_it_says(optimizer_config, clip):
+    """'clip gradients' comes with a clip: the run's own where it sets one, else clipnorm=1."""
+    from tb_stability.detectors import trends
+    rng = np.random.default_rng(0)
+    loss = np.concatenate([np.linspace(2.0, 0.5, 100), np.linspace(0.5, 60.0, 100)])
+    run = S.scalar_run({"loss": loss * (1 + 0.01 * rng.random(200))})
+    if optimizer_config:
+        run.model_config = {"optimizer": "SGD", "optimizer_config": optimizer_config}
+    (f,) = [f for f in trends.detect_divergence(run) if f.kind == "divergence"]
+    assert "clip gradients" in f.remedy
+    (call,) = re.findall(r"optimizer = (keras\.optimizers\.\w+\([^)]*\))", f.remedy)
+    assert clip in call

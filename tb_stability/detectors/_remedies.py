@@ -177,3 +177,14 @@ def configured_clipping(run: RunData) -> dict:
         if np.isfinite(value) and value > 0:
             out[key] = value
     return out
+
+
+def clip_text(clipping: dict) -> str:
+    """``clipnorm=1, clipvalue=0.5`` from `configured_clipping`'s dict."""
+    return ", ".join(f"{k}={v:g}" for k, v in clipping.items())
+
+
+def clip_args(run: RunData, clipnorm: float | None) -> str:
+    """The run's own clipping where it sets one, else ``clipnorm=`` ``clipnorm`` (1 if None)."""
+    clipping = configured_clipping(run)
+    return clip_text(clipping) if clipping else f"clipnorm={clipnorm or 1.0:g}"

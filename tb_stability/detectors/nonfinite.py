@@ -314,10 +314,10 @@ def detect(run: RunData) -> list[Finding]:
         )
         if clipping:
             remedy = (
-                f"Gradients are already clipped ({_clip_txt(clipping)}), so lower the learning "
-                f"rate {factor:g}x and look for the op producing Inf/NaN (clipping cannot repair a "
-                "non-finite gradient):\n"
-                f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr_txt}, {_clip_txt(clipping)}')}\n"
+                f"Gradients are already clipped ({remedies.clip_text(clipping)}), so lower the "
+                f"learning rate {factor:g}x and look for the op producing Inf/NaN (clipping "
+                "cannot repair a non-finite gradient):\n"
+                f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr_txt}, {remedies.clip_text(clipping)}')}\n"
                 "    tf.debugging.enable_check_numerics()  # before building the model\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
@@ -358,11 +358,12 @@ def detect(run: RunData) -> list[Finding]:
         )
     else:
         explanation = f"Values became non-finite at {at} ({what}){where}."
+        clip_or_kept = remedies.clip_args(run, gradients.remedy_settings(run).clipnorm)
         remedy = (
             "Find the producing op with `tf.debugging.enable_check_numerics()` before "
             "building the model, check inputs for NaN/Inf, and guard logs/divisions:\n"
             "    p = tf.clip_by_value(p, 1e-7, 1.0)\n"
-            f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0, _fallback_clip(run))}"
+            f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0, clip_or_kept)}"
         )
     if isinstance(origin, dict) and origin and not origin_told:
         explanation += f" {origin_sentence(origin)}"
@@ -427,15 +428,3 @@ def origin_sentence(origin: dict) -> str:
     keys = keys or list(origin)[:4]  # a record written by another tool: show what it says
     summary = ", ".join(f"{k}={origin[k]}" for k in keys) or "unknown"
     return f"Recorded origin: {summary}."
-
-
-def _fallback_clip(run: RunData) -> str:
-    """The run's own clipping if set, else a clipnorm at twice its healthy norm (1 without one)."""
-    clipping = remedies.configured_clipping(run)
-    if clipping:
-        return _clip_txt(clipping)
-    return f"clipnorm={gradients.remedy_settings(run).clipnorm or 1.0:g}"
-
-
-def _clip_txt(clipping: dict) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in clipping.items())

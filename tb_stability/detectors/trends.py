@@ -236,7 +236,7 @@ def detect_divergence(run: RunData) -> list[Finding]:
     settings = gradients.remedy_settings(run)
     factor = settings.lr_factor
     lr_txt = f"{C.round_sig(lr / factor):g}" if lr else "1e-4"
-    clip = f", clipnorm={settings.clipnorm:g}" if settings.clipnorm else ""
+    clip = f", {remedies.clip_args(run, settings.clipnorm)}"
     return [Finding(
         kind="divergence",
         severity=severity,
