@@ -266,7 +266,9 @@ class Drainer:
         if first > self.next_step:
             warnings.warn(
                 f"tb-stability: steps {self.next_step}..{first - 1} were overwritten "
-                "before the host read them and are missing from the log",
+                "before the host read them and are missing from the log (a custom loop "
+                "must call StabilityMonitor.tick() after every step: it reads the statistics "
+                "before the device-side ring wraps around)",
                 RuntimeWarning,
                 stacklevel=2,
             )

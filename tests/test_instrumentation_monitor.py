@@ -92,7 +92,7 @@ def test_monitor_nan_and_close_without_ticks(tmp_path):
 
 def test_monitor_warns_when_steps_are_dropped(tmp_path):
     x, y = data(n=96)  # 12 steps, capacity 2 * 2 + 1 = 5, never ticked
-    with pytest.warns(RuntimeWarning, match="overwritten"):
+    with pytest.warns(RuntimeWarning, match=r"overwritten .* must call StabilityMonitor\.tick\(\)"):
         train(tmp_path, x, y, every=2, tick=False)
     steps = column(step_rows(read_events(tmp_path)), "step").tolist()
     assert steps == list(range(7, 12))
