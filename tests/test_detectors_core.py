@@ -144,7 +144,7 @@ def test_vanishing_mask_and_nonfinite_columns_match_reference(seed):
     row = after[0] if after else (rows[-1] if rows else None)
     want = (None, []) if row is None else (
         int(steps[row]), [names[j] for j in range(4) if not math.isfinite(values[row, j])])
-    assert nonfinite.nonfinite_columns(steps, names, values, target) == want
+    assert nonfinite.nonfinite_columns(Matrix(steps, names, values), target) == want
 
 
 # ---------------------------------------------------------------- adapters

@@ -93,28 +93,26 @@ def first_positive(steps, values) -> int | None:
     return int(np.asarray(steps)[bad[0]]) if bad.size else None
 
 
-def nonfinite_columns(steps, names, values, step: int, missing=None) -> tuple[int | None, list[str]]:
-    """Names with a non-finite value at the record nearest to ``step``.
+def nonfinite_columns(m: Matrix, step: int) -> tuple[int | None, list[str]]:
+    """Names with a non-finite value at the record of ``m`` nearest to ``step``.
 
     Records at or after ``step`` are preferred (the first with any non-finite
-    value); otherwise the latest earlier record with a non-finite value.
+    value); otherwise the latest earlier record with a non-finite value. A
+    value not recorded (``m.missing``) is not non-finite.
 
     Returns:
       ``(record_step, names)`` in column (model) order, or ``(None, [])``.
     """
-    steps = np.asarray(steps)
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2 or not values.shape[0]:
+    if np.ndim(m.values) != 2 or not len(m):
         return None, []
-    bad = ~np.isfinite(values)
-    if missing is not None:  # not recorded is not non-finite
-        bad &= ~np.asarray(missing, bool)
+    bad = m.nonfinite()
+    steps = np.asarray(m.steps)
     rows = np.flatnonzero(bad.any(axis=1))
     if not rows.size:
         return None, []
     after = rows[steps[rows] >= step]
     row = int(after[0]) if after.size else int(rows[-1])
-    return int(steps[row]), [names[j] for j in np.flatnonzero(bad[row])]
+    return int(steps[row]), [m.names[j] for j in np.flatnonzero(bad[row])]
 
 
 def _per_step_tag(tag: str) -> bool:
@@ -207,7 +205,7 @@ def detect(run: RunData) -> list[Finding]:
     for q in ("grad_norm", "weight_norm", "update_ratio"):
         m = run.variables.get(q)
         if m is not None and len(m):
-            record_step, names = nonfinite_columns(m.steps, m.names, m.values, onset, m.missing)
+            record_step, names = nonfinite_columns(m, onset)
             if names:
                 break
     # The recorded origin (forensic re-run of the step) is more precise than
