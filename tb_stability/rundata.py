@@ -84,7 +84,8 @@ class RunData:
       model_config: What Keras' TensorBoard callback recorded of the
         compiled model (`reader.keras_model`), in run_info's field names
         (``optimizer``, ``optimizer_config``, ``loss_name``, ``from_logits``,
-        ``output_activation``, ``output_units``); ``{}`` where none.
+        ``output_activation``, ``output_units``; per output under
+        ``outputs`` for a model with several); ``{}`` where none.
     """
 
     name: str

@@ -89,6 +89,55 @@ def test_an_ordinary_log_gets_config_mismatch_from_the_recorded_model(head, loss
     assert [f for f in report["validation"].findings if f.kind == "config_mismatch"] == []
 
 
+def _two_heads(structure, cls_activation):
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    cls = keras.layers.Dense(3, activation=cls_activation, name="cls")(hidden)
+    reg = keras.layers.Dense(1, name="reg")(hidden)
+    return keras.Model(inputs, {"cls": cls, "reg": reg} if structure == "dict" else [cls, reg])
+
+
+@pytest.mark.parametrize("structure", ["dict", "list"])
+@pytest.mark.parametrize("cls_activation, mismatch", [("softmax", True), (None, False)],
+                         ids=["softmax-head", "logits-head"])
+def test_each_output_of_a_two_headed_model_is_checked_against_its_own_loss(
+        structure, cls_activation, mismatch, tmp_path):
+    """Read from the ordinary log, the outputs match what the instrumentation records."""
+    from instrumentation import StabilityCallback
+    losses = [keras.losses.SparseCategoricalCrossentropy(from_logits=True), "mse"]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    labels = [rng.integers(0, 3, 64), x.sum(1, keepdims=True)]
+    if structure == "dict":
+        losses, labels = dict(zip(("cls", "reg"), losses)), dict(zip(("cls", "reg"), labels))
+    recorded = {}
+    for logger in ("keras", "stability"):
+        model = _two_heads(structure, cls_activation)
+        model.compile("adam", losses)
+        log_dir = tmp_path / logger
+        callback = (keras.callbacks.TensorBoard(str(log_dir)) if logger == "keras"
+                    else StabilityCallback(str(log_dir), every=1))
+        model.fit(x, labels, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+        report = analyze_logdir(str(log_dir))
+        found = [f for r in report.runs for f in r.findings if f.kind == "config_mismatch"]
+        if mismatch:
+            (finding,) = found
+            assert finding.explanation == ("output 'cls': from_logits=True with a softmax "
+                                           "output applies softmax twice.")
+        else:
+            assert found == []
+        runs = LogdirReader().load_logdir(log_dir).runs
+        if logger == "keras":
+            recorded[logger] = runs["train"].model_config["outputs"]
+        else:
+            (info,) = [i for _, i in runs["."].json["stability/run_info"] if "outputs" in i]
+            recorded[logger] = info["outputs"]
+    keys = ("output", "output_activation", "output_units", "loss_name", "from_logits")
+    assert [{k: o[k] for k in keys} for o in recorded["keras"]] == \
+        [{k: o[k] for k in keys} for o in recorded["stability"]]
+    assert [o["output"] for o in recorded["keras"]] == ["cls", "reg"]
+
+
 def test_a_subclassed_model_records_nothing_and_is_not_guessed_at(tmp_path):
     class Net(keras.Model):
         def __init__(self):

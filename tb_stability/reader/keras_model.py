@@ -11,10 +11,13 @@ the fields the instrumentation writes into ``stability/run_info``
 log names the run's own optimizer, and ``config_mismatch`` checks its output
 activation against its loss.
 
-Only what the JSON states is taken: the output activation of a single-output
-Sequential or functional model whose output layer says it (a ``Dense`` or
-convolution's ``activation``, an ``Activation`` or ``Softmax`` layer), else
-None; a loss per output (a list or dict) is left out.
+Only what the JSON states is taken: the output activation of a Sequential or
+functional model whose output layer says it (a ``Dense`` or convolution's
+``activation``, an ``Activation`` or ``Softmax`` layer), else None. A
+functional model with several outputs gets one entry per output under
+``outputs``, each with its own loss (a list of losses by position, a dict by
+output name, or the one loss for all), as the instrumentation records it, so
+no rule pairs one output's loss with another's activation.
 """
 
 from __future__ import annotations
@@ -51,13 +54,29 @@ def compiled_model(text: bytes | str, label: str, warnings: list[str]) -> dict[s
         return {}
     out: dict[str, Any] = {}
     compiled = model.get("compile_config")
-    if isinstance(compiled, dict):
-        out.update(_optimizer_fields(compiled.get("optimizer")))
-        out.update(_loss_fields(compiled.get("loss")))
-    layer = _output_layer(model)
-    if layer is not None:
-        out.update(_output_fields(layer))
+    compiled = compiled if isinstance(compiled, dict) else {}
+    out.update(_optimizer_fields(compiled.get("optimizer")))
+    outputs = _output_layers(model)
+    if len(outputs) > 1:
+        losses = _losses_by_output(compiled.get("loss"), [name for name, _ in outputs])
+        out["outputs"] = [{"output": name, "output_layer": _layer_name(layer),
+                           **(_output_fields(layer) if layer is not None else {}),
+                           **_loss_fields(loss)}
+                          for (name, layer), loss in zip(outputs, losses)]
+        return out
+    out.update(_loss_fields(compiled.get("loss")))
+    if outputs and outputs[0][1] is not None:
+        out.update(_output_fields(outputs[0][1]))
     return out
+
+
+def _losses_by_output(loss, names: list[str]) -> list:
+    """The loss of each output: by position (a list), by name (a dict), else the one loss."""
+    if isinstance(loss, list):
+        return [loss[i] if i < len(loss) else None for i in range(len(names))]
+    if isinstance(loss, dict) and not isinstance(loss.get("class_name"), str):
+        return [loss.get(name) for name in names]
+    return [loss] * len(names)
 
 
 def _optimizer_fields(optimizer) -> dict[str, Any]:
@@ -86,24 +105,42 @@ def _loss_fields(loss) -> dict[str, Any]:
     return out
 
 
-def _output_layer(model: dict) -> dict | None:
-    """The config entry of the layer that produces a single-output model's output, or None."""
+def _output_layers(model: dict) -> list[tuple[str | None, dict | None]]:
+    """``(output name, layer config)`` per output, in the recorded order; ``[]`` if unknown.
+
+    A Sequential model has one output, its last layer that is not a pass-through.
+    A functional model lists ``output_layers`` as ``[name, node, tensor]``
+    triples, or as a dict of them by output key; a layer the config does not
+    hold is None.
+    """
     config = model.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("layers"), list):
-        return None
+        return []
     layers = [layer for layer in config["layers"] if isinstance(layer, dict)]
     if model.get("class_name") == "Sequential":
         tail = [layer for layer in layers if layer.get("class_name") not in _SEQUENTIAL_TAIL]
-        return tail[-1] if tail else None
+        return [(None, tail[-1])] if tail else []
     outputs = config.get("output_layers")
-    if isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], list):
-        outputs = outputs[0]  # [[name, node, tensor]]: one output
-    if not (isinstance(outputs, list) and len(outputs) == 3 and isinstance(outputs[0], str)):
-        return None  # several outputs, or not a functional model
-    for layer in layers:
-        if layer.get("name", (layer.get("config") or {}).get("name")) == outputs[0]:
-            return layer
-    return None
+    if _is_output_ref(outputs):
+        outputs = [outputs]  # one output: [name, node, tensor]
+    if isinstance(outputs, dict):
+        pairs = [(str(key), ref) for key, ref in outputs.items() if _is_output_ref(ref)]
+    elif isinstance(outputs, list):
+        pairs = [(ref[0], ref) for ref in outputs if _is_output_ref(ref)]
+    else:
+        return []
+    by_name = {_layer_name(layer): layer for layer in layers}
+    return [(name, by_name.get(ref[0])) for name, ref in pairs]
+
+
+def _is_output_ref(ref) -> bool:
+    return isinstance(ref, list) and len(ref) == 3 and isinstance(ref[0], str)
+
+
+def _layer_name(layer: dict | None):
+    if layer is None:
+        return None
+    return layer.get("name", (layer.get("config") or {}).get("name"))
 
 
 def _output_fields(layer: dict) -> dict[str, Any]:
