@@ -52,8 +52,9 @@ def data_remedy(origin: dict) -> str:
     if kind not in _ROLE or not any(names):
         return GENERIC[kind]
     var, word = _ROLE[kind]
-    parts = [_subscript(var, name) for name in dict.fromkeys(names)]
-    shown = ", ".join(name for name in dict.fromkeys(names))
+    unique = list(dict.fromkeys(names))
+    parts = [_subscript(var, name) for name in unique]
+    shown = ", ".join(unique)
     several = len(parts) > 1
     lines = [f"Drop or impute the rows where {word}{'s' if several else ''} {shown} "
              f"hold{'' if several else 's'} NaN/Inf before batching, from every part of the "

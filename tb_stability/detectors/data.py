@@ -170,7 +170,7 @@ def _standardise_remedy(flagged: list[str]) -> str:
     for key in shown:
         listed = _LIST_INPUT.fullmatch(key)
         ref = listed.group(1) if listed else repr(key)
-        lines += [f"    norm = keras.layers.Normalization()",
+        lines += ["    norm = keras.layers.Normalization()",
                   f"    norm.adapt(x_train[{ref}])",
                   f"    scaled = norm(inputs[{ref}])  # build the model on this instead of inputs[{ref}]"]
     return "\n".join(lines)

@@ -122,6 +122,11 @@ def _per_step_tag(tag: str) -> bool:
                                           and name.endswith("_vs_iterations"))
 
 
+def _epoch_tag(tag: str) -> bool:
+    """Keras' ``epoch_*`` scalars, indexed by epoch rather than by step."""
+    return tag.rsplit("/", 1)[-1].startswith("epoch_")
+
+
 def grad_growth_before(steps, grad, onset: int, lookback: int = LOOKBACK) -> tuple[float, float]:
     """Median finite grad norm before ``onset`` and max/median growth in the lookback.
 
@@ -182,7 +187,7 @@ def detect(run: RunData) -> list[Finding]:
                 lasts.append(int(m.steps[np.flatnonzero(m.nonfinite().any(axis=1))[-1]]))
     per_step = bool(run.steps) or any(_per_step_tag(t) for t in run.scalars)
     for tag, s in run.scalars.items():
-        if per_step and tag.rsplit("/", 1)[-1].startswith("epoch_"):
+        if per_step and _epoch_tag(tag):
             continue  # indexed by epoch, not by step: the per-step values are exact
         k = first_nonfinite(s.steps, s.values)
         if k is not None:
@@ -276,8 +281,7 @@ def detect(run: RunData) -> list[Finding]:
 
     where = f" in {', '.join(names[:5])}" if names else ""
     # A run with only Keras' epoch scalars counts its steps in epochs.
-    epoch_indexed = all(sig.startswith("scalar:") and
-                        sig[len("scalar:"):].rsplit("/", 1)[-1].startswith("epoch_")
+    epoch_indexed = all(sig.startswith("scalar:") and _epoch_tag(sig[len("scalar:"):])
                         for sig in signals)
     at = f"epoch {onset}" if epoch_indexed else f"step {onset}"
     what = ", ".join(signals)
