@@ -197,3 +197,49 @@ def autocorr(values, lag: int) -> float:
     if denom <= 0:
         return float("nan")
     return float(np.dot(x[:-lag], x[lag:]) / denom)
+
+
+SECOND_DIFF_TO_STD = 1.652  # median |a - 2b + c| of iid N(0, s^2) is 0.6745 * sqrt(6) * s
+
+
+def log_noise(values, minimum: int = 8) -> float:
+    """Point-to-point noise of a positive series, in log units (NaN with < ``minimum`` points).
+
+    The robust standard deviation of ``log(x)`` around its local trend: the
+    median absolute second difference of ``log(x)`` over 1.652, so a steady
+    exponential rise or fall (a constant first difference) adds nothing.
+    Non-finite and non-positive values are skipped. About 0.1-0.3 for the
+    per-batch loss of batches of 32-64; about 2 for the per-sample squared
+    error of ``batch_size=1``.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x) & (x > 0)]
+    if x.size < max(3, minimum):
+        return float("nan")
+    return float(np.median(np.abs(np.diff(np.log(x), 2)))) / SECOND_DIFF_TO_STD
+
+
+def noise_bound(values, z: float, points: int = 1, minimum: int = 8) -> float:
+    """The largest ratio between two levels that the series' own noise explains.
+
+    ``exp(z * s)`` with ``s`` the log-space spread of a median of ``points``
+    values (`log_noise` x 1.253 / sqrt(points); 1.253 is the efficiency loss
+    of a median). 1.0 where the noise cannot be estimated.
+    """
+    sigma = log_noise(values, minimum)
+    if not np.isfinite(sigma):
+        return 1.0
+    spread = sigma if points <= 1 else 1.253 * sigma / np.sqrt(points)
+    return float(np.exp(z * spread))
+
+
+def median_window(values, spread: float, minimum: int = 8) -> int:
+    """How many points a median of this series needs to scatter by ``spread`` in log units.
+
+    ``(1.253 * log_noise / spread) ** 2``, rounded up; 1 where the noise cannot
+    be estimated.
+    """
+    sigma = log_noise(values, minimum)
+    if not np.isfinite(sigma):
+        return 1
+    return int(np.ceil((1.253 * sigma / spread) ** 2))

@@ -19,8 +19,18 @@ out what is not a blow-up: the peak must also be ``EARLY_RISE`` times the
 weights swings ~8x between batches with and without the rare class, every
 epoch), and the loss must stay above ``x0`` for more than `_spike_rule.MAX_LEN`
 (3) points after the onset (one bad batch that comes straight back is a
-``loss_spike``). What happens next decides the outcome, with ``final`` the
-median of the last 10 %:
+``loss_spike``). And a single point of a very noisy series says nothing about
+its level: where the loss's point-to-point noise (`_robust.log_noise`, in log
+units) is at least ``NOISY`` (1.0: the per-sample loss of ``batch_size=1``
+scatters by ~e^2 from step to step, batches of 32-64 by 0.1-0.3) in a run of
+at least ``NOISY_MIN_POINTS`` (64), the test compares levels instead: ``x0``
+is the median of the first ``NOISY_HEAD`` (9) points and the rest of the rule
+reads the trailing median of 9. (So a blow-up from the very first update of
+such a run, which lifts that first median too, is left to `trends`.) Either
+way the peak must also be ``exp(NOISE_Z * s)`` (5) times ``x0``, with ``s``
+the log-space spread of what is compared (a point, or a median of 9), which
+is below ``EARLY_RISE`` for ordinary batch noise. What happens next decides
+the outcome, with ``final`` the median of the last 10 %:
 
 * ``recovered``: ``final < RECOVERED * x0`` (0.8): ``warning``; the remedy is
   a warm-up as long as the recovery took.
@@ -48,6 +58,10 @@ RECOVERED = 0.8
 RISE = 2.0
 MIN_WARMUP = 100
 SETTLED_QUANTILE = 90
+NOISE_Z = 5.0
+NOISY = 1.0
+NOISY_HEAD = 9
+NOISY_MIN_POINTS = 64
 MAX_SPIKE_LEN = _spike_rule.MAX_LEN
 
 
@@ -62,18 +76,30 @@ def early_blowup(values) -> dict | None:
       ``diverged``).
     """
     x = np.asarray(values, dtype=np.float64)
-    if x.size < MIN_POINTS or not x[0] > 0:
+    if x.size < MIN_POINTS:
         return None
-    x0 = float(x[0])
-    early = x[: max(2, int(np.ceil(EARLY_FRACTION * x.size)))]
-    above = np.flatnonzero(early >= EARLY_RISE * x0)
+    head = NOISY_HEAD if x.size >= NOISY_MIN_POINTS and R.log_noise(x) >= NOISY else 1
+    if head == 1:
+        level = x
+    else:  # single points say nothing: compare levels, the median of ``head`` points
+        level = R.rolling_median(x, head)
+        level[: head - 1] = np.nan
+        level[head - 1] = np.median(x[:head])
+    x0 = float(level[head - 1])
+    if not x0 > 0:
+        return None
+    early = level[: max(head + 1, int(np.ceil(EARLY_FRACTION * x.size)))]
+    with np.errstate(invalid="ignore"):
+        above = np.flatnonzero(early >= EARLY_RISE * x0)
     if not above.size:
         return None
-    peak_index = int(np.argmax(early))
-    peak = float(x[peak_index])
+    peak_index = int(np.nanargmax(early))
+    peak = float(level[peak_index])
     if peak < EARLY_RISE * float(np.percentile(x[x.size // 2:], SETTLED_QUANTILE)):
         return None  # no higher than the run's own range: batch noise (e.g. class weights)
-    back = np.flatnonzero(x[peak_index + 1:] <= x0)
+    if peak < x0 * R.noise_bound(x, NOISE_Z, points=head):
+        return None  # two levels this far apart are the series' own noise (tiny batches)
+    back = np.flatnonzero(level[peak_index + 1:] <= x0)
     back_index = peak_index + 1 + int(back[0]) if back.size else None
     if back_index is not None and back_index - int(above[0]) <= MAX_SPIKE_LEN:
         return None  # a spike, straight back: `spikes`' to report (a bad batch)
@@ -86,6 +112,7 @@ def early_blowup(values) -> dict | None:
         outcome = "diverged"
     return {
         "initial": x0,
+        "initial_points": head,
         "onset": int(above[0]),
         "peak_index": peak_index,
         "peak": peak,
@@ -107,8 +134,14 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
     settings = gradients.remedy_settings(run)
     clip = settings.clipnorm or 1.0
     lr = C.lr_at(run, onset)
-    blew = (f"The loss blew up at step {onset}: from {C.fmt(x0)} at step {s0} to "
-            f"{C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x)")
+    head = b["initial_points"]
+    if head == 1:
+        blew = (f"The loss blew up at step {onset}: from {C.fmt(x0)} at step {s0} to "
+                f"{C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x)")
+    else:
+        blew = (f"The loss blew up at step {onset}: its level (the median of {head} points, as "
+                f"single points of this loss are too noisy) went from {C.fmt(x0)} over its first "
+                f"{head} points to {C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x)")
     if b["outcome"] == "recovered":
         warmup = max(MIN_WARMUP, int(C.round_sig(2 * ((back or at_peak) - s0), 1)))
         target = f"{lr:g}" if lr else "1e-3"
@@ -160,9 +193,10 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
             "back_below_initial_step": back,
             "final_loss": final,
             "ratio_final_to_initial": final / x0,
+            **({"median_of_points": head} if head > 1 else {}),
             "learning_rate": C.num(lr),
-            "threshold": f"loss >= {EARLY_RISE:g}x its first value within the first "
-            f"{EARLY_FRACTION:.0%} of points; recovered when the last 10% are < {RECOVERED:g}x "
+            "threshold": f"loss >= {EARLY_RISE:g}x its first value (and beyond its own "
+            f"point-to-point noise) within the first {EARLY_FRACTION:.0%} of points; recovered when the last 10% are < {RECOVERED:g}x "
             f"it (warning), else critical",
         },
         explanation=explanation,

@@ -11,7 +11,10 @@ divergence
   ``best`` the lowest smoothed level, the run diverges when the final smoothed
   level is >= ``RISE`` (2x) ``best`` and the smoothed curve stays above
   ``SUSTAIN`` (1.5x) ``best`` for the last ``max(3, n // 10)`` points (so a
-  spike is not a trend). Onset: first point after the minimum above 1.5x best.
+  spike is not a trend), and the rise must exceed ``exp(NOISE_Z * s)`` (4),
+  with ``s`` the log-space spread of a median of ``k`` points of this series
+  (`_robust.noise_bound`): the lowest of many medians of a very noisy loss
+  (tiny batches) is luck, not a level the run left. Onset: first point after the minimum above 1.5x best.
   Severity: ``critical`` when the final level is >= ``BLOWUP`` (10x) best or
   the loss ends non-finite, else ``warning``.
 
@@ -62,6 +65,9 @@ MIN_POINTS = 8
 RISE = 2.0
 SUSTAIN = 1.5
 BLOWUP = 10.0
+NOISE_Z = 5.0
+NOISE_MIN_POINTS = 64
+NOISE_LEVEL = 0.15
 STALL_REL = 0.01
 STALL_WORSE = 1.5
 WORSE_REL = 0.1
@@ -88,6 +94,8 @@ def divergence(values) -> dict | None:
     if n < MIN_POINTS:
         return None
     k = max(3, n // 20)
+    if n >= NOISE_MIN_POINTS:  # fewer points: a blow-up would read as noise
+        k = max(k, min(n // 4, R.median_window(x, NOISE_LEVEL)))
     sm = R.rolling_median(x, k)
     sm[: k - 1] = np.nan
     if np.all(np.isnan(sm)):
@@ -97,6 +105,8 @@ def divergence(values) -> dict | None:
     final = float(sm[-1])
     if not best > 0 or final < RISE * best:
         return None
+    if final < best * R.noise_bound(x, NOISE_Z, points=k):
+        return None  # the lowest of many noisy medians: not a level the loss left
     tail = max(3, n // 10)
     if not np.all(sm[-tail:] > SUSTAIN * best):
         return None
@@ -251,8 +261,8 @@ def detect_divergence(run: RunData) -> list[Finding]:
             "ratio_final_to_best": d["ratio"],
             "ends_nonfinite": ends_nonfinite,
             "learning_rate": C.num(lr),
-            "threshold": f"smoothed final >= {RISE:g}x best and > {SUSTAIN:g}x best over the "
-            f"last 10% of points; critical at >= {BLOWUP:g}x or non-finite",
+            "threshold": f"smoothed final >= {RISE:g}x best (and beyond the loss's own noise) and "
+            f"> {SUSTAIN:g}x best over the last 10% of points; critical at >= {BLOWUP:g}x or non-finite",
         },
         explanation=(
             f"The loss rose from its best {C.fmt(d['best'])} (step {int(steps[d['best_index']])}) to "
