@@ -191,3 +191,54 @@ def test_records_of_several_losses_without_outputs_pair_nothing():
     assert config_problems(info) == []
     one = dict(info, loss={"class_name": "BinaryCrossentropy", "config": {}})
     assert "binary_crossentropy on a linear output" in _messages(one)
+
+
+@pytest.mark.parametrize("units, activation, loss, labels, expected", [
+    (1, None, "mse", (-99, 99), None),
+    (1, None, "mse", (-3.6e4, 2.2e5), "far from unit scale"),
+    (1, "relu", keras.losses.MeanAbsoluteError(), (0, 255), "far from unit scale"),
+    (1, None, keras.losses.Huber(), (-500, 0), "far from unit scale"),
+    (1, "sigmoid", "mse", (0, 1), None),
+    (1, "sigmoid", "mse", (0, 10), "cannot fit them"),
+    (1, "tanh", "mae", (-1, 3), "cannot fit them"),
+    (1, None, "mean_squared_logarithmic_error", (0, 2e5), None),  # scale-free already
+    (2, "softmax", "sparse_categorical_crossentropy", (0, 1), None),
+], ids=["unit-ish", "prices-mse", "pixels-mae-relu", "huber-negative", "sigmoid-in-range",
+        "sigmoid-out-of-range", "tanh-out-of-range", "msle", "classification"])
+def test_regression_labels_the_output_cannot_reach_or_reaches_slowly(
+        units, activation, loss, labels, expected):
+    info = check_config(_model(units, activation, loss), labels)
+    messages = _messages(dict(info, loss=info["loss_name"]))
+    if expected is None:
+        assert messages == "", messages
+    else:
+        assert expected in messages and f"{labels[1]:.4g}" in messages, messages
+
+
+def test_unscaled_regression_targets_from_a_real_run_and_the_remedy_that_fixes_them(tmp_path):
+    # House prices in dollars: the loss starts at ~1e10 and Adam at 1e-3 barely moves it.
+    rng = np.random.default_rng(0)
+    x_train = rng.standard_normal((1024, 3)).astype("float32")
+    y_train = (5e4 + 2e4 * (x_train @ np.array([[1.0], [-2.0], [0.5]]))).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = _model(1, None, "mse")
+    model.fit(x_train, y_train, batch_size=32, epochs=2, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path / "prices"), every=10)])
+    (run,) = analyze_logdir(str(tmp_path)).runs
+    (finding,) = [f for f in run.findings if f.kind == "config_mismatch"]
+    assert finding.severity == "warning" and "far from unit scale" in finding.explanation
+    assert "Over this run the loss went from" in finding.explanation
+    start, end = (float(v) for v in
+                  finding.explanation.split("went from ")[1].split(" (")[0].split(" to "))
+    assert start > 1e9 and end > 0.5 * start  # stuck, as the finding says
+
+    # The remedy's snippet, run as written, trains the same model to a small error.
+    keras.utils.set_random_seed(0)
+    fixed = keras.Sequential([keras.Input((3,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(1)])
+    fixed.compile("adam", "mse")
+    namespace = {"x_train": x_train, "y_train": y_train, "model": fixed, "x": x_train}
+    snippet = finding.remedy.replace("...", "batch_size=32, epochs=20, verbose=0")
+    exec("\n".join(line.strip() for line in snippet.splitlines()), namespace)
+    rmse = float(np.sqrt(np.mean((namespace["y_pred"] - y_train) ** 2)))
+    assert rmse < 0.2 * float(y_train.std()), rmse  # 1.0 when stuck at the mean

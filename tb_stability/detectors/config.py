@@ -10,7 +10,13 @@ for a model with several, each with its own loss), checked with these rules:
 * probabilistic output (sigmoid/softmax) with ``from_logits=True``;
 * a cross-entropy on a linear output without ``from_logits=True``;
 * binary cross-entropy with labels outside [0, 1];
-* categorical cross-entropy on a single output unit.
+* categorical cross-entropy on a single output unit;
+* a regression loss (MSE, MAE, Huber, log-cosh) on a bounded output (sigmoid,
+  softmax, tanh) that cannot reach the labels;
+* a regression loss on an unbounded output with labels beyond +-``TARGET_SCALE``
+  (100): the output starts near 0 and a learning rate that suits unit-scale
+  data takes thousands of steps only to reach the targets' offset and scale
+  (house prices in dollars under MSE start at a loss of ~1e10 and stay there).
 
 An ordinary log has no run_info; there the same fields come from the
 compiled model Keras' TensorBoard callback recorded (`RunData.model_config`,
@@ -22,9 +28,21 @@ Severity: ``warning`` (``critical`` when the recorded problem says so).
 
 from __future__ import annotations
 
+import numpy as np
+
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _robust as R
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
+
+
+TARGET_SCALE = 100.0
+_REGRESSION_LOSSES = ("mse", "mae", "mean_squared_error", "mean_absolute_error", "huber",
+                      "huber_loss", "log_cosh", "logcosh")
+_BOUNDED_OUTPUTS = {"sigmoid": (0.0, 1.0), "softmax": (0.0, 1.0), "tanh": (-1.0, 1.0),
+                    "hard_sigmoid": (0.0, 1.0), "softsign": (-1.0, 1.0)}
+_UNBOUNDED_OUTPUTS = ("linear", "none", "", "relu", "softplus", "elu", "selu", "exponential",
+                      "leaky_relu", "gelu", "silu", "swish")
 
 
 def config_problems(info: dict) -> list[dict]:
@@ -77,7 +95,37 @@ def _rule_problems(info: dict, prefix: str = "") -> list[dict]:
                                         "always 0.",
                     "remedy": "    keras.layers.Dense(1, activation='sigmoid'); "
                               "loss='binary_crossentropy'"})
+    if loss in _REGRESSION_LOSSES and lo is not None and hi is not None:
+        out += _target_problems(loss, act, float(lo), float(hi), prefix)
     return out
+
+
+def _target_problems(loss: str, act: str, lo: float, hi: float, prefix: str) -> list[dict]:
+    """A regression loss whose labels the output cannot reach, or reaches only slowly."""
+    if act in _BOUNDED_OUTPUTS:
+        low, high = _BOUNDED_OUTPUTS[act]
+        if lo < low or hi > high:
+            return [{"message": prefix + f"{loss} on a {act} output, which stays in "
+                                         f"[{low:g}, {high:g}], with labels in [{lo:.4g}, {hi:.4g}]: "
+                                         "the model cannot fit them.",
+                     "remedy": "    keras.layers.Dense(1)  # a linear output for regression\n"
+                               + _STANDARDISE}]
+        return []
+    if act in _UNBOUNDED_OUTPUTS and max(abs(lo), abs(hi)) > TARGET_SCALE:
+        return [{"message": prefix + f"{loss} on labels in [{lo:.4g}, {hi:.4g}], far from unit "
+                                     "scale: the output starts near 0, so training spends its "
+                                     "steps reaching the labels' offset and scale, at a loss "
+                                     "dominated by them.",
+                 "remedy": _STANDARDISE, "target_scale": True}]
+    return []
+
+
+_STANDARDISE = (
+    "    # standardise the targets (fit on training data only), and undo it on predictions:\n"
+    "    y_mean, y_std = y_train.mean(axis=0), y_train.std(axis=0)\n"
+    "    model.fit(x_train, (y_train - y_mean) / y_std, ...)  # validation targets alike\n"
+    "    y_pred = model.predict(x) * y_std + y_mean"
+)
 
 
 _LOGITS_LOSSES = (
@@ -112,6 +160,9 @@ def detect(run: RunData) -> list[Finding]:
     if not problems:
         return []
     critical = any(str(p.get("severity", "")).lower() == "critical" for p in problems)
+    explanation = " ".join(str(p.get("message", "")) for p in problems[:3])
+    if any(p.get("target_scale") for p in problems):
+        explanation += _loss_progress(run)
     keys = ("loss", "loss_name", "output_activation", "from_logits", "label_min", "label_max",
             "output_units", "outputs")
     return [Finding(
@@ -123,11 +174,24 @@ def detect(run: RunData) -> list[Finding]:
         layers=[str(p["layer"]) for p in problems if p.get("layer")],
         evidence={"problems": problems, "recorded": {k: info.get(k) for k in keys if k in info},
                   "threshold": "any recorded config_check problem or rule violation"},
-        explanation=" ".join(str(p.get("message", "")) for p in problems[:3]),
+        explanation=explanation,
         remedy="\n".join(str(p.get("remedy", "")) for p in problems if p.get("remedy"))
         or "Make the output activation, the loss and the label range agree, e.g.\n"
            "    keras.layers.Dense(1); loss = keras.losses.BinaryCrossentropy(from_logits=True)",
     )]
+
+
+def _loss_progress(run: RunData) -> str:
+    """Where the training loss started and ended, in a sentence (empty without one)."""
+    loss, _ = C.loss_series(run)
+    if loss is None or len(loss) < 2:
+        return ""
+    start, end = R.level(loss.values), R.level(loss.values, at_end=True)
+    if not (np.isfinite(start) and np.isfinite(end) and start > 0):
+        return ""
+    change = (end - start) / start
+    return (f" Over this run the loss went from {C.fmt(start)} to {C.fmt(end)} "
+            f"({abs(change):.1%} {'lower' if change < 0 else 'higher'}).")
 
 
 def _first_step(run: RunData) -> int:
