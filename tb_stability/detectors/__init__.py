@@ -20,6 +20,7 @@ from tb_stability.detectors import (
     data,
     generalization,
     gradients,
+    missing_classes,
     nonfinite,
     spikes,
     trends,
@@ -43,6 +44,7 @@ ALL_DETECTORS: list[Detector] = [
     activations.detect_saturated,
     data.detect_unscaled,
     data.detect_imbalance,
+    missing_classes.detect,
     generalization.detect,
     config.detect,
 ]
