@@ -39,6 +39,7 @@ from tb_stability.detectors import _common as C
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _layer_kinds as K
 from tb_stability.detectors import _robust as R
+from tb_stability.detectors import _weight_collapse as collapse
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
@@ -351,6 +352,19 @@ def detect_vanishing(run: RunData) -> list[Finding]:
     if activations:
         evidence["layer_activations"] = activations
     listed = ", ".join(layers[:4])
+    explanation = (f"Gradients reaching {listed} are "
+                   f"{C.fmt(evidence['median_ratio_first_to_last'])}x those of {names[-1]}, so the "
+                   "early layers barely learn.")
+    collapsed = collapse.collapsed_kernels(run, layers)
+    if collapsed:
+        evidence["collapsed_kernel_norms"] = {k: {"first": a, "last": b}
+                                              for k, (a, b) in collapsed.items()}
+        because, remedy = collapse.explain(run, collapsed)
+        explanation += because
+    else:
+        remedy = (K.recurrent_remedy(layers, table, remedies.kept_optimizer_call(
+            run, f"clipnorm={remedy_settings(run).clipnorm or 1.0:g}"))
+            or _feedforward_remedy(listed, activations))
     return [
         Finding(
             kind="vanishing_gradients",
@@ -360,13 +374,8 @@ def detect_vanishing(run: RunData) -> list[Finding]:
             last_step=int(m.steps[hits[-1]]),
             layers=layers,
             evidence=evidence,
-            explanation=(
-                f"Gradients reaching {listed} are {C.fmt(evidence['median_ratio_first_to_last'])}x "
-                f"those of {names[-1]}, so the early layers barely learn."
-            ),
-            remedy=(K.recurrent_remedy(layers, table, remedies.kept_optimizer_call(
-                run, f"clipnorm={remedy_settings(run).clipnorm or 1.0:g}"))
-                    or _feedforward_remedy(listed, activations)),
+            explanation=explanation,
+            remedy=remedy,
         )
     ]
 

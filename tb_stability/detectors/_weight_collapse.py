@@ -1,0 +1,79 @@
+"""Kernels pulled to zero: the cause of a vanishing gradient that no activation change fixes.
+
+A weight decay or L2 penalty far too strong for the learning rate shrinks
+every kernel geometrically (Keras applies ``w -= learning_rate *
+weight_decay * w`` at each step), and a gradient that flows through
+near-zero kernels vanishes with them. The vanishing_gradients finding then
+points at the activations, which are not the cause. `collapsed_kernels`
+finds the kernels whose recorded norm ended below ``COLLAPSE`` (1/100) of its
+first recorded value; `explain` turns them into a sentence and a remedy that
+names the optimizer's weight decay when it has one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
+from tb_stability.rundata import RunData
+
+COLLAPSE = 1e-2
+DECAY_PER_STEP = 1e-4  # learning_rate * weight_decay the remedy aims at (AdamW's default: 4e-6)
+
+
+def collapsed_kernels(run: RunData, layers) -> dict[str, tuple[float, float]]:
+    """``{kernel: (first norm, last norm)}`` for the kernels of ``layers`` that collapsed."""
+    m = run.variables.get("weight_norm")
+    if m is None or not len(m):
+        return {}
+    wanted = set(layers)
+    out = {}
+    for j in C.weight_columns(m):
+        name = m.names[j]
+        if "/" not in name or name.rsplit("/", 1)[0] not in wanted:
+            continue
+        column = m.values[:, j]
+        finite = column[np.isfinite(column)]
+        if finite.size < 2 or not finite[0] > 0:
+            continue
+        if finite[-1] < COLLAPSE * finite[0]:
+            out[name] = (float(finite[0]), float(finite[-1]))
+    return out
+
+
+def explain(run: RunData, collapsed: dict[str, tuple[float, float]]) -> tuple[str, str]:
+    """``(explanation sentence, remedy)`` for collapsed kernels (see module docstring)."""
+    name, (first, last) = min(collapsed.items(), key=lambda item: item[1][1] / item[1][0])
+    shrank = (f" The kernels themselves collapsed: {name}'s norm fell from {C.fmt(first)} to "
+              f"{C.fmt(last)} ({C.fmt(last / first)}x), and a gradient that flows through "
+              "near-zero weights vanishes with them.")
+    _, config = remedies.recorded_optimizer(run)
+    decay = _positive(config.get("weight_decay"))
+    lr = C.lr_at(run, None) or _positive(config.get("learning_rate"))
+    if decay and lr:
+        per_step = lr * decay
+        target = C.round_sig(min(decay, DECAY_PER_STEP / lr))
+        return (
+            shrank + f" weight_decay={decay:g} at learning rate {lr:g} takes {per_step:.2g} of "
+            "every weight away at each step (w -= learning_rate * weight_decay * w), faster "
+            "than the gradients can put it back.",
+            f"Lower the weight decay so that learning_rate x weight_decay is about "
+            f"{DECAY_PER_STEP:g} per step or less (AdamW's default is 0.004):\n"
+            f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr:g}, weight_decay={target:g}')}",
+        )
+    return (
+        shrank + " Something pulls the weights to zero faster than the gradients move them: "
+        "a large L2 penalty (kernel_regularizer) or weight decay.",
+        "Lower the L2 factor of the kernel regularizers (1e-4 is typical), or the optimizer's "
+        "weight_decay:\n"
+        "    keras.layers.Dense(64, kernel_regularizer=keras.regularizers.L2(1e-4))",
+    )
+
+
+def _positive(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
