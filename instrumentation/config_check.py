@@ -184,12 +184,13 @@ def classification_mode(model) -> tuple[Optional[str], bool]:
     """``(mode, logits)`` of the first output (whose labels and predictions the data statistics take).
 
     ``mode`` is ``"binary"``/``"categorical"``/None; ``logits`` whether its
-    outputs are logits.
+    outputs are logits. None for a multi-label output (`schema.is_multilabel`): the
+    arg-max of a multi-hot row is no class, so no class counts are taken.
     """
     entry = output_entries(model)[0]
     name, act = entry["loss_name"], entry["output_activation"]
     is_cls = any(k in name for k in _CLASSIFICATION) or act in ("sigmoid", "softmax")
-    if not is_cls:
+    if not is_cls or schema.is_multilabel(name, act, entry["output_units"]):
         return None, False
     logits = bool(entry["from_logits"]) or (act == "linear" and "crossentropy" in name)
     return ("binary" if entry["output_units"] == 1 else "categorical"), logits

@@ -206,3 +206,16 @@ def snake_case(name: str) -> str:
             out.append("_")
         out.append(ch.lower())
     return "".join(out)
+
+
+def is_multilabel(loss_name, activation, units) -> bool:
+    """Whether an output holds several independent yes/no labels (run_info's field values).
+
+    Sigmoid units, or a binary loss on more than one unit that is not a softmax
+    (one-hot labels over two softmax units are one label). The arg-max of a
+    multi-hot row is no class, so such an output has no class counts: the
+    writer takes none and the detectors read none.
+    """
+    several = isinstance(units, int) and not isinstance(units, bool) and units > 1
+    return several and (activation == "sigmoid" or ("binary" in str(loss_name or "")
+                                                     and activation != "softmax"))

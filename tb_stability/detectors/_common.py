@@ -336,6 +336,18 @@ def optimizer_of(info: dict) -> tuple[object, dict]:
     return name, config if isinstance(config, dict) else {}
 
 
+def multilabel(run: RunData) -> bool:
+    """Whether the run's (first) output is multi-label (`schema.is_multilabel`): its recorded
+    class counts, if an older writer took them, are arg-maxes of multi-hot rows, not classes."""
+    info = first_run_info(run)
+    if not isinstance(info, dict):
+        return False
+    entry = info["outputs"][0] if isinstance(info.get("outputs"), list) and info["outputs"] \
+        and isinstance(info["outputs"][0], dict) else info
+    return schema.is_multilabel(entry.get("loss_name") or entry.get("loss"),
+                                entry.get("output_activation"), entry.get("output_units"))
+
+
 def first_run_info(run: RunData) -> dict:
     """The first ``stability/run_info`` record; else what Keras' TensorBoard callback
     recorded of the compiled model (`RunData.model_config`, the same field names)."""

@@ -24,6 +24,8 @@ class_imbalance
   training loss with the labels' entropy (a loss >= ``NOTHING_LEARNED`` of it
   means the base rate is all it learned; above ``WORSE_THAN_BASE_RATE`` (1.5x)
   it, the model does worse than the base rate: the training itself failed).
+  A multi-label output (`schema.is_multilabel`: sigmoid units) has no
+  classes: counts an older writer took of it are ignored.
 """
 
 from __future__ import annotations
@@ -281,6 +283,8 @@ def majority_prediction_share(pred: Matrix | None, majority) -> float | None:
 
 def detect_imbalance(run: RunData) -> list[Finding]:
     """class_imbalance adapter (labels and collapsed predictions)."""
+    if C.multilabel(run):
+        return []
     out = []
     lab: Matrix | None = run.labels
     label_share = None

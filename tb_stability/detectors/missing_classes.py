@@ -35,7 +35,7 @@ def missing(counts) -> list[int] | None:
 def detect(run: RunData) -> list[Finding]:
     """class_imbalance adapter for classes that never appear."""
     lab = run.labels
-    if lab is None or not len(lab):
+    if lab is None or not len(lab) or C.multilabel(run):
         return []
     counts = np.nansum(lab.values, axis=0)
     absent = missing(counts)
