@@ -309,8 +309,9 @@ def detect_imbalance(run: RunData) -> list[Finding]:
             )
             if severity == "info":
                 explanation += (
-                    f" Its predictions are {handled:.0%} class {lab.names[top]}, fewer than the labels: "
-                    "class weighting or resampling seems to be in place."
+                    f" Its predictions are {handled:.0%} class {lab.names[top]} against {share:.0%} "
+                    "of the labels, so it still predicts the minority classes (class weights or "
+                    "resampling, if you use them, are working)."
                 )
             out.append(Finding(
                 kind="class_imbalance", severity=severity, run=run.name,
