@@ -38,7 +38,7 @@ def test_log_noise_ignores_a_steady_trend_and_bad_values():
     with_bad = np.concatenate([[np.nan, -1.0, 0.0], steady, [np.inf]])
     assert R.log_noise(with_bad) == pytest.approx(R.log_noise(steady), abs=1e-12)
     assert np.isnan(R.log_noise(steady[:5]))
-    assert R.noise_bound(steady[:5], 5.0) == 1.0
+    assert R.noise_bound(R.log_noise(steady[:5]), 5.0) == 1.0
 
 
 def _per_sample_losses(seed, n=800):
@@ -72,8 +72,9 @@ def test_the_noise_guard_leaves_quiet_series_alone():
     # Batch-64 noise (~5%): the guard is below the fixed ratios, so it never binds.
     rng = np.random.default_rng(0)
     quiet = (2.0 * np.exp(-np.arange(400) / 60) + 0.1) * (1 + 0.05 * rng.standard_normal(400))
-    assert R.noise_bound(quiet, blowup.NOISE_Z) < blowup.EARLY_RISE
-    assert R.noise_bound(quiet, trends.NOISE_Z, points=3) < trends.RISE
+    sigma = R.log_noise(quiet)
+    assert R.noise_bound(sigma, blowup.NOISE_Z) < blowup.EARLY_RISE
+    assert R.noise_bound(sigma, trends.NOISE_Z, points=3) < trends.RISE
 
 
 tf = pytest.importorskip("tensorflow")

@@ -188,3 +188,11 @@ def clip_args(run: RunData, clipnorm: float | None) -> str:
     """The run's own clipping where it sets one, else ``clipnorm=`` ``clipnorm`` (1 if None)."""
     clipping = configured_clipping(run)
     return clip_text(clipping) if clipping else f"clipnorm={clipnorm or 1.0:g}"
+
+
+# Keras' validation_split takes the last fraction of x and y as given, before any shuffling.
+SHUFFLE_BEFORE_SPLIT = (
+    "    idx = np.random.default_rng(0).permutation(len(x))\n"
+    "    x, y = x[idx], y[idx]\n"
+    "    model.fit(x, y, validation_split=0.2, ...)\n"
+)

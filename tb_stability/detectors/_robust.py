@@ -219,27 +219,27 @@ def log_noise(values, minimum: int = 8) -> float:
     return float(np.median(np.abs(np.diff(np.log(x), 2)))) / SECOND_DIFF_TO_STD
 
 
-def noise_bound(values, z: float, points: int = 1, minimum: int = 8) -> float:
-    """The largest ratio between two levels that the series' own noise explains.
+def noise_bound(sigma: float, z: float, points: int = 1) -> float:
+    """The largest ratio between two levels that a series' own noise explains.
 
     ``exp(z * s)`` with ``s`` the log-space spread of a median of ``points``
-    values (`log_noise` x 1.253 / sqrt(points); 1.253 is the efficiency loss
-    of a median). 1.0 where the noise cannot be estimated.
+    values of a series whose `log_noise` is ``sigma`` (``sigma`` x 1.253 /
+    sqrt(points); 1.253 is the efficiency loss of a median). 1.0 where the
+    noise could not be estimated (``sigma`` NaN).
     """
-    sigma = log_noise(values, minimum)
     if not np.isfinite(sigma):
         return 1.0
     spread = sigma if points <= 1 else 1.253 * sigma / np.sqrt(points)
     return float(np.exp(z * spread))
 
 
-def median_window(values, spread: float, minimum: int = 8) -> int:
-    """How many points a median of this series needs to scatter by ``spread`` in log units.
+def median_window(sigma: float, spread: float) -> int:
+    """How many points a median needs to scatter by ``spread`` in log units, in a series whose
+    `log_noise` is ``sigma``.
 
-    ``(1.253 * log_noise / spread) ** 2``, rounded up; 1 where the noise cannot
-    be estimated.
+    ``(1.253 * sigma / spread) ** 2``, rounded up; 1 where the noise could not
+    be estimated (``sigma`` NaN).
     """
-    sigma = log_noise(values, minimum)
     if not np.isfinite(sigma):
         return 1
     return int(np.ceil((1.253 * sigma / spread) ** 2))

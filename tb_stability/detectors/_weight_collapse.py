@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _loss_tags as L
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.rundata import RunData
 
@@ -49,8 +50,9 @@ def explain(run: RunData, collapsed: dict[str, tuple[float, float]]) -> tuple[st
               f"{C.fmt(last)} ({C.fmt(last / first)}x), and a gradient that flows through "
               "near-zero weights vanishes with them.")
     _, config = remedies.recorded_optimizer(run)
-    decay = _positive(config.get("weight_decay"))
-    lr = C.lr_at(run, None) or _positive(config.get("learning_rate"))
+    decay, lr = (float(v) if L.is_positive_number(v) else None
+                 for v in (config.get("weight_decay"), config.get("learning_rate")))
+    lr = C.lr_at(run, None) or lr
     if decay and lr:
         per_step = lr * decay
         target = C.round_sig(min(decay, DECAY_PER_STEP / lr))
@@ -60,7 +62,8 @@ def explain(run: RunData, collapsed: dict[str, tuple[float, float]]) -> tuple[st
             "than the gradients can put it back.",
             f"Lower the weight decay so that learning_rate x weight_decay is about "
             f"{DECAY_PER_STEP:g} per step or less (AdamW's default is 0.004):\n"
-            f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr:g}, weight_decay={target:g}')}",
+            "    optimizer = "
+            + remedies.optimizer_call(run, f"learning_rate={lr:g}, weight_decay={target:g}"),
         )
     return (
         shrank + " Something pulls the weights to zero faster than the gradients move them: "
@@ -69,11 +72,3 @@ def explain(run: RunData, collapsed: dict[str, tuple[float, float]]) -> tuple[st
         "weight_decay:\n"
         "    keras.layers.Dense(64, kernel_regularizer=keras.regularizers.L2(1e-4))",
     )
-
-
-def _positive(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) and value > 0 else None

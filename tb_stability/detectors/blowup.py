@@ -78,13 +78,13 @@ def early_blowup(values) -> dict | None:
     x = np.asarray(values, dtype=np.float64)
     if x.size < MIN_POINTS:
         return None
-    head = NOISY_HEAD if x.size >= NOISY_MIN_POINTS and R.log_noise(x) >= NOISY else 1
+    sigma = R.log_noise(x)
+    head = NOISY_HEAD if x.size >= NOISY_MIN_POINTS and sigma >= NOISY else 1
     if head == 1:
         level = x
-    else:  # single points say nothing: compare levels, the median of ``head`` points
+    else:  # single points say nothing: compare levels, the trailing median of ``head`` points
         level = R.rolling_median(x, head)
         level[: head - 1] = np.nan
-        level[head - 1] = np.median(x[:head])
     x0 = float(level[head - 1])
     if not x0 > 0:
         return None
@@ -97,7 +97,7 @@ def early_blowup(values) -> dict | None:
     peak = float(level[peak_index])
     if peak < EARLY_RISE * float(np.percentile(x[x.size // 2:], SETTLED_QUANTILE)):
         return None  # no higher than the run's own range: batch noise (e.g. class weights)
-    if peak < x0 * R.noise_bound(x, NOISE_Z, points=head):
+    if peak < x0 * R.noise_bound(sigma, NOISE_Z, points=head):
         return None  # two levels this far apart are the series' own noise (tiny batches)
     back = np.flatnonzero(level[peak_index + 1:] <= x0)
     back_index = peak_index + 1 + int(back[0]) if back.size else None
@@ -196,8 +196,8 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
             **({"median_of_points": head} if head > 1 else {}),
             "learning_rate": C.num(lr),
             "threshold": f"loss >= {EARLY_RISE:g}x its first value (and beyond its own "
-            f"point-to-point noise) within the first {EARLY_FRACTION:.0%} of points; recovered when the last 10% are < {RECOVERED:g}x "
-            f"it (warning), else critical",
+            f"point-to-point noise) within the first {EARLY_FRACTION:.0%} of points; recovered "
+            f"when the last 10% are < {RECOVERED:g}x it (warning), else critical",
         },
         explanation=explanation,
         remedy=remedy,

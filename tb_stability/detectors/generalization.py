@@ -29,6 +29,7 @@ import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _loss_tags
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _robust as R
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData, Series, held_out_names
@@ -118,10 +119,8 @@ def _finding(run_name, steps, tr, va, o, sources, accuracy=None) -> Finding:
                 "fraction of x and y as given, before any shuffling, so arrays sorted by class "
                 "or time give a validation set the model never trains on; shuffle first, and "
                 "preprocess validation inputs exactly as training inputs:\n"
-                "    idx = np.random.default_rng(0).permutation(len(x))\n"
-                "    x, y = x[idx], y[idx]\n"
-                "    model.fit(x, y, validation_split=0.2, ...)\n"
-                "If the split is sound, the model memorises a small training set at once: "
+                + remedies.SHUFFLE_BEFORE_SPLIT
+                + "If the split is sound, the model memorises a small training set at once: "
                 "regularise and stop early:\n"
                 "    keras.callbacks.EarlyStopping(monitor='val_loss', patience=3, "
                 "restore_best_weights=True)"
@@ -177,7 +176,7 @@ def _classes(run: RunData) -> int:
     """Number of classes: the recorded label counts' width, else the output's units."""
     if run.labels is not None and len(run.labels):
         return int(run.labels.values.shape[1])
-    units = C.latest_run_info(run).get("output_units") or (run.model_config or {}).get("output_units")
+    units = C.first_run_info(run).get("output_units")
     return int(units) + (1 if units == 1 else 0) if isinstance(units, int) else 0
 
 

@@ -5,8 +5,8 @@ predict), summed over records. Rule: at least two classes appear, each with
 at least ``MIN_PER_CLASS`` (20) of the recorded labels, and one or more never
 do: a missing class would have to be over 20 times rarer than the rarest one
 present (so a long tail, whose rare classes show up a few times, is not
-flagged). Severity: ``warning``: the model is never trained on the missing classes
-and learns never to predict them. The usual cause in Keras is
+flagged). Severity: ``warning``: the model is never trained on the missing
+classes and learns never to predict them. The usual cause in Keras is
 ``validation_split``, which takes the last fraction of arrays sorted by
 class; the remedy says so when the run logs a validation loss.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _remedies as remedies
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
@@ -44,16 +45,14 @@ def detect(run: RunData) -> list[Finding]:
     names = [str(lab.names[j]) for j in absent]
     listed = ", ".join(names[:MAX_NAMED]) + (f" and {len(names) - MAX_NAMED} more"
                                              if len(names) > MAX_NAMED else "")
-    classes = "Class" if len(names) == 1 else "Classes"
+    one = len(names) == 1
+    it = "it" if one else "them"
     total = int(counts.sum())
     val, _ = C.val_loss_series(run)
     split = (
         "Keras' validation_split takes the last fraction of x and y as given, before any "
         "shuffling, so arrays sorted by label leave whole classes out of training; shuffle "
-        "before fit:\n"
-        "    idx = np.random.default_rng(0).permutation(len(x))\n"
-        "    x, y = x[idx], y[idx]\n"
-        "    model.fit(x, y, validation_split=0.2, ...)\n"
+        "before fit:\n" + remedies.SHUFFLE_BEFORE_SPLIT
     ) if val is not None else ""
     return [Finding(
         kind="class_imbalance", severity="warning", run=run.name,
@@ -64,10 +63,10 @@ def detect(run: RunData) -> list[Finding]:
                   "threshold": f"a class with no label while two or more classes appear, each "
                   f">= {MIN_PER_CLASS} times"},
         explanation=(
-            f"{classes} {listed} never {'appears' if len(names) == 1 else 'appear'} among the {total} training labels recorded, "
-            f"though the output predicts {len(counts)} classes: the model is never trained on "
-            f"{'it' if len(names) == 1 else 'them'} and learns never to predict "
-            f"{'it' if len(names) == 1 else 'them'}."
+            f"{'Class' if one else 'Classes'} {listed} never {'appears' if one else 'appear'} "
+            f"among the {total} training labels recorded, though the output predicts "
+            f"{len(counts)} classes: the model is never trained on {it} and learns never to "
+            f"predict {it}."
         ),
         remedy=split + (
             "Check that the training set holds every class, or give the output one unit per "

@@ -11,10 +11,14 @@ divergence
   ``best`` the lowest smoothed level, the run diverges when the final smoothed
   level is >= ``RISE`` (2x) ``best`` and the smoothed curve stays above
   ``SUSTAIN`` (1.5x) ``best`` for the last ``max(3, n // 10)`` points (so a
-  spike is not a trend), and the rise must exceed ``exp(NOISE_Z * s)`` (4),
+  spike is not a trend), and the rise must exceed ``exp(NOISE_Z * s)`` (5),
   with ``s`` the log-space spread of a median of ``k`` points of this series
   (`_robust.noise_bound`): the lowest of many medians of a very noisy loss
-  (tiny batches) is luck, not a level the run left. Onset: first point after the minimum above 1.5x best.
+  (tiny batches) is luck, not a level the run left. From ``NOISE_MIN_POINTS``
+  (64) points on, ``k`` also grows with that noise, up to a quarter of the
+  run, until a median scatters by about ``NOISE_LEVEL`` (0.15) in log units
+  (`_robust.median_window`). Onset: first point after the minimum above 1.5x
+  best.
   Severity: ``critical`` when the final level is >= ``BLOWUP`` (10x) best or
   the loss ends non-finite, else ``warning``.
 
@@ -93,9 +97,10 @@ def divergence(values) -> dict | None:
     n = x.size
     if n < MIN_POINTS:
         return None
+    sigma = R.log_noise(x)
     k = max(3, n // 20)
     if n >= NOISE_MIN_POINTS:  # fewer points: a blow-up would read as noise
-        k = max(k, min(n // 4, R.median_window(x, NOISE_LEVEL)))
+        k = max(k, min(n // 4, R.median_window(sigma, NOISE_LEVEL)))
     sm = R.rolling_median(x, k)
     sm[: k - 1] = np.nan
     if np.all(np.isnan(sm)):
@@ -105,7 +110,7 @@ def divergence(values) -> dict | None:
     final = float(sm[-1])
     if not best > 0 or final < RISE * best:
         return None
-    if final < best * R.noise_bound(x, NOISE_Z, points=k):
+    if final < best * R.noise_bound(sigma, NOISE_Z, points=k):
         return None  # the lowest of many noisy medians: not a level the loss left
     tail = max(3, n // 10)
     if not np.all(sm[-tail:] > SUSTAIN * best):
@@ -262,7 +267,8 @@ def detect_divergence(run: RunData) -> list[Finding]:
             "ends_nonfinite": ends_nonfinite,
             "learning_rate": C.num(lr),
             "threshold": f"smoothed final >= {RISE:g}x best (and beyond the loss's own noise) and "
-            f"> {SUSTAIN:g}x best over the last 10% of points; critical at >= {BLOWUP:g}x or non-finite",
+            f"> {SUSTAIN:g}x best over the last 10% of points; critical at >= {BLOWUP:g}x or "
+            "non-finite",
         },
         explanation=(
             f"The loss rose from its best {C.fmt(d['best'])} (step {int(steps[d['best_index']])}) to "
