@@ -36,6 +36,8 @@ def _with(series, at, values):
                  id="class-weighted-batches-swing-8x"),
     pytest.param(_with(DECAY * NOISE, 200, [50, 80, 60, 30, 9, 4]), None, id="mid-run-not-early"),
     pytest.param(_with(DECAY * NOISE, 1, [9, 9, 9, 9, 9, 4]), None, id="rise-below-5x"),
+    pytest.param(_with(30 * np.exp(0.6 * np.random.default_rng(3).standard_normal(400)), 0, [0.69, 0.69, 0.71]),
+                 "diverged", id="blowup-then-lives-noisily-far-above-start"),
 ])
 def test_early_blowup_against_hand_made_series(values, outcome):
     got = blowup.early_blowup(values)
@@ -158,3 +160,53 @@ def test_hparams_give_the_remedy_the_runs_optimizer_and_rate(tmp_path):
     plain = [f for f in findings if f.kind == "stalled"][0]
     assert plain.evidence["learning_rate"] is None
     assert "keras.optimizers.Adam(learning_rate=0.0001)" in plain.remedy
+
+
+def test_a_gru_at_sgd_30_blew_up_and_every_remedy_cuts_the_rate_alike(tmp_path):
+    """The loss went from 0.69 to ~30 within 5 steps and swung between 13 and 106 for the rest of
+    the run: as high as its early peak, so it looked like batch noise, and the run was only told
+    it drifted up 3x from step 9. The update ratios asked for ~100x lower, divergence for 10x."""
+    from instrumentation import StabilityCallback
+
+    data = np.random.default_rng(0)
+    x, y = data.integers(1, 300, (1024, 20)), data.integers(0, 2, 1024)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((20,), dtype="int32"), keras.layers.Embedding(300, 16),
+                              keras.layers.GRU(32), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(keras.optimizers.SGD(30.0), "binary_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=3, verbose=0, callbacks=[StabilityCallback(str(tmp_path), every=10)])
+    report = analyze_logdir(str(tmp_path))
+    found = {f.kind: f for r in report.runs for f in r.findings}
+    div = found["divergence"]
+    assert (div.severity, div.evidence["early_blowup"]) == ("critical", "diverged"), report_to_json(report)
+    assert div.first_step <= 8 and div.evidence["ratio_final_to_initial"] > 10
+    assert div.evidence["initial_loss"] == pytest.approx(np.log(2), rel=0.05)
+    high = found["update_ratio_high"]
+    assert "~100x" in high.remedy and "learning_rate=0.3," in high.remedy
+    assert "learning rate 100x lower" in div.remedy and "warmup_target=0.3," in div.remedy
+
+
+def _per_sample(level, count, seed):
+    """A loss as noisy as one sample's cross-entropy (log-spread 1.3), around ``level``."""
+    return level * np.exp(1.3 * np.random.default_rng(seed).standard_normal(count))
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_a_noisy_classifier_that_blew_up_at_once_is_told_by_its_first_loss(seed):
+    values = _per_sample(16.0, 96, seed)
+    values[:2] = [0.693, 4.0]
+    # The median of the first 9 points is already ~16: without the base rate there is no start.
+    assert blowup.early_blowup(values) is None
+    got = blowup.early_blowup(values, base_rate=np.log(2))
+    assert (got["outcome"], got["initial"], got["initial_points"], got["level_points"]) == (
+        "diverged", 0.693, 1, 9)
+    assert got["onset"] == 1  # the first point >= 5x 0.693, not where the lagging median crossed
+    # A first loss 7x the label entropy is not a fresh classifier's: it is not trusted as a level.
+    assert blowup.early_blowup(values, base_rate=0.1) is None
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_a_noisy_healthy_classifier_starting_at_the_base_rate_is_not_a_blowup(seed):
+    values = _per_sample(1.0, 400, seed) * np.linspace(1.0, 0.3, 400)
+    values[0] = np.log(3)
+    assert blowup.early_blowup(values, base_rate=np.log(3)) is None

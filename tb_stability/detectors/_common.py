@@ -348,6 +348,23 @@ def multilabel(run: RunData) -> bool:
                                 entry.get("output_activation"), entry.get("output_units"))
 
 
+def label_entropy(run: RunData) -> float | None:
+    """Entropy (nats) of the recorded class shares of a cross-entropy run: the loss of always
+    predicting those shares. None without a single cross-entropy loss or class counts, for a
+    multi-label output, or with fewer than two classes present."""
+    lab = run.labels
+    if lab is None or not len(lab) or lab.values.shape[1] < 2 or multilabel(run):
+        return None
+    if "crossentropy" not in single_loss_name(latest_run_info(run)):
+        return None
+    counts = np.nansum(np.asarray(lab.values, dtype=np.float64), axis=0)
+    counts = counts[counts > 0]
+    if counts.size < 2:
+        return None
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def first_run_info(run: RunData) -> dict:
     """The first ``stability/run_info`` record; else what Keras' TensorBoard callback
     recorded of the compiled model (`RunData.model_config`, the same field names)."""

@@ -17,7 +17,10 @@ steps); a learning rate 100x too large gives 15x to 10^9x. Two guards keep
 out what is not a blow-up: the peak must also be ``EARLY_RISE`` times the
 90th percentile of the run's second half (a per-batch loss under class
 weights swings ~8x between batches with and without the rare class, every
-epoch), and the loss must stay above ``x0`` for more than `_spike_rule.MAX_LEN`
+epoch), unless the median of that half is itself ``EARLY_RISE`` times ``x0``
+(a run that blew up and lives on, noisily, far above its start: a GRU at SGD
+30 went from 0.69 to ~30 within 5 steps and swung between 13 and 106 for the
+rest of the run), and the loss must stay above ``x0`` for more than `_spike_rule.MAX_LEN`
 (3) points after the onset (one bad batch that comes straight back is a
 ``loss_spike``). And a single point of a very noisy series says nothing about
 its level: where the loss's point-to-point noise (`_robust.log_noise`, in log
@@ -25,8 +28,14 @@ units) is at least ``NOISY`` (1.0: the per-sample loss of ``batch_size=1``
 scatters by ~e^2 from step to step, batches of 32-64 by 0.1-0.3) in a run of
 at least ``NOISY_MIN_POINTS`` (64), the test compares levels instead: ``x0``
 is the median of the first ``NOISY_HEAD`` (9) points and the rest of the rule
-reads the trailing median of 9. (So a blow-up from the very first update of
-such a run, which lifts that first median too, is left to `trends`.) Either
+reads the trailing median of 9. A blow-up from the very first update of such
+a run lifts that first median too, so there ``x0`` is the first value where
+that value is known to be a level: a cross-entropy whose first loss is within
+``AT_BASE_RATE`` (2x) of the labels' entropy (`_common.label_entropy`: a fresh
+classifier predicts about the class shares for every sample, so its first
+per-sample losses barely scatter; a GRU at SGD 30 went from 0.693 to a level
+of ~16 within 3 steps, 80% of its later points 10x above the first). Other
+such blow-ups are left to `trends`. Either
 way the peak must also be ``exp(NOISE_Z * s)`` (5) times ``x0``, with ``s``
 the log-space spread of what is compared (a point, or a median of 9), which
 is below ``EARLY_RISE`` for ordinary batch noise. What happens next decides
@@ -62,17 +71,30 @@ NOISE_Z = 5.0
 NOISY = 1.0
 NOISY_HEAD = 9
 NOISY_MIN_POINTS = 64
+AT_BASE_RATE = 2.0
 MAX_SPIKE_LEN = _spike_rule.MAX_LEN
 
 
-def early_blowup(values) -> dict | None:
+def early_blowup(values, base_rate: float | None = None) -> dict | None:
     """The early blow-up test on finite loss values (see module docstring).
 
+    Args:
+      values: The finite loss values, in step order.
+      base_rate: The loss of predicting the class shares (`_common.label_entropy`),
+        where the loss is a cross-entropy with recorded class counts. A freshly
+        initialised classifier predicts about those shares for every sample, so
+        its first loss is a level, not a noisy point: where the first value is
+        within ``AT_BASE_RATE`` (2x) of it, a noisy run's ``x0`` is that first
+        value when it is below the median of the first points (which a blow-up
+        in the first steps lifts).
+
     Returns:
-      None, or a dict with ``initial`` (``x0``), ``onset`` (the first index at
-      or above ``EARLY_RISE * x0``), ``peak_index``, ``peak``, ``back_index``
-      (the first index after the peak at or below ``x0``; None when the loss
-      never got back), ``final`` and ``outcome`` (``recovered``, ``stuck`` or
+      None, or a dict with ``initial`` (``x0``), ``initial_points`` (how many
+      points ``x0`` is the median of), ``level_points`` (the same for the
+      levels compared with it), ``onset`` (the first index at or above
+      ``EARLY_RISE * x0``), ``peak_index``, ``peak``, ``back_index`` (the first
+      index after the peak at or below ``x0``; None when the loss never got
+      back), ``final`` and ``outcome`` (``recovered``, ``stuck`` or
       ``diverged``).
     """
     x = np.asarray(values, dtype=np.float64)
@@ -85,7 +107,9 @@ def early_blowup(values) -> dict | None:
     else:  # single points say nothing: compare levels, the trailing median of ``head`` points
         level = R.rolling_median(x, head)
         level[: head - 1] = np.nan
-    x0 = float(level[head - 1])
+    x0, initial_points = float(level[head - 1]), head
+    if head > 1 and base_rate and x[0] < x0 and 1 / AT_BASE_RATE <= x[0] / base_rate <= AT_BASE_RATE:
+        x0, initial_points = float(x[0]), 1  # a fresh classifier's first loss: a level
     if not x0 > 0:
         return None
     early = level[: max(head + 1, int(np.ceil(EARLY_FRACTION * x.size)))]
@@ -93,15 +117,20 @@ def early_blowup(values) -> dict | None:
         above = np.flatnonzero(early >= EARLY_RISE * x0)
     if not above.size:
         return None
+    onset = int(above[0])
+    if initial_points < head:  # the lagging median confirms it; the points say where it began
+        onset = int(np.flatnonzero(x[: onset + 1] >= EARLY_RISE * x0)[0])
     peak_index = int(np.nanargmax(early))
     peak = float(level[peak_index])
-    if peak < EARLY_RISE * float(np.percentile(x[x.size // 2:], SETTLED_QUANTILE)):
-        return None  # no higher than the run's own range: batch noise (e.g. class weights)
+    settled = x[x.size // 2:]
+    if (peak < EARLY_RISE * float(np.percentile(settled, SETTLED_QUANTILE))
+            and float(np.median(settled)) < EARLY_RISE * x0):
+        return None  # within the range of a run that stays near its start: batch noise
     if peak < x0 * R.noise_bound(sigma, NOISE_Z, points=head):
         return None  # two levels this far apart are the series' own noise (tiny batches)
     back = np.flatnonzero(level[peak_index + 1:] <= x0)
     back_index = peak_index + 1 + int(back[0]) if back.size else None
-    if back_index is not None and back_index - int(above[0]) <= MAX_SPIKE_LEN:
+    if back_index is not None and back_index - onset <= MAX_SPIKE_LEN:
         return None  # a spike, straight back: `spikes`' to report (a bad batch)
     final = R.level(x, at_end=True)
     if final < RECOVERED * x0:
@@ -112,8 +141,9 @@ def early_blowup(values) -> dict | None:
         outcome = "diverged"
     return {
         "initial": x0,
-        "initial_points": head,
-        "onset": int(above[0]),
+        "initial_points": initial_points,
+        "level_points": head,
+        "onset": onset,
         "peak_index": peak_index,
         "peak": peak,
         "back_index": back_index,
@@ -124,7 +154,8 @@ def early_blowup(values) -> dict | None:
 
 def finding(run: RunData, steps, values, source: str) -> Finding | None:
     """The ``divergence`` finding of an early blow-up of ``values`` (finite, at ``steps``), or None."""
-    b = early_blowup(values)
+    base_rate = C.label_entropy(run)
+    b = early_blowup(values, base_rate)
     if b is None:
         return None
     x0, peak, final = b["initial"], b["peak"], b["final"]
@@ -135,9 +166,14 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
     clip = settings.clipnorm or 1.0
     lr = C.lr_at(run, onset)
     head = b["initial_points"]
-    if head == 1:
+    if b["level_points"] == 1:
         blew = (f"The loss blew up at step {onset}: from {C.fmt(x0)} at step {s0} to "
                 f"{C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x)")
+    elif head == 1:
+        blew = (f"The loss blew up at step {onset}: from {C.fmt(x0)} at step {s0}, where a fresh "
+                f"classifier starts (predicting the class shares costs {C.fmt(base_rate)}), to a "
+                f"level of {C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x; the median of "
+                f"{b['level_points']} points, as single points of this loss are too noisy)")
     else:
         blew = (f"The loss blew up at step {onset}: its level (the median of {head} points, as "
                 f"single points of this loss are too noisy) went from {C.fmt(x0)} over its first "
@@ -193,7 +229,8 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
             "back_below_initial_step": back,
             "final_loss": final,
             "ratio_final_to_initial": final / x0,
-            **({"median_of_points": head} if head > 1 else {}),
+            **({"median_of_points": b["level_points"]} if b["level_points"] > 1 else {}),
+            **({"label_entropy": base_rate} if head < b["level_points"] else {}),
             "learning_rate": C.num(lr),
             "threshold": f"loss >= {EARLY_RISE:g}x its first value (and beyond its own "
             f"point-to-point noise) within the first {EARLY_FRACTION:.0%} of points; recovered "

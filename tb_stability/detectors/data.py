@@ -347,7 +347,7 @@ def detect_imbalance(run: RunData) -> list[Finding]:
                         "    loss = keras.losses.BinaryFocalCrossentropy(apply_class_balancing=True)"
                     )
                 else:
-                    explanation += _nothing_learned(run, lab, label_share, evidence)
+                    explanation += _nothing_learned(run, label_share, evidence)
                     remedy = BALANCED_COLLAPSE_REMEDY
                 out.append(Finding(
                     kind="class_imbalance", severity="warning", run=run.name,
@@ -367,17 +367,14 @@ BALANCED_COLLAPSE_REMEDY = (
 )
 
 
-def _nothing_learned(run: RunData, labels: Matrix, label_share: float, evidence: dict) -> str:
+def _nothing_learned(run: RunData, label_share: float, evidence: dict) -> str:
     """Why a collapse on balanced labels is not an imbalance; adds the loss evidence it uses."""
     text = (f" The labels are not imbalanced (the largest class holds {label_share:.0%}), so the "
             "model found nothing that separates the classes.")
-    info = C.latest_run_info(run)
     loss, _ = C.loss_series(run)
-    if "crossentropy" not in C.single_loss_name(info) or loss is None:
+    entropy = C.label_entropy(run)
+    if entropy is None or loss is None:
         return text
-    counts = np.nansum(labels.values, axis=0)
-    p = counts[counts > 0] / counts.sum()
-    entropy = float(-(p * np.log(p)).sum())
     final = R.level(loss.values, at_end=True)
     if not (np.isfinite(final) and entropy > 0):
         return text

@@ -39,6 +39,7 @@ from tb_stability.detectors import _common as C
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _layer_kinds as K
 from tb_stability.detectors import _robust as R
+from tb_stability.detectors import _update_ratios as U
 from tb_stability.detectors import _weight_collapse as collapse
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
@@ -130,7 +131,10 @@ class RemedySettings(NamedTuple):
       lr_factor: How many times lower a learning rate to suggest: where the
         gradient norm explodes, the kernels' update ratio at the crossing over
         1e-3 (healthy), within [2, 100]; where it turns non-finite without an
-        explosion, the same at the last finite record before; otherwise 10.
+        explosion, the same at the last finite record before; where neither
+        happens but kernels' update ratios are too high (update_ratio_high),
+        the cut that finding measures (`_update_ratios.high_ratios`);
+        otherwise 10.
       measured_at: The step whose update ratio gave ``lr_factor``; None where
         it is the default 10.
     """
@@ -149,7 +153,7 @@ def remedy_settings(run: RunData) -> RemedySettings:
     """
     g = C.global_grad_norm(run)
     if g is None:
-        return RemedySettings(None, None, 10.0, None)
+        return RemedySettings(None, None, *_high_update_factor(run))
     x = np.asarray(g.values, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(x))
     ex = explosion(x)
@@ -167,7 +171,17 @@ def remedy_settings(run: RunData) -> RemedySettings:
         factor, measured_at = _lr_factor_at(run, int(g.steps[ex["cross"]]))
     elif bad.size:
         factor, measured_at = _lr_factor_at(run, int(g.steps[bad[0]]))
+    else:
+        factor, measured_at = _high_update_factor(run)
     return RemedySettings(level, C.round_sig(2 * level) if level else None, factor, measured_at)
+
+
+def _high_update_factor(run: RunData) -> tuple[float, int | None]:
+    """``(cut, first step)`` of update_ratio_high (`_update_ratios.high_ratios`), else ``(10, None)``."""
+    high = U.high_ratios(U.kernel_ratios(run))
+    if high is None:
+        return 10.0, None
+    return max(2.0, high.cut), high.first_step
 
 
 def _lr_factor_at(run: RunData, step: int) -> tuple[float, int | None]:

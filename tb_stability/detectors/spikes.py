@@ -72,13 +72,13 @@ HUGE_FACTOR = 10.0
 MAX_LISTED = 10
 
 
-def _outside_early_blowup(values, episodes: list) -> list:
+def _outside_early_blowup(values, episodes: list, base_rate: float | None) -> list:
     """``episodes`` without the excursions (longer than ``MAX_LEN``) inside an early blow-up.
 
     A loss that blows up in its first steps and comes back is `blowup`'s
     ``divergence`` (with a warm-up remedy); the same points are not a spike too.
     """
-    b = blowup.early_blowup(values)
+    b = blowup.early_blowup(values, base_rate)
     if b is None:
         return episodes
     end = b["back_index"] if b["back_index"] is not None else len(values)
@@ -97,7 +97,7 @@ def detect(run: RunData) -> list[Finding]:
     if not flags.any():
         return []
     spikes, final = classify(values, flags, med, spread, max_len=None)
-    spikes = _outside_early_blowup(values, spikes)
+    spikes = _outside_early_blowup(values, spikes, C.label_entropy(run))
     fill_spreads(values, med, spread, score,
                  [i for a, b in spikes + ([final] if final else []) for i in range(a, b + 1)])
     if final is not None and index[final[1]] != len(loss) - 1:

@@ -132,15 +132,15 @@ def relative_improvement(start: float, end: float) -> float:
     return (start - end) / abs(start)
 
 
-def _blew_up(values) -> bool:
+def _blew_up(run: RunData, values) -> bool:
     """The loss blew up in its first steps and did not recover (`blowup.early_blowup`)."""
-    b = blowup.early_blowup(values)
+    b = blowup.early_blowup(values, C.label_entropy(run))
     return b is not None and b["outcome"] != "recovered"
 
 
 def _diverges(run: RunData, values) -> bool:
     """Whether ``detect_divergence`` reports the run (by any of its three tests)."""
-    return divergence(values) is not None or _blew_up(values) or epoch_curve.rises(run)
+    return divergence(values) is not None or _blew_up(run, values) or epoch_curve.rises(run)
 
 
 def _relative_spread(part) -> float:

@@ -26,36 +26,20 @@ The remedy scales the learning rate by the measured factor
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _remedies as remedies
+from tb_stability.detectors import _update_ratios as U
 from tb_stability.detectors import gradients
+from tb_stability.detectors._update_ratios import HEALTHY, HIGH, MAX_CUT, PEAK, high_columns, ratio_summary
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
-HEALTHY = 1e-3
-MAX_CUT = 100.0  # the most a remedy lowers a learning rate at once, as the critical remedies
-HIGH = 1e-1
-PEAK = 1.0
 LOW = 1e-5
 
-
-def ratio_summary(values) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column median and max of finite values of a ``[T, N]`` array."""
-    v = np.asarray(values, dtype=np.float64)
-    v = np.where(np.isfinite(v), v, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(v, axis=0), np.nanmax(v, axis=0)
-
-
-def high_columns(values, high: float = HIGH, peak: float = PEAK) -> list[int]:
-    """Columns whose median > ``high`` or whose max > ``peak``."""
-    med, mx = ratio_summary(values)
-    return [j for j in range(med.size) if (med[j] > high) or (mx[j] > peak)]
+__all__ = ["HEALTHY", "HIGH", "LOW", "MAX_CUT", "PEAK", "detect", "high_columns", "low_columns",
+           "ratio_summary"]
 
 
 def low_columns(values, low: float = LOW) -> list[int]:
@@ -80,41 +64,28 @@ def _lr_factor(ratio: float) -> float:
 
 def detect(run: RunData) -> list[Finding]:
     """update_ratio_high / update_ratio_low adapter."""
-    m = run.variables.get("update_ratio")
-    if m is None or not len(m):
+    ratios = U.kernel_ratios(run)
+    if ratios is None:
         return []
-    cols = [j for j in range(len(m.names)) if C.is_weight(m.names[j])]
-    if not cols:
-        return []
-    sub = m.values[:, cols]
-    if C.accumulation_steps(run) > 1:  # no update on this micro-step: not a measurement
-        sub = np.where(sub == 0.0, np.nan, sub)
-    names = [m.names[j] for j in cols]
+    names, sub = ratios.names, ratios.values
     med, mx = ratio_summary(sub)
     out = []
     lr = C.lr_at(run, None)
-    hi = high_columns(sub)
-    if hi:
-        rows = np.flatnonzero((np.where(np.isfinite(sub[:, hi]), sub[:, hi], 0) > HIGH).any(axis=1))
-        first = int(m.steps[rows[0]]) if rows.size else int(m.steps[0])
-        last = int(m.steps[rows[-1]]) if rows.size else int(m.steps[-1])
-        worst = max(hi, key=lambda j: mx[j])
-        measured = float(med[worst] if med[worst] > HIGH else mx[worst])
-        settings = gradients.remedy_settings(run)
-        if settings.measured_at is not None:  # the run's critical remedies use this factor
-            cut = settings.lr_factor
-        else:
-            cut = min(MAX_CUT, C.round_sig(1 / _lr_factor(measured), 1))
-        factor = 1 / cut
-        lr0 = C.lr_at(run, first)
-        new_lr = f"{C.round_sig(lr0 * factor):g}" if lr0 else "1e-3"
+    high = U.high_ratios(ratios)
+    hi = high.columns if high else []
+    if high:
+        worst = high.worst
+        settings = gradients.remedy_settings(run)  # the cut every remedy of this run names
+        cut = settings.lr_factor
+        lr0 = C.lr_at(run, high.first_step)
+        new_lr = f"{C.round_sig(lr0 / cut):g}" if lr0 else "1e-3"
         clip = settings.clipnorm or 1.0
         out.append(Finding(
             kind="update_ratio_high",
             severity="warning",
             run=run.name,
-            first_step=first,
-            last_step=last,
+            first_step=high.first_step,
+            last_step=high.last_step,
             layers=[names[j] for j in hi],
             evidence={
                 "median_ratio": {names[j]: float(med[j]) for j in hi},
@@ -127,7 +98,7 @@ def detect(run: RunData) -> list[Finding]:
                 f"(median {C.fmt(med[worst])}); healthy is about {HEALTHY:g}. The learning rate is too high."
             ),
             remedy=(
-                f"Lower the learning rate ~{cut:g}x{_cut_note(measured, cut)}:\n"
+                f"Lower the learning rate ~{cut:g}x{_cut_note(high.measured, cut)}:\n"
                 f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={new_lr}, clipnorm={clip:g}')}"
             ),
         ))
@@ -135,11 +106,11 @@ def detect(run: RunData) -> list[Finding]:
     zero = [j for j in range(len(names)) if names[j] in unconnected and j not in hi]
     lo = [j for j in low_columns(sub) if j not in hi and j not in zero]  # blown up then dead is not "too low"
     if lo or zero:
-        out.append(_low_finding(run, m, names, med, lo, zero, lr))
+        out.append(_low_finding(run, ratios, names, med, lo, zero, lr))
     return out
 
 
-def _low_finding(run: RunData, m, names, med, lo: list[int], zero: list[int], lr) -> Finding:
+def _low_finding(run: RunData, m: U.KernelRatios, names, med, lo: list[int], zero: list[int], lr) -> Finding:
     """update_ratio_low for kernels that barely move (``lo``) or get no gradient (``zero``)."""
     explanation, remedy = [], []
     evidence = {}
@@ -187,7 +158,7 @@ def _low_finding(run: RunData, m, names, med, lo: list[int], zero: list[int], lr
         kind="update_ratio_low",
         severity="warning",
         run=run.name,
-        first_step=int(m.steps[len(m) // 10]),
+        first_step=int(m.steps[m.steps.size // 10]),
         last_step=int(m.steps[-1]),
         layers=[names[j] for j in lo + zero],
         evidence=evidence,
