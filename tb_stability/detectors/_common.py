@@ -216,14 +216,21 @@ def value_at(series: Series | None, step: int) -> float | None:
     return None
 
 
-def lr_at(run: RunData, step: int | None) -> float | None:
-    """Learning rate at or just before ``step`` when logged; else the one the run's
-    hyperparameters name (`RunData.hparams`: constant over the run)."""
+def lr_series(run: RunData) -> Series | None:
+    """The logged learning rate: the instrumentation's per-step one, else an ordinary
+    scalar tag that holds it (`_loss_tags.learning_rate_tag`); None where none is."""
     s = run.steps.get("learning_rate")
     if s is None:
         tag = _loss_tags.learning_rate_tag(run)
         s = run.scalars[tag] if tag else None
-    if s is None or not len(s):
+    return s if s is not None and len(s) else None
+
+
+def lr_at(run: RunData, step: int | None) -> float | None:
+    """Learning rate at or just before ``step`` when logged; else the one the run's
+    hyperparameters name (`RunData.hparams`: constant over the run)."""
+    s = lr_series(run)
+    if s is None:
         return _compiled_learning_rate(run) or _loss_tags.learning_rate_hparam(run)
     if step is None:
         step = int(s.steps[-1])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _lr_decay
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _update_ratios as U
 from tb_stability.detectors import gradients
@@ -114,10 +115,13 @@ def _low_finding(run: RunData, m: U.KernelRatios, names, med, lo: list[int], zer
     """update_ratio_low for kernels that barely move (``lo``) or get no gradient (``zero``)."""
     explanation, remedy = [], []
     evidence = {}
+    decay = _lr_decay.decayed(run) if lo else None
     if lo:
         typical = float(np.nanmedian(med[lo]))
         new_lr, factor = remedies.raised_learning_rate(lr, _lr_factor(typical))
-        if new_lr is None:
+        if decay is not None:
+            remedy.append(_lr_decay.remedy(run, decay))
+        elif new_lr is None:
             remedy.append(f"The learning rate is already {lr:g}, so ratios this small mean these "
                           f"layers get (near) zero gradients: {remedies.zero_gradient_causes(run)}")
         else:
@@ -128,10 +132,17 @@ def _low_finding(run: RunData, m: U.KernelRatios, names, med, lo: list[int], zer
             remedy.append(f"Raise the learning rate {raise_by}{remedies.or_adaptive(run)}:\n"
                           f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={new_lr:g}')}")
         evidence["median_ratio"] = {names[j]: float(med[j]) for j in lo}
-        explanation.append(
-            f"{len(lo)} of {len(names)} kernels change by only {C.fmt(typical)} of their norm per "
-            "step; the weights are barely moving, so the learning rate is too low "
-            "(or those layers get no gradient).")
+        if decay is not None:
+            explanation.append(
+                f"{len(lo)} of {len(names)} kernels change by only {C.fmt(typical)} of their norm "
+                f"per step. {_lr_decay.explanation(run, decay)}")
+            evidence.update({"learning_rate_peak": decay.peak, "learning_rate_peak_step": decay.peak_step,
+                             "learning_rate_below_1pct_from_step": decay.stopped_step})
+        else:
+            explanation.append(
+                f"{len(lo)} of {len(names)} kernels change by only {C.fmt(typical)} of their norm per "
+                "step; the weights are barely moving, so the learning rate is too low "
+                "(or those layers get no gradient).")
     if zero:
         listed = ", ".join(names[j] for j in zero[:4]) + (", ..." if len(zero) > 4 else "")
         evidence["no_gradient"] = [names[j] for j in zero]
