@@ -103,16 +103,53 @@ def detect_saturated(run: RunData) -> list[Finding]:
         return []
     worst = max(h[2] for h in hits)
     names = ", ".join(m.names[j] for j, _, _ in hits[:4])
-    return [_finding(
+    from_start = _saturated_from_start(run, m, hits)
+    explanation = (f"{worst:.0%} of the sigmoid/tanh inputs in {names} sit at |x| >= 5, where the "
+                   "derivative is ~0, so gradients vanish through them.")
+    if from_start:
+        explanation += (f" {_listed(from_start)} already did at step {int(m.steps[0])}, before "
+                        "any update, with the inputs in range: the weights the model started "
+                        "with are too large for the activation.")
+    finding = _finding(
         run, m, hits, "saturated_activations", "warning",
         f"median saturated fraction (|pre-activation| >= 5) over the second half > {SATURATED:g}",
-        f"{worst:.0%} of the sigmoid/tanh inputs in {names} sit at |x| >= 5, where the "
-        "derivative is ~0, so gradients vanish through them.",
-        saturated_remedy(run, [m.names[j] for j, _, _ in hits]),
-    )]
+        explanation, saturated_remedy(run, [m.names[j] for j, _, _ in hits], from_start),
+    )
+    if from_start:
+        threshold = finding.evidence.pop("threshold")
+        finding.evidence["saturated_at_first_step"] = {
+            name: float(m.values[0][m.names.index(name)]) for name in from_start}
+        finding.evidence["threshold"] = threshold
+    return [finding]
 
 
-def saturated_remedy(run: RunData, layers: list[str]) -> str:
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def _saturated_from_start(run: RunData, m: Matrix, hits) -> list[str]:
+    """The feed-forward layers of ``hits`` saturated at the run's first step with inputs in range.
+
+    Before any update the weights are the initial ones, so where the recorded
+    inputs are in range (unscaled_inputs has nothing to say) a layer saturated
+    at once was saturated by its initial weights. Empty without input statistics
+    or where the first record is not at the run's first step.
+    """
+    loss, _ = C.loss_series(run)
+    if not run.inputs or loss is None or int(m.steps[0]) > int(loss.steps[0]):
+        return []
+    from tb_stability.detectors import data  # noqa: PLC0415  (only where a layer saturated)
+
+    if data.detect_unscaled(run):
+        return []
+    table = K.layer_activations(run)
+    first = m.values[0]
+    return [m.names[j] for j, _, _ in hits
+            if np.isfinite(first[j]) and first[j] > SATURATED
+            and not K.recurrent_class(m.names[j], K.describe_named(table, m.names[j]))]
+
+
+def saturated_remedy(run: RunData, layers: list[str], from_start: list[str] = ()) -> str:
     """The fix for saturated ``layers``: recurrent cells and feed-forward layers differ.
 
     A recurrent layer (run_info's recorded class, else Keras' layer names) is
@@ -147,6 +184,20 @@ def saturated_remedy(run: RunData, layers: list[str]) -> str:
                       "    x = keras.layers.LayerNormalization()(x)  # before and between "
                       "recurrent layers",
                       f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0, f'clipnorm={clip:g}')}"]
+    initial = [item for item in other if item[0] in from_start]
+    if initial:
+        listed = ", ".join(name for name, _, _ in initial[:4])
+        entry = initial[0][1]
+        units = entry.get("units") if isinstance(entry.get("units"), int) else 64
+        activation = entry.get("activation") if isinstance(entry.get("activation"), str) else "tanh"
+        lines += [f"In {listed}: start from smaller weights. Keras' default initialiser "
+                  "(glorot_uniform) scales each kernel to its fan-in and fan-out; a "
+                  "kernel_initializer with a fixed stddev (RandomNormal(stddev=1)) is far too "
+                  "wide for a layer of many inputs:",
+                  f"    keras.layers.Dense({units}, activation='{activation}')  # "
+                  "kernel_initializer='glorot_uniform', the default",
+                  "    x = keras.layers.BatchNormalization()(x)  # or normalise before the activation"]
+    other = [item for item in other if item[0] not in from_start]
     if other:
         listed = ", ".join(name for name, _, _ in other[:4])
         lines += [f"In {listed}: scale the inputs, normalise before the activation, or switch "
