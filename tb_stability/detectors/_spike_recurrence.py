@@ -31,6 +31,11 @@ def recurring_phase(values, spike_idx, steps, max_period: int = PHASE_MAX_PERIOD
     epoch ends, are gaps), so P counts steps; where the steps lie on no grid,
     P counts points.
 
+    It takes at least two spikes (runs of consecutive indices): among the hundreds of candidate periods, one
+    phase of a heavy-tailed loss is ``ratio`` times noisier than the rest by
+    chance (a single spike in Adam-at-1.0 per-batch losses was said to recur
+    every 10 steps), and one spike does not recur.
+
     The absolute residual ``|x - rolling_median(x, 25)|`` is computed once; for
     each candidate period P (2..max_period) with every spike index congruent
     modulo P, the median residual at that phase (at least ``min_points``
@@ -52,7 +57,8 @@ def recurring_phase(values, spike_idx, steps, max_period: int = PHASE_MAX_PERIOD
     """
     x, spike_idx, unit = _on_step_grid(steps, np.asarray(values, dtype=np.float64),
                                        [int(i) for i in spike_idx])
-    if not spike_idx or np.count_nonzero(np.isfinite(x)) < 2 * min_points:
+    episodes = 1 + int(np.count_nonzero(np.diff(sorted(spike_idx)) > 1)) if spike_idx else 0
+    if episodes < 2 or np.count_nonzero(np.isfinite(x)) < 2 * min_points:
         return None
     resid = np.abs(x - R.rolling_median(x, 25))
     overall = R.median(resid)
