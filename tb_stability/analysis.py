@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
-from tb_stability import schema
+from tb_stability import consequences, schema
 from tb_stability.findings import Finding, severity_rank, sort_findings
 from tb_stability.reader import load_logdir
 from tb_stability.rundata import RunData
@@ -145,132 +145,7 @@ def analyze_run(
             if not item.run:
                 item.run = run.name
             findings.append(item)
-    findings = mark_consequences_of_dead_units(mark_consequences_of_nan(findings))
-    return sort_findings(mark_consequences_of_bad_batch(findings))
-
-
-def mark_consequences_of_nan(findings: list[Finding]) -> list[Finding]:
-    """Downgrades findings that begin at or after the first NaN to ``info``.
-
-    Once weights or activations are NaN every statistic is garbage (a NaN
-    activation is never positive, so a ReLU layer reads as dead, predictions
-    collapse to one class, ...). Those findings are consequences, not causes:
-    they stay in the report, as ``info``, with ``evidence["after_nan_step"]``.
-    """
-    onsets = [f.first_step for f in findings
-              if f.kind == "nan_inf" and f.severity == "critical" and f.first_step is not None]
-    if not onsets:
-        return findings
-    onset = min(onsets)
-    for finding in findings:
-        if finding.kind == "nan_inf" or finding.first_step is None or finding.first_step < onset:
-            continue
-        if finding.severity != "info":
-            finding.severity = "info"
-            finding.evidence["after_nan_step"] = onset
-            finding.explanation = (
-                f"After the first non-finite value (step {onset}), so most likely a consequence "
-                f"of it: {finding.explanation}"
-            )
-    return findings
-
-
-def mark_consequences_of_dead_units(findings: list[Finding]) -> list[Finding]:
-    """Downgrades what a layer of dead units explains to ``info``.
-
-    A layer whose units never fire (``dead_units`` at >= 99 %) passes no
-    signal forward and no gradient back: its own weights and every layer
-    before it get none (which the vanishing-gradient rule flags) and the loss
-    stops improving (which the stalled rule flags, with a "raise the learning
-    rate" fix that would make it worse). The cure is the dead layer's, so those
-    findings stay, as ``info`` with ``evidence["consequence_of"] =
-    "dead_units"``, the dead layers named and the dead-units remedy first.
-    Vanishing gradients only when every flagged layer is a dead one or comes
-    before one (in that finding's model order); both only when their steps
-    overlap the dead stretch.
-    """
-    from tb_stability.detectors.activations import ALL_DEAD
-
-    dead_findings = [f for f in findings if f.kind == "dead_units" and f.severity != "info"]
-    for finding in findings:
-        if finding.kind not in ("vanishing_gradients", "stalled") or finding.severity == "info":
-            continue
-        for dead in dead_findings:
-            fractions = dead.evidence.get("median_fraction_second_half") or {}
-            names = [name for name, value in fractions.items()
-                     if isinstance(value, (int, float)) and value >= ALL_DEAD]
-            if names and _overlap(dead, finding) and (
-                    finding.kind == "stalled" or _before_dead_layers(finding, names)):
-                _mark_consequence(finding, dead, names)
-                break
-    return findings
-
-
-def mark_consequences_of_bad_batch(findings: list[Finding]) -> list[Finding]:
-    """Downgrades a stalled or diverging loss beside a bad batch that recurs every epoch.
-
-    A batch that comes back at the same place every epoch with a loss far
-    above the others' (``loss_spike`` naming its ``batch_in_epoch``: outliers
-    or wrong labels in unshuffled data) throws the model back at every epoch,
-    so the other batches' loss stops improving or rises: the stalled and
-    divergence rules flag that, with learning-rate fixes that cure nothing.
-    Those findings stay, as ``info`` with ``evidence["consequence_of"] =
-    "loss_spike"`` and the bad batch's remedy first, where their steps overlap
-    the spikes'. Critical ones (a loss that went 10x up or non-finite) stay.
-    """
-    bad = [f for f in findings if f.kind == "loss_spike" and f.severity == "warning"
-           and f.evidence.get("batch_in_epoch")]
-    for finding in findings:
-        if finding.kind not in ("stalled", "divergence") or finding.severity != "warning":
-            continue
-        spike = next((b for b in bad if _overlap(b, finding)), None)
-        if spike is None:
-            continue
-        position = f"batch {spike.evidence['batch_in_epoch']} of {spike.evidence['batches_per_epoch']}"
-        finding.severity = "info"
-        finding.evidence["consequence_of"] = "loss_spike"
-        finding.evidence["bad_batch_in_epoch"] = spike.evidence["batch_in_epoch"]
-        finding.explanation = (
-            f"Most likely a consequence of the bad {position} in every epoch (its loss "
-            f"{_spike_ratio(spike)} the others'; each of its updates throws the model back): "
-            f"{finding.explanation}"
-        )
-        finding.remedy = f"Fix the bad batch first:\n{spike.remedy}"
-    return findings
-
-
-def _spike_ratio(spike: Finding) -> str:
-    """How far a loss_spike finding's worst spike stood above its median, in words."""
-    points = spike.evidence.get("spikes") or []
-    ratios = [p.get("ratio_to_median") for p in points if isinstance(p, dict)]
-    ratios = [r for r in ratios if isinstance(r, (int, float))]
-    return f"reaching {max(ratios):.3g}x" if ratios else "far above"
-
-
-def _before_dead_layers(vanishing: Finding, dead_names: list[str]) -> bool:
-    order = list((vanishing.evidence.get("median_grad_norm_by_layer") or {}).keys())
-    positions = [i for i, layer in enumerate(order)
-                 if any(name in layer.split("/") for name in dead_names)]
-    flagged = [order.index(layer) for layer in vanishing.layers if layer in order]
-    return bool(positions and flagged) and max(flagged) <= max(positions)
-
-
-def _mark_consequence(finding: Finding, dead: Finding, names: list[str]) -> None:
-    listed = ", ".join(names[:4])
-    finding.severity = "info"
-    finding.evidence["consequence_of"] = "dead_units"
-    finding.evidence["dead_layers"] = names
-    finding.explanation = (
-        f"A consequence of the dead units in {listed} (a layer whose units never fire passes "
-        f"no signal forward and no gradient back): {finding.explanation}"
-    )
-    finding.remedy = f"Fix the dead units in {listed} first:\n{dead.remedy}"
-
-
-def _overlap(a: Finding, b: Finding) -> bool:
-    if None in (a.first_step, a.last_step, b.first_step, b.last_step):
-        return True
-    return a.first_step <= b.last_step and b.first_step <= a.last_step
+    return sort_findings(consequences.mark_all(findings))
 
 
 def analyze_logdir(

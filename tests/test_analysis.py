@@ -143,7 +143,7 @@ def test_missing_logdir_raises(tmp_path):
 
 
 def test_findings_after_the_first_nan_are_downgraded_to_consequences():
-    from tb_stability.analysis import mark_consequences_of_nan
+    from tb_stability.consequences import mark_consequences_of_nan
     from tb_stability.findings import Finding
 
     findings = [
@@ -162,11 +162,54 @@ def test_findings_after_the_first_nan_are_downgraded_to_consequences():
 
 
 def test_without_a_nan_nothing_is_downgraded():
-    from tb_stability.analysis import mark_consequences_of_nan
+    from tb_stability.consequences import mark_consequences_of_nan
     from tb_stability.findings import Finding
 
     findings = [Finding("dead_units", "critical", "r", 30, 95, ["dense"])]
     assert mark_consequences_of_nan(findings)[0].severity == "critical"
+
+
+def _blowup(outcome, severity="critical", onset=1):
+    from tb_stability.findings import Finding
+
+    return Finding("divergence", severity, "r", onset, 95, evidence={"early_blowup": outcome},
+                   remedy="Retrain from a fresh initialisation with the learning rate 100x lower")
+
+
+@pytest.mark.parametrize("blowup, demoted", [
+    (_blowup("stuck"), True), (_blowup("diverged"), True),
+    (_blowup("recovered", "warning"), False),  # it came back: what follows is its own story
+    (_blowup("stuck", onset=60), False),  # the findings begin before the blow-up
+], ids=["stuck", "diverged", "recovered", "findings-before-the-blowup"])
+def test_what_an_unrecovered_blowup_explains_is_its_consequence(blowup, demoted):
+    from tb_stability.consequences import mark_consequences_of_blowup
+    from tb_stability.findings import Finding
+
+    findings = [
+        blowup,
+        Finding("dead_units", "critical", "r", 5, 95, ["dense"], remedy="He initialisation"),
+        Finding("vanishing_gradients", "warning", "r", 10, 95, ["embedding"]),
+        Finding("class_imbalance", "warning", "r", 50, 95, evidence={"prediction_share": 0.99}),
+        Finding("class_imbalance", "warning", "r", 10, 95, evidence={"majority_share": 0.97}),
+        Finding("saturated_activations", "warning", "r", 10, 95, ["dense"],
+                evidence={"saturated_at_first_step": {"dense": 0.8}}),
+        Finding("update_ratio_high", "warning", "r", 0, 95, ["dense/kernel"]),
+    ]
+    out = mark_consequences_of_blowup(findings)
+    got = [(f.kind, f.severity) for f in out]
+    expected = [(blowup.kind, blowup.severity),
+                ("dead_units", "info" if demoted else "critical"),
+                ("vanishing_gradients", "info" if demoted else "warning"),
+                ("class_imbalance", "info" if demoted else "warning"),  # the predictions' collapse
+                ("class_imbalance", "warning"),  # the labels' own imbalance: a cause
+                ("saturated_activations", "warning"),  # saturated before any update: a cause
+                ("update_ratio_high", "warning")]  # the learning rate: the blow-up's own cause
+    assert got == expected
+    if demoted:
+        dead = out[1]
+        assert dead.evidence["consequence_of"] == "divergence" and dead.evidence["blowup_step"] == 1
+        assert dead.explanation.startswith("After the loss blew up at step 1 and never recovered")
+        assert dead.remedy == f"Fix the blow-up first:\n{blowup.remedy}"
 
 
 def _dead_and_vanishing_run(dead_fraction, grad_scale):

@@ -184,6 +184,10 @@ def test_a_gru_at_sgd_30_blew_up_and_every_remedy_cuts_the_rate_alike(tmp_path):
     high = found["update_ratio_high"]
     assert "~100x" in high.remedy and "learning_rate=0.3," in high.remedy
     assert "learning rate 100x lower" in div.remedy and "warmup_target=0.3," in div.remedy
+    # What the blow-up did to the GRU (saturated, frozen, its gradients gone) is reported under it.
+    after = [f for r in report.runs for f in r.findings if f.evidence.get("consequence_of") == "divergence"]
+    assert {f.kind for f in after} >= {"saturated_activations", "vanishing_gradients"}
+    assert all(f.severity == "info" and f.remedy.startswith("Fix the blow-up first") for f in after)
 
 
 def _per_sample(level, count, seed):

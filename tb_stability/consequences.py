@@ -1,0 +1,184 @@
+"""Findings that are consequences of another finding of the same run, marked as such.
+
+Once a run has gone wrong in one way, other rules fire on what that did to it:
+a NaN makes every later statistic garbage, a layer of dead units passes no
+gradient back, a bad batch that recurs every epoch throws the model back, and
+a loss that blew up in its first steps leaves the weights far from anywhere
+useful. Those findings stay in the report, as ``info``, with the cause named
+in ``evidence["consequence_of"]`` (or ``after_nan_step``) and its remedy
+first, so a user fixes the cause and not its symptoms.
+"""
+
+from __future__ import annotations
+
+from tb_stability.findings import Finding
+
+
+def mark_all(findings: list[Finding]) -> list[Finding]:
+    """Every rule below, causes first: NaN, a blow-up, dead units, then a bad batch."""
+    findings = mark_consequences_of_blowup(mark_consequences_of_nan(findings))
+    return mark_consequences_of_bad_batch(mark_consequences_of_dead_units(findings))
+
+
+def mark_consequences_of_nan(findings: list[Finding]) -> list[Finding]:
+    """Downgrades findings that begin at or after the first NaN to ``info``.
+
+    Once weights or activations are NaN every statistic is garbage (a NaN
+    activation is never positive, so a ReLU layer reads as dead, predictions
+    collapse to one class, ...). Those findings are consequences, not causes:
+    they stay in the report, as ``info``, with ``evidence["after_nan_step"]``.
+    """
+    onsets = [f.first_step for f in findings
+              if f.kind == "nan_inf" and f.severity == "critical" and f.first_step is not None]
+    if not onsets:
+        return findings
+    onset = min(onsets)
+    for finding in findings:
+        if finding.kind == "nan_inf" or finding.first_step is None or finding.first_step < onset:
+            continue
+        if finding.severity != "info":
+            finding.severity = "info"
+            finding.evidence["after_nan_step"] = onset
+            finding.explanation = (
+                f"After the first non-finite value (step {onset}), so most likely a consequence "
+                f"of it: {finding.explanation}"
+            )
+    return findings
+
+
+BLOWUP_CONSEQUENCES = frozenset({"dead_units", "vanishing_gradients", "saturated_activations",
+                                 "stalled", "update_ratio_low", "class_imbalance", "oscillation"})
+
+
+def mark_consequences_of_blowup(findings: list[Finding]) -> list[Finding]:
+    """Downgrades what a loss that blew up and never recovered explains to ``info``.
+
+    A critical ``divergence`` from an early blow-up (``early_blowup`` stuck or
+    diverged) means the first updates threw the weights far out: ReLU units
+    die, tanh and sigmoid units saturate, gradients to the early layers vanish,
+    the predictions collapse to one class and the loss stops improving. Each of
+    those rules names its own fix (He initialisation, residual connections,
+    class weights, a higher learning rate) and none of them cures a learning
+    rate too large for the freshly initialised model. So the findings of
+    `BLOWUP_CONSEQUENCES` that begin at or after the blow-up's onset stay, as
+    ``info`` with ``evidence["consequence_of"] = "divergence"`` and the
+    blow-up's remedy first. Not: a saturation already present at the first
+    step (the initial weights: a cause of its own), and an imbalance of the
+    labels themselves (only the predictions' collapse is a consequence).
+    """
+    blowups = [f for f in findings if f.kind == "divergence" and f.severity == "critical"
+               and f.evidence.get("early_blowup") in ("stuck", "diverged") and f.first_step is not None]
+    if not blowups:
+        return findings
+    blowup = min(blowups, key=lambda f: f.first_step)
+    onset = blowup.first_step
+    for finding in findings:
+        if (finding.kind not in BLOWUP_CONSEQUENCES or finding.severity == "info"
+                or finding.first_step is None or finding.first_step < onset
+                or finding.evidence.get("saturated_at_first_step")
+                or (finding.kind == "class_imbalance" and "prediction_share" not in finding.evidence)):
+            continue
+        _demote(finding, "divergence",
+                f"After the loss blew up at step {onset} and never recovered (the first updates "
+                "threw the weights far out), so most likely a consequence of it",
+                "Fix the blow-up first", blowup.remedy, blowup_step=onset)
+    return findings
+
+
+def mark_consequences_of_dead_units(findings: list[Finding]) -> list[Finding]:
+    """Downgrades what a layer of dead units explains to ``info``.
+
+    A layer whose units never fire (``dead_units`` at >= 99 %) passes no
+    signal forward and no gradient back: its own weights and every layer
+    before it get none (which the vanishing-gradient rule flags) and the loss
+    stops improving (which the stalled rule flags, with a "raise the learning
+    rate" fix that would make it worse). The cure is the dead layer's, so those
+    findings stay, as ``info`` with ``evidence["consequence_of"] =
+    "dead_units"``, the dead layers named and the dead-units remedy first.
+    Vanishing gradients only when every flagged layer is a dead one or comes
+    before one (in that finding's model order); both only when their steps
+    overlap the dead stretch.
+    """
+    from tb_stability.detectors.activations import ALL_DEAD
+
+    dead_findings = [f for f in findings if f.kind == "dead_units" and f.severity != "info"]
+    for finding in findings:
+        if finding.kind not in ("vanishing_gradients", "stalled") or finding.severity == "info":
+            continue
+        for dead in dead_findings:
+            fractions = dead.evidence.get("median_fraction_second_half") or {}
+            names = [name for name, value in fractions.items()
+                     if isinstance(value, (int, float)) and value >= ALL_DEAD]
+            if names and _overlap(dead, finding) and (
+                    finding.kind == "stalled" or _before_dead_layers(finding, names)):
+                _mark_consequence(finding, dead, names)
+                break
+    return findings
+
+
+def mark_consequences_of_bad_batch(findings: list[Finding]) -> list[Finding]:
+    """Downgrades a stalled or diverging loss beside a bad batch that recurs every epoch.
+
+    A batch that comes back at the same place every epoch with a loss far
+    above the others' (``loss_spike`` naming its ``batch_in_epoch``: outliers
+    or wrong labels in unshuffled data) throws the model back at every epoch,
+    so the other batches' loss stops improving or rises: the stalled and
+    divergence rules flag that, with learning-rate fixes that cure nothing.
+    Those findings stay, as ``info`` with ``evidence["consequence_of"] =
+    "loss_spike"`` and the bad batch's remedy first, where their steps overlap
+    the spikes'. Critical ones (a loss that went 10x up or non-finite) stay.
+    """
+    bad = [f for f in findings if f.kind == "loss_spike" and f.severity == "warning"
+           and f.evidence.get("batch_in_epoch")]
+    for finding in findings:
+        if finding.kind not in ("stalled", "divergence") or finding.severity != "warning":
+            continue
+        spike = next((b for b in bad if _overlap(b, finding)), None)
+        if spike is None:
+            continue
+        position = f"batch {spike.evidence['batch_in_epoch']} of {spike.evidence['batches_per_epoch']}"
+        _demote(finding, "loss_spike",
+                f"Most likely a consequence of the bad {position} in every epoch (its loss "
+                f"{_spike_ratio(spike)} the others'; each of its updates throws the model back)",
+                "Fix the bad batch first", spike.remedy,
+                bad_batch_in_epoch=spike.evidence["batch_in_epoch"])
+    return findings
+
+
+def _spike_ratio(spike: Finding) -> str:
+    """How far a loss_spike finding's worst spike stood above its median, in words."""
+    points = spike.evidence.get("spikes") or []
+    ratios = [p.get("ratio_to_median") for p in points if isinstance(p, dict)]
+    ratios = [r for r in ratios if isinstance(r, (int, float))]
+    return f"reaching {max(ratios):.3g}x" if ratios else "far above"
+
+
+def _before_dead_layers(vanishing: Finding, dead_names: list[str]) -> bool:
+    order = list((vanishing.evidence.get("median_grad_norm_by_layer") or {}).keys())
+    positions = [i for i, layer in enumerate(order)
+                 if any(name in layer.split("/") for name in dead_names)]
+    flagged = [order.index(layer) for layer in vanishing.layers if layer in order]
+    return bool(positions and flagged) and max(flagged) <= max(positions)
+
+
+def _mark_consequence(finding: Finding, dead: Finding, names: list[str]) -> None:
+    listed = ", ".join(names[:4])
+    _demote(finding, "dead_units",
+            f"A consequence of the dead units in {listed} (a layer whose units never fire passes "
+            "no signal forward and no gradient back)",
+            f"Fix the dead units in {listed} first", dead.remedy, dead_layers=names)
+
+
+def _demote(finding: Finding, cause: str, because: str, first: str, remedy: str, **evidence) -> None:
+    """Marks ``finding`` as a consequence of a ``cause`` finding: ``info``, why, the cause's fix first."""
+    finding.severity = "info"
+    finding.evidence["consequence_of"] = cause
+    finding.evidence.update(evidence)
+    finding.explanation = f"{because}: {finding.explanation}"
+    finding.remedy = f"{first}:\n{remedy}"
+
+
+def _overlap(a: Finding, b: Finding) -> bool:
+    if None in (a.first_step, a.last_step, b.first_step, b.last_step):
+        return True
+    return a.first_step <= b.last_step and b.first_step <= a.last_step
