@@ -122,3 +122,43 @@ def test_nan_inf_remedy_does_not_suggest_clipnorm_when_already_clipping(tmp_path
     assert "already clipped (global_clipnorm=1)" in clipped[0].remedy
     assert clipped[0].evidence["configured_clipping"] == {"global_clipnorm": 1.0}
     assert "Clip gradients" in plain[0].remedy and "already" not in plain[0].remedy
+
+
+def _regression_fit(logdir, optimizer):
+    data = np.random.default_rng(0)
+    x = data.normal(size=(4096, 10)).astype("float32")
+    y = (x @ data.normal(size=(10, 1))).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer, "mse")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # clipvalue's "no clipped column" note
+        history = model.fit(x, y, batch_size=32, epochs=3, verbose=0,
+                            callbacks=[StabilityCallback(str(logdir), every=10)])
+    (run,) = load_logdir(str(logdir)).runs.values()
+    return {f.kind: f for f in analyze_run(run)}, history.history["loss"][-1]
+
+
+@pytest.mark.parametrize("clip", [{"clipvalue": 1e-6}, {"global_clipnorm": 1e-4}],
+                         ids=["clipvalue-1e-6", "global_clipnorm-1e-4"])
+def test_a_clip_far_below_the_gradients_is_named_instead_of_raising_the_rate(tmp_path, clip):
+    """SGD at 0.01 with clipvalue=1e-6 was told "raise the learning rate ~1x" twice: 0.01 is the
+    cap of a raised rate, and its float32 value 0.0099999998 read as below it."""
+    found, stuck_loss = _regression_fit(tmp_path / "clipped", keras.optimizers.SGD(0.01, **clip))
+    for kind in ("stalled", "update_ratio_low"):
+        remedy = found[kind].remedy
+        assert remedy.startswith("Gradient clipping holds every step back"), remedy
+        assert "Raise the learning rate" not in remedy and "~1x" not in remedy
+    snippet = found["stalled"].remedy.splitlines()[-1].strip()
+    assert snippet.startswith("optimizer = keras.optimizers.SGD(learning_rate=0.01, clipnorm=")
+    fixed = eval(snippet[len("optimizer = "):], {"keras": keras})
+    found, loss = _regression_fit(tmp_path / "fixed", fixed)
+    assert not {"stalled", "update_ratio_low"} & set(found)
+    assert loss < 0.01 * stuck_loss
+
+
+def test_a_rate_at_the_cap_in_float32_is_not_raised():
+    from tb_stability.detectors import _remedies
+
+    assert _remedies.raised_learning_rate(np.float32(0.01), 1e4) == (None, None)
+    assert _remedies.raised_learning_rate(1e-4, 10.0) == (1e-3, 10.0)

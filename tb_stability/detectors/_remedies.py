@@ -16,6 +16,9 @@ from tb_stability.detectors import _common as C
 from tb_stability.rundata import RunData
 
 MAX_SUGGESTED_LR = 1e-2
+NOT_A_RAISE = 1.5
+TIGHT_CLIPVALUE = 1e-4  # clipvalue / median gradient norm: every element of a gradient clipped
+TIGHT_CLIPNORM = 1e-2  # clipnorm / median gradient norm: every update scaled down >= 100x
 
 
 def zero_gradient_causes(run: RunData) -> str:
@@ -44,7 +47,7 @@ def raised_learning_rate(lr, factor: float) -> tuple[float | None, float | None]
     if not math.isfinite(lr) or lr <= 0:
         return 1e-3, None
     new = C.round_sig(min(lr * factor, MAX_SUGGESTED_LR), 1)
-    if new <= lr:
+    if new <= lr * NOT_A_RAISE:  # 0.01 logged as float32 is 0.0099999998: not "raise ~1x"
         return None, None
     return new, C.round_sig(new / lr, 2)
 
@@ -177,6 +180,45 @@ def configured_clipping(run: RunData) -> dict:
         if np.isfinite(value) and value > 0:
             out[key] = value
     return out
+
+
+def tight_clipping(run: RunData) -> tuple[dict, float] | None:
+    """``(the clipping, the median pre-clip gradient norm)`` where the clip holds every step back.
+
+    A ``clipvalue`` at or below ``TIGHT_CLIPVALUE`` (1e-4) times the median global
+    gradient norm clips every element of any but a vast gradient (an element of a
+    gradient of N values is ~norm / sqrt(N)); a ``clipnorm``/``global_clipnorm`` at
+    or below ``TIGHT_CLIPNORM`` (1e-2) times it scales every update down 100x or
+    more. The logged ``grad_norm`` is the norm before clipping.
+    """
+    clipping = configured_clipping(run)
+    g = C.global_grad_norm(run)
+    if not clipping or g is None:
+        return None
+    values = np.asarray(g.values, dtype=np.float64)
+    values = values[np.isfinite(values) & (values > 0)]
+    if not values.size:
+        return None
+    norm = float(np.median(values))
+    limits = {"clipvalue": TIGHT_CLIPVALUE, "clipnorm": TIGHT_CLIPNORM, "global_clipnorm": TIGHT_CLIPNORM}
+    tight = {k: v for k, v in clipping.items() if v <= limits[k] * norm}
+    return (tight, norm) if tight else None
+
+
+def tight_clipping_remedy(run: RunData) -> str | None:
+    """The remedy for steps held back by a clip far below the gradients (`tight_clipping`), or None."""
+    found = tight_clipping(run)
+    if found is None:
+        return None
+    tight, norm = found
+    lr = C.lr_at(run, None)
+    rate = f"learning_rate={C.round_sig(lr, 2):g}, " if lr else ""
+    return (
+        f"Gradient clipping holds every step back: {clip_text(tight)}, while the gradients' norm "
+        f"before clipping is ~{C.fmt(norm)} (median), so each update is a small fraction of what "
+        "the learning rate asks. Clip the norm at ~2x its typical value instead:\n"
+        f"    optimizer = {optimizer_call(run, f'{rate}clipnorm={C.round_sig(2 * norm):g}')}"
+    )
 
 
 def clip_text(clipping: dict) -> str:

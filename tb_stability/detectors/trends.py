@@ -321,6 +321,8 @@ def detect_stalled(run: RunData) -> list[Finding]:
             "a smooth, slow descent), and check that labels match the inputs:\n"
             f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0)}"
         )
+    elif remedies.tight_clipping(run) is not None:
+        remedy = remedies.tight_clipping_remedy(run)
     elif new_lr is None:
         remedy = (f"The learning rate is already {lr:g}, so updates this small mean the "
                   f"gradients are (near) zero: {remedies.zero_gradient_causes(run)}")

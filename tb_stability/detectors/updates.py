@@ -111,38 +111,41 @@ def detect(run: RunData) -> list[Finding]:
     return out
 
 
+def _raise_remedy(run: RunData, lr, typical: float) -> str:
+    """Raise the learning rate by the measured factor, or say why raising it is not the fix."""
+    new_lr, factor = remedies.raised_learning_rate(lr, _lr_factor(typical))
+    if new_lr is None:
+        return (f"The learning rate is already {lr:g}, so ratios this small mean these "
+                f"layers get (near) zero gradients: {remedies.zero_gradient_causes(run)}")
+    capped = f", capped at {remedies.MAX_SUGGESTED_LR:g}" if new_lr >= remedies.MAX_SUGGESTED_LR else ""
+    measured = f"measured ratio {C.fmt(typical)}, healthy ~{HEALTHY:g}{capped}"
+    raise_by = f"~{factor:g}x ({measured})" if factor is not None else f"(it is unknown; {measured})"
+    return (f"Raise the learning rate {raise_by}{remedies.or_adaptive(run)}:\n"
+            f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={new_lr:g}')}")
+
+
 def _low_finding(run: RunData, m: U.KernelRatios, names, med, lo: list[int], zero: list[int], lr) -> Finding:
     """update_ratio_low for kernels that barely move (``lo``) or get no gradient (``zero``)."""
     explanation, remedy = [], []
     evidence = {}
-    decay = _lr_decay.decayed(run) if lo else None
     if lo:
         typical = float(np.nanmedian(med[lo]))
-        new_lr, factor = remedies.raised_learning_rate(lr, _lr_factor(typical))
-        if decay is not None:
-            remedy.append(_lr_decay.remedy(run, decay))
-        elif new_lr is None:
-            remedy.append(f"The learning rate is already {lr:g}, so ratios this small mean these "
-                          f"layers get (near) zero gradients: {remedies.zero_gradient_causes(run)}")
-        else:
-            capped = f", capped at {remedies.MAX_SUGGESTED_LR:g}" if new_lr >= remedies.MAX_SUGGESTED_LR else ""
-            measured = f"measured ratio {C.fmt(typical)}, healthy ~{HEALTHY:g}{capped}"
-            raise_by = (f"~{factor:g}x ({measured})" if factor is not None
-                        else f"(it is unknown; {measured})")
-            remedy.append(f"Raise the learning rate {raise_by}{remedies.or_adaptive(run)}:\n"
-                          f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={new_lr:g}')}")
         evidence["median_ratio"] = {names[j]: float(med[j]) for j in lo}
+        moved = f"{len(lo)} of {len(names)} kernels change by only {C.fmt(typical)} of their norm per step"
+        decay = _lr_decay.decayed(run)
+        clipped = remedies.tight_clipping_remedy(run)
         if decay is not None:
-            explanation.append(
-                f"{len(lo)} of {len(names)} kernels change by only {C.fmt(typical)} of their norm "
-                f"per step. {_lr_decay.explanation(run, decay)}")
+            explanation.append(f"{moved}. {_lr_decay.explanation(run, decay)}")
+            remedy.append(_lr_decay.remedy(run, decay))
             evidence.update({"learning_rate_peak": decay.peak, "learning_rate_peak_step": decay.peak_step,
                              "learning_rate_below_1pct_from_step": decay.stopped_step})
+        elif clipped is not None:
+            explanation.append(f"{moved}: the gradient clipping cuts every update down (below).")
+            remedy.append(clipped)
         else:
-            explanation.append(
-                f"{len(lo)} of {len(names)} kernels change by only {C.fmt(typical)} of their norm per "
-                "step; the weights are barely moving, so the learning rate is too low "
-                "(or those layers get no gradient).")
+            explanation.append(f"{moved}; the weights are barely moving, so the learning rate is too "
+                               "low (or those layers get no gradient).")
+            remedy.append(_raise_remedy(run, lr, typical))
     if zero:
         listed = ", ".join(names[j] for j in zero[:4]) + (", ..." if len(zero) > 4 else "")
         evidence["no_gradient"] = [names[j] for j in zero]
