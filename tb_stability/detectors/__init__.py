@@ -16,6 +16,7 @@ from typing import Callable
 
 from tb_stability.detectors import (
     activations,
+    base_rate,
     config,
     data,
     generalization,
@@ -38,6 +39,7 @@ ALL_DETECTORS: list[Detector] = [
     spikes.detect,
     trends.detect_divergence,
     trends.detect_stalled,
+    base_rate.detect,
     trends.detect_oscillation,
     updates.detect,
     activations.detect_dead,
