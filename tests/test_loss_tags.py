@@ -57,6 +57,11 @@ def _findings(report, kind=None):
     ("Accuracy/train", False, False, False),
     ("lossless_ratio", False, False, False),
     ("latest/loss", True, False, False),
+    ("loss/ce", True, False, True),
+    ("losses/kl", False, False, True),
+    ("loss/total", True, False, False),
+    ("loss/train", True, False, False),
+    ("Loss/Validation", True, True, False),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_tag_words(tag, loss, held_out, part):
     assert _loss_tags.is_loss(tag) is loss
@@ -88,9 +93,11 @@ def test_whole_loss_per_step_is_read_before_parts_and_epoch_means(tmp_path):
                               "Loss/total_loss": total})
     _write(tmp_path / "lightning", {"train_loss_epoch": epoch, "train_loss_step": total},
            every={"train_loss_epoch": 100})
+    _write(tmp_path / "grouped", {"loss/ce": part, "loss/l2": part, "loss/total": total})
     report = analyze_logdir(str(tmp_path))
     sources = {run: f.evidence["source"] for run, f in _findings(report, "loss_spike")}
-    assert sources == {"det": "scalar:Loss/total_loss", "lightning": "scalar:train_loss_step"}
+    assert sources == {"det": "scalar:Loss/total_loss", "lightning": "scalar:train_loss_step",
+                       "grouped": "scalar:loss/total"}
 
 
 def _overfit_curves(points=60):

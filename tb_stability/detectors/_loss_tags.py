@@ -53,13 +53,23 @@ def is_held_out(tag: str) -> bool:
 
 
 def is_part(tag: str) -> bool:
-    """True for one named part of a loss (``Loss/classification_loss``, ``rpn_loss``)."""
-    for part in components(tag):
+    """True for one named part of a loss (``Loss/classification_loss``, ``rpn_loss``, ``loss/ce``).
+
+    A component that is only ``loss``/``losses`` names a group when a later
+    component names something other than the whole loss or a split: ``loss/ce``
+    and ``losses/kl`` are parts, ``loss/total`` and ``Loss/train`` are not.
+    """
+    parts = components(tag)
+    for i, part in enumerate(parts):
         if any(w.endswith("loss") for w in part):
             if any(w.endswith("loss") and w != "loss" for w in part):
                 return True
             if any(w not in WHOLE_LOSS_WORDS and w not in HELD_OUT_WORDS for w in part):
                 return True
+        if part and all(w in ("loss", "losses") for w in part) and any(
+                w not in WHOLE_LOSS_WORDS and w not in HELD_OUT_WORDS and w not in TRAIN_WORDS
+                for later in parts[i + 1:] for w in later):
+            return True
     return False
 
 
