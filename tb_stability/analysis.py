@@ -180,6 +180,8 @@ def analyze_logdir(
         checked = run.checkable
         if not checked:
             run_warnings.append(NOTHING_TO_CHECK)
+        else:
+            run_warnings.extend(_no_loss(run))
         findings = analyze_run(run, detectors, run_warnings)
         findings = sort_findings(findings + [f for f in pair_findings if f.run == name])
         report.runs.append(RunReport(run=name, findings=findings, warnings=run_warnings,
@@ -212,6 +214,21 @@ def report_to_json(report: Report) -> dict[str, Any]:
 
 NOTHING_TO_CHECK = ("no scalar and no stability data in this run (only images, text, "
                     "histograms or hparams): nothing was checked")
+
+
+def _no_loss(run: RunData) -> list[str]:
+    """Why the loss-curve rules read nothing in an ordinary run with scalars but no loss."""
+    if run.instrumented or run.held_out or not run.scalars:
+        return []
+    from tb_stability.detectors import _common
+
+    if _common.loss_series(run)[0] is not None or _common.val_loss_series(run)[0] is not None:
+        return []
+    tags = sorted(run.scalars)
+    listed = ", ".join(tags[:5]) + (", ..." if len(tags) > 5 else "")
+    return [f"no loss among this run's scalars ({listed}): the loss rules (spikes, divergence, "
+            "stalls, overfitting) had nothing to read; log the training loss under a tag with "
+            "'loss' in its name"]
 
 
 def _not_recorded(run: RunData) -> list[str]:

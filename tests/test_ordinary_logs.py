@@ -132,3 +132,14 @@ def test_cli_reports_ordinary_logs(tmp_path, capsys):
     assert '"divergence"' in out
     assert code in (0, 1)
     assert os.path.isdir(tmp_path / "logs" / "diverge")
+
+
+def test_a_run_without_a_loss_says_the_loss_rules_read_nothing(tmp_path):
+    _tape_loop(tmp_path / "objective", learning_rate=0.05, steps=300, tag="objective")
+    _tape_loop(tmp_path / "loss", learning_rate=1.3, steps=60, tag="train/loss")
+    report = analyze_logdir(str(tmp_path))
+    by_run = {r.run: r for r in report.runs}
+    assert by_run["objective"].findings == []
+    assert [w for w in by_run["objective"].warnings if w.startswith("no loss among this run's scalars "
+                                                                     "(objective)")], report_to_json(report)
+    assert by_run["loss"].warnings == [] and "divergence" in _kinds(report, "loss")
