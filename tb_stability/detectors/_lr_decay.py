@@ -76,7 +76,7 @@ def explanation(run: RunData, d: Decay) -> str:
             "the weights stopped moving because the rate decayed, not because it was set too low.")
     if d.schedule is not None:
         name, config = d.schedule
-        field = next((f for f in DECAY_STEP_FIELDS if f in config), None)
+        field = _decay_field(config)
         if field is not None:
             text += (f" The optimizer's {name} has {field}={config[field]}, and the run lasted "
                      f"{d.final_step + 1} steps: {field} counts optimizer steps (batches), not epochs.")
@@ -88,12 +88,13 @@ def remedy(run: RunData, d: Decay) -> str:
     steps = d.final_step + 1
     if d.schedule is not None:
         name, config = d.schedule
-        field = next((f for f in DECAY_STEP_FIELDS if f in config), None)
+        field = _decay_field(config)
         if field is not None:
-            first = [k for k in ("initial_learning_rate",) if config.get(k) is not None]
-            rest = [k for k in config if k not in ("name", field, *first) and config[k] is not None]
-            args = ([f"{k}={_literal(config[k])}" for k in first] + [f"{field}={steps}"]
-                    + [f"{k}={_literal(config[k])}" for k in rest])
+            start = config.get("initial_learning_rate")
+            rest = [k for k in config
+                    if k not in ("name", field, "initial_learning_rate") and config[k] is not None]
+            args = ([f"initial_learning_rate={_literal(start)}"] if start is not None else [])
+            args += [f"{field}={steps}"] + [f"{k}={_literal(config[k])}" for k in rest]
             per_epoch = _steps_per_epoch(run)
             note = f"  # this run's length; {per_epoch} steps per epoch" if per_epoch else "  # this run's length"
             return ("Make the schedule span the run (decay_steps in optimizer steps, i.e. epochs x "
@@ -110,6 +111,11 @@ def remedy(run: RunData, d: Decay) -> str:
             "ReduceLROnPlateau callback): give it a floor, 1000x below the start at most:\n"
             f"    keras.callbacks.ReduceLROnPlateau(monitor='loss', factor=0.5, patience=3, min_lr={floor})\n"
             f"    keras.callbacks.LearningRateScheduler(lambda epoch, lr: max(schedule(epoch, lr), {floor}))")
+
+
+def _decay_field(config: dict) -> str | None:
+    """The schedule's field that counts its decay in steps, if it has one."""
+    return next((f for f in DECAY_STEP_FIELDS if f in config), None)
 
 
 def _literal(value) -> str:

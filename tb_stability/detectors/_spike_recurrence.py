@@ -31,10 +31,11 @@ def recurring_phase(values, spike_idx, steps, max_period: int = PHASE_MAX_PERIOD
     epoch ends, are gaps), so P counts steps; where the steps lie on no grid,
     P counts points.
 
-    It takes at least two spikes (runs of consecutive indices): among the hundreds of candidate periods, one
-    phase of a heavy-tailed loss is ``ratio`` times noisier than the rest by
-    chance (a single spike in Adam-at-1.0 per-batch losses was said to recur
-    every 10 steps), and one spike does not recur.
+    It takes at least two spikes (runs of consecutive indices): one spike does
+    not recur, and among the hundreds of candidate periods one phase of a
+    heavy-tailed loss is ``ratio`` times noisier than the rest by chance (a
+    single spike in Adam-at-1.0 per-batch losses was said to recur every 10
+    steps).
 
     The absolute residual ``|x - rolling_median(x, 25)|`` is computed once; for
     each candidate period P (2..max_period) with every spike index congruent

@@ -21,7 +21,7 @@ from tb_stability.detectors import _common as C
 from tb_stability.detectors import _layer_kinds as K
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _robust as R
-from tb_stability.detectors import gradients
+from tb_stability.detectors import data, gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import Matrix, RunData
 
@@ -55,7 +55,7 @@ def persistent_layers(values, threshold: float, strict: bool = False) -> list[tu
 
 
 def _finding(run: RunData, m: Matrix, hits, kind: str, severity: str, threshold: str,
-             explanation: str, remedy: str) -> Finding:
+             explanation: str, remedy: str, extra: dict | None = None) -> Finding:
     onset = min(h[1] for h in hits)
     return Finding(
         kind=kind,
@@ -65,7 +65,7 @@ def _finding(run: RunData, m: Matrix, hits, kind: str, severity: str, threshold:
         last_step=int(m.steps[-1]),
         layers=[m.names[j] for j, _, _ in hits],
         evidence={"median_fraction_second_half": {m.names[j]: float(med) for j, _, med in hits},
-                  "threshold": threshold},
+                  **(extra or {}), "threshold": threshold},
         explanation=explanation,
         remedy=remedy,
     )
@@ -110,17 +110,13 @@ def detect_saturated(run: RunData) -> list[Finding]:
         explanation += (f" {_listed(from_start)} already did at step {int(m.steps[0])}, before "
                         "any update, with the inputs in range: the weights the model started "
                         "with are too large for the activation.")
-    finding = _finding(
+    at_first = {name: float(m.values[0][m.names.index(name)]) for name in from_start}
+    return [_finding(
         run, m, hits, "saturated_activations", "warning",
         f"median saturated fraction (|pre-activation| >= 5) over the second half > {SATURATED:g}",
         explanation, saturated_remedy(run, [m.names[j] for j, _, _ in hits], from_start),
-    )
-    if from_start:
-        threshold = finding.evidence.pop("threshold")
-        finding.evidence["saturated_at_first_step"] = {
-            name: float(m.values[0][m.names.index(name)]) for name in from_start}
-        finding.evidence["threshold"] = threshold
-    return [finding]
+        {"saturated_at_first_step": at_first} if at_first else None,
+    )]
 
 
 def _listed(names: list[str]) -> str:
@@ -138,8 +134,6 @@ def _saturated_from_start(run: RunData, m: Matrix, hits) -> list[str]:
     loss, _ = C.loss_series(run)
     if not run.inputs or loss is None or int(m.steps[0]) > int(loss.steps[0]):
         return []
-    from tb_stability.detectors import data  # noqa: PLC0415  (only where a layer saturated)
-
     if data.detect_unscaled(run):
         return []
     table = K.layer_activations(run)

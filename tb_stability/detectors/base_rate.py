@@ -13,11 +13,12 @@ losses, and the final training level (median of the last 10 %) within
 and a validation loss whose final value is within [``HELD_OUT`` (0.97),
 ``HELD_OUT_HIGH`` (1.5)] x ``H`` (nothing the model learned holds on unseen
 data; a validation loss far above ``H`` is overfitting's, or validation data
-unlike the training data: a class-sorted split ended at 3.8x). Without a validation loss
-the rule says nothing: a model that learns slowly (a 10-unit MLP after one
-epoch, 0.98x ``H``) looks the same on the training loss alone. Not where the predictions
-collapsed to one class (class_imbalance says the same there) or where
-`trends` already reports the run as stalled. Severity: ``warning``.
+unlike the training data: a class-sorted split ended at 3.8x). Without a
+validation loss the rule says nothing: a model that learns slowly (a 10-unit
+MLP after one epoch, 0.98x ``H``) looks the same on the training loss alone.
+Not where the predictions collapsed to one class (class_imbalance says the
+same there) or where `trends` already reports the run as stalled. Severity:
+``warning``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def detect(run: RunData) -> list[Finding]:
     """stalled-at-the-base-rate adapter (see module docstring)."""
     entropy = C.label_entropy(run)
     loss, source = C.loss_series(run)
-    if entropy is None or not entropy > 0 or loss is None:
+    if entropy is None or loss is None:
         return []
     values = loss.values[np.isfinite(loss.values)]
     if values.size < MIN_POINTS:
@@ -59,27 +60,27 @@ def detect(run: RunData) -> list[Finding]:
         return []
     val, val_tag = C.val_loss_series(run)
     val_values = val.values[np.isfinite(val.values)] if val is not None else np.zeros(0)
-    evidence = {"source": source, "final_loss": final, "label_entropy": entropy,
-                "ratio_to_entropy": final / entropy}
     if not val_values.size or not HELD_OUT * entropy <= val_values[-1] <= HELD_OUT_HIGH * entropy:
         return []
     if _collapsed(run) or trends.detect_stalled(run):
         return []
-    evidence.update({"validation_source": val_tag, "final_val_loss": float(val_values[-1]),
-                     "threshold": f"final training loss in [{LOW:g}, {HIGH:g}] x the labels' "
-                     f"entropy and final validation loss in [{HELD_OUT:g}, {HELD_OUT_HIGH:g}] x it"})
+    final_val = float(val_values[-1])
     return [Finding(
         kind="stalled",
         severity="warning",
         run=run.name,
         first_step=int(loss.steps[len(loss) // 2]),
         last_step=int(loss.steps[-1]),
-        evidence=evidence,
+        evidence={"source": source, "final_loss": final, "label_entropy": entropy,
+                  "ratio_to_entropy": final / entropy, "validation_source": val_tag,
+                  "final_val_loss": final_val,
+                  "threshold": f"final training loss in [{LOW:g}, {HIGH:g}] x the labels' entropy "
+                  f"and final validation loss in [{HELD_OUT:g}, {HELD_OUT_HIGH:g}] x it"},
         explanation=(
             f"The training loss settled at {C.fmt(final)}, {final / entropy:.2f}x the entropy of "
             f"the labels ({C.fmt(entropy)}): the loss of predicting the class shares for every "
             f"input. The model learned how often each class occurs and nothing about the inputs: "
-            f"the validation loss ends at {C.fmt(val_values[-1])}, no better than the class shares."
+            f"the validation loss ends at {C.fmt(final_val)}, no better than the class shares."
         ),
         remedy=REMEDY,
     )]

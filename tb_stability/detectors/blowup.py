@@ -165,19 +165,19 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
     settings = gradients.remedy_settings(run)
     clip = settings.clipnorm or 1.0
     lr = C.lr_at(run, onset)
-    head = b["initial_points"]
+    initial_points = b["initial_points"]
     if b["level_points"] == 1:
         blew = (f"The loss blew up at step {onset}: from {C.fmt(x0)} at step {s0} to "
                 f"{C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x)")
-    elif head == 1:
+    elif initial_points == 1:
         blew = (f"The loss blew up at step {onset}: from {C.fmt(x0)} at step {s0}, where a fresh "
                 f"classifier starts (predicting the class shares costs {C.fmt(base_rate)}), to a "
                 f"level of {C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x; the median of "
                 f"{b['level_points']} points, as single points of this loss are too noisy)")
     else:
-        blew = (f"The loss blew up at step {onset}: its level (the median of {head} points, as "
-                f"single points of this loss are too noisy) went from {C.fmt(x0)} over its first "
-                f"{head} points to {C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x)")
+        blew = (f"The loss blew up at step {onset}: its level (the median of {initial_points} points, "
+                f"as single points of this loss are too noisy) went from {C.fmt(x0)} over its first "
+                f"{initial_points} points to {C.fmt(peak)} at step {at_peak} ({C.fmt(ratio)}x)")
     if b["outcome"] == "recovered":
         warmup = max(MIN_WARMUP, int(C.round_sig(2 * ((back or at_peak) - s0), 1)))
         target = f"{lr:g}" if lr else "1e-3"
@@ -230,7 +230,7 @@ def finding(run: RunData, steps, values, source: str) -> Finding | None:
             "final_loss": final,
             "ratio_final_to_initial": final / x0,
             **({"median_of_points": b["level_points"]} if b["level_points"] > 1 else {}),
-            **({"label_entropy": base_rate} if head < b["level_points"] else {}),
+            **({"label_entropy": base_rate} if initial_points < b["level_points"] else {}),
             "learning_rate": C.num(lr),
             "threshold": f"loss >= {EARLY_RISE:g}x its first value (and beyond its own "
             f"point-to-point noise) within the first {EARLY_FRACTION:.0%} of points; recovered "

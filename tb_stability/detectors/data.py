@@ -376,7 +376,7 @@ def _nothing_learned(run: RunData, label_share: float, evidence: dict) -> str:
     if entropy is None or loss is None:
         return text
     final = R.level(loss.values, at_end=True)
-    if not (np.isfinite(final) and entropy > 0):
+    if not np.isfinite(final):
         return text
     evidence["final_loss"] = final
     evidence["label_entropy"] = entropy

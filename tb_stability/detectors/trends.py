@@ -314,6 +314,7 @@ def detect_stalled(run: RunData) -> list[Finding]:
     new_lr, factor = remedies.raised_learning_rate(lr, factor)
     noise = _noise_drop(values)
     overshooting = upd is None and (imp < -WORSE_REL or noise is not None)
+    clipped = remedies.tight_clipping_remedy(run)
     if overshooting:
         remedy = (
             "Lower the learning rate ~10x and retrain from a fresh initialisation: a loss that "
@@ -321,8 +322,8 @@ def detect_stalled(run: RunData) -> list[Finding]:
             "a smooth, slow descent), and check that labels match the inputs:\n"
             f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0)}"
         )
-    elif remedies.tight_clipping(run) is not None:
-        remedy = remedies.tight_clipping_remedy(run)
+    elif clipped is not None:
+        remedy = clipped
     elif new_lr is None:
         remedy = (f"The learning rate is already {lr:g}, so updates this small mean the "
                   f"gradients are (near) zero: {remedies.zero_gradient_causes(run)}")

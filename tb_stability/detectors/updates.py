@@ -33,14 +33,13 @@ from tb_stability.detectors import _lr_decay
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _update_ratios as U
 from tb_stability.detectors import gradients
-from tb_stability.detectors._update_ratios import HEALTHY, HIGH, MAX_CUT, PEAK, high_columns, ratio_summary
+from tb_stability.detectors._update_ratios import HEALTHY, HIGH, PEAK, high_columns, ratio_summary
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
 
 LOW = 1e-5
 
-__all__ = ["HEALTHY", "HIGH", "LOW", "MAX_CUT", "PEAK", "detect", "high_columns", "low_columns",
-           "ratio_summary"]
+__all__ = ["HEALTHY", "HIGH", "LOW", "PEAK", "detect", "high_columns", "low_columns", "ratio_summary"]
 
 
 def low_columns(values, low: float = LOW) -> list[int]:
