@@ -16,7 +16,10 @@ those rules do not cover (so none is reported twice):
   sum to 1 are renormalised; use softmax);
 * sparse categorical labels outside ``[0, units - 1]``;
 * categorical (one-hot) cross-entropy with labels outside [0, 1] (integer
-  labels: use the sparse loss).
+  labels: use the sparse loss);
+* a BatchNormalization layer that normalises each feature over one or two
+  values (batch size 1 after a Dense layer: `batch_norm_problems`), with the
+  batch size recorded as ``batch_size``.
 
 The output activation is only reported for models with symbolic outputs
 (Sequential, functional); a subclassed model's ``call`` may apply anything. A
@@ -36,6 +39,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import keras
+import numpy as np
 import tensorflow as tf
 
 from instrumentation.activation_kinds import activation_name, classify
@@ -196,7 +201,8 @@ def classification_mode(model) -> tuple[Optional[str], bool]:
     return ("binary" if entry["output_units"] == 1 else "categorical"), logits
 
 
-def check_config(model, label_range: Optional[tuple[float, float]] = None) -> dict:
+def check_config(model, label_range: Optional[tuple[float, float]] = None,
+                 batch_rows: Optional[int] = None) -> dict:
     """The run_info fields and extra problems (see module docstring).
 
     A model with one output records its fields at the top level. One with
@@ -209,6 +215,8 @@ def check_config(model, label_range: Optional[tuple[float, float]] = None) -> di
       model: The compiled Keras model.
       label_range: ``(min, max)`` of the labels of the first probed batch
         (of the first output's labels).
+      batch_rows: The most rows a probed batch had (per replica): the batch
+        size, recorded as ``batch_size``.
 
     Returns:
       A dict to merge into ``stability/run_info``.
@@ -226,6 +234,8 @@ def check_config(model, label_range: Optional[tuple[float, float]] = None) -> di
     out = {key: entries[0][key] if len(entries) == 1 else None for key in fields}
     if len(entries) > 1:
         out["outputs"] = entries
+    problems += batch_norm_problems(model, batch_rows)
+    out["batch_size"] = batch_rows
     out["config_check"] = {"ok": not problems, "problems": problems}
     out["layer_activations"] = layer_activations(model)
     out["input_scaling"] = input_scaling(model)
@@ -264,6 +274,56 @@ def _output_problems(entry: dict, prefix: str = "") -> list[dict]:
             "    # or: y = keras.utils.to_categorical(y, n_classes)",
             "warning", layer))
     return problems
+
+
+def batch_norm_problems(model, batch_rows: Optional[int]) -> list[dict]:
+    """BatchNormalization layers that normalise each feature over one or two values.
+
+    In training a BatchNormalization layer normalises each feature over the
+    batch and every axis but its own (a Dense layer's output: over the batch
+    alone). Over one value every feature becomes its offset ``beta`` whatever
+    the input, so nothing after the layer sees the data and no gradient
+    reaches the layers before it (a ReLU after it reads as dead); over two,
+    every feature becomes ``beta +- gamma``. Frozen layers (``trainable=False``
+    runs in inference mode) are skipped, and so is a layer whose input shape
+    is unknown beyond its rank.
+    """
+    if not batch_rows:
+        return []
+    problems = []
+    for layer in all_layers(model):
+        if not isinstance(layer, keras.layers.BatchNormalization) or not layer.trainable:
+            continue
+        per_row = _values_per_row(layer)
+        if per_row is None or batch_rows * per_row > 2:
+            continue
+        values = batch_rows * per_row
+        path = str(getattr(layer, "path", None) or layer.name)
+        outcome = ("its offset beta for every input: nothing after it sees the data and no "
+                   "gradient reaches the layers before it" if values == 1 else
+                   "beta +- gamma: each feature keeps only which of the two rows is larger")
+        problems.append(_problem(
+            f"BatchNormalization '{path}' normalises each feature over {values} value(s) per "
+            f"batch (batch size {batch_rows}), so in training it outputs {outcome}.",
+            "model.fit(x, y, batch_size=32)  # BatchNorm needs many rows per batch\n"
+            "    # or, for small batches: keras.layers.LayerNormalization() in its place",
+            "critical" if values == 1 else "warning", path) | {"batch_norm_values": values})
+    return problems
+
+
+def _values_per_row(layer) -> Optional[int]:
+    """How many values one row gives each feature of a BatchNormalization layer (None: unknown)."""
+    try:
+        shape = tuple(layer.input.shape)
+    except Exception:  # noqa: BLE001 - a subclassed model's layer has no symbolic input
+        ndim = getattr(getattr(layer, "input_spec", None), "ndim", None)
+        return 1 if ndim == 2 else None
+    try:
+        axis = int(layer.axis) % len(shape)
+        sizes = [shape[i] for i in range(1, len(shape)) if i != axis]
+        return None if any(size is None for size in sizes) else int(np.prod(sizes, dtype=np.int64))
+    except Exception:  # noqa: BLE001 - an exotic axis: unknown, never fatal
+        return None
 
 
 def _problem(message: str, remedy: str, severity: str, layer) -> dict:

@@ -12,7 +12,9 @@ variables that the host reads every N steps (XLA-safe).
 * Labels / predictions (classification only): class counts of the batch.
   One output unit: 2 classes (threshold 0.5, or 0 on logits); several units:
   argmax; sparse integer labels: the integer class. Regression: skipped.
-* The label range (min, max) of the probe batch, for the configuration check.
+* The label range (min, max) of the probe batch, and the most rows a probe
+  batch had (its batch size: BatchNorm over one row is degenerate), for the
+  configuration check.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class DataStats:
         self.labels = None
         self.predictions = None
         self.label_range = None
+        self.batch_rows = None
         self.step = None
         self._last_step = -1
 
@@ -84,6 +87,9 @@ class DataStats:
             if y_t is not None and (y_t.dtype.is_floating or y_t.dtype.is_integer):
                 yf = tf.cast(y_t, tf.float32)
                 self.label_range.assign(tf.stack([tf.reduce_min(yf), tf.reduce_max(yf)]))
+            rows = _batch_rows(x, y_t)
+            if rows is not None:
+                self.batch_rows.assign(tf.maximum(self.batch_rows, rows))
             put(self.step, step)
             return tf.constant(True)
 
@@ -132,6 +138,8 @@ class DataStats:
                                         trainable=False, name="stability_data_step")
                 self.label_range = tf.Variable(tf.fill([2], np.nan), dtype=tf.float32,
                                                trainable=False, name="stability_label_range")
+                self.batch_rows = tf.Variable(tf.constant(0, tf.int64), trainable=False,
+                                              name="stability_batch_rows")
         self.classes = classes
 
     def _label_counts(self, y, p):
@@ -194,6 +202,14 @@ def _column_stats(matrix) -> tf.Tensor:
     mean = tf.reduce_mean(matrix, axis=0)
     std = tf.sqrt(tf.maximum(tf.reduce_mean(tf.math.squared_difference(matrix, mean), axis=0), 0.0))
     return tf.stack([mean, std, tf.reduce_min(matrix, axis=0), tf.reduce_max(matrix, axis=0)])
+
+
+def _batch_rows(x, y) -> Optional[tf.Tensor]:
+    """The leading dimension of the first batched input (else of the labels), as int64."""
+    for tensor in tf.nest.flatten(x) + ([y] if y is not None else []):
+        if isinstance(tensor, tf.Tensor) and tensor.shape.rank:  # dense: not sparse or ragged
+            return tf.cast(tf.shape(tensor)[0], tf.int64)
+    return None
 
 
 def _first(structure) -> Any:

@@ -257,13 +257,14 @@ class CallbackExtras:
     # ------------------------------------------------------------------ host
 
     def run_info_extra(self) -> dict:
-        """Config-check fields for ``stability/run_info`` (label range of the first probe)."""
+        """Config-check fields for ``stability/run_info`` (label range and batch size of the probes)."""
         try:
-            label_range = None
+            label_range, batch_rows = None, None
             if self.data is not None and self.data.label_range is not None:
                 lo, hi = (float(v) for v in self.data.label_range.numpy())
                 label_range = (lo, hi) if lo == lo and hi == hi else None
-            extra = config_check.check_config(self.callback.model, label_range)
+                batch_rows = int(self.data.batch_rows.numpy()) or None
+            extra = config_check.check_config(self.callback.model, label_range, batch_rows)
             if self.probes is not None:
                 extra["probed_layers"] = [p.name for p in self.probes.probes]
                 extra["unprobed_layers"] = dict(self.probes.unprobed)

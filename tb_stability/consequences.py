@@ -15,8 +15,10 @@ from tb_stability.findings import Finding
 
 
 def mark_all(findings: list[Finding]) -> list[Finding]:
-    """Every rule below, causes first: NaN, a blow-up, dead units, then a bad batch."""
+    """Every rule below, causes first: NaN, a blow-up, a degenerate BatchNorm, dead units,
+    then a bad batch."""
     findings = mark_consequences_of_blowup(mark_consequences_of_nan(findings))
+    findings = mark_consequences_of_degenerate_batch_norm(findings)
     return mark_consequences_of_bad_batch(mark_consequences_of_dead_units(findings))
 
 
@@ -82,6 +84,41 @@ def mark_consequences_of_blowup(findings: list[Finding]) -> list[Finding]:
                 f"After the loss blew up at step {onset} and never recovered (the first updates "
                 "threw the weights far out), so most likely a consequence of it",
                 "Fix the blow-up first", blowup.remedy, blowup_step=onset)
+    return findings
+
+
+def mark_consequences_of_degenerate_batch_norm(findings: list[Finding]) -> list[Finding]:
+    """Downgrades what a BatchNorm over one value per feature explains to ``info``.
+
+    A BatchNormalization layer that sees one value per feature (batch size 1
+    after a Dense layer; a critical ``config_mismatch`` problem with
+    ``batch_norm_values == 1``) outputs its offset whatever the input: a ReLU
+    after it is dead, the layers before it get no gradient, the predictions
+    are one constant and the loss stops improving. The dead-unit,
+    vanishing-gradient and stalled rules name fixes (He initialisation, a
+    higher learning rate) that cure none of it, so the findings of
+    `BLOWUP_CONSEQUENCES` stay, as ``info`` with ``evidence["consequence_of"] =
+    "config_mismatch"`` and the batch-size remedy first. Not an imbalance of
+    the labels themselves.
+    """
+    for cause in findings:
+        if cause.kind != "config_mismatch" or cause.severity != "critical":
+            continue
+        problem = next((p for p in cause.evidence.get("problems") or []
+                        if isinstance(p, dict) and p.get("batch_norm_values") == 1), None)
+        if problem is None:
+            continue
+        for finding in findings:
+            if (finding.kind not in BLOWUP_CONSEQUENCES or finding.severity == "info"
+                    or (finding.kind == "class_imbalance"
+                        and "prediction_share" not in finding.evidence)):
+                continue
+            _demote(finding, "config_mismatch",
+                    f"Most likely a consequence of BatchNormalization '{problem.get('layer')}' "
+                    "seeing one value per feature (it outputs a constant)",
+                    "Fix the batch size first", str(problem.get("remedy", "")),
+                    degenerate_layer=problem.get("layer"))
+        return findings
     return findings
 
 

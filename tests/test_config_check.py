@@ -242,3 +242,62 @@ def test_unscaled_regression_targets_from_a_real_run_and_the_remedy_that_fixes_t
     exec("\n".join(line.strip() for line in snippet.splitlines()), namespace)
     rmse = float(np.sqrt(np.mean((namespace["y_pred"] - y_train) ** 2)))
     assert rmse < 0.2 * float(y_train.std()), rmse  # 1.0 when stuck at the mean
+
+
+def _batch_norm_model(inputs=(10,), conv=False, frozen=False):
+    layers = keras.layers
+    body = [layers.Conv2D(8, 3), layers.BatchNormalization(), layers.Activation("relu"),
+            layers.Flatten()] if conv else [layers.Dense(32), layers.BatchNormalization(),
+                                            layers.Activation("relu")]
+    model = keras.Sequential([keras.Input(inputs)] + body + [layers.Dense(1)])
+    model.layers[1].trainable = not frozen
+    model.compile("adam", "mse")
+    return model
+
+
+@pytest.mark.parametrize("rows, conv, frozen, expected", [
+    (1, False, False, "critical"),
+    (2, False, False, "warning"),
+    (3, False, False, None),
+    (1, True, False, None),  # a convolution's feature is normalised over its 6 x 6 positions
+    (1, False, True, None),  # trainable=False: inference mode, the moving statistics
+    (None, False, False, None),  # batch size unknown (an ordinary log)
+], ids=["dense-batch-1", "dense-batch-2", "dense-batch-3", "conv-batch-1", "frozen-batch-1",
+        "unknown-batch"])
+def test_batch_norm_over_one_or_two_values_per_feature(rows, conv, frozen, expected):
+    model = _batch_norm_model((8, 8, 3) if conv else (10,), conv, frozen)
+    info = check_config(model, None, rows)
+    problems = [p for p in info["config_check"]["problems"] if "batch_norm_values" in p]
+    assert info["batch_size"] == rows
+    assert [p["severity"] for p in problems] == ([expected] if expected else [])
+    if expected:
+        assert problems[0]["layer"] == model.layers[1].path
+        assert problems[0]["batch_norm_values"] == rows
+
+
+def test_batch_size_one_under_batch_norm_is_the_cause_the_report_names(tmp_path):
+    # A ReLU after BatchNorm at batch size 1 is 100% dead and nothing before it
+    # gets a gradient; the report blames the batch size, not the initialisation.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((160, 10)).astype("float32")
+    y = (x @ rng.standard_normal((10, 1))).astype("float32")
+    for name, batch_size in (("one", 1), ("fixed", 32)):
+        keras.utils.set_random_seed(0)
+        _batch_norm_model().fit(x, y, batch_size=batch_size, epochs=1 if batch_size == 1 else 8,
+                                verbose=0, callbacks=[StabilityCallback(str(tmp_path / name),
+                                                                        every=10)])
+    runs = {r.run: r for r in analyze_logdir(str(tmp_path)).runs}
+    info = load_run(str(tmp_path / "one")).json["stability/run_info"][-1][1]
+    assert info["batch_size"] == 1
+    loud = [f for f in runs["one"].findings if f.severity != "info"]
+    assert [(f.kind, f.severity) for f in loud] == [("config_mismatch", "critical")]
+    assert "batch size 1" in loud[0].explanation and "batch_size=32" in loud[0].remedy
+    quiet = [f for f in runs["one"].findings if f.severity == "info"]
+    assert "dead_units" in {f.kind for f in quiet}
+    for finding in quiet:
+        assert finding.evidence["consequence_of"] == "config_mismatch", finding.kind
+        assert finding.remedy.startswith("Fix the batch size first")
+
+    fixed_info = load_run(str(tmp_path / "fixed")).json["stability/run_info"][-1][1]
+    assert fixed_info["batch_size"] == 32
+    assert not [f for f in runs["fixed"].findings if f.kind in ("config_mismatch", "dead_units")]

@@ -164,7 +164,7 @@ def detect(run: RunData) -> list[Finding]:
     if any(p.get("target_scale") for p in problems):
         explanation += _loss_progress(run)
     keys = ("loss", "loss_name", "output_activation", "from_logits", "label_min", "label_max",
-            "output_units", "outputs")
+            "output_units", "batch_size", "outputs")
     return [Finding(
         kind="config_mismatch",
         severity="critical" if critical else "warning",
