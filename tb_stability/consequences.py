@@ -16,10 +16,11 @@ from tb_stability.findings import Finding
 
 def mark_all(findings: list[Finding]) -> list[Finding]:
     """Every rule below, causes first: NaN, a blow-up, a degenerate BatchNorm, dead units,
-    then a bad batch."""
+    zero kernels, then a bad batch."""
     findings = mark_consequences_of_blowup(mark_consequences_of_nan(findings))
     findings = mark_consequences_of_degenerate_batch_norm(findings)
-    return mark_consequences_of_bad_batch(mark_consequences_of_dead_units(findings))
+    findings = mark_consequences_of_zero_kernels(mark_consequences_of_dead_units(findings))
+    return mark_consequences_of_bad_batch(findings)
 
 
 def mark_consequences_of_nan(findings: list[Finding]) -> list[Finding]:
@@ -150,6 +151,29 @@ def mark_consequences_of_dead_units(findings: list[Finding]) -> list[Finding]:
                     finding.kind == "stalled" or _before_dead_layers(finding, names)):
                 _mark_consequence(finding, dead, names)
                 break
+    return findings
+
+
+def mark_consequences_of_zero_kernels(findings: list[Finding]) -> list[Finding]:
+    """Downgrades a stalled loss where the kernels were initialised to zero to ``info``.
+
+    A model whose kernels are all 0 (``update_ratio_low`` naming
+    ``zero_kernels``, see `detectors._zero_init`) passes no gradient to any of
+    them: the loss stalls, and the stalled rule's "raise the learning rate"
+    cures nothing. The stall stays, as ``info`` with
+    ``evidence["consequence_of"] = "update_ratio_low"`` and the initialiser
+    fix first.
+    """
+    cause = next((f for f in findings if f.kind == "update_ratio_low" and f.severity != "info"
+                  and f.evidence.get("zero_kernels")), None)
+    if cause is None:
+        return findings
+    for finding in findings:
+        if finding.kind == "stalled" and finding.severity != "info":
+            _demote(finding, "update_ratio_low",
+                    "A consequence of kernels initialised to zero (no weight behind or after them "
+                    "gets a gradient)", "Fix the initialisation first", cause.remedy,
+                    zero_kernels=cause.evidence["zero_kernels"])
     return findings
 
 

@@ -13,18 +13,18 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 
-def _fit(logdir, aligned: bool):
+def _fit(logdir, aligned: bool, optimizer="adam", noise=0.0):
     from instrumentation import StabilityCallback
 
     data = np.random.default_rng(0)
     x = data.normal(size=(2048, 20)).astype("float32")
-    y = np.argmax(x[:, :4], axis=1)
+    y = np.argmax(x[:, :4] + noise * data.normal(size=(2048, 4)), axis=1)
     if not aligned:
         y = data.permutation(y)  # x and y shuffled separately
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(64, activation="relu"),
                               keras.layers.Dense(4)])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=32, epochs=4, validation_split=0.2, verbose=0,
               callbacks=[StabilityCallback(str(logdir), every=10)])
     report = analyze_logdir(str(logdir))
@@ -39,6 +39,26 @@ def test_labels_shuffled_apart_from_the_inputs_are_told(tmp_path):
     assert f.evidence["label_entropy"] == pytest.approx(np.log(4), rel=0.01)
     assert f.evidence["final_val_loss"] >= 0.97 * f.evidence["label_entropy"]
     assert "nothing about the inputs" in f.explanation and "print(x[:5], y[:5])" in f.remedy
+
+
+@pytest.mark.parametrize("noise, kind", [(0.5, "stalled"), (0.0, "class_imbalance")],
+                         ids=["noisy-labels-base-rate", "clean-labels-one-class"])
+def test_weights_pulled_to_zero_are_the_cause_not_the_labels(tmp_path, noise, kind):
+    """AdamW's weight_decay=50 at 1e-3 takes 5% of every weight each step: the kernels collapse
+    and the loss sits at the labels' entropy (on clean labels the predictions collapse to one
+    class too) on aligned labels, so neither the labels nor the class balance are to blame."""
+    findings, report = _fit(tmp_path / "decay", aligned=True, noise=noise,
+                            optimizer=keras.optimizers.AdamW(1e-3, weight_decay=50.0))
+    assert [(f.kind, f.severity) for f in findings] == [(kind, "warning")], report_to_json(report)
+    (f,) = findings
+    assert f.evidence["collapsed_kernels"]
+    assert "weight_decay=50 at learning rate 0.001" in f.explanation
+    assert "print(x[:5]" not in f.remedy
+    snippet = f.remedy.split("optimizer = ", 1)[1].strip()
+    assert snippet == "keras.optimizers.AdamW(learning_rate=0.001, weight_decay=0.1)"
+    fixed, report = _fit(tmp_path / "fixed", aligned=True, noise=noise,
+                         optimizer=eval(snippet, {"keras": keras}))
+    assert fixed == [], report_to_json(report)
 
 
 def test_the_same_model_on_aligned_labels_has_no_finding(tmp_path):

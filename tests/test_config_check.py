@@ -203,8 +203,15 @@ def test_records_of_several_losses_without_outputs_pair_nothing():
     (1, "tanh", "mae", (-1, 3), "cannot fit them"),
     (1, None, "mean_squared_logarithmic_error", (0, 2e5), None),  # scale-free already
     (2, "softmax", "sparse_categorical_crossentropy", (0, 1), None),
+    (1, "relu", "mse", (-8.4, 5), "cannot go below 0"),
+    (1, "relu", "mse", (0, 5), None),  # counts: a ReLU output can reach 0
+    (1, "softplus", keras.losses.Huber(), (-1, 5), "cannot go below 0"),
+    (1, "elu", "mse", (-0.5, 5), None),
+    (1, "elu", "mse", (-3, 5), "cannot go below -1"),
 ], ids=["unit-ish", "prices-mse", "pixels-mae-relu", "huber-negative", "sigmoid-in-range",
-        "sigmoid-out-of-range", "tanh-out-of-range", "msle", "classification"])
+        "sigmoid-out-of-range", "tanh-out-of-range", "msle", "classification",
+        "relu-negative-labels", "relu-counts", "softplus-negative-labels", "elu-above-floor",
+        "elu-below-floor"])
 def test_regression_labels_the_output_cannot_reach_or_reaches_slowly(
         units, activation, loss, labels, expected):
     info = check_config(_model(units, activation, loss), labels)

@@ -23,16 +23,16 @@ COLLAPSE = 1e-2
 DECAY_PER_STEP = 1e-4  # learning_rate * weight_decay the remedy aims at (AdamW's default: 4e-6)
 
 
-def collapsed_kernels(run: RunData, layers) -> dict[str, tuple[float, float]]:
-    """``{kernel: (first norm, last norm)}`` for the kernels of ``layers`` that collapsed."""
+def collapsed_kernels(run: RunData, layers=None) -> dict[str, tuple[float, float]]:
+    """``{kernel: (first norm, last norm)}`` for the kernels of ``layers`` (None: all) that collapsed."""
     m = run.variables.get("weight_norm")
     if m is None or not len(m):
         return {}
-    wanted = set(layers)
+    wanted = set(layers) if layers is not None else None
     out = {}
     for j in C.weight_columns(m):
         name = m.names[j]
-        if "/" not in name or name.rsplit("/", 1)[0] not in wanted:
+        if wanted is not None and ("/" not in name or name.rsplit("/", 1)[0] not in wanted):
             continue
         column = m.values[:, j]
         finite = column[np.isfinite(column)]
@@ -72,3 +72,18 @@ def explain(run: RunData, collapsed: dict[str, tuple[float, float]]) -> tuple[st
         "weight_decay:\n"
         "    keras.layers.Dense(64, kernel_regularizer=keras.regularizers.L2(1e-4))",
     )
+
+
+def cause(run: RunData) -> tuple[str, str, dict] | None:
+    """``(sentence, remedy, evidence)`` when any kernel of the model collapsed, else None.
+
+    For the rules that see a model which learned nothing (a loss at the labels'
+    entropy, predictions collapsed to one class) and would otherwise blame the
+    labels or the class balance.
+    """
+    collapsed = collapsed_kernels(run)
+    if not collapsed:
+        return None
+    because, remedy = explain(run, collapsed)
+    return because, remedy, {"collapsed_kernels": {k: [first, last]
+                                                   for k, (first, last) in collapsed.items()}}

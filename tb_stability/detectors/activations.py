@@ -21,6 +21,7 @@ from tb_stability.detectors import _common as C
 from tb_stability.detectors import _layer_kinds as K
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _robust as R
+from tb_stability.detectors import _zero_init
 from tb_stability.detectors import data, gradients
 from tb_stability.findings import Finding
 from tb_stability.rundata import Matrix, RunData
@@ -81,15 +82,21 @@ def detect_dead(run: RunData) -> list[Finding]:
         return []
     worst = max(h[2] for h in hits)
     names = ", ".join(m.names[j] for j, _, _ in hits[:4])
+    explanation = (f"Up to {worst:.0%} of the units in {names} never activate, so they pass no "
+                   "signal and receive no gradient.")
+    remedy = (f"In {names}: lower the learning rate, use He initialisation and a leaky activation:\n"
+              "    keras.layers.Dense(64, kernel_initializer='he_normal')\n"
+              "    keras.layers.LeakyReLU(negative_slope=0.1)  # or activation='gelu'\n"
+              f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0)}")
+    all_zeros = _zero_init.zero_kernels(run)
+    zeros = [k for j, _, _ in hits for k in _zero_init.kernels_of(all_zeros, m.names[j])]
+    if zeros:  # dead from the start because nothing was ever initialised: no rate helps
+        explanation += " " + _zero_init.explanation(zeros)
+        remedy = _zero_init.remedy(zeros, relu=True)
     return [_finding(
         run, m, hits, "dead_units", "critical" if worst >= ALL_DEAD else "warning",
         f"median dead fraction over the second half >= {DEAD:g}; critical >= {ALL_DEAD:g}",
-        f"Up to {worst:.0%} of the units in {names} never activate, so they pass no signal "
-        "and receive no gradient.",
-        f"In {names}: lower the learning rate, use He initialisation and a leaky activation:\n"
-        "    keras.layers.Dense(64, kernel_initializer='he_normal')\n"
-        "    keras.layers.LeakyReLU(negative_slope=0.1)  # or activation='gelu'\n"
-        f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0)}",
+        explanation, remedy, {"zero_kernels": zeros} if zeros else None,
     )]
 
 

@@ -17,8 +17,9 @@ unlike the training data: a class-sorted split ended at 3.8x). Without a
 validation loss the rule says nothing: a model that learns slowly (a 10-unit
 MLP after one epoch, 0.98x ``H``) looks the same on the training loss alone.
 Not where the predictions collapsed to one class (class_imbalance says the
-same there) or where `trends` already reports the run as stalled. Severity:
-``warning``.
+same there) or where `trends` already reports the run as stalled. Where the kernels
+collapsed to zero (`_weight_collapse`: a weight decay or L2 penalty far too
+strong) that is named as the cause, with its remedy. Severity: ``warning``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _robust as R
+from tb_stability.detectors import _weight_collapse as collapse
 from tb_stability.detectors import data, trends
 from tb_stability.findings import Finding
 from tb_stability.rundata import RunData
@@ -65,6 +67,16 @@ def detect(run: RunData) -> list[Finding]:
     if _collapsed(run) or trends.detect_stalled(run):
         return []
     final_val = float(val_values[-1])
+    explanation = (
+        f"The training loss settled at {C.fmt(final)}, {final / entropy:.2f}x the entropy of "
+        f"the labels ({C.fmt(entropy)}): the loss of predicting the class shares for every "
+        f"input. The model learned how often each class occurs and nothing about the inputs: "
+        f"the validation loss ends at {C.fmt(final_val)}, no better than the class shares.")
+    remedy, extra = REMEDY, {}
+    pulled = collapse.cause(run)
+    if pulled is not None:  # the weights were pulled to zero: the labels are not to blame
+        because, remedy, extra = pulled
+        explanation += because
     return [Finding(
         kind="stalled",
         severity="warning",
@@ -73,16 +85,11 @@ def detect(run: RunData) -> list[Finding]:
         last_step=int(loss.steps[-1]),
         evidence={"source": source, "final_loss": final, "label_entropy": entropy,
                   "ratio_to_entropy": final / entropy, "validation_source": val_tag,
-                  "final_val_loss": final_val,
+                  "final_val_loss": final_val, **extra,
                   "threshold": f"final training loss in [{LOW:g}, {HIGH:g}] x the labels' entropy "
                   f"and final validation loss in [{HELD_OUT:g}, {HELD_OUT_HIGH:g}] x it"},
-        explanation=(
-            f"The training loss settled at {C.fmt(final)}, {final / entropy:.2f}x the entropy of "
-            f"the labels ({C.fmt(entropy)}): the loss of predicting the class shares for every "
-            f"input. The model learned how often each class occurs and nothing about the inputs: "
-            f"the validation loss ends at {C.fmt(final_val)}, no better than the class shares."
-        ),
-        remedy=REMEDY,
+        explanation=explanation,
+        remedy=remedy,
     )]
 
 

@@ -12,7 +12,8 @@ for a model with several, each with its own loss), checked with these rules:
 * binary cross-entropy with labels outside [0, 1];
 * categorical cross-entropy on a single output unit;
 * a regression loss (MSE, MAE, Huber, log-cosh) on a bounded output (sigmoid,
-  softmax, tanh) that cannot reach the labels;
+  softmax, tanh) that cannot reach the labels, or on one bounded below (ReLU,
+  softplus, exponential, ELU, SELU) with labels below its floor;
 * a regression loss on an unbounded output with labels beyond +-``TARGET_SCALE``
   (100): the output starts near 0 and a learning rate that suits unit-scale
   data takes thousands of steps only to reach the targets' offset and scale
@@ -41,6 +42,9 @@ _REGRESSION_LOSSES = ("mse", "mae", "mean_squared_error", "mean_absolute_error",
                       "huber_loss", "log_cosh", "logcosh")
 _BOUNDED_OUTPUTS = {"sigmoid": (0.0, 1.0), "softmax": (0.0, 1.0), "tanh": (-1.0, 1.0),
                     "hard_sigmoid": (0.0, 1.0), "softsign": (-1.0, 1.0)}
+# Outputs bounded below only: the lowest value each can take.
+_FLOORED_OUTPUTS = {"relu": 0.0, "softplus": 0.0, "exponential": 0.0, "elu": -1.0,
+                    "selu": -1.7581}
 _UNBOUNDED_OUTPUTS = ("linear", "none", "", "relu", "softplus", "elu", "selu", "exponential",
                       "leaky_relu", "gelu", "silu", "swish")
 
@@ -111,6 +115,14 @@ def _target_problems(loss: str, act: str, lo: float, hi: float, prefix: str) -> 
                      "remedy": "    keras.layers.Dense(1)  # a linear output for regression\n"
                                + _STANDARDISE}]
         return []
+    floor = _FLOORED_OUTPUTS.get(act)
+    if floor is not None and lo < floor - 1e-6 * max(1.0, hi - lo):
+        dies = " (and a ReLU output pushed below 0 passes no gradient: it dies)" if act == "relu" else ""
+        return [{"message": prefix + f"{loss} on a {act} output, which cannot go below "
+                                     f"{floor:g}, with labels in [{lo:.4g}, {hi:.4g}]: the model cannot "
+                                     f"fit the labels below {floor:g}{dies}.",
+                 "remedy": "    keras.layers.Dense(1)  # a linear output for regression"
+                           + ("\n" + _STANDARDISE if max(abs(lo), abs(hi)) > TARGET_SCALE else "")}]
     if act in _UNBOUNDED_OUTPUTS and max(abs(lo), abs(hi)) > TARGET_SCALE:
         return [{"message": prefix + f"{loss} on labels in [{lo:.4g}, {hi:.4g}], far from unit "
                                      "scale: the output starts near 0, so training spends its "

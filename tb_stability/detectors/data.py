@@ -37,6 +37,7 @@ import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _robust as R
+from tb_stability.detectors import _weight_collapse as collapse
 from tb_stability.findings import Finding
 from tb_stability.rundata import Matrix, RunData
 
@@ -349,6 +350,11 @@ def detect_imbalance(run: RunData) -> list[Finding]:
                 else:
                     explanation += _nothing_learned(run, label_share, evidence)
                     remedy = BALANCED_COLLAPSE_REMEDY
+                pulled = collapse.cause(run)
+                if pulled is not None:  # the weights were pulled to zero: not the classes
+                    because, remedy, more = pulled
+                    explanation += because
+                    evidence.update(more)
                 out.append(Finding(
                     kind="class_imbalance", severity="warning", run=run.name,
                     first_step=int(pred.steps[len(pred) // 2]), last_step=int(pred.steps[-1]),

@@ -13,7 +13,11 @@ update_ratio_high
 update_ratio_low
   A kernel's median ratio over the records after the first 10% is < ``LOW``
   (1e-5), and the kernel was never flagged high (a kernel that blew up and
-  then died is not "learning rate too low"). Severity: ``warning``.
+  then died is not "learning rate too low"); or a kernel gets a gradient of
+  exactly 0 in every record (not connected to the loss, behind dead units,
+  or initialised to zero: `_zero_init`, which then gives the explanation and
+  the remedy). Severity: ``warning``, ``critical`` when no kernel of the model
+  gets a gradient (nothing can learn).
 
 Gradient accumulation (run_info's optimizer config has
 ``gradient_accumulation_steps`` k > 1): the weights move only every k-th step,
@@ -32,6 +36,7 @@ from tb_stability.detectors import _common as C
 from tb_stability.detectors import _lr_decay
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import _update_ratios as U
+from tb_stability.detectors import _zero_init
 from tb_stability.detectors import gradients
 from tb_stability.detectors._update_ratios import HEALTHY, HIGH, PEAK, high_columns, ratio_summary
 from tb_stability.findings import Finding
@@ -152,6 +157,12 @@ def _low_finding(run: RunData, m: U.KernelRatios, names, med, lo: list[int], zer
             f"{listed} get{'s' if len(zero) == 1 else ''} no gradient at all (exactly 0 at every "
             "recorded step), so no learning rate moves "
             f"{'it' if len(zero) == 1 else 'them'}.")
+    zeros = _zero_init.zero_kernels(run) if zero else []
+    if zeros:
+        evidence["zero_kernels"] = zeros
+        explanation.append(_zero_init.explanation(zeros, named=zeros != [names[j] for j in zero]))
+        remedy.append(_zero_init.remedy(zeros))
+    elif zero:
         remedy.append(
             f"{listed} {'is' if len(zero) == 1 else 'are'} not connected to the loss (a layer "
             "created but never called in call(), an output no loss uses, or a path through an "
@@ -169,7 +180,7 @@ def _low_finding(run: RunData, m: U.KernelRatios, names, med, lo: list[int], zer
     })
     return Finding(
         kind="update_ratio_low",
-        severity="warning",
+        severity="critical" if len(zero) == len(names) else "warning",  # nothing can learn
         run=run.name,
         first_step=int(m.steps[m.steps.size // 10]),
         last_step=int(m.steps[-1]),
