@@ -16,11 +16,11 @@ from tb_stability.findings import Finding
 
 def mark_all(findings: list[Finding]) -> list[Finding]:
     """Every rule below, causes first: NaN, a blow-up, a degenerate BatchNorm, dead units,
-    zero kernels, then a bad batch."""
+    zero kernels, saturation, then a bad batch."""
     findings = mark_consequences_of_blowup(mark_consequences_of_nan(findings))
     findings = mark_consequences_of_degenerate_batch_norm(findings)
     findings = mark_consequences_of_zero_kernels(mark_consequences_of_dead_units(findings))
-    return mark_consequences_of_bad_batch(findings)
+    return mark_consequences_of_bad_batch(mark_consequences_of_saturation(findings))
 
 
 def mark_consequences_of_nan(findings: list[Finding]) -> list[Finding]:
@@ -155,25 +155,62 @@ def mark_consequences_of_dead_units(findings: list[Finding]) -> list[Finding]:
 
 
 def mark_consequences_of_zero_kernels(findings: list[Finding]) -> list[Finding]:
-    """Downgrades a stalled loss where the kernels were initialised to zero to ``info``.
+    """Downgrades what kernels initialised to zero explain to ``info``.
 
     A model whose kernels are all 0 (``update_ratio_low`` naming
     ``zero_kernels``, see `detectors._zero_init`) passes no gradient to any of
-    them: the loss stalls, and the stalled rule's "raise the learning rate"
-    cures nothing. The stall stays, as ``info`` with
-    ``evidence["consequence_of"] = "update_ratio_low"`` and the initialiser
-    fix first.
+    them: the loss stalls and the predictions collapse to one class, and the
+    stalled rule's "raise the learning rate" or the collapse's "check the
+    labels" cures nothing. Those findings (and vanishing gradients) stay, as
+    ``info`` with ``evidence["consequence_of"] = "update_ratio_low"`` and the
+    initialiser fix first.
     """
     cause = next((f for f in findings if f.kind == "update_ratio_low" and f.severity != "info"
                   and f.evidence.get("zero_kernels")), None)
     if cause is None:
         return findings
     for finding in findings:
-        if finding.kind == "stalled" and finding.severity != "info":
+        collapse = finding.kind == "class_imbalance" and "prediction_share" in finding.evidence
+        if finding.kind in ("stalled", "vanishing_gradients") or collapse:
+            if finding.severity == "info":
+                continue
             _demote(finding, "update_ratio_low",
                     "A consequence of kernels initialised to zero (no weight behind or after them "
                     "gets a gradient)", "Fix the initialisation first", cause.remedy,
                     zero_kernels=cause.evidence["zero_kernels"])
+    return findings
+
+
+def mark_consequences_of_saturation(findings: list[Finding]) -> list[Finding]:
+    """Downgrades kernels without any gradient inside saturated layers to ``info``.
+
+    A sigmoid or tanh pinned far out (a GRU fed raw values in the thousands)
+    has a derivative of exactly 0 in float32, so its kernels get a gradient of
+    exactly 0: ``update_ratio_low`` then calls them not connected to the loss.
+    Where every kernel it names that way belongs to a layer a
+    ``saturated_activations`` finding names (and it names no kernel that moves
+    too little), it stays, as ``info`` with ``evidence["consequence_of"] =
+    "saturated_activations"`` and the saturation's fix first; so does the
+    stalled loss beside it, whose "raise the learning rate" cures nothing.
+    """
+    saturated = [f for f in findings if f.kind == "saturated_activations" and f.severity != "info"]
+    for finding in findings:
+        zero = finding.evidence.get("no_gradient") or []
+        if (finding.kind != "update_ratio_low" or finding.severity == "info" or not zero
+                or "median_ratio" in finding.evidence):
+            continue
+        cause = next((s for s in saturated
+                      if all(any(layer in kernel.split("/") for layer in s.layers)
+                             for kernel in zero)), None)
+        if cause is None:
+            continue
+        listed = ", ".join(cause.layers[:4])
+        for stuck in [finding] + [f for f in findings if f.kind == "stalled" and f.severity != "info"]:
+            _demote(stuck, "saturated_activations",
+                    f"A consequence of the saturated units in {listed} (an activation pinned at its "
+                    "limit has a derivative of exactly 0, so the kernels feeding it get none)",
+                    f"Fix the saturation in {listed} first", cause.remedy,
+                    saturated_layers=list(cause.layers))
     return findings
 
 

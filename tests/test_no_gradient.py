@@ -100,3 +100,25 @@ def test_a_learning_rate_too_low_is_still_one_beside_a_variable_without_gradient
     assert set(finding.layers) == set(finding.evidence["median_ratio"]) | set(finding.evidence["no_gradient"])
     assert "keras.optimizers.SGD(learning_rate=" in finding.remedy
     assert "trainable = False" in finding.remedy
+
+
+def test_kernels_behind_a_saturated_recurrent_layer_are_not_called_unconnected(tmp_path):
+    """A GRU fed raw values in the tens of thousands: its gates sit where the derivative is exactly 0
+    in float32, so its kernels get a gradient of exactly 0. The cause is the saturation (and the
+    unscaled inputs behind it), not a layer the loss does not reach."""
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    base = rng.normal(size=(1024, 1, 1)) * 3000 + 20000
+    x = (base + np.cumsum(rng.normal(size=(1024, 20, 1)) * 200, axis=1)).astype("float32")
+    y = ((x[:, -1, 0] - x[:, 0, 0]) / 1000).astype("float32")[:, None]
+    model = keras.Sequential([keras.Input((20, 1)), keras.layers.GRU(32), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    model.fit(x, y, batch_size=32, epochs=3, validation_split=0.2, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=10)])
+    (run,) = analyze_logdir(str(tmp_path)).runs
+    loud = sorted(f.kind for f in run.findings if f.severity != "info")
+    assert loud == ["saturated_activations", "unscaled_inputs"], run.findings
+    (low,) = [f for f in run.findings if f.kind == "update_ratio_low"]
+    assert low.severity == "info" and low.evidence["consequence_of"] == "saturated_activations"
+    assert all("/gru/" in name for name in low.evidence["no_gradient"])
+    assert low.remedy.startswith("Fix the saturation in gru first") and "not connected" not in low.remedy

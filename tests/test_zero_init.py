@@ -61,3 +61,35 @@ def test_a_relu_layer_dead_from_zero_kernels_is_not_told_to_lower_the_rate(tmp_p
     assert dead[0].evidence["zero_kernels"]
     assert "initialised to zero" in dead[0].explanation
     assert "he_normal" in dead[0].remedy and "optimizer" not in dead[0].remedy
+
+
+class _ZeroDense(keras.layers.Layer):
+    """A hand-written dense ReLU layer whose weights start at zero (the user's mistake)."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1], 64), initializer="zeros", name="kernel")
+        self.b = self.add_weight(shape=(64,), initializer="zeros", name="bias")
+
+    def call(self, x):
+        return tf.nn.relu(x @ self.w + self.b)
+
+
+def test_a_custom_layer_initialised_to_zero_explains_the_collapse_to_one_class(tmp_path):
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    x = rng.normal(size=(2048, 20)).astype("float32")
+    y = np.argmax(x[:, :4] + 0.3 * rng.normal(size=(2048, 4)), axis=1)
+    model = keras.Sequential([keras.Input((20,)), _ZeroDense(), keras.layers.Dense(4)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=32, epochs=3, validation_split=0.2, verbose=0,
+              callbacks=[StabilityCallback(str(tmp_path), every=10)])
+    (run,) = analyze_logdir(str(tmp_path)).runs
+    loud = [f for f in run.findings if f.severity != "info"]
+    assert [(f.kind, f.severity) for f in loud] == [("update_ratio_low", "critical")], run.findings
+    (kernel,) = loud[0].evidence["zero_kernels"]
+    assert kernel.endswith("zero_dense/kernel")
+    quiet = {f.kind: f for f in run.findings if f.severity == "info"}
+    assert "class_imbalance" in quiet and "prediction_share" in quiet["class_imbalance"].evidence
+    for finding in quiet.values():
+        assert finding.evidence["consequence_of"] == "update_ratio_low", finding.kind
+        assert finding.remedy.startswith("Fix the initialisation first")
