@@ -15,10 +15,10 @@ from tb_stability.findings import Finding
 
 
 def mark_all(findings: list[Finding]) -> list[Finding]:
-    """Every rule below, causes first: NaN, a blow-up, a degenerate BatchNorm, dead units,
-    zero kernels, saturation, then a bad batch."""
+    """Every rule below, causes first: NaN, a blow-up, a degenerate BatchNorm, tiny inputs,
+    dead units, zero kernels, saturation, then a bad batch."""
     findings = mark_consequences_of_blowup(mark_consequences_of_nan(findings))
-    findings = mark_consequences_of_degenerate_batch_norm(findings)
+    findings = mark_consequences_of_tiny_inputs(mark_consequences_of_degenerate_batch_norm(findings))
     findings = mark_consequences_of_zero_kernels(mark_consequences_of_dead_units(findings))
     return mark_consequences_of_bad_batch(mark_consequences_of_saturation(findings))
 
@@ -120,6 +120,33 @@ def mark_consequences_of_degenerate_batch_norm(findings: list[Finding]) -> list[
                     "Fix the batch size first", str(problem.get("remedy", "")),
                     degenerate_layer=problem.get("layer"))
         return findings
+    return findings
+
+
+def mark_consequences_of_tiny_inputs(findings: list[Finding]) -> list[Finding]:
+    """Downgrades what inputs far below unit scale explain to ``info``.
+
+    Inputs within 0.01 of 0 (``unscaled_inputs`` with ``tiny``: often scaled
+    twice) leave the first layer's outputs at its biases: ReLU units that
+    never fire, a loss at the labels' entropy, predictions of one class. The
+    dead-unit, stalled and collapse rules name fixes (He initialisation, a
+    higher rate, checking the labels) that cure none of it, so the findings of
+    `BLOWUP_CONSEQUENCES` but saturation stay, as ``info`` with
+    ``evidence["consequence_of"] = "unscaled_inputs"`` and the scaling fix
+    first. Not an imbalance of the labels themselves.
+    """
+    cause = next((f for f in findings if f.kind == "unscaled_inputs" and f.severity != "info"
+                  and f.evidence.get("tiny")), None)
+    if cause is None:
+        return findings
+    for finding in findings:
+        if (finding.kind not in BLOWUP_CONSEQUENCES or finding.kind == "saturated_activations"
+                or finding.severity == "info"
+                or (finding.kind == "class_imbalance" and "prediction_share" not in finding.evidence)):
+            continue
+        _demote(finding, "unscaled_inputs",
+                "Most likely a consequence of inputs far below unit scale (the first layer sees "
+                "almost nothing but its biases)", "Fix the input scale first", cause.remedy)
     return findings
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _robust as R
 from tb_stability.detectors import _weight_collapse as collapse
+from tb_stability.detectors._tiny_inputs import tiny_inputs
 from tb_stability.findings import Finding
 from tb_stability.rundata import Matrix, RunData
 
@@ -93,7 +94,10 @@ def detect_unscaled(run: RunData) -> list[Finding]:
                       run.inputs["max"].values)
     s = input_scale(view.mean, view.std, view.lo, view.hi)
     if not s["flag"]:
-        return []
+        raw = input_scale(run.inputs["mean"].values, m.values, run.inputs["min"].values,
+                          run.inputs["max"].values)
+        tiny = tiny_inputs(run, m, names, s["extent"], raw["extent"], view.layers, view.layer_names)
+        return [tiny] if tiny is not None else []
     top = sorted(range(len(names)), key=lambda j: -np.nan_to_num(s["extent"][j]))[:5]
     labels, layer_names = view.layers, view.layer_names
     largest = {}
