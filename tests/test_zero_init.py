@@ -87,7 +87,7 @@ def test_a_custom_layer_initialised_to_zero_explains_the_collapse_to_one_class(t
     loud = [f for f in run.findings if f.severity != "info"]
     assert [(f.kind, f.severity) for f in loud] == [("update_ratio_low", "critical")], run.findings
     (kernel,) = loud[0].evidence["zero_kernels"]
-    assert kernel.endswith("zero_dense/kernel")
+    assert kernel.endswith(f"/{model.layers[0].name}/kernel")
     quiet = {f.kind: f for f in run.findings if f.severity == "info"}
     assert "class_imbalance" in quiet and "prediction_share" in quiet["class_imbalance"].evidence
     for finding in quiet.values():
