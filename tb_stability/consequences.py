@@ -11,6 +11,7 @@ first, so a user fixes the cause and not its symptoms.
 
 from __future__ import annotations
 
+from tb_stability.detectors._common import names_layer
 from tb_stability.findings import Finding
 
 
@@ -76,10 +77,9 @@ def mark_consequences_of_blowup(findings: list[Finding]) -> list[Finding]:
     blowup = min(blowups, key=lambda f: f.first_step)
     onset = blowup.first_step
     for finding in findings:
-        if (finding.kind not in BLOWUP_CONSEQUENCES or finding.severity == "info"
+        if (not _demotable(finding, BLOWUP_CONSEQUENCES)
                 or finding.first_step is None or finding.first_step < onset
-                or finding.evidence.get("saturated_at_first_step")
-                or (finding.kind == "class_imbalance" and "prediction_share" not in finding.evidence)):
+                or finding.evidence.get("saturated_at_first_step")):
             continue
         _demote(finding, "divergence",
                 f"After the loss blew up at step {onset} and never recovered (the first updates "
@@ -102,24 +102,19 @@ def mark_consequences_of_degenerate_batch_norm(findings: list[Finding]) -> list[
     "config_mismatch"`` and the batch-size remedy first. Not an imbalance of
     the labels themselves.
     """
-    for cause in findings:
-        if cause.kind != "config_mismatch" or cause.severity != "critical":
-            continue
-        problem = next((p for p in cause.evidence.get("problems") or []
-                        if isinstance(p, dict) and p.get("batch_norm_values") == 1), None)
-        if problem is None:
-            continue
-        for finding in findings:
-            if (finding.kind not in BLOWUP_CONSEQUENCES or finding.severity == "info"
-                    or (finding.kind == "class_imbalance"
-                        and "prediction_share" not in finding.evidence)):
-                continue
+    problem = next((p for cause in findings
+                    if cause.kind == "config_mismatch" and cause.severity == "critical"
+                    for p in cause.evidence.get("problems") or []
+                    if isinstance(p, dict) and p.get("batch_norm_values") == 1), None)
+    if problem is None:
+        return findings
+    for finding in findings:
+        if _demotable(finding, BLOWUP_CONSEQUENCES):
             _demote(finding, "config_mismatch",
                     f"Most likely a consequence of BatchNormalization '{problem.get('layer')}' "
                     "seeing one value per feature (it outputs a constant)",
                     "Fix the batch size first", str(problem.get("remedy", "")),
                     degenerate_layer=problem.get("layer"))
-        return findings
     return findings
 
 
@@ -140,13 +135,10 @@ def mark_consequences_of_tiny_inputs(findings: list[Finding]) -> list[Finding]:
     if cause is None:
         return findings
     for finding in findings:
-        if (finding.kind not in BLOWUP_CONSEQUENCES or finding.kind == "saturated_activations"
-                or finding.severity == "info"
-                or (finding.kind == "class_imbalance" and "prediction_share" not in finding.evidence)):
-            continue
-        _demote(finding, "unscaled_inputs",
-                "Most likely a consequence of inputs far below unit scale (the first layer sees "
-                "almost nothing but its biases)", "Fix the input scale first", cause.remedy)
+        if _demotable(finding, BLOWUP_CONSEQUENCES - {"saturated_activations"}):
+            _demote(finding, "unscaled_inputs",
+                    "Most likely a consequence of inputs far below unit scale (the first layer "
+                    "sees almost nothing but its biases)", "Fix the input scale first", cause.remedy)
     return findings
 
 
@@ -197,10 +189,7 @@ def mark_consequences_of_zero_kernels(findings: list[Finding]) -> list[Finding]:
     if cause is None:
         return findings
     for finding in findings:
-        collapse = finding.kind == "class_imbalance" and "prediction_share" in finding.evidence
-        if finding.kind in ("stalled", "vanishing_gradients") or collapse:
-            if finding.severity == "info":
-                continue
+        if _demotable(finding, ("stalled", "vanishing_gradients", "class_imbalance")):
             _demote(finding, "update_ratio_low",
                     "A consequence of kernels initialised to zero (no weight behind or after them "
                     "gets a gradient)", "Fix the initialisation first", cause.remedy,
@@ -227,7 +216,7 @@ def mark_consequences_of_saturation(findings: list[Finding]) -> list[Finding]:
                 or "median_ratio" in finding.evidence):
             continue
         cause = next((s for s in saturated
-                      if all(any(layer in kernel.split("/") for layer in s.layers)
+                      if all(any(names_layer(kernel, layer) for layer in s.layers)
                              for kernel in zero)), None)
         if cause is None:
             continue
@@ -281,7 +270,7 @@ def _spike_ratio(spike: Finding) -> str:
 def _before_dead_layers(vanishing: Finding, dead_names: list[str]) -> bool:
     order = list((vanishing.evidence.get("median_grad_norm_by_layer") or {}).keys())
     positions = [i for i, layer in enumerate(order)
-                 if any(name in layer.split("/") for name in dead_names)]
+                 if any(names_layer(layer, name) for name in dead_names)]
     flagged = [order.index(layer) for layer in vanishing.layers if layer in order]
     return bool(positions and flagged) and max(flagged) <= max(positions)
 
@@ -292,6 +281,13 @@ def _mark_consequence(finding: Finding, dead: Finding, names: list[str]) -> None
             f"A consequence of the dead units in {listed} (a layer whose units never fire passes "
             "no signal forward and no gradient back)",
             f"Fix the dead units in {listed} first", dead.remedy, dead_layers=names)
+
+
+def _demotable(finding: Finding, kinds) -> bool:
+    """Whether ``finding`` is of ``kinds`` and not ``info`` yet; a ``class_imbalance`` only
+    where the predictions collapsed (the labels' own imbalance is a cause, never a consequence)."""
+    return (finding.kind in kinds and finding.severity != "info"
+            and (finding.kind != "class_imbalance" or "prediction_share" in finding.evidence))
 
 
 def _demote(finding: Finding, cause: str, because: str, first: str, remedy: str, **evidence) -> None:

@@ -156,6 +156,25 @@ def weight_columns(matrix: Matrix) -> list[int]:
     return cols or list(range(len(matrix.names)))
 
 
+def finite_weight_norms(run: RunData):
+    """``(kernel, its finite recorded weight norms)`` for each kernel-like variable, in model order."""
+    m = run.variables.get("weight_norm")
+    if m is None or not len(m):
+        return
+    for j in weight_columns(m):
+        column = m.values[:, j]
+        yield m.names[j], column[np.isfinite(column)]
+
+
+def names_layer(path: str, layer: str) -> bool:
+    """Whether a component of a variable or layer path names ``layer`` (a probe's name or path).
+
+    ``sequential/gru/gru_cell/kernel`` lies in the probe ``gru``; a path-like
+    ``layer`` is matched by its last component.
+    """
+    return layer.rstrip("/").rsplit("/", 1)[-1] in path.split("/")
+
+
 def global_grad_norm_with_source(run: RunData) -> tuple[Series | None, str | None]:
     """`global_grad_norm` and where it came from, as evidence names it."""
     s = run.steps.get("grad_norm")

@@ -41,6 +41,7 @@ def tiny_inputs(run: RunData, m: Matrix, names: list[str], extent, raw_extent,
     largest = max(float(extent[j]) for j in judged)
     if not 0 < largest <= TINY:
         return None
+    raw_largest = float(np.nanmax(raw_extent))
     twice = sorted({scaled_by[j] for j in judged
                     if scaled_by[j] and np.isfinite(raw_extent[j]) and 0 < raw_extent[j] <= 1.0})
     explanation = (
@@ -50,7 +51,7 @@ def tiny_inputs(run: RunData, m: Matrix, names: list[str], extent, raw_extent,
         "at all.")
     if twice:
         explanation += (f" The model's {', '.join(twice)} shrinks inputs that are already within "
-                        f"[-1, 1] (raw |x| <= {C.fmt(float(np.nanmax(raw_extent)))}): they were "
+                        f"[-1, 1] (raw |x| <= {C.fmt(raw_largest)}): they were "
                         "scaled twice.")
         remedy = ("Scale once: feed the model's scaling layer the raw values (drop the division "
                   "in the input pipeline), or keep that division and drop the layer:\n"
@@ -69,7 +70,7 @@ def tiny_inputs(run: RunData, m: Matrix, names: list[str], extent, raw_extent,
         last_step=int(m.steps[-1]),
         layers=sorted({layer_names[j] for j in judged if layer_names[j]}) if twice else [],
         evidence={"tiny": True, "max_abs_input": largest,
-                  "raw_max_abs_input": C.num(float(np.nanmax(raw_extent))),
+                  "raw_max_abs_input": C.num(raw_largest),
                   "scaled_twice_by": twice,
                   "threshold": f"every judged feature's max |x| <= {TINY:g}"},
         explanation=explanation,

@@ -12,8 +12,6 @@ names the optimizer's weight decay when it has one.
 
 from __future__ import annotations
 
-import numpy as np
-
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _loss_tags as L
 from tb_stability.detectors import _remedies as remedies
@@ -25,17 +23,11 @@ DECAY_PER_STEP = 1e-4  # learning_rate * weight_decay the remedy aims at (AdamW'
 
 def collapsed_kernels(run: RunData, layers=None) -> dict[str, tuple[float, float]]:
     """``{kernel: (first norm, last norm)}`` for the kernels of ``layers`` (None: all) that collapsed."""
-    m = run.variables.get("weight_norm")
-    if m is None or not len(m):
-        return {}
     wanted = set(layers) if layers is not None else None
     out = {}
-    for j in C.weight_columns(m):
-        name = m.names[j]
+    for name, finite in C.finite_weight_norms(run):
         if wanted is not None and ("/" not in name or name.rsplit("/", 1)[0] not in wanted):
             continue
-        column = m.values[:, j]
-        finite = column[np.isfinite(column)]
         if finite.size < 2 or not finite[0] > 0:
             continue
         if finite[-1] < COLLAPSE * finite[0]:

@@ -21,28 +21,14 @@ from tb_stability.rundata import RunData
 
 def zero_kernels(run: RunData) -> list[str]:
     """Kernel-like variables whose recorded weight norm is exactly 0 in every finite record."""
-    m = run.variables.get("weight_norm")
-    if m is None or not len(m):
-        return []
-    out = []
-    for j in C.weight_columns(m):
-        column = np.asarray(m.values[:, j], dtype=np.float64)
-        finite = column[np.isfinite(column)]
-        if finite.size and not np.any(finite):
-            out.append(m.names[j])
-    return out
+    return [name for name, finite in C.finite_weight_norms(run)
+            if finite.size and not np.any(finite)]
 
 
 def layer_of(variable: str) -> str:
     """The layer a variable belongs to: the path component before its own name."""
     parts = variable.split("/")
     return parts[-2] if len(parts) > 1 else parts[0]
-
-
-def kernels_of(kernels: list[str], layer: str) -> list[str]:
-    """Those of ``kernels`` that belong to ``layer`` (a probe's layer name or path)."""
-    name = layer.rsplit("/", 1)[-1]
-    return [k for k in kernels if layer_of(k) == name or k.startswith(layer.rstrip("/") + "/")]
 
 
 def explanation(kernels: list[str], named: bool = True) -> str:

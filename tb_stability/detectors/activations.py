@@ -89,7 +89,7 @@ def detect_dead(run: RunData) -> list[Finding]:
               "    keras.layers.LeakyReLU(negative_slope=0.1)  # or activation='gelu'\n"
               f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0)}")
     all_zeros = _zero_init.zero_kernels(run)
-    zeros = [k for j, _, _ in hits for k in _zero_init.kernels_of(all_zeros, m.names[j])]
+    zeros = [k for j, _, _ in hits for k in all_zeros if C.names_layer(k, m.names[j])]
     if zeros:  # dead from the start because nothing was ever initialised: no rate helps
         explanation += " " + _zero_init.explanation(zeros)
         remedy = _zero_init.remedy(zeros, relu=True)
