@@ -16,9 +16,10 @@ from tb_stability.findings import Finding
 
 
 def mark_all(findings: list[Finding]) -> list[Finding]:
-    """Every rule below, causes first: NaN, a blow-up, a degenerate BatchNorm, tiny inputs,
-    dead units, zero kernels, saturation, then a bad batch."""
+    """Every rule below, causes first: NaN, a blow-up, exploding gradients, a degenerate
+    BatchNorm, tiny inputs, dead units, zero kernels, saturation, then a bad batch."""
     findings = mark_consequences_of_blowup(mark_consequences_of_nan(findings))
+    findings = mark_consequences_of_explosion(findings)
     findings = mark_consequences_of_tiny_inputs(mark_consequences_of_degenerate_batch_norm(findings))
     findings = mark_consequences_of_zero_kernels(mark_consequences_of_dead_units(findings))
     return mark_consequences_of_bad_batch(mark_consequences_of_saturation(findings))
@@ -72,20 +73,46 @@ def mark_consequences_of_blowup(findings: list[Finding]) -> list[Finding]:
     """
     blowups = [f for f in findings if f.kind == "divergence" and f.severity == "critical"
                and f.evidence.get("early_blowup") in ("stuck", "diverged") and f.first_step is not None]
-    if not blowups:
-        return findings
-    blowup = min(blowups, key=lambda f: f.first_step)
-    onset = blowup.first_step
-    for finding in findings:
-        if (not _demotable(finding, BLOWUP_CONSEQUENCES)
-                or finding.first_step is None or finding.first_step < onset
-                or finding.evidence.get("saturated_at_first_step")):
-            continue
-        _demote(finding, "divergence",
-                f"After the loss blew up at step {onset} and never recovered (the first updates "
-                "threw the weights far out), so most likely a consequence of it",
-                "Fix the blow-up first", blowup.remedy, blowup_step=onset)
+    if blowups:
+        blowup = min(blowups, key=lambda f: f.first_step)
+        _demote_from(findings, blowup,
+                     f"After the loss blew up at step {blowup.first_step} and never recovered (the "
+                     "first updates threw the weights far out), so most likely a consequence of it",
+                     "Fix the blow-up first", blowup_step=blowup.first_step)
     return findings
+
+
+def mark_consequences_of_explosion(findings: list[Finding]) -> list[Finding]:
+    """Downgrades what a critical gradient explosion explains to ``info``.
+
+    Gradients that grew far past their baseline (a critical
+    ``exploding_gradients``) threw the weights out with the update they made:
+    ReLU units die and tanh units saturate at that very step, which a NaN a
+    step later (`mark_consequences_of_nan`) does not cover. The findings of
+    `BLOWUP_CONSEQUENCES` that begin at or after the explosion's onset stay, as
+    ``info`` with ``evidence["consequence_of"] = "exploding_gradients"`` and
+    its remedy first. Not a saturation present at the first step.
+    """
+    explosions = [f for f in findings if f.kind == "exploding_gradients"
+                  and f.severity == "critical" and f.first_step is not None]
+    if explosions:
+        explosion = min(explosions, key=lambda f: f.first_step)
+        _demote_from(findings, explosion,
+                     f"After the gradients exploded at step {explosion.first_step} (the update they "
+                     "made threw the weights far out), so most likely a consequence of it",
+                     "Fix the exploding gradients first", explosion_step=explosion.first_step)
+    return findings
+
+
+def _demote_from(findings: list[Finding], cause: Finding, because: str, first: str,
+                 **evidence) -> None:
+    """Demotes the `BLOWUP_CONSEQUENCES` that begin at or after ``cause`` (not a saturation
+    already present at the first step) to its consequences."""
+    for finding in findings:
+        if (_demotable(finding, BLOWUP_CONSEQUENCES) and finding.first_step is not None
+                and finding.first_step >= cause.first_step
+                and not finding.evidence.get("saturated_at_first_step")):
+            _demote(finding, cause.kind, because, first, cause.remedy, **evidence)
 
 
 def mark_consequences_of_degenerate_batch_norm(findings: list[Finding]) -> list[Finding]:

@@ -67,9 +67,11 @@ def test_a_loss_that_is_nan_from_the_first_step_is_blamed_without_a_history(tmp_
     assert run.warnings == []  # every detector ran on a loss that was never finite
     (nan,) = [f for f in run.findings if f.kind == "nan_inf"]
     assert nan.first_step == 0
-    assert "non-finite from step 0, before any finite gradient norm" in nan.explanation
+    assert "non-finite from step 0, before any update could have caused it" in nan.explanation
     assert not re.search(r"\bnan", nan.explanation.lower())
-    assert "clip the log argument" in nan.remedy
+    # The custom loss is the second output's: it is named, with the built-in loss on logits.
+    assert "The custom loss `unclipped_bce`" in nan.remedy
+    assert "drop the sigmoid of p" in nan.remedy and "BinaryCrossentropy(from_logits=True)" in nan.remedy
 
 
 def test_a_run_that_overflows_within_steps_is_clipped_at_its_level_before_the_blow_up(tmp_path):

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _layer_kinds
 from tb_stability.rundata import RunData
 
 MAX_SUGGESTED_LR = 1e-2
@@ -22,11 +23,23 @@ TIGHT_CLIPNORM = 1e-2  # clipnorm / median gradient norm: every update scaled do
 
 
 def zero_gradient_causes(run: RunData) -> str:
-    """Where (near) zero gradients come from when the learning rate is already large."""
+    """Where (near) zero gradients come from when the learning rate is already large.
+
+    A rate this large can kill ReLU units, so lowering it is part of the fix
+    where the model has ReLU-family layers (or none are recorded); in a model
+    whose recorded layers have none, no unit died of it and a lower rate would
+    only slow training further.
+    """
+    causes = ("look for dead or saturated units (the dead_units and saturated_activations "
+              "findings), layers left at trainable=False, or a loss that does not depend on them")
+    table = _layer_kinds.layer_activations(run)
+    if table and not any(entry.get("kind") == "relu" for entry in table.values()):
+        return (f"{causes}, or a loss scaled far down (a small loss weight, or a sum divided by "
+                "a large count, makes every gradient as small). The model has no ReLU-family "
+                "layer, so no unit died of the rate: keep it.")
     return (
-        "look for dead or saturated units (the dead_units and saturated_activations findings), "
-        "layers left at trainable=False, or a loss that does not depend on them. A learning rate "
-        "this large can itself kill ReLU units: lower it and retrain from a fresh initialisation:\n"
+        f"{causes}. A learning rate this large can itself kill ReLU units: lower it and retrain "
+        "from a fresh initialisation:\n"
         f"    optimizer = {lowered_optimizer_call(run, 10.0)}"
     )
 

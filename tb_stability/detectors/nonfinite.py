@@ -31,7 +31,12 @@ are decoded into replica ids.
 The remedy depends on what went first: a non-finite loss with healthy gradients
 before it points at the loss computation (log of 0, division); gradients that
 grew >= 10x before the onset, or non-finite gradients with a finite loss, point
-at an exploding update (clipnorm, lower learning rate). Where the forensic
+at an exploding update (clipnorm, lower learning rate). Without that growth, a
+forensic re-run that found the first NaN/Inf in one layer's output, or in the
+loss on finite outputs, decides: that computation made it from finite values,
+and the remedy guards it (`_nonfinite_causes`: a custom loss is named, a
+linear output it takes the log of is told to stay positive, input features
+constant over the batch are named as a 0/0 of a standardisation). Where the forensic
 re-run found the NaN/Inf in the batch itself (``origin`` ``inputs``,
 ``labels`` or ``sample_weights``), that decides: no update caused it, so the
 remedy cleans the data, naming the arrays that hold it
@@ -46,6 +51,7 @@ import numpy as np
 
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _data_remedies as D
+from tb_stability.detectors import _nonfinite_causes as causes
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import gradients
 from tb_stability.detectors._loss_scale import (  # noqa: F401 - re-exported for the instrumentation
@@ -238,7 +244,15 @@ def detect(run: RunData) -> list[Finding]:
     )
     grads_first = "steps:grad_norm" in signals or "steps:nonfinite_grads" in signals
     grads_first = grads_first and (loss_at is None or np.isfinite(loss_at))
-    exploding = bool(np.isfinite(growth) and growth >= GROWTH_BEFORE_ONSET) or grads_first
+    grew = bool(np.isfinite(growth) and growth >= GROWTH_BEFORE_ONSET)
+    origin_kind = origin.get("origin") if isinstance(origin, dict) else None
+    # A forward pass that made NaN from finite values (a layer's op, or the
+    # loss on finite outputs) with no growth before it: no update caused it,
+    # even where the loss hid the NaN (Keras' crossentropy clips its input).
+    computed = not grew and (
+        (origin_kind == "layer" and origin.get("layer")) or origin_kind == "loss")
+    loss_first = loss_first or (computed and origin_kind == "loss")
+    exploding = grew or (grads_first and not computed)
 
     evidence = {
         "onset_step": onset,
@@ -324,40 +338,18 @@ def detect(run: RunData) -> list[Finding]:
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
         else:
+            clip_txt = (f"Clip gradients at about 2x the healthy norm ({C.fmt(level)})" if level
+                        else "Clip gradients (no finite norm was recorded before: start at 1)")
             remedy = (
-                f"Clip gradients at about 2x the healthy norm ({C.fmt(level or float('nan'))}) "
-                f"and lower the learning rate {factor:g}x:\n"
+                f"{clip_txt} and lower the learning rate {factor:g}x:\n"
                 f"    optimizer = {remedies.optimizer_call(run, f'learning_rate={lr_txt}, clipnorm={clip:g}')}\n"
                 "Add `keras.callbacks.TerminateOnNaN()` to stop at the first NaN."
             )
-    elif isinstance(origin, dict) and origin.get("origin") == "layer":
-        explanation = f"Values became non-finite at {at} ({what})."
-        remedy = (
-            f"Guard the computation in layer {origin.get('layer')}: avoid division by zero, log "
-            "of non-positive values and overflowing exp, e.g.\n"
-            "    tf.math.divide_no_nan(a, b)        # instead of a / b\n"
-            "    tf.math.log(tf.maximum(x, 1e-7))   # instead of tf.math.log(x)\n"
-            f"Re-run the saved step with `tb-stability replay {run.name}` to check the fix."
-        )
+    elif origin_kind == "layer" and origin.get("layer"):
+        explanation, remedy = causes.layer_texts(run, origin, at, what, np.isfinite(growth))
+        origin_told = True
     elif loss_first:
-        if np.isfinite(growth):
-            explanation = (
-                f"The loss became non-finite at {at} while the gradients before it were "
-                f"healthy (grew only {C.fmt(growth)}x), which points at the loss computation "
-                "(log of 0, division by 0, or probabilities outside (0, 1))."
-            )
-        else:
-            explanation = (
-                f"The loss was non-finite from {at}, before any finite gradient norm was "
-                "recorded, so no update caused it: that points at the loss computation (log of "
-                "0, division by 0, or probabilities outside (0, 1)) or at the data."
-            )
-        remedy = (
-            "Use a built-in loss on logits, or clip the log argument in a custom loss:\n"
-            "    loss = keras.losses.BinaryCrossentropy(from_logits=True)  # last Dense without sigmoid\n"
-            "    # custom loss: tf.math.log(tf.clip_by_value(p, 1e-7, 1.0))\n"
-            "Check inputs and labels for NaN (`np.isfinite(x).all()`)."
-        )
+        explanation, remedy = causes.loss_texts(run, at, growth, np.isfinite(growth))
     else:
         explanation = f"Values became non-finite at {at} ({what}){where}."
         clip_or_kept = remedies.clip_args(run, gradients.remedy_settings(run).clipnorm)
