@@ -12,6 +12,10 @@ variables that the host reads every N steps (XLA-safe).
 * Labels / predictions (classification only): class counts of the batch.
   One output unit: 2 classes (threshold 0.5, or 0 on logits); several units:
   argmax; sparse integer labels: the integer class. Regression: skipped.
+* Targets (no class counts: regression): the floating labels of the first
+  output flattened like an input, per target mean/std/min/max ->
+  ``stability/targets`` ``[4, T]`` with names ``y[0]``, ... (the loss of
+  predicting their mean, for the base-rate rule).
 * The label range (min, max) of the probe batch, and the most rows a probe
   batch had (its batch size: BatchNorm over one row is degenerate), for the
   configuration check.
@@ -50,6 +54,8 @@ class DataStats:
         self.names: tuple[str, ...] = ()
         self.classes = 0
         self.inputs = None
+        self.targets = None
+        self.target_names: tuple[str, ...] = ()
         self.labels = None
         self.predictions = None
         self.label_range = None
@@ -70,7 +76,9 @@ class DataStats:
         y_t = _first(y)
         p_t = _first(y_pred)
         classes = self._classes(p_t)
-        self._ensure(sum(int(f.shape[1]) for _, f in features), classes)
+        targets = self._target_matrix(y_t) if not classes else None
+        self._ensure(sum(int(f.shape[1]) for _, f in features), classes,
+                     int(targets.shape[1]) if targets is not None else 0)
 
         def capture():
             slot = ring_slot(step, self.every, self.slots)
@@ -81,6 +89,8 @@ class DataStats:
 
             if features:
                 put(self.inputs, tf.concat([_column_stats(f) for _, f in features], axis=1))
+            if targets is not None:
+                put(self.targets, _column_stats(targets))
             if self.classes and y_t is not None and p_t is not None:
                 put(self.labels, self._label_counts(y_t, p_t))
                 put(self.predictions, self._pred_counts(p_t))
@@ -114,6 +124,20 @@ class DataStats:
         self.names = tuple(names)
         return out
 
+    def _target_matrix(self, y_t):
+        """A floating label tensor as ``[-1, T]`` (names ``y[j]``, or ``y[*]`` when wider than
+        `MAX_FEATURES`); None for labels that are not floating or have no static last axis."""
+        self.target_names = ()
+        if not isinstance(y_t, tf.Tensor) or not y_t.dtype.is_floating or y_t.shape.rank is None:
+            return None
+        y_t = tf.cast(y_t, tf.float32)
+        last = y_t.shape[-1] if y_t.shape.rank > 1 else 1
+        if last is None or last > MAX_FEATURES:
+            self.target_names = ("y[*]",)
+            return tf.reshape(y_t, [-1, 1])
+        self.target_names = tuple(f"y[{j}]" for j in range(int(last)))
+        return tf.reshape(y_t, [-1, int(last)])
+
     def _classes(self, p_t) -> int:
         if self.mode is None or p_t is None or p_t.shape.rank is None or p_t.shape.rank < 1:
             return 0
@@ -122,12 +146,17 @@ class DataStats:
             return 0
         return 2 if int(units) == 1 else int(units)
 
-    def _ensure(self, features: int, classes: int) -> None:
+    def _ensure(self, features: int, classes: int, targets: int = 0) -> None:
         with tf.init_scope():
             n = self.slots
             if self.inputs is None or tuple(self.inputs.shape) != (n, 4, features):
                 self.inputs = tf.Variable(tf.zeros([n, 4, features]), trainable=False,
                                           name="stability_inputs")
+            if targets and (self.targets is None or tuple(self.targets.shape) != (n, 4, targets)):
+                self.targets = tf.Variable(tf.zeros([n, 4, targets]), trainable=False,
+                                           name="stability_targets")
+            elif not targets:
+                self.targets = None
             if classes and (self.labels is None or tuple(self.labels.shape) != (n, classes)):
                 self.labels = tf.Variable(tf.zeros([n, classes]), trainable=False,
                                           name="stability_labels")
@@ -164,7 +193,7 @@ class DataStats:
 
     def variables(self) -> list:
         """The variables `read` reads (for one batched read)."""
-        return [v for v in (self.step, self.inputs, self.label_range, self.labels,
+        return [v for v in (self.step, self.inputs, self.targets, self.label_range, self.labels,
                             self.predictions) if v is not None]
 
     def read(self, batch=None) -> list[dict]:
@@ -174,8 +203,9 @@ class DataStats:
           batch: Optional `readback.BatchedRead` holding this read's values.
 
         Returns:
-          A list of ``{"step", "inputs" ([4, F]), "names", "labels",
-          "predictions", "label_range"}`` (counts None for regression;
+          A list of ``{"step", "inputs" ([4, F]), "names", "targets" ([4, T]),
+          "target_names", "labels", "predictions", "label_range"}`` (counts
+          None for regression, targets None for classification;
           ``label_range`` is that of the latest record).
         """
         if self.step is None:
@@ -187,12 +217,15 @@ class DataStats:
             return []
         self._last_step = int(steps[fresh[-1]])
         inputs = readback.fetch(self.inputs, batch) if self.names else None
+        targets = readback.fetch(self.targets, batch) if self.targets is not None else None
         counts = self.classes and self.labels is not None
         labels = readback.fetch(self.labels, batch) if counts else None
         predictions = readback.fetch(self.predictions, batch) if counts else None
         label_range = [float(v) for v in readback.fetch(self.label_range, batch)]
         return [{"step": int(steps[slot]), "names": self.names,
                  "inputs": inputs[slot] if inputs is not None else None,
+                 "targets": targets[slot] if targets is not None else None,
+                 "target_names": self.target_names,
                  "labels": labels[slot] if counts else None,
                  "predictions": predictions[slot] if counts else None,
                  "label_range": label_range} for slot in fresh]

@@ -309,6 +309,9 @@ class CallbackExtras:
                 for record in self.data.read(batch):
                     if record["inputs"] is not None:
                         writer.write_inputs(record["step"], record["inputs"], record["names"])
+                    if record["targets"] is not None:
+                        writer.write_targets(record["step"], record["targets"],
+                                             record["target_names"])
                     if record["labels"] is not None:
                         writer.write_counts(schema.TAG_LABELS, record["step"], record["labels"])
                         writer.write_counts(schema.TAG_PREDICTIONS, record["step"],

@@ -178,11 +178,18 @@ class SummaryWriter:
 
     def write_inputs(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
         """Writes ``stability/inputs`` ``[4, F]`` (rows mean/std/min/max)."""
-        key = ("inputs", tuple(names), schema.INPUT_ROWS)
+        self._write_rows(schema.TAG_INPUTS, "inputs", step, stats, names)
+
+    def write_targets(self, step: int, stats: np.ndarray, names: Sequence[str]) -> None:
+        """Writes ``stability/targets`` ``[4, T]``: a regression output's labels, rows as inputs."""
+        self._write_rows(schema.TAG_TARGETS, "targets", step, stats, names)
+
+    def _write_rows(self, tag: str, quantity: str, step: int, stats: np.ndarray,
+                    names: Sequence[str]) -> None:
+        key = (quantity, tuple(names), schema.INPUT_ROWS)
         if key not in self._metadata_cache:
-            self._metadata_cache[key] = _metadata("inputs", names, schema.INPUT_ROWS)
-        self._emit(schema.TAG_INPUTS, np.asarray(stats, np.float32), step,
-                   self._metadata_cache[key])
+            self._metadata_cache[key] = _metadata(quantity, names, schema.INPUT_ROWS)
+        self._emit(tag, np.asarray(stats, np.float32), step, self._metadata_cache[key])
 
     def write_counts(self, tag: str, step: int, counts: np.ndarray) -> None:
         """Writes class counts to ``stability/labels`` or ``stability/predictions``."""

@@ -69,6 +69,8 @@ class RunData:
       layers: Per-layer activation quantities as `Matrix`.
       inputs: Input statistics: ``{"mean"|"std"|"min"|"max": Matrix}`` over
         features.
+      targets: The same statistics over a regression output's labels (names
+        ``y[0]``, ...).
       labels: Class counts of labels as `Matrix` (names are class ids).
       predictions: Class counts of predictions as `Matrix`.
       scalars: Every ordinary scalar tag (``tf.summary.scalar``, Keras'
@@ -93,6 +95,7 @@ class RunData:
     variables: dict[str, Matrix] = dataclasses.field(default_factory=dict)
     layers: dict[str, Matrix] = dataclasses.field(default_factory=dict)
     inputs: dict[str, Matrix] = dataclasses.field(default_factory=dict)
+    targets: dict[str, Matrix] = dataclasses.field(default_factory=dict)
     labels: Matrix | None = None
     predictions: Matrix | None = None
     scalars: dict[str, Series] = dataclasses.field(default_factory=dict)

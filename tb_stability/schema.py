@@ -16,6 +16,9 @@ carry plugin name ``"stability"`` and ``data_class = DATA_CLASS_TENSOR``):
 * ``stability/layer/<quantity>``: float32 vectors ``[num_layers]`` for
   ``LAYER_QUANTITIES`` (activation probes); layer names in ``names``.
 * ``stability/inputs``: float32 ``[4, num_features]`` (rows mean/std/min/max).
+* ``stability/targets``: float32 ``[4, num_targets]``, the same rows over a
+  regression output's labels (the first output's, when no class counts are
+  taken): the loss a model that predicts their mean would reach.
 * ``stability/labels`` and ``stability/predictions``: float32 class counts.
 * ``stability/run_info`` and ``stability/nan_origin``: a scalar string tensor
   holding a JSON object.
@@ -47,6 +50,7 @@ LAYER_QUANTITIES = ("dead_fraction", "saturated_fraction", "act_mean", "act_std"
 
 TAG_INPUTS = "stability/inputs"
 INPUT_ROWS = ("mean", "std", "min", "max")
+TAG_TARGETS = "stability/targets"
 TAG_LABELS = "stability/labels"
 TAG_PREDICTIONS = "stability/predictions"
 TAG_RUN_INFO = "stability/run_info"
@@ -190,7 +194,7 @@ def all_known_tags() -> tuple[str, ...]:
         (TAG_STEPS,)
         + tuple(variable_tag(q) for q in VARIABLE_QUANTITIES)
         + tuple(layer_tag(q) for q in LAYER_QUANTITIES)
-        + (TAG_INPUTS, TAG_LABELS, TAG_PREDICTIONS)
+        + (TAG_INPUTS, TAG_TARGETS, TAG_LABELS, TAG_PREDICTIONS)
         + JSON_TAGS
     )
 

@@ -161,6 +161,13 @@ class StabilityWriter:
         metadata = schema.create_summary_metadata("inputs", names=feature_names, rows=rows)
         self._write_value(step, schema.TAG_INPUTS, make_tensor_proto(stats), metadata)
 
+    def write_targets(self, step: int, target_names: Sequence[str], stats: np.ndarray) -> None:
+        """Writes regression label statistics ``[4, num_targets]`` (``stability/targets``)."""
+        stats = np.asarray(stats, dtype=np.float32)
+        metadata = schema.create_summary_metadata("targets", names=target_names,
+                                                  rows=schema.INPUT_ROWS)
+        self._write_value(step, schema.TAG_TARGETS, make_tensor_proto(stats), metadata)
+
     def write_labels(self, step: int, class_names: Sequence[str], counts: Iterable[float]) -> None:
         """Writes label class counts (``stability/labels``)."""
         self._write_vector(step, schema.TAG_LABELS, "labels", class_names, counts)

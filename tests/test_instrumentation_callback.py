@@ -65,6 +65,7 @@ def test_writes_exactly_the_contract_tags(tmp_path):
     fit(model, tmp_path, every=4, x=x, y=y)
     events = read_events(tmp_path)
     expected = {(".", schema.TAG_STEPS), (".", schema.TAG_RUN_INFO), (".", schema.TAG_INPUTS),
+                (".", schema.TAG_TARGETS),  # an MSE on float labels: regression targets
                 (".", "epoch_loss")} | {
         (".", schema.variable_tag(q)) for q in schema.VARIABLE_QUANTITIES
     } | {  # the tanh hidden layer: a saturating activation, so no dead fraction
@@ -85,6 +86,14 @@ def test_writes_exactly_the_contract_tags(tmp_path):
         for event in vectors:
             assert event.value.dtype == np.float32 and event.value.shape == (len(names),)
             assert event.content.names == names and event.content.quantity == quantity
+    # Each probed batch's labels: mean/std/min/max against numpy (no shuffle: step s is rows 8s..).
+    targets = events[(".", schema.TAG_TARGETS)]
+    assert [e.step for e in targets] == [0, 4]
+    for event in targets:
+        batch = y[event.step * BATCH:(event.step + 1) * BATCH].astype(np.float64)
+        reference = [batch.mean(0), batch.std(0), batch.min(0), batch.max(0)]
+        assert event.content.names == ("y[0]",) and event.content.rows == schema.INPUT_ROWS
+        assert_close(event.value, np.stack(reference), rtol=1e-5)
     (info,) = run_infos(events)
     assert info["every"] == 4 and info["optimizer"] == "SGD" and info["model_class"] == "Sequential"
     assert info["variables"] == list(names) and info["loss"] == "mse"

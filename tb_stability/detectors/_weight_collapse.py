@@ -8,6 +8,13 @@ points at the activations, which are not the cause. `collapsed_kernels`
 finds the kernels whose recorded norm ended below ``COLLAPSE`` (1/100) of its
 first recorded value; `explain` turns them into a sentence and a remedy that
 names the optimizer's weight decay when it has one.
+
+A decay short of that collapse can still hold the model at its base rate: at
+``learning_rate * weight_decay`` >= ``STRONG_DECAY`` (1e-3 of every weight
+per step, 250x AdamW's default at 1e-3) with a kernel below ``SHRUNK`` (1/2)
+of its start, `cause` names the decay as well (AdamW at ``weight_decay=50``
+and 1e-2 keeps a regression model at the labels' mean with its kernels at
+1/15 of their start).
 """
 
 from __future__ import annotations
@@ -19,10 +26,13 @@ from tb_stability.rundata import RunData
 
 COLLAPSE = 1e-2
 DECAY_PER_STEP = 1e-4  # learning_rate * weight_decay the remedy aims at (AdamW's default: 4e-6)
+STRONG_DECAY = 1e-3
+SHRUNK = 0.5
 
 
-def collapsed_kernels(run: RunData, layers=None) -> dict[str, tuple[float, float]]:
-    """``{kernel: (first norm, last norm)}`` for the kernels of ``layers`` (None: all) that collapsed."""
+def collapsed_kernels(run: RunData, layers=None, below: float = COLLAPSE) -> dict[str, tuple[float, float]]:
+    """``{kernel: (first norm, last norm)}`` for the kernels of ``layers`` (None: all) whose
+    norm ended below ``below`` x its first."""
     wanted = set(layers) if layers is not None else None
     out = {}
     for name, finite in C.finite_weight_norms(run):
@@ -30,9 +40,31 @@ def collapsed_kernels(run: RunData, layers=None) -> dict[str, tuple[float, float
             continue
         if finite.size < 2 or not finite[0] > 0:
             continue
-        if finite[-1] < COLLAPSE * finite[0]:
+        if finite[-1] < below * finite[0]:
             out[name] = (float(finite[0]), float(finite[-1]))
     return out
+
+
+def _decay(run: RunData) -> tuple[float | None, float | None]:
+    """``(weight_decay, learning_rate)`` of the run's optimizer; None where not recorded."""
+    _, config = remedies.recorded_optimizer(run)
+    decay, lr = (float(v) if L.is_positive_number(v) else None
+                 for v in (config.get("weight_decay"), config.get("learning_rate")))
+    return decay, C.lr_at(run, None) or lr
+
+
+def _decay_texts(run: RunData, decay: float, lr: float) -> tuple[str, str]:
+    """``(sentence, remedy)`` on a weight decay too strong for the learning rate."""
+    target = C.round_sig(min(decay, DECAY_PER_STEP / lr))
+    return (
+        f" weight_decay={decay:g} at learning rate {lr:g} takes {lr * decay:.2g} of every weight "
+        "away at each step (w -= learning_rate * weight_decay * w), faster than the gradients "
+        "can put it back.",
+        f"Lower the weight decay so that learning_rate x weight_decay is about "
+        f"{DECAY_PER_STEP:g} per step or less (AdamW's default is 0.004):\n"
+        "    optimizer = "
+        + remedies.optimizer_call(run, f"learning_rate={lr:g}, weight_decay={target:g}"),
+    )
 
 
 def explain(run: RunData, collapsed: dict[str, tuple[float, float]]) -> tuple[str, str]:
@@ -41,22 +73,10 @@ def explain(run: RunData, collapsed: dict[str, tuple[float, float]]) -> tuple[st
     shrank = (f" The kernels themselves collapsed: {name}'s norm fell from {C.fmt(first)} to "
               f"{C.fmt(last)} ({C.fmt(last / first)}x), and a gradient that flows through "
               "near-zero weights vanishes with them.")
-    _, config = remedies.recorded_optimizer(run)
-    decay, lr = (float(v) if L.is_positive_number(v) else None
-                 for v in (config.get("weight_decay"), config.get("learning_rate")))
-    lr = C.lr_at(run, None) or lr
+    decay, lr = _decay(run)
     if decay and lr:
-        per_step = lr * decay
-        target = C.round_sig(min(decay, DECAY_PER_STEP / lr))
-        return (
-            shrank + f" weight_decay={decay:g} at learning rate {lr:g} takes {per_step:.2g} of "
-            "every weight away at each step (w -= learning_rate * weight_decay * w), faster "
-            "than the gradients can put it back.",
-            f"Lower the weight decay so that learning_rate x weight_decay is about "
-            f"{DECAY_PER_STEP:g} per step or less (AdamW's default is 0.004):\n"
-            "    optimizer = "
-            + remedies.optimizer_call(run, f"learning_rate={lr:g}, weight_decay={target:g}"),
-        )
+        because, remedy = _decay_texts(run, decay, lr)
+        return shrank + because, remedy
     return (
         shrank + " Something pulls the weights to zero faster than the gradients move them: "
         "a large L2 penalty (kernel_regularizer) or weight decay.",
@@ -67,15 +87,26 @@ def explain(run: RunData, collapsed: dict[str, tuple[float, float]]) -> tuple[st
 
 
 def cause(run: RunData) -> tuple[str, str, dict] | None:
-    """``(sentence, remedy, evidence)`` when any kernel of the model collapsed, else None.
+    """``(sentence, remedy, evidence)`` when any kernel of the model collapsed, or a weight
+    decay of at least `STRONG_DECAY` per step holds one below `SHRUNK` of its start; else None.
 
     For the rules that see a model which learned nothing (a loss at the labels'
-    entropy, predictions collapsed to one class) and would otherwise blame the
-    labels or the class balance.
+    entropy or variance, predictions collapsed to one class) and would
+    otherwise blame the labels or the class balance.
     """
     collapsed = collapsed_kernels(run)
-    if not collapsed:
+    if collapsed:
+        because, remedy = explain(run, collapsed)
+        return because, remedy, {"collapsed_kernels": {k: [first, last]
+                                                       for k, (first, last) in collapsed.items()}}
+    decay, lr = _decay(run)
+    held = collapsed_kernels(run, below=SHRUNK) if decay and lr and decay * lr >= STRONG_DECAY else {}
+    if not held:
         return None
-    because, remedy = explain(run, collapsed)
-    return because, remedy, {"collapsed_kernels": {k: [first, last]
-                                                   for k, (first, last) in collapsed.items()}}
+    name, (first, last) = min(held.items(), key=lambda item: item[1][1] / item[1][0])
+    because, remedy = _decay_texts(run, decay, lr)
+    because += (f" It holds the kernels near zero ({name}'s norm fell from {C.fmt(first)} to "
+                f"{C.fmt(last)}, {C.fmt(last / first)}x), so the model can do little more than "
+                "output a constant.")
+    return because, remedy, {"decayed_kernels": {k: [a, b] for k, (a, b) in held.items()},
+                             "decay_per_step": decay * lr}

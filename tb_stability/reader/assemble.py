@@ -187,19 +187,22 @@ def _place_tensor(run: RunData, tag: str, segments: list[Segment], shared: _Step
     elif tag == schema.TAG_PREDICTIONS:
         run.predictions = _matrix(_pieces(segments), shared)
     elif tag == schema.TAG_INPUTS:
-        _place_inputs(run, segments, shared)
+        _place_rows(run.inputs, "inputs", segments, shared)
+    elif tag == schema.TAG_TARGETS:
+        _place_rows(run.targets, "targets", segments, shared)
     # Other stability tags are from a newer writer: ignored (forward compatible).
 
 
-def _place_inputs(run: RunData, segments: list[Segment], shared: _Steps) -> None:
+def _place_rows(into: dict, what: str, segments: list[Segment], shared: _Steps) -> None:
+    """Fills ``into`` (``run.inputs`` or ``run.targets``) with one `Matrix` per statistic row."""
     per_row: dict[str, list] = {}
     for segment in segments:
         content, shape = segment.key
         if len(shape) != 2:
-            raise ValueError(f"inputs tensor must be 2-D, got shape {shape}")
+            raise ValueError(f"{what} tensor must be 2-D, got shape {shape}")
         rows = content.rows or schema.INPUT_ROWS[: shape[0]]
         if len(rows) != shape[0]:
-            raise ValueError(f"{shape[0]} input rows for {len(rows)} row names")
+            raise ValueError(f"{shape[0]} {what} rows for {len(rows)} row names")
         names = content.names
         if names and len(names) != shape[1]:
             raise ValueError(f"{shape[1]} values for {len(names)} names")
@@ -207,4 +210,4 @@ def _place_inputs(run: RunData, segments: list[Segment], shared: _Steps) -> None
             per_row.setdefault(row, []).append(
                 (names, segment.steps, np.ascontiguousarray(segment.values[:, i, :])))
     for row, pieces in per_row.items():
-        run.inputs[row] = _matrix(pieces, shared)
+        into[row] = _matrix(pieces, shared)
