@@ -30,7 +30,9 @@ as Keras' MSE averages them). Rule: an MSE loss, at least ``MIN_POINTS``
 finite training losses whose final level is within [``VAR_LOW`` (0.85),
 ``VAR_HIGH`` (1.3)] x ``V`` (or x the labels' mean square ``V + mean²``,
 the error of predicting 0, where that is at least 2x ``V``: an output held
-at zero, by a weight decay that takes the bias too), and either a validation loss ending at or above
+at zero, reported only where `_weight_collapse.cause` finds a weight decay
+that takes the bias too; a deep saturated model held there has its own
+vanishing-gradient finding), and either a validation loss ending at or above
 ``VAL_VAR`` (0.85) x it or, without one, a second half of training that
 improved the loss by less than ``FLAT`` (5 %). Not where `trends` reports
 the run as stalled. The collapse or a weight decay that holds the kernels
@@ -67,14 +69,6 @@ REMEDY = (
     "    print(x[:5], y[:5])  # do these labels fit these inputs?\n"
     "    model.fit(x[:256], y[:256], epochs=200)  # the training loss must approach 0"
 )
-
-ZERO_REMEDY = (
-    "Something holds the output at 0 whatever the input: a weight decay or L2 penalty on every "
-    "weight (the output's bias included) far too strong, an output layer without a bias behind "
-    "dead units, or an output multiplied by 0. Look at what the model predicts:\n"
-    "    print(model.predict(x[:5]), y[:5])"
-)
-
 
 def detect(run: RunData) -> list[Finding]:
     """stalled-at-the-base-rate adapter (see module docstring)."""
@@ -149,6 +143,8 @@ def detect_regression(run: RunData) -> list[Finding]:
         base, held_at_zero = square, True  # zero is far from the mean: the output stays at 0
     else:
         return []
+    if held_at_zero and collapse.cause(run) is None:
+        return []  # no decay holds it there: saturated or dead layers (their own findings)
     val, val_tag = C.val_loss_series(run)
     val_values = val.values[np.isfinite(val.values)] if val is not None else np.zeros(0)
     if val_values.size:
@@ -175,7 +171,7 @@ def detect_regression(run: RunData) -> list[Finding]:
             f"{final / base:.2f}x the variance of the labels ({C.fmt(base)}): the error of "
             f"predicting their mean for every input. The model learned nothing about the inputs: "
             f"{held}")
-    return [_finding(run, loss, explanation, ZERO_REMEDY if held_at_zero else REMEDY, {
+    return [_finding(run, loss, explanation, REMEDY, {
         "source": source, "final_loss": final, "label_variance": variance,
         "label_mean_square": square, "predicts": "zero" if held_at_zero else "mean",
         "ratio_to_base": final / base, "validation_source": val_tag,
