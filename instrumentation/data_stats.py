@@ -112,31 +112,21 @@ class DataStats:
         keys, flat = [k for k, _ in pairs], [t for _, t in pairs]
         out, names = [], []
         for key, tensor in zip(keys, flat):
-            tensor = tf.cast(tensor, tf.float32)
-            last = tensor.shape[-1] if tensor.shape.rank and tensor.shape.rank > 1 else 1
-            if last is None or last > MAX_FEATURES:
-                matrix = tf.reshape(tensor, [-1, 1])
-                names.append(f"{key}[*]")
-            else:
-                matrix = tf.reshape(tensor, [-1, int(last)])
-                names.extend(f"{key}[{j}]" for j in range(int(last)))
+            matrix, columns = _columns(tensor, key)
+            names.extend(columns)
             out.append((key, matrix))
         self.names = tuple(names)
         return out
 
     def _target_matrix(self, y_t):
-        """A floating label tensor as ``[-1, T]`` (names ``y[j]``, or ``y[*]`` when wider than
-        `MAX_FEATURES`); None for labels that are not floating or have no static last axis."""
+        """A floating dense label tensor as ``[-1, T]`` (`_columns`, names ``y[j]``); None for
+        labels that are not floating, not dense or of unknown rank."""
         self.target_names = ()
         if not isinstance(y_t, tf.Tensor) or not y_t.dtype.is_floating or y_t.shape.rank is None:
             return None
-        y_t = tf.cast(y_t, tf.float32)
-        last = y_t.shape[-1] if y_t.shape.rank > 1 else 1
-        if last is None or last > MAX_FEATURES:
-            self.target_names = ("y[*]",)
-            return tf.reshape(y_t, [-1, 1])
-        self.target_names = tuple(f"y[{j}]" for j in range(int(last)))
-        return tf.reshape(y_t, [-1, int(last)])
+        matrix, columns = _columns(y_t, "y")
+        self.target_names = tuple(columns)
+        return matrix
 
     def _classes(self, p_t) -> int:
         if self.mode is None or p_t is None or p_t.shape.rank is None or p_t.shape.rank < 1:
@@ -229,6 +219,16 @@ class DataStats:
                  "labels": labels[slot] if counts else None,
                  "predictions": predictions[slot] if counts else None,
                  "label_range": label_range} for slot in fresh]
+
+
+def _columns(tensor, key: str) -> tuple[tf.Tensor, list[str]]:
+    """``tensor`` as float32 ``[-1, last axis]`` with names ``key[j]``; one column ``key[*]``
+    where the last axis is unknown or wider than `MAX_FEATURES`."""
+    tensor = tf.cast(tensor, tf.float32)
+    last = tensor.shape[-1] if tensor.shape.rank and tensor.shape.rank > 1 else 1
+    if last is None or last > MAX_FEATURES:
+        return tf.reshape(tensor, [-1, 1]), [f"{key}[*]"]
+    return tf.reshape(tensor, [-1, int(last)]), [f"{key}[{j}]" for j in range(int(last))]
 
 
 def _column_stats(matrix) -> tf.Tensor:

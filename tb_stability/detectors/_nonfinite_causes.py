@@ -7,6 +7,8 @@ Where the gradient norm did not grow before the onset, no update caused it:
 the loss function or that layer computed a log of a non-positive value, a
 division by zero or an overflowing exp from finite values, and the remedy
 guards that computation rather than lowering the learning rate.
+`origin_sentence` tells, for every branch of the rule, where the re-run found
+the first NaN/Inf.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _data_remedies as D
 from tb_stability.rundata import RunData
 
 # Substrings of the snake_case names of Keras' own losses.
@@ -122,10 +125,9 @@ def layer_texts(run: RunData, origin: dict, at: str, what: str,
                 finite_before: bool) -> tuple[str, str]:
     """``(explanation, remedy)`` for a layer whose forward pass made the first NaN/Inf."""
     layer = origin.get("layer")
-    explanation = f"Values became non-finite at {at} ({what})."
-    explanation += " " + f"Re-running the step found the first non-finite output in layer {layer}" + (
-        ", from finite inputs." if origin.get("layer_input_finite") else ".")
-    explanation += " " + no_update_sentence(at, finite_before)
+    explanation = (f"Values became non-finite at {at} ({what}). "
+                   f"{origin_sentence(origin, bool(origin.get('layer_input_finite')))} "
+                   f"{no_update_sentence(at, finite_before)}")
     remedy = (
         f"Guard the computation in layer {layer}: avoid division by zero, log "
         "of non-positive values and overflowing exp, e.g.\n"
@@ -146,3 +148,49 @@ def layer_texts(run: RunData, origin: dict, at: str, what: str,
                    "or drop the constant features before training.\n")
     remedy += f"Re-run the saved step with `tb-stability replay {run.name}` to check the fix."
     return explanation, remedy
+
+
+def _rows_txt(origin: dict) -> str:
+    """`` (batch rows 0, 5 of 64 in left)`` from a forensic record's ``nonfinite_rows``."""
+    parts = []
+    for entry in origin.get("nonfinite_rows") or []:
+        if not isinstance(entry, dict) or not entry.get("rows"):
+            continue
+        rows = ", ".join(str(r) for r in entry["rows"])
+        more = f" and {entry['count'] - len(entry['rows'])} more" \
+            if entry.get("count", 0) > len(entry["rows"]) else ""
+        name = f" in {entry['name']}" if entry.get("name") else ""
+        parts.append(f"batch row{'s' if entry.get('count', 0) > 1 else ''} {rows}{more} of "
+                     f"{entry.get('of')}{name}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def origin_sentence(origin: dict, inputs_finite: bool = False) -> str:
+    """One sentence on where the first non-finite value came from (forensic re-run).
+
+    Args:
+      inputs_finite: Say that the layer the re-run names made it from finite inputs.
+    """
+    kind = origin.get("origin") or origin.get("kind")
+    if kind == "layer" and origin.get("layer"):
+        return (f"Re-running the step found the first non-finite output in layer "
+                f"{origin['layer']}{', from finite inputs' if inputs_finite else ''}.")
+    if kind in D.GENERIC:
+        part = {"inputs": "input batch", "sample_weights": "sample weights"}.get(kind, kind)
+        at = f" of step {origin['step']}" if origin.get("step") is not None else ""
+        found = ("re-running the step found them before any layer" if kind == "inputs" else
+                 "re-running the step found every layer output finite and the loss non-finite")
+        return f"The {part}{at} hold{'s' if kind == 'inputs' else ''} NaN/Inf" \
+               f"{_rows_txt(origin)}: {found}."
+    if kind == "loss":
+        return "Re-running the step found every layer output finite and the loss non-finite."
+    if kind in ("gradients", "gradient"):
+        variables = origin.get("variables") or origin.get("variable") or []
+        if isinstance(variables, str):
+            variables = [variables]
+        listed = ", ".join(str(v) for v in list(variables)[:5])
+        return f"Re-running the step found finite outputs and loss but non-finite gradients of {listed}."
+    keys = [k for k in ("origin", "layer", "variables", "step") if origin.get(k) is not None]
+    keys = keys or list(origin)[:4]  # a record written by another tool: show what it says
+    summary = ", ".join(f"{k}={origin[k]}" for k in keys) or "unknown"
+    return f"Recorded origin: {summary}."

@@ -73,24 +73,19 @@ REMEDY = (
 def detect(run: RunData) -> list[Finding]:
     """stalled-at-the-base-rate adapter (see module docstring)."""
     entropy = C.label_entropy(run)
-    loss, source = C.loss_series(run)
     if entropy is None:
         return detect_regression(run)
-    if loss is None:
+    settled = _settled_loss(run)
+    if settled is None:
         return []
-    values = loss.values[np.isfinite(loss.values)]
-    if values.size < MIN_POINTS:
-        return []
-    final = R.level(values, at_end=True)
+    loss, source, _, final = settled
     if not LOW * entropy <= final <= HIGH * entropy:
         return []
-    val, val_tag = C.val_loss_series(run)
-    val_values = val.values[np.isfinite(val.values)] if val is not None else np.zeros(0)
-    if not val_values.size or not HELD_OUT * entropy <= val_values[-1] <= HELD_OUT_HIGH * entropy:
+    final_val, val_tag = _final_validation(run)
+    if final_val is None or not HELD_OUT * entropy <= final_val <= HELD_OUT_HIGH * entropy:
         return []
     if _collapsed(run) or trends.detect_stalled(run):
         return []
-    final_val = float(val_values[-1])
     explanation = (
         f"The training loss settled at {C.fmt(final)}, {final / entropy:.2f}x the entropy of "
         f"the labels ({C.fmt(entropy)}): the loss of predicting the class shares for every "
@@ -129,13 +124,10 @@ def detect_regression(run: RunData) -> list[Finding]:
     if C.latest_run_info(run, "loss_name").get("loss_name") not in MSE_LOSSES:
         return []
     moments = target_moments(run)
-    loss, source = C.loss_series(run)
-    if moments is None or loss is None:
+    settled = _settled_loss(run) if moments is not None else None
+    if settled is None:
         return []
-    values = loss.values[np.isfinite(loss.values)]
-    if values.size < MIN_POINTS:
-        return []
-    final = R.level(values, at_end=True)
+    loss, source, values, final = settled
     variance, square = moments
     if VAR_LOW * variance <= final <= VAR_HIGH * variance:
         base, held_at_zero = variance, False
@@ -145,15 +137,12 @@ def detect_regression(run: RunData) -> list[Finding]:
         return []
     if held_at_zero and collapse.cause(run) is None:
         return []  # no decay holds it there: saturated or dead layers (their own findings)
-    val, val_tag = C.val_loss_series(run)
-    val_values = val.values[np.isfinite(val.values)] if val is not None else np.zeros(0)
-    if val_values.size:
-        final_val = float(val_values[-1])
+    final_val, val_tag = _final_validation(run)
+    if final_val is not None:
         if final_val < VAL_VAR * base:
             return []
         held = f"the validation loss ends at {C.fmt(final_val)}, no better."
     else:
-        final_val = None
         if final < (1 - FLAT) * R.level(values[values.size // 2:]):
             return []  # still improving
         held = "the loss has stayed there over the second half of training."
@@ -180,6 +169,25 @@ def detect_regression(run: RunData) -> list[Finding]:
                      "(or x their mean square, when it is >= 2x the variance) and a final "
                      f"validation MSE >= {VAL_VAR:g} x it (without one: the second half "
                      f"improved < {FLAT:.0%})"})]
+
+
+def _settled_loss(run: RunData):
+    """``(loss series, its source, finite values, final level)`` of the training loss (median of
+    its last 10 %); None without one or with fewer than `MIN_POINTS` finite values."""
+    loss, source = C.loss_series(run)
+    if loss is None:
+        return None
+    values = loss.values[np.isfinite(loss.values)]
+    if values.size < MIN_POINTS:
+        return None
+    return loss, source, values, R.level(values, at_end=True)
+
+
+def _final_validation(run: RunData) -> tuple[float | None, str]:
+    """``(last finite validation loss, its tag)``; None where the run logs none."""
+    val, val_tag = C.val_loss_series(run)
+    finite = val.values[np.isfinite(val.values)] if val is not None else np.zeros(0)
+    return (float(finite[-1]) if finite.size else None), val_tag
 
 
 def _finding(run: RunData, loss, explanation: str, remedy: str, evidence: dict) -> Finding:

@@ -52,6 +52,7 @@ import numpy as np
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _data_remedies as D
 from tb_stability.detectors import _nonfinite_causes as causes
+from tb_stability.detectors._nonfinite_causes import origin_sentence
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import gradients
 from tb_stability.detectors._loss_scale import (  # noqa: F401 - re-exported for the instrumentation
@@ -382,43 +383,3 @@ def detect(run: RunData) -> list[Finding]:
         )
     ]
 
-
-def _rows_txt(origin: dict) -> str:
-    """`` (batch rows 0, 5 of 64 in left)`` from a forensic record's ``nonfinite_rows``."""
-    parts = []
-    for entry in origin.get("nonfinite_rows") or []:
-        if not isinstance(entry, dict) or not entry.get("rows"):
-            continue
-        rows = ", ".join(str(r) for r in entry["rows"])
-        more = f" and {entry['count'] - len(entry['rows'])} more" \
-            if entry.get("count", 0) > len(entry["rows"]) else ""
-        name = f" in {entry['name']}" if entry.get("name") else ""
-        parts.append(f"batch row{'s' if entry.get('count', 0) > 1 else ''} {rows}{more} of "
-                     f"{entry.get('of')}{name}")
-    return f" ({'; '.join(parts)})" if parts else ""
-
-
-def origin_sentence(origin: dict) -> str:
-    """One sentence on where the first non-finite value came from (forensic re-run)."""
-    kind = origin.get("origin") or origin.get("kind")
-    if kind == "layer" and origin.get("layer"):
-        return f"Re-running the step found the first non-finite output in layer {origin['layer']}."
-    if kind in D.GENERIC:
-        part = {"inputs": "input batch", "sample_weights": "sample weights"}.get(kind, kind)
-        at = f" of step {origin['step']}" if origin.get("step") is not None else ""
-        found = ("re-running the step found them before any layer" if kind == "inputs" else
-                 "re-running the step found every layer output finite and the loss non-finite")
-        return f"The {part}{at} hold{'s' if kind == 'inputs' else ''} NaN/Inf" \
-               f"{_rows_txt(origin)}: {found}."
-    if kind == "loss":
-        return "Re-running the step found every layer output finite and the loss non-finite."
-    if kind in ("gradients", "gradient"):
-        variables = origin.get("variables") or origin.get("variable") or []
-        if isinstance(variables, str):
-            variables = [variables]
-        listed = ", ".join(str(v) for v in list(variables)[:5])
-        return f"Re-running the step found finite outputs and loss but non-finite gradients of {listed}."
-    keys = [k for k in ("origin", "layer", "variables", "step") if origin.get(k) is not None]
-    keys = keys or list(origin)[:4]  # a record written by another tool: show what it says
-    summary = ", ".join(f"{k}={origin[k]}" for k in keys) or "unknown"
-    return f"Recorded origin: {summary}."
