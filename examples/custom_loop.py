@@ -29,16 +29,19 @@ def main(logdir: str, steps: int = 24, every: int = 4, xla: bool = False) -> Non
                               keras.layers.Dense(1)])
     optimizer = keras.optimizers.Adam(1e-2)
     loss_fn = keras.losses.MeanSquaredError()
+    # model=: its activations are probed in training passes; loss=: findings name it.
     monitor = StabilityMonitor(logdir, every=every, optimizer=optimizer, jit_compile=xla,
-                               model=model)
+                               model=model, loss=loss_fn)
 
     @tf.function(jit_compile=xla)
     def train_step(xb, yb):
         with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=True))
+            pred = model(xb, training=True)
+            loss = loss_fn(yb, pred)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        monitor.observe(loss, grads, model.trainable_variables)  # graph side, XLA-safe
+        monitor.observe(loss, grads, model.trainable_variables,  # graph side, XLA-safe
+                        inputs=xb, labels=yb, predictions=pred)  # the batch's statistics
         return loss
 
     with monitor:  # flushes and closes on exit, also when training raises

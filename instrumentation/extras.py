@@ -258,21 +258,7 @@ class CallbackExtras:
 
     def run_info_extra(self) -> dict:
         """Config-check fields for ``stability/run_info`` (label range and batch size of the probes)."""
-        try:
-            label_range, batch_rows = None, None
-            if self.data is not None and self.data.label_range is not None:
-                lo, hi = (float(v) for v in self.data.label_range.numpy())
-                label_range = (lo, hi) if lo == lo and hi == hi else None
-                batch_rows = int(self.data.batch_rows.numpy()) or None
-            extra = config_check.check_config(self.callback.model, label_range, batch_rows)
-            if self.probes is not None:
-                extra["probed_layers"] = [p.name for p in self.probes.probes]
-                extra["unprobed_layers"] = dict(self.probes.unprobed)
-                extra["probe_every"] = self.every
-            return extra
-        except Exception as error:  # noqa: BLE001
-            logger.debug("config check failed", exc_info=error)
-            return {}
+        return probe_run_info(self.callback.model, self.probes, self.data, self.every)
 
     def variables(self) -> list:
         """Every variable `drain` reads (for the callback's one batched read)."""
@@ -302,20 +288,7 @@ class CallbackExtras:
             return
         writer = self.callback.writer
         try:
-            if self.probes is not None:
-                for step, table in self.probes.read(batch):
-                    writer.write_layers(step, table)
-            if self.data is not None:
-                for record in self.data.read(batch):
-                    if record["inputs"] is not None:
-                        writer.write_inputs(record["step"], record["inputs"], record["names"])
-                    if record["targets"] is not None:
-                        writer.write_targets(record["step"], record["targets"],
-                                             record["target_names"])
-                    if record["labels"] is not None:
-                        writer.write_counts(schema.TAG_LABELS, record["step"], record["labels"])
-                        writer.write_counts(schema.TAG_PREDICTIONS, record["step"],
-                                            record["predictions"])
+            write_records(writer, self.probes, self.data, batch)
             if self.capture is not None and self.origin is None:
                 step = self.capture.captured_step(batch)
                 if step is not None:
@@ -360,3 +333,49 @@ class CallbackExtras:
         # A failure here is the writer's: it propagates to the callback's guard.
         self.callback.writer.write_scalars(
             int(epoch), {f"epoch_{key}": value for key, value in logs.items()})
+
+
+def write_records(writer, probes: Optional[ActivationProbes], data: Optional[DataStats],
+                  batch=None) -> None:
+    """Writes new probe tables and batch statistics (inputs, targets, class counts).
+
+    Args:
+      writer: The `instrumentation.writer.SummaryWriter`.
+      probes: Activation probes, or None.
+      data: Batch statistics, or None.
+      batch: Optional `readback.BatchedRead` holding this read's values.
+    """
+    if probes is not None:
+        for step, table in probes.read(batch):
+            writer.write_layers(step, table)
+    if data is None:
+        return
+    for record in data.read(batch):
+        if record["inputs"] is not None:
+            writer.write_inputs(record["step"], record["inputs"], record["names"])
+        if record["targets"] is not None:
+            writer.write_targets(record["step"], record["targets"], record["target_names"])
+        if record["labels"] is not None:
+            writer.write_counts(schema.TAG_LABELS, record["step"], record["labels"])
+            writer.write_counts(schema.TAG_PREDICTIONS, record["step"], record["predictions"])
+
+
+def probe_run_info(model, probes: Optional[ActivationProbes], data: Optional[DataStats],
+                   every: int) -> dict:
+    """`config_check.check_config` of ``model`` with the probed batch's label range and size,
+    and the probed and unprobed layers; {} on an internal error."""
+    try:
+        label_range, batch_rows = None, None
+        if data is not None and data.label_range is not None:
+            lo, hi = (float(v) for v in data.label_range.numpy())
+            label_range = (lo, hi) if lo == lo and hi == hi else None
+            batch_rows = int(data.batch_rows.numpy()) or None
+        extra = config_check.check_config(model, label_range, batch_rows)
+        if probes is not None:
+            extra["probed_layers"] = [p.name for p in probes.probes]
+            extra["unprobed_layers"] = dict(probes.unprobed)
+            extra["probe_every"] = int(every)
+        return extra
+    except Exception as error:  # noqa: BLE001
+        logger.debug("config check failed", exc_info=error)
+        return {}

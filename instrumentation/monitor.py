@@ -4,15 +4,18 @@ Example:
   ```python
   monitor = StabilityMonitor("logs/run1", every=50, optimizer=optimizer,
                              jit_compile=True,  # observe() runs in an XLA function
-                             model=model)       # optional: its layers' activations
+                             model=model,       # optional: probes its activations
+                             loss=loss_fn)      # optional: the loss, for findings
 
   @tf.function(jit_compile=True)
   def train_step(x, y):
       with tf.GradientTape() as tape:
-          loss = loss_fn(y, model(x, training=True))
+          y_pred = model(x, training=True)
+          loss = loss_fn(y, y_pred)
       grads = tape.gradient(loss, model.trainable_variables)
       optimizer.apply_gradients(zip(grads, model.trainable_variables))
-      monitor.observe(loss, grads, model.trainable_variables)
+      monitor.observe(loss, grads, model.trainable_variables,
+                      inputs=x, labels=y, predictions=y_pred)  # optional: batch statistics
       return loss
 
   with monitor:
@@ -32,6 +35,7 @@ import tensorflow as tf
 from instrumentation import config_check
 from instrumentation import distribute
 from instrumentation import flush_policy
+from instrumentation.monitor_extras import MonitorExtras
 from instrumentation.graph_values import plain_variable
 from instrumentation.stats import StepStats
 from instrumentation.writer import ColumnsWriter, Drainer, SummaryWriter, run_info, warn_disabled
@@ -72,10 +76,20 @@ class StabilityMonitor:
       jit_compile: Whether `observe` runs inside an XLA-compiled function
         (``tf.function(jit_compile=True)``). On a CPU the norms are then
         summed in a form XLA computes faster (`graph_values.half_sum_squares`).
-      model: Optional Keras model: its layers' activations are recorded in
+      model: Optional Keras model. Its layers' activations are recorded in
         the run info (`config_check.layer_activations`), so that findings name
         them and fit their remedy to the layer (an LSTM is not fixed like a
-        Dense layer).
+        Dense layer), and they are probed (dead, saturated, mean, spread)
+        every ``probe_every`` steps in its training forward passes: calls
+        traced in a ``tf.function`` with ``training=True``, or under a
+        recording ``tf.GradientTape`` for a ``call`` without that argument
+        (`instrumentation.monitor_extras`).
+      probe_every: Activation probes and batch statistics every this many
+        steps (default: ``every``; 0 disables both). With several replicas
+        neither is recorded.
+      loss: Optional loss the loop trains with (a name, a callable or a
+        Keras ``Loss``), for a model not compiled with one: findings then
+        name it, and the configuration check pairs it with the output layer.
     """
 
     def __init__(
@@ -89,6 +103,8 @@ class StabilityMonitor:
         strategy: Any = None,
         jit_compile: bool = False,
         model: Any = None,
+        probe_every: Optional[int] = None,
+        loss: Any = None,
     ):
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -111,6 +127,13 @@ class StabilityMonitor:
         self._since_read = 0
         with tf.init_scope():
             self._counter = plain_variable(tf.constant(0, tf.int64), "stability_step")
+        self.probe_every = self.every if probe_every is None else int(probe_every)
+        self._extras: Optional[MonitorExtras] = None
+        if self.probe_every > 0 and not self._extra_columns:
+            self._extras = MonitorExtras(
+                model, self.probe_every, self._counter.read_value,
+                slots=self.capacity // self.probe_every + 2, loss=loss)
+            self._extras.attach()
         if variables is not None:
             self._ensure_stats(variables)
 
@@ -124,6 +147,9 @@ class StabilityMonitor:
         learning_rate: Any = None,
         step: Any = None,
         grad_scale: Any = None,
+        inputs: Any = None,
+        labels: Any = None,
+        predictions: Any = None,
     ) -> None:
         """Records one training step (inside a ``tf.function`` or eagerly).
 
@@ -135,6 +161,11 @@ class StabilityMonitor:
           step: Explicit 0-based global step; default: the monitor's counter.
           grad_scale: Loss-scale factor ``gradients`` are multiplied by (mixed
             precision with scaled gradients); they are reported divided by it.
+          inputs: Optional batch inputs (a tensor or a structure of them): their
+            per-feature mean, std, min and max every ``probe_every`` steps.
+          labels: Optional batch labels: class counts (with ``predictions``, for
+            a classifier) or per-target statistics (regression), and their range.
+          predictions: Optional model outputs of the batch (class counts).
         """
         if self._broken:
             return
@@ -160,6 +191,9 @@ class StabilityMonitor:
             self._counter.assign(step + 1)
         except Exception as error:  # noqa: BLE001 - never break training
             self._fail(error)
+            return
+        if self._extras is not None:  # fails on its own, leaving the statistics on
+            self._extras.record_batch(step, inputs, labels, predictions)
 
     def _ensure_stats(self, variables) -> StepStats:
         if self._stats is None:
@@ -190,9 +224,11 @@ class StabilityMonitor:
         self._guard(self.writer.flush)
 
     def close(self) -> None:
-        """Flushes and closes the event file."""
+        """Flushes and closes the event file, and restores the model's own ``call``."""
         self.flush()
         self._guard(self.writer.close)
+        if self._extras is not None:
+            self._guard(self._extras.detach)
 
     def __enter__(self) -> "StabilityMonitor":
         return self
@@ -210,8 +246,14 @@ class StabilityMonitor:
             return
         if not self._info_written:
             self._info_written = True
-            info = run_info(None, self.optimizer, self.every, self._stats.names)
+            extras = self._extras
+            model = extras.config_model if extras is not None else None
+            extra = extras.run_info_extra() if extras is not None else {}
+            info = run_info(model, self.optimizer, self.every, self._stats.names, extra)
             info["source"] = "StabilityMonitor"
+            info["jit_compile"] = self.jit_compile
+            info["model_class"] = type(self.model).__name__ if self.model is not None else None
+            info.pop("steps_per_execution", None)
             if self.model is not None:
                 try:
                     info["layer_activations"] = config_check.layer_activations(self.model)
@@ -219,6 +261,8 @@ class StabilityMonitor:
                     logger.debug("layer activations failed", exc_info=error)
             self.writer.write_json(schema.TAG_RUN_INFO, self._drainer.next_step, info)
         self._drainer.drain()
+        if self._extras is not None:
+            self._extras.drain(self.writer)
 
     def _guard(self, fn) -> None:
         try:

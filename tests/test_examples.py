@@ -26,9 +26,13 @@ def run_example(name, *args, timeout=180):
 def test_custom_loop(tmp_path):
     run_example("custom_loop.py", "--logdir", str(tmp_path), "--steps", "12")
     run = load_logdir(tmp_path).runs["."]
-    assert run.steps["step"].values.tolist() if "step" in run.steps else True
     assert run.steps["loss"].steps.tolist() == list(range(12))
     assert np.isfinite(run.steps["grad_norm"].values).all()
+    # every=4: the ReLU layer's probes and the batch's inputs and targets at 0, 4, 8.
+    assert run.layers["dead_fraction"].names == ("dense",)
+    assert run.layers["dead_fraction"].steps.tolist() == [0, 4, 8]
+    assert run.inputs["mean"].names == ("x[0]", "x[1]", "x[2]", "x[3]")
+    assert run.targets["std"].steps.tolist() == [0, 4, 8]
 
 
 def test_mirrored_fit_and_custom_loop_agree_and_flag_replica(tmp_path):

@@ -86,6 +86,17 @@ def _reference(weights, x):
     }
 
 
+def known_batch_and_model(kind):
+    """``(x, y, model, weights)``: a batch of 32 and a built `_model` with `_weights`
+    (not yet set)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 3)).astype("float32") * 3
+    y = rng.standard_normal((32, 1)).astype("float32")
+    model = _model(kind)
+    model(x[:1])
+    return x, y, model, _weights(rng)
+
+
 def _fit_frozen(model, weights, x, y, jit, tmp_path, epochs):
     """Fits with known weights and a zero learning rate (one batch per epoch), every=1."""
     model.set_weights(weights)
@@ -98,12 +109,7 @@ def _fit_frozen(model, weights, x, y, jit, tmp_path, epochs):
 @pytest.mark.parametrize("kind,jit", [("sequential", False), ("sequential", True),
                                       ("functional", False), ("subclassed", False)])
 def test_layer_statistics_match_numpy_reference(kind, jit, tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((32, 3)).astype("float32") * 3
-    y = rng.standard_normal((32, 1)).astype("float32")
-    model = _model(kind)
-    model(x[:1])
-    weights = _weights(rng)
+    x, y, model, weights = known_batch_and_model(kind)
     run = _fit_frozen(model, weights, x, y, jit, tmp_path, epochs=1)
     ref = _reference(weights, x.astype(np.float64))
     mean, std = run.layers["act_mean"], run.layers["act_std"]
