@@ -186,7 +186,40 @@ def analyze_logdir(
         findings = sort_findings(findings + [f for f in pair_findings if f.run == name])
         report.runs.append(RunReport(run=name, findings=findings, warnings=run_warnings,
                                      instrumented=run.instrumented, checked=checked))
+    _fold_companions(report)
     return report
+
+
+COMPANION_RUNS = ("train", "validation")
+
+
+def _fold_companions(report: Report) -> None:
+    """Keeps a finding once where Keras' TensorBoard callback shares the instrumented logdir.
+
+    ``TensorBoard(log_dir)`` beside ``StabilityCallback(log_dir)`` writes the
+    runs ``X/train`` and ``X/validation`` beside the instrumented run ``X``
+    (``train`` and ``validation`` beside ``.``). Their epoch scalars repeat
+    what the instrumented run holds at every step, so a finding of a kind the
+    instrumented run already has is reported there only, and the companion run
+    says so.
+    """
+    by_name = {r.run: r for r in report.runs}
+    for run_report in report.runs:
+        head, _, tail = run_report.run.rpartition("/")
+        parent = by_name.get(head or ".")
+        if (tail not in COMPANION_RUNS or run_report.instrumented or parent is None
+                or not parent.instrumented):
+            continue
+        kinds = {f.kind for f in parent.findings}
+        repeated = [f for f in run_report.findings if f.kind in kinds]
+        if not repeated:
+            continue
+        run_report.findings = [f for f in run_report.findings if f.kind not in kinds]
+        names = ", ".join(sorted({f.kind for f in repeated}))
+        run_report.warnings.append(
+            f"Keras' TensorBoard callback wrote this run beside the instrumented run "
+            f"'{parent.run}': {len(repeated)} finding(s) ({names}) are reported there, from "
+            f"its per-step data, and not repeated here")
 
 
 def run_report_to_json(run_report: RunReport) -> dict[str, Any]:
@@ -217,12 +250,21 @@ NOTHING_TO_CHECK = ("no scalar and no stability data in this run (only images, t
 
 
 def _no_loss(run: RunData) -> list[str]:
-    """Why the loss-curve rules read nothing in an ordinary run with scalars but no loss."""
-    if run.instrumented or run.held_out or not run.scalars:
+    """Why the loss-curve rules read nothing in a run with scalars but no loss."""
+    if run.held_out or not run.scalars:
         return []
-    from tb_stability.detectors import _common
-
-    if _common.loss_series(run)[0] is not None or _common.val_loss_series(run)[0] is not None:
+    try:
+        from tb_stability.detectors import _common, _loss_tags
+    except Exception:  # noqa: BLE001 - the report says so (`_default_detectors`)
+        return []
+    if _common.loss_series(run)[0] is not None:
+        return []
+    pair = _loss_tags.adversarial_losses(run)
+    if pair is not None:
+        return [f"a GAN's losses ({pair[0]}, {pair[1]}): the generator and the discriminator "
+                "trade off by design, so neither is read as a loss that should fall (no "
+                "stall, divergence or spike rules); non-finite values are still checked"]
+    if run.instrumented or _common.val_loss_series(run)[0] is not None:
         return []
     tags = sorted(run.scalars)
     listed = ", ".join(tags[:5]) + (", ..." if len(tags) > 5 else "")

@@ -8,6 +8,7 @@ Markdown output escapes HTML and Markdown syntax.
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -60,6 +61,15 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def run_title(report: Report, run_report: RunReport) -> str:
+    """The run's name, with the logdir's own directory name for the run at its root
+    (``.``, as TensorBoard names it: ``tb-stability report .`` inside a run)."""
+    if run_report.run != ".":
+        return run_report.run
+    name = os.path.basename(os.path.normpath(os.path.abspath(report.logdir)))
+    return f". ({name})" if name else "."
+
+
 def format_steps(finding: Finding) -> str:
     """``"step 12"``, ``"steps 12-40"`` or ``"-"``."""
     first, last = finding.first_step, finding.last_step
@@ -89,7 +99,8 @@ def render_text(report: Report) -> str:
     lines: list[str] = []
     for run_report in report.runs:
         counts = _counts(run_report)
-        lines.append(f"== run {clean(run_report.run)}: {verdict(run_report)}{counts}")
+        lines.append(f"== run {clean(run_title(report, run_report))}: "
+                     f"{verdict(run_report)}{counts}")
         for finding in run_report.findings:
             lines.append(
                 f"  [{finding.severity.upper()}] {finding.kind} ({format_steps(finding)})"
@@ -134,7 +145,8 @@ def render_markdown(report: Report) -> str:
     """Renders a report as Markdown (safe to embed: HTML is escaped)."""
     lines = [f"# tb-stability report: {md_escape(report.logdir)}", ""]
     for run_report in report.runs:
-        lines.append(f"## Run {md_escape(run_report.run)}: {md_escape(verdict(run_report))}")
+        lines.append(f"## Run {md_escape(run_title(report, run_report))}: "
+                     f"{md_escape(verdict(run_report))}")
         lines.append("")
         if not run_report.findings:
             lines.append("No findings.")

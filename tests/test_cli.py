@@ -149,3 +149,19 @@ def test_a_run_without_scalars_is_nothing_to_check_not_healthy(tmp_path, capsys)
     runs = {r["run"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
     assert runs["pictures"]["warnings"] == [analysis.NOTHING_TO_CHECK]
     assert runs["training"]["warnings"] == []
+
+
+def test_the_run_at_the_logdirs_root_is_titled_with_its_directory(tmp_path, monkeypatch, capsys):
+    """``tb-stability report .`` inside a run: TensorBoard names that run ``.``; the report's
+    title adds the directory's name, and the JSON keeps TensorBoard's name."""
+    write_instrumented_run(tmp_path / "lr_sweep_0.3")
+    use_detectors(monkeypatch, [info_detector])
+    monkeypatch.chdir(tmp_path / "lr_sweep_0.3")
+    assert cli.main(["report", "."]) == 0
+    assert "== run . (lr_sweep_0.3): healthy (notes only)" in capsys.readouterr().out
+    assert cli.main(["report", ".", "--format", "markdown"]) == 0
+    assert "## Run . (lr\\_sweep\\_0.3): healthy (notes only)" in capsys.readouterr().out
+    assert cli.main(["report", ".", "--format", "json"]) == 0
+    assert [r["run"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["."]
+    assert cli.main(["report", str(tmp_path)]) == 0
+    assert "== run lr_sweep_0.3: healthy (notes only)" in capsys.readouterr().out

@@ -44,6 +44,8 @@ def _loss_candidates(run: RunData):
         s = run.scalars.get(tag)
         if s is not None and len(s):
             yield "scalars", tag
+    if _loss_tags.adversarial_losses(run):
+        return  # a GAN's two losses: neither should fall (`adversarial_warning`)
     others = _loss_tags.training_loss_tags(run)
     if others:
         yield "scalars", others[0]

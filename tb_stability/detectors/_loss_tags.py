@@ -94,6 +94,26 @@ def training_loss_tags(run: RunData) -> list[str]:
     return sorted(tags, key=lambda t: ("epoch" in words(t), is_part(t), -len(run.scalars[t]), t))
 
 
+GENERATOR_WORDS = frozenset({"g", "gen", "generator"})
+DISCRIMINATOR_WORDS = frozenset({"d", "dis", "disc", "discriminator", "critic"})
+
+
+def adversarial_losses(run: RunData) -> tuple[str, str] | None:
+    """``(generator tag, discriminator tag)`` when ``run`` logs a GAN's two training losses.
+
+    A generator's loss (``g_loss``, ``gen_loss``, ``Loss_G``, ``loss/generator``)
+    beside a discriminator's or critic's (``d_loss``, ``disc_loss``, ``Loss_D``,
+    ``critic_loss``); the first of each in `training_loss_tags` order. Their
+    players trade off by design, so neither is a loss that should fall.
+    """
+    tags = training_loss_tags(run)
+    generator = [t for t in tags if set(words(t)) & GENERATOR_WORDS]
+    discriminator = [t for t in tags if set(words(t)) & DISCRIMINATOR_WORDS]
+    if not generator or not discriminator:
+        return None
+    return generator[0], discriminator[0]
+
+
 def validation_loss_tags(run: RunData, twin_of: str | None = None) -> list[str]:
     """Scalar tags of ``run`` that hold a validation or test loss, best first.
 
