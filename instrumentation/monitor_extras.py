@@ -105,6 +105,7 @@ class MonitorExtras:
         self.probes: Optional[ActivationProbes] = None
         self.data: Optional[DataStats] = None
         self.broken = False
+        self.shapes: dict = {}
         self._patches = InstancePatches()
         self._slots = max(2, int(slots))
         self._step_fn = step_fn
@@ -174,11 +175,13 @@ class MonitorExtras:
         if self.broken or (inputs is None and labels is None):
             return
         try:
+            inputs, labels, predictions = (_tensors(v) for v in (inputs, labels, predictions))
+            self.shapes = batch_shapes(labels, predictions)
             if self.data is None:
                 mode, logits = (config_check.classification_mode(self.config_model)
                                 if self.config_model is not None else (None, False))
                 self.data = DataStats(self.every, mode, logits, self._slots)
-            self.data.record(step, *(_tensors(v) for v in (inputs, labels, predictions)))
+            self.data.record(step, inputs, labels, predictions)
         except Exception as error:  # noqa: BLE001
             self._fail(error)
 
@@ -194,7 +197,30 @@ class MonitorExtras:
             self._fail(error)
 
     def run_info_extra(self) -> dict:
-        """Config-check and probe fields for ``stability/run_info``."""
+        """Config-check and probe fields for ``stability/run_info``, and the shapes of the
+        labels and predictions (`batch_shapes`)."""
         if self.model is None:
+            return dict(self.shapes)
+        return {**self.shapes,
+                **probe_run_info(self.config_model, self.probes, self.data, self.every)}
+
+
+def batch_shapes(labels, predictions) -> dict:
+    """``{"label_shape", "prediction_shape"}``: the static shapes of the first label and
+    prediction tensors (None for an unknown dimension), where both are dense tensors.
+
+    A ``(B,)`` beside a ``(B, 1)`` broadcasts to ``(B, B)`` in a hand-written
+    loss (`tb_stability.detectors._label_shapes`).
+    """
+    firsts = []
+    for structure in (labels, predictions):
+        leaves = [t for t in tf.nest.flatten(structure) if t is not None] if structure is not None \
+            else []
+        try:
+            shape = tf.TensorShape(getattr(leaves[0], "shape", None)) if leaves else None
+        except (TypeError, ValueError):  # not a shape: nothing to say
             return {}
-        return probe_run_info(self.config_model, self.probes, self.data, self.every)
+        if shape is None or shape.rank is None:
+            return {}
+        firsts.append(shape.as_list())
+    return {"label_shape": firsts[0], "prediction_shape": firsts[1]}

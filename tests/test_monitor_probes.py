@@ -221,3 +221,36 @@ def test_an_eager_loop_with_numpy_batches_gets_its_batch_statistics(tmp_path):
     np.testing.assert_allclose(run.inputs["min"].values[1], x[32:48].min(axis=0), rtol=1e-6)
     np.testing.assert_allclose(run.targets["max"].values[0], y[:16].max(axis=0), rtol=1e-6)
     assert not run.layers
+
+
+@pytest.mark.parametrize("label_shape", ["flat", "column"])
+def test_labels_broadcast_against_predictions_in_a_hand_written_loss(tmp_path, label_shape):
+    """``(64,) - (64, 1)`` is ``(64, 64)``: the model can only learn the labels' mean. The
+    base-rate finding names the shapes and reshapes the labels; the same loop with labels of
+    the predictions' shape learns and gets no finding."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 6)).astype("float32")
+    y = (x @ rng.standard_normal(6) * 2 + 1).astype("float32")
+    if label_shape == "column":
+        y = y.reshape(-1, 1)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(32, activation="relu"),
+                              keras.layers.Dense(1)])
+
+    def mse(y_true, y_pred):
+        return tf.reduce_mean(tf.square(y_true - y_pred))
+
+    _loop(tmp_path, model, keras.optimizers.Adam(1e-3), mse,
+          [(x[i:i + 64], y[i:i + 64]) for i in range(0, 2048, 64)] * 5, every=20, loss=mse)
+    (report,) = analyze_logdir(str(tmp_path)).runs
+    (info,) = run_infos(read_events(tmp_path))
+    assert info["prediction_shape"] == [64, 1]
+    stalled = [f for f in report.findings if f.kind == "stalled"]
+    if label_shape == "column":
+        assert info["label_shape"] == [64, 1] and not stalled
+        return
+    assert info["label_shape"] == [64]
+    (finding,) = stalled
+    assert finding.evidence["broadcast_shape"] == [64, 64]
+    assert "broadcasts them to (64, 64)" in finding.explanation
+    assert "y = tf.reshape(y, (-1, 1))" in finding.remedy

@@ -44,6 +44,7 @@ from __future__ import annotations
 import numpy as np
 
 from tb_stability.detectors import _common as C
+from tb_stability.detectors import _label_shapes as shapes
 from tb_stability.detectors import _robust as R
 from tb_stability.detectors import _weight_collapse as collapse
 from tb_stability.detectors import data, trends
@@ -160,7 +161,7 @@ def detect_regression(run: RunData) -> list[Finding]:
             f"{final / base:.2f}x the variance of the labels ({C.fmt(base)}): the error of "
             f"predicting their mean for every input. The model learned nothing about the inputs: "
             f"{held}")
-    return [_finding(run, loss, explanation, REMEDY, {
+    evidence = {
         "source": source, "final_loss": final, "label_variance": variance,
         "label_mean_square": square, "predicts": "zero" if held_at_zero else "mean",
         "ratio_to_base": final / base, "validation_source": val_tag,
@@ -168,7 +169,15 @@ def detect_regression(run: RunData) -> list[Finding]:
         "threshold": f"final MSE in [{VAR_LOW:g}, {VAR_HIGH:g}] x the labels' variance "
                      "(or x their mean square, when it is >= 2x the variance) and a final "
                      f"validation MSE >= {VAL_VAR:g} x it (without one: the second half "
-                     f"improved < {FLAT:.0%})"})]
+                     f"improved < {FLAT:.0%})"}
+    remedy = REMEDY
+    pair = shapes.broadcast_pair(run) if not held_at_zero else None
+    if pair is not None:  # the labels are paired with every prediction, not shuffled
+        explanation += shapes.explanation(pair)
+        remedy = shapes.remedy(pair)
+        evidence.update(label_shape=list(pair[0]), prediction_shape=list(pair[1]),
+                        broadcast_shape=list(pair[2]))
+    return [_finding(run, loss, explanation, remedy, evidence)]
 
 
 def _settled_loss(run: RunData):
