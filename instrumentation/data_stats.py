@@ -73,8 +73,8 @@ class DataStats:
         """
         step = tf.cast(step, tf.int64)
         features = self._feature_matrices(x)
-        y_t = _first(y)
-        p_t = _first(y_pred)
+        y_t = first_tensor(y)
+        p_t = first_tensor(y_pred)
         classes = self._classes(p_t)
         targets = self._target_matrix(y_t) if not classes else None
         self._ensure(sum(int(f.shape[1]) for _, f in features), classes,
@@ -245,7 +245,8 @@ def _batch_rows(x, y) -> Optional[tf.Tensor]:
     return None
 
 
-def _first(structure) -> Any:
+def first_tensor(structure) -> Any:
+    """The first non-None leaf of ``structure`` as a tensor; None for None or no leaf."""
     if structure is None:
         return None
     flat = [t for t in tf.nest.flatten(structure) if t is not None]

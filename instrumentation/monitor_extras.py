@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import config_check
-from instrumentation.data_stats import DataStats
+from instrumentation.data_stats import DataStats, first_tensor
 from instrumentation.extras import probe_run_info, write_records
 from instrumentation.instance_patches import InstancePatches
 from instrumentation.probes import ActivationProbes
@@ -108,7 +108,6 @@ class MonitorExtras:
         self.shapes: dict = {}
         self._patches = InstancePatches()
         self._slots = max(2, int(slots))
-        self._step_fn = step_fn
         if model is not None:
             self.probes = ActivationProbes(model, self.every, step_fn, self._slots)
 
@@ -212,15 +211,10 @@ def batch_shapes(labels, predictions) -> dict:
     A ``(B,)`` beside a ``(B, 1)`` broadcasts to ``(B, B)`` in a hand-written
     loss (`tb_stability.detectors._label_shapes`).
     """
-    firsts = []
-    for structure in (labels, predictions):
-        leaves = [t for t in tf.nest.flatten(structure) if t is not None] if structure is not None \
-            else []
-        try:
-            shape = tf.TensorShape(getattr(leaves[0], "shape", None)) if leaves else None
-        except (TypeError, ValueError):  # not a shape: nothing to say
-            return {}
-        if shape is None or shape.rank is None:
-            return {}
-        firsts.append(shape.as_list())
-    return {"label_shape": firsts[0], "prediction_shape": firsts[1]}
+    try:
+        firsts = [first_tensor(structure) for structure in (labels, predictions)]
+    except (TypeError, ValueError):  # not convertible to a dense tensor: nothing to say
+        return {}
+    if any(t is None or t.shape.rank is None for t in firsts):
+        return {}
+    return {"label_shape": firsts[0].shape.as_list(), "prediction_shape": firsts[1].shape.as_list()}

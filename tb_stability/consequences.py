@@ -73,12 +73,10 @@ def mark_consequences_of_blowup(findings: list[Finding]) -> list[Finding]:
     """
     blowups = [f for f in findings if f.kind == "divergence" and f.severity == "critical"
                and f.evidence.get("early_blowup") in ("stuck", "diverged") and f.first_step is not None]
-    if blowups:
-        blowup = min(blowups, key=lambda f: f.first_step)
-        _demote_from(findings, blowup,
-                     f"After the loss blew up at step {blowup.first_step} and never recovered (the "
-                     "first updates threw the weights far out), so most likely a consequence of it",
-                     "Fix the blow-up first", blowup_step=blowup.first_step)
+    _demote_from_earliest(findings, blowups,
+                          "After the loss blew up at step {step} and never recovered (the first "
+                          "updates threw the weights far out), so most likely a consequence of it",
+                          "Fix the blow-up first", "blowup_step")
     return findings
 
 
@@ -95,24 +93,32 @@ def mark_consequences_of_explosion(findings: list[Finding]) -> list[Finding]:
     """
     explosions = [f for f in findings if f.kind == "exploding_gradients"
                   and f.severity == "critical" and f.first_step is not None]
-    if explosions:
-        explosion = min(explosions, key=lambda f: f.first_step)
-        _demote_from(findings, explosion,
-                     f"After the gradients exploded at step {explosion.first_step} (the update they "
-                     "made threw the weights far out), so most likely a consequence of it",
-                     "Fix the exploding gradients first", explosion_step=explosion.first_step)
+    _demote_from_earliest(findings, explosions,
+                          "After the gradients exploded at step {step} (the update they made "
+                          "threw the weights far out), so most likely a consequence of it",
+                          "Fix the exploding gradients first", "explosion_step")
     return findings
 
 
-def _demote_from(findings: list[Finding], cause: Finding, because: str, first: str,
-                 **evidence) -> None:
-    """Demotes the `BLOWUP_CONSEQUENCES` that begin at or after ``cause`` (not a saturation
-    already present at the first step) to its consequences."""
+def _demote_from_earliest(findings: list[Finding], causes: list[Finding], because: str,
+                          first: str, step_key: str) -> None:
+    """Demotes the `BLOWUP_CONSEQUENCES` that begin at or after the earliest of ``causes`` (not
+    a saturation already present at the first step) to its consequences.
+
+    Args:
+      because: Why, with ``{step}`` for the cause's first step.
+      step_key: The evidence key that records that step.
+    """
+    if not causes:
+        return
+    cause = min(causes, key=lambda f: f.first_step)
+    onset = cause.first_step
     for finding in findings:
         if (_demotable(finding, BLOWUP_CONSEQUENCES) and finding.first_step is not None
-                and finding.first_step >= cause.first_step
+                and finding.first_step >= onset
                 and not finding.evidence.get("saturated_at_first_step")):
-            _demote(finding, cause.kind, because, first, cause.remedy, **evidence)
+            _demote(finding, cause.kind, because.format(step=onset), first, cause.remedy,
+                    **{step_key: onset})
 
 
 def mark_consequences_of_degenerate_batch_norm(findings: list[Finding]) -> list[Finding]:

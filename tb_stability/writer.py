@@ -157,16 +157,18 @@ class StabilityWriter:
     def write_inputs(self, step: int, feature_names: Sequence[str], stats: np.ndarray,
                      rows: Sequence[str] = schema.INPUT_ROWS) -> None:
         """Writes input statistics ``[len(rows), num_features]`` (``stability/inputs``)."""
-        stats = np.asarray(stats, dtype=np.float32)
-        metadata = schema.create_summary_metadata("inputs", names=feature_names, rows=rows)
-        self._write_value(step, schema.TAG_INPUTS, make_tensor_proto(stats), metadata)
+        self._write_rows(step, schema.TAG_INPUTS, "inputs", feature_names, stats, rows)
 
     def write_targets(self, step: int, target_names: Sequence[str], stats: np.ndarray) -> None:
         """Writes regression label statistics ``[4, num_targets]`` (``stability/targets``)."""
-        stats = np.asarray(stats, dtype=np.float32)
-        metadata = schema.create_summary_metadata("targets", names=target_names,
-                                                  rows=schema.INPUT_ROWS)
-        self._write_value(step, schema.TAG_TARGETS, make_tensor_proto(stats), metadata)
+        self._write_rows(step, schema.TAG_TARGETS, "targets", target_names, stats,
+                         schema.INPUT_ROWS)
+
+    def _write_rows(self, step: int, tag: str, quantity: str, names: Sequence[str],
+                    stats: np.ndarray, rows: Sequence[str]) -> None:
+        metadata = schema.create_summary_metadata(quantity, names=names, rows=rows)
+        self._write_value(step, tag, make_tensor_proto(np.asarray(stats, dtype=np.float32)),
+                          metadata)
 
     def write_labels(self, step: int, class_names: Sequence[str], counts: Iterable[float]) -> None:
         """Writes label class counts (``stability/labels``)."""

@@ -45,7 +45,7 @@ def _loss_candidates(run: RunData):
         if s is not None and len(s):
             yield "scalars", tag
     if _loss_tags.adversarial_losses(run):
-        return  # a GAN's two losses: neither should fall (`adversarial_warning`)
+        return  # a GAN's two losses: neither should fall (`analysis._no_loss` says so)
     others = _loss_tags.training_loss_tags(run)
     if others:
         yield "scalars", others[0]

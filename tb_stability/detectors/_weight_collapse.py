@@ -110,3 +110,13 @@ def cause(run: RunData) -> tuple[str, str, dict] | None:
                 "output a constant.")
     return because, remedy, {"decayed_kernels": {k: [a, b] for k, (a, b) in held.items()},
                              "decay_per_step": decay * lr}
+
+
+def blame(pulled: tuple[str, str, dict] | None, explanation: str, remedy: str,
+          evidence: dict) -> tuple[str, str, dict]:
+    """``(explanation, remedy, evidence)`` with a `cause` result (``pulled``) named: its
+    sentence added, its remedy in place of ``remedy``, its evidence added; unchanged for None."""
+    if pulled is None:
+        return explanation, remedy, evidence
+    because, decay_remedy, extra = pulled
+    return explanation + because, decay_remedy, {**evidence, **extra}

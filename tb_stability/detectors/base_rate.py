@@ -71,6 +71,7 @@ REMEDY = (
     "    model.fit(x[:256], y[:256], epochs=200)  # the training loss must approach 0"
 )
 
+
 def detect(run: RunData) -> list[Finding]:
     """stalled-at-the-base-rate adapter (see module docstring)."""
     entropy = C.label_entropy(run)
@@ -92,7 +93,7 @@ def detect(run: RunData) -> list[Finding]:
         f"the labels ({C.fmt(entropy)}): the loss of predicting the class shares for every "
         f"input. The model learned how often each class occurs and nothing about the inputs: "
         f"the validation loss ends at {C.fmt(final_val)}, no better than the class shares.")
-    return [_finding(run, loss, explanation, REMEDY, {
+    return [_finding(run, loss, collapse.cause(run), explanation, REMEDY, {
         "source": source, "final_loss": final, "label_entropy": entropy,
         "ratio_to_entropy": final / entropy, "validation_source": val_tag,
         "final_val_loss": final_val,
@@ -136,7 +137,8 @@ def detect_regression(run: RunData) -> list[Finding]:
         base, held_at_zero = square, True  # zero is far from the mean: the output stays at 0
     else:
         return []
-    if held_at_zero and collapse.cause(run) is None:
+    pulled = collapse.cause(run)
+    if held_at_zero and pulled is None:
         return []  # no decay holds it there: saturated or dead layers (their own findings)
     final_val, val_tag = _final_validation(run)
     if final_val is not None:
@@ -177,7 +179,7 @@ def detect_regression(run: RunData) -> list[Finding]:
         remedy = shapes.remedy(pair)
         evidence.update(label_shape=list(pair[0]), prediction_shape=list(pair[1]),
                         broadcast_shape=list(pair[2]))
-    return [_finding(run, loss, explanation, remedy, evidence)]
+    return [_finding(run, loss, pulled, explanation, remedy, evidence)]
 
 
 def _settled_loss(run: RunData):
@@ -199,14 +201,12 @@ def _final_validation(run: RunData) -> tuple[float | None, str]:
     return (float(finite[-1]) if finite.size else None), val_tag
 
 
-def _finding(run: RunData, loss, explanation: str, remedy: str, evidence: dict) -> Finding:
+def _finding(run: RunData, loss, pulled, explanation: str, remedy: str,
+             evidence: dict) -> Finding:
     """The ``stalled`` warning over the second half of ``loss``, with ``remedy`` unless the
-    weights were pulled to zero (`_weight_collapse.cause`: then the labels are not to blame)."""
-    pulled = collapse.cause(run)
-    if pulled is not None:
-        because, remedy, extra = pulled
-        explanation += because
-        evidence = {**evidence, **extra}
+    weights were pulled to zero (``pulled``, from `_weight_collapse.cause`: then the labels
+    are not to blame)."""
+    explanation, remedy, evidence = collapse.blame(pulled, explanation, remedy, evidence)
     return Finding(kind="stalled", severity="warning", run=run.name,
                    first_step=int(loss.steps[len(loss) // 2]), last_step=int(loss.steps[-1]),
                    evidence=evidence, explanation=explanation, remedy=remedy)

@@ -354,11 +354,9 @@ def detect_imbalance(run: RunData) -> list[Finding]:
                 else:
                     explanation += _nothing_learned(run, label_share, evidence)
                     remedy = BALANCED_COLLAPSE_REMEDY
-                pulled = collapse.cause(run)
-                if pulled is not None:  # the weights were pulled to zero: not the classes
-                    because, remedy, more = pulled
-                    explanation += because
-                    evidence.update(more)
+                # Weights pulled to zero: not the classes.
+                explanation, remedy, evidence = collapse.blame(collapse.cause(run), explanation,
+                                                               remedy, evidence)
                 out.append(Finding(
                     kind="class_imbalance", severity="warning", run=run.name,
                     first_step=int(pred.steps[len(pred) // 2]), last_step=int(pred.steps[-1]),

@@ -52,7 +52,6 @@ import numpy as np
 from tb_stability.detectors import _common as C
 from tb_stability.detectors import _data_remedies as D
 from tb_stability.detectors import _nonfinite_causes as causes
-from tb_stability.detectors._nonfinite_causes import origin_sentence
 from tb_stability.detectors import _remedies as remedies
 from tb_stability.detectors import gradients
 from tb_stability.detectors._loss_scale import (  # noqa: F401 - re-exported for the instrumentation
@@ -306,7 +305,7 @@ def detect(run: RunData) -> list[Finding]:
         # The batch itself holds the NaN/Inf: no update caused it, whatever the
         # gradients did. Say so first (the live warning shows the first sentence).
         remedy = D.data_remedy(origin)
-        explanation = (f"{origin_sentence(origin)} Values became non-finite at {at} "
+        explanation = (f"{causes.origin_sentence(origin)} Values became non-finite at {at} "
                        f"({what}).")
         if grads_first and origin["origin"] == "inputs":
             explanation += (" The loss stayed finite (a ReLU or max-pooling can drop a NaN on the "
@@ -361,7 +360,7 @@ def detect(run: RunData) -> list[Finding]:
             f"    optimizer = {remedies.lowered_optimizer_call(run, 10.0, clip_or_kept)}"
         )
     if isinstance(origin, dict) and origin and not origin_told:
-        explanation += f" {origin_sentence(origin)}"
+        explanation += f" {causes.origin_sentence(origin)}"
     explanation += replicas_txt
     if "steps:skipped" in signals:
         explanation += (
