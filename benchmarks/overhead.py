@@ -174,20 +174,21 @@ def worker(args) -> None:
 # ------------------------------------------------------------------- main
 
 
-def goal_verdict(config: str, ratio: float) -> str:
-    """"ok" or "MISS (goal <= x)" for a configuration with a goal, else ""."""
-    goal = GOALS.get(config)
+def goal_verdict(config: str, ratio: float, goals: dict = GOALS) -> str:
+    """"ok" or "MISS (goal <= x)" for a configuration with a goal in ``goals``, else ""."""
+    goal = goals.get(config)
     if goal is None:
         return ""
     return "ok" if ratio <= goal else f"MISS (goal <= {goal})"
 
 
-def peer_lines(model: str, ratios: dict, peers: Sequence[str], label: str) -> list[str]:
-    """Whether each goal configuration's ratio is below every one of ``peers``."""
+def peer_lines(model: str, ratios: dict, peers: Sequence[str], label: str,
+               goals: dict = GOALS) -> list[str]:
+    """Whether each configuration with a goal in ``goals`` is below every one of ``peers``."""
     peer_ratios = [ratios[c] for c in peers if c in ratios]
     return [f"{model}: {config} below {label}: "
             f"{'yes' if all(ratios[config] < p for p in peer_ratios) else 'NO'}"
-            for config in GOALS if config in ratios and peer_ratios]
+            for config in goals if config in ratios and peer_ratios]
 
 
 def round_ratios(values: list, base: list) -> list[float]:

@@ -61,7 +61,7 @@ from benchmarks._common import (  # noqa: E402
     emit_result, fmt, format_table, machine_description, median, round_orders, run_worker,
 )
 from benchmarks.overhead import (  # noqa: E402
-    MODELS, _build_model, _data, goal_verdict, paired_ratios, peer_lines,
+    GOALS, MODELS, _build_model, _data, goal_verdict, paired_ratios, peer_lines,
 )
 
 CONFIGS = ("baseline", "baseline again", "stability defaults", "stability no probes",
@@ -177,29 +177,32 @@ class _Loop:
         self.callbacks.on_train_end()
 
 
-def worker(args) -> None:
-    """Steps every configuration of one model in lockstep; emits block times (s)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import warnings
+def lockstep_blocks(args, configs, make_loop, prefix: str) -> dict:
+    """Steps one loop per configuration in lockstep; returns config -> block times (s).
 
-    warnings.filterwarnings("ignore")
-    x, y = _data(args.worker, args.steps * args.batch)
-    workdir = tempfile.mkdtemp(prefix="tbs_overhead_steps_")
+    A throwaway loop is built and stepped first (whatever the first model of a
+    process pays once, kernel and allocator warm-up, is not charged to the
+    baseline); the loops are built in an order rotated by ``args.rotate`` and
+    stepped in a random order per step. Block 0 (tracing) is not returned.
+
+    Args:
+      args: ``blocks``, ``steps``, ``rotate`` and ``worker`` (the model's name).
+      configs: The configurations.
+      make_loop: ``make_loop(config, workdir)`` -> an object with ``run_step()``,
+        ``epoch(block, begin)`` (seconds each) and ``close()``.
+      prefix: Prefix of the temporary directory the runs write to.
+    """
+    workdir = tempfile.mkdtemp(prefix=prefix)
     try:
-        # A throwaway first model: whatever the first model of a process pays
-        # once (kernel and allocator warm-up) is not charged to the baseline.
-        jit = True if args.jit_compile else "auto"
-        _Loop(args.worker, "baseline", x, y, args.batch, workdir, jit_compile=jit).run_step()
-        configs = switched_configs(args.configs, args.switch)
+        make_loop("baseline", workdir).run_step()
         shift = args.rotate % len(configs)
         configs = configs[shift:] + configs[:shift]  # build order differs per process
-        loops = {c: _Loop(args.worker, c, x, y, args.batch, workdir, args.switch, jit)
-                 for c in configs}
+        loops = {c: make_loop(c, workdir) for c in configs}
         blocks = {c: [] for c in configs}
         orders = round_orders(configs, seed=args.rotate)
         for block in range(args.blocks + 1):
             spent = {c: loops[c].epoch(block, begin=True) for c in configs}
-            for step in range(args.steps):
+            for _ in range(args.steps):
                 for config in next(orders):
                     spent[config] += loops[config].run_step()
             for config in configs:
@@ -213,7 +216,28 @@ def worker(args) -> None:
             loop.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    emit_result(blocks)
+    return blocks
+
+
+def quiet_worker() -> None:
+    """A worker process: no TensorFlow logging, no Python warnings on its stderr."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def worker(args) -> None:
+    """Steps every configuration of one model in lockstep; emits block times (s)."""
+    quiet_worker()
+    x, y = _data(args.worker, args.steps * args.batch)
+    jit = True if args.jit_compile else "auto"
+
+    def make_loop(config, workdir):
+        return _Loop(args.worker, config, x, y, args.batch, workdir, args.switch, jit)
+
+    emit_result(lockstep_blocks(args, switched_configs(args.configs, args.switch), make_loop,
+                                "tbs_overhead_steps_"))
 
 
 def process_ratios(runs: list) -> dict:
@@ -222,22 +246,24 @@ def process_ratios(runs: list) -> dict:
     return {config: [ratios[config] for ratios in per_process] for config in runs[0]}
 
 
-def summarize(model: str, runs: list, steps: int) -> list[list[str]]:
-    """Rows: config, median ms/step, median of the per-process median ratios, their range."""
+def summarize(model: str, runs: list, steps: int, goals: dict = GOALS) -> list[list[str]]:
+    """Rows: config, median ms/step, median of the per-process median ratios, their range,
+    and the verdict against ``goals``."""
     rows = []
     for config, per_process in process_ratios(runs).items():
         ratio = median(per_process)
         ms = median([median(blocks[config]) for blocks in runs]) / steps * 1000.0
         rows.append([model, config, fmt(ms, 3), fmt(ratio, 3),
                      f"{fmt(min(per_process), 3)}-{fmt(max(per_process), 3)}",
-                     goal_verdict(config, ratio)])
+                     goal_verdict(config, ratio, goals)])
     return rows
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def lockstep_parser(description: str, configs) -> argparse.ArgumentParser:
+    """The flags every lockstep benchmark takes (this one's and `overhead_loop.py`'s)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=list(configs), choices=configs)
     parser.add_argument("--blocks", type=int, default=12,
                         help="measured blocks per process")
     parser.add_argument("--steps", type=int, default=100, help="steps per block")
@@ -247,19 +273,65 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes for the smoke test (2 blocks of 3 steps)")
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--rotate", type=int, default=0, help=argparse.SUPPRESS)
+    return parser
+
+
+def lockstep_args(parser: argparse.ArgumentParser, argv=None):
+    """Parses ``argv``: ``--quick`` sizes, and the baseline always among the configs."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.blocks, args.steps, args.batch, args.processes = 2, 3, 8, 1
+    if "baseline" not in args.configs:
+        args.configs.insert(0, "baseline")
+    return args
+
+
+def lockstep_main(script: str, args, extra: list, goals: dict, peer: str,
+                  peer_label: str) -> int:
+    """Runs ``script``'s workers (``--processes`` per model), prints the table and the peers.
+
+    Args:
+      script: The benchmark script whose ``--worker`` mode steps one model's configs.
+      args: Its parsed arguments (`lockstep_args`).
+      extra: More worker arguments (``--switch``, ``--jit-compile``).
+      goals: Configuration -> ratio goal, for the verdict column.
+      peer: The configuration the goal configurations must beat.
+      peer_label: How the peer line names it.
+    """
+    print(f"machine: {machine_description()}")
+    print(f"sizes: blocks={args.blocks} (+1 excluded) steps/block={args.steps} "
+          f"batch={args.batch} processes={args.processes}"
+          f"{' jit_compile=True (XLA)' if args.jit_compile else ''}", flush=True)
+    rows, ratios = [], {}
+    for model in args.models:
+        start = time.perf_counter()
+        runs = [run_worker([os.path.abspath(script), "--worker", model,
+                            "--blocks", str(args.blocks), "--steps", str(args.steps),
+                            "--batch", str(args.batch), "--rotate", str(process),
+                            *extra, "--configs", *args.configs])
+                for process in range(args.processes)]
+        print(f"  {model}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        rows += summarize(model, runs, args.steps, goals)
+        ratios[model] = {c: median(r) for c, r in process_ratios(runs).items()}
+    print(format_table(("model", "config", "median ms/step", "ratio", "per-process range",
+                        "goal"), rows, markdown=args.markdown))
+    for model, by_config in ratios.items():
+        for line in peer_lines(model, by_config, (peer,), peer_label, goals):
+            print(line)
+    return 0
+
+
+def parse_args(argv=None):
+    parser = lockstep_parser(__doc__.splitlines()[0], CONFIGS)
     parser.add_argument("--jit-compile", action="store_true",
                         help="compile every model's step with XLA (Keras turns it on by "
                              "default where a GPU is present, not on a CPU)")
     parser.add_argument("--switch", metavar="MODULE.NAME=VALUE",
                         help="also run every stability configuration with this module "
                              "constant set while it traces")
-    parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
-    parser.add_argument("--rotate", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.blocks, args.steps, args.batch, args.processes = 2, 3, 8, 1
-    if "baseline" not in args.configs:
-        args.configs.insert(0, "baseline")
+    args = lockstep_args(parser, argv)
     if args.switch:
         try:
             parse_switch(args.switch)
@@ -273,30 +345,10 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    print(f"machine: {machine_description()}")
-    print(f"sizes: blocks={args.blocks} (+1 excluded) steps/block={args.steps} "
-          f"batch={args.batch} processes={args.processes}"
-          f"{' jit_compile=True (XLA)' if args.jit_compile else ''}", flush=True)
-    rows, ratios = [], {}
-    for model in args.models:
-        start = time.perf_counter()
-        runs = [run_worker([os.path.abspath(__file__), "--worker", model,
-                            "--blocks", str(args.blocks), "--steps", str(args.steps),
-                            "--batch", str(args.batch), "--rotate", str(process),
-                            *(["--switch", args.switch] if args.switch else []),
-                            *(["--jit-compile"] if args.jit_compile else []),
-                            "--configs", *args.configs])
-                for process in range(args.processes)]
-        print(f"  {model}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        rows += summarize(model, runs, args.steps)
-        ratios[model] = {c: median(r) for c, r in process_ratios(runs).items()}
-    print(format_table(("model", "config", "median ms/step", "ratio", "per-process range",
-                        "goal"), rows, markdown=args.markdown))
-    for model, by_config in ratios.items():
-        for line in peer_lines(model, by_config, ("tensorboard hist+batch",),
-                               "the TensorBoard callback"):
-            print(line)
-    return 0
+    extra = [*(["--switch", args.switch] if args.switch else []),
+             *(["--jit-compile"] if args.jit_compile else [])]
+    return lockstep_main(__file__, args, extra, GOALS, "tensorboard hist+batch",
+                         "the TensorBoard callback")
 
 
 if __name__ == "__main__":

@@ -263,7 +263,8 @@ def _no_loss(run: RunData) -> list[str]:
     if pair is not None:
         return [f"a GAN's losses ({pair[0]}, {pair[1]}): the generator and the discriminator "
                 "trade off by design, so neither is read as a loss that should fall (no "
-                "stall, divergence or spike rules); non-finite values are still checked"]
+                "stall, divergence or spike rules); a discriminator that wins outright and "
+                "non-finite values are still checked"]
     if run.instrumented or _common.val_loss_series(run)[0] is not None:
         return []
     tags = sorted(run.scalars)

@@ -133,6 +133,7 @@ def write_ordinary_run(root: str, name: str = ORDINARY_RUN) -> str:
 
 BLOWUP_RUN = "blowup/train"
 UNCHECKED_RUN = "pictures"
+GAN_RUN = "gan"
 
 
 def write_blowup_run(root: str, name: str = BLOWUP_RUN) -> str:
@@ -143,6 +144,20 @@ def write_blowup_run(root: str, name: str = BLOWUP_RUN) -> str:
     with StabilityWriter(os.path.join(root, name), wall_time=1.0) as writer:
         for step in range(STEPS):
             writer.write_scalar("loss", step, float(loss[step]))
+    return os.path.join(root, name)
+
+
+def write_gan_run(root: str, name: str = GAN_RUN) -> str:
+    """A GAN's ``d_loss`` and ``g_loss``: from 1.4 and 0.7 the discriminator's falls to ~0.01
+    by step 150 while the generator's climbs to ~8 (the discriminator wins)."""
+    rng = np.random.default_rng(5)
+    won = 1.0 / (1.0 + np.exp(-(np.arange(STEPS) - 100) / 15.0))
+    d_loss = 1.4 * (1 - won) + 0.01 + 0.02 * rng.random(STEPS)
+    g_loss = 0.7 + 7.3 * won + 0.1 * rng.random(STEPS)
+    with StabilityWriter(os.path.join(root, name), wall_time=1.0) as writer:
+        for step in range(STEPS):
+            writer.write_scalar("d_loss", step, float(d_loss[step]))
+            writer.write_scalar("g_loss", step, float(g_loss[step]))
     return os.path.join(root, name)
 
 

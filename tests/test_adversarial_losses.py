@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tb_stability.analysis import analyze_logdir
-from tb_stability.detectors import _loss_tags
+from tb_stability.detectors import _loss_tags, adversarial
 from tb_stability.reader import load_logdir
 from tb_stability.writer import StabilityWriter
 
@@ -39,7 +39,8 @@ def test_adversarial_pair_is_recognised_by_name(tmp_path, tags, expected):
     assert _loss_tags.adversarial_losses(run) == expected
 
 
-def _train_gan(log_dir, names=("d_loss", "g_loss"), epochs=20, nan_at=None):
+def _train_gan(log_dir, names=("d_loss", "g_loss"), epochs=20, nan_at=None, g_lr=1e-3,
+               d_lr=1e-3):
     """A small real GAN; logs its two losses every 4 steps; a NaN in the discriminator's
     loss from step ``nan_at`` on (as a log(0) would make)."""
     tf = pytest.importorskip("tensorflow")
@@ -51,8 +52,8 @@ def _train_gan(log_dir, names=("d_loss", "g_loss"), epochs=20, nan_at=None):
                             keras.layers.Dense(2)])
     disc = keras.Sequential([keras.Input((2,)), keras.layers.Dense(32, activation="relu"),
                              keras.layers.Dense(1)])
-    g_opt = keras.optimizers.Adam(1e-3, beta_1=0.5)
-    d_opt = keras.optimizers.Adam(1e-3, beta_1=0.5)
+    g_opt = keras.optimizers.Adam(g_lr, beta_1=0.5)
+    d_opt = keras.optimizers.Adam(d_lr, beta_1=0.5)
     bce = keras.losses.BinaryCrossentropy(from_logits=True)
 
     @tf.function
@@ -105,3 +106,59 @@ def test_a_nan_in_a_gan_loss_is_still_found(tmp_path):
     (report,) = analyze_logdir(tmp_path).runs
     nan = [f for f in report.findings if f.kind == "nan_inf"]
     assert nan and nan[0].first_step == 120
+
+
+# ------------------------------------------------- the discriminator wins
+
+
+def _curve(start, end, n=100, at=50, width=5.0, noise=0.0, seed=0):
+    """``start`` turning into ``end`` around index ``at`` (a logistic step), with noise."""
+    rng = np.random.default_rng(seed)
+    turn = 1.0 / (1.0 + np.exp(-(np.arange(n) - at) / width))
+    return start + (end - start) * turn + noise * rng.random(n)
+
+
+@pytest.mark.parametrize("d,g,won", [
+    (_curve(1.39, 0.01), _curve(0.69, 8.0), True),
+    (_curve(0.69, 0.02), _curve(0.69, 4.0), True),  # mean instead of sum of the two BCEs
+    (_curve(1.2, 1.38, noise=0.1), _curve(0.8, 0.7, noise=0.1), False),  # near equilibrium
+    (_curve(1.39, 0.01), _curve(0.69, 0.8), False),  # d falls, g stays: g catches up
+    (_curve(1.39, 1.3), _curve(0.69, 8.0), False),  # g climbs alone
+    (_curve(1.39, 0.2), _curve(0.69, 8.0), False),  # d not near 0
+    (_curve(1.39, 0.01), _curve(0.69, 1.6), False),  # g not high: 2x but below the floor
+    (_curve(0.5, -2.0), _curve(0.1, 6.0), False),  # a signed critic loss (Wasserstein)
+    (_curve(1.39, 0.01, n=9), _curve(0.69, 8.0, n=9), False),  # too few points
+], ids=["bce-sum", "bce-mean", "equilibrium", "d-falls-g-flat", "g-climbs-alone",
+        "d-not-near-zero", "g-below-floor", "wasserstein", "too-few-points"])
+def test_discriminator_won_rule(d, g, won):
+    result = adversarial.discriminator_won(d, g)
+    assert (result is not None) == won
+    if won:
+        # the onset: where the discriminator's loss has fallen (around index 50)
+        assert 50 <= result["onset_index"] <= 70
+        np.testing.assert_allclose(result["d_final"], np.median(d[-10:]))
+        np.testing.assert_allclose(result["g_start"], np.median(g[:3]))
+
+
+def test_a_real_gan_whose_discriminator_wins_is_a_divergence(tmp_path):
+    """A generator trained 1000x slower than its discriminator: the discriminator wins."""
+    _train_gan(tmp_path / "gan", epochs=6, g_lr=1e-6, d_lr=3e-3)
+    run = load_logdir(tmp_path).runs["gan"]
+    d_loss, g_loss = run.scalars["d_loss"].values, run.scalars["g_loss"].values
+    assert np.median(d_loss[-10:]) < 0.05 and np.median(g_loss[-10:]) > 3.0
+    (report,) = analyze_logdir(tmp_path).runs
+    (finding,) = [f for f in report.findings if f.kind == "divergence"]
+    assert finding.severity == "warning"
+    assert finding.evidence["discriminator_loss"] == "d_loss"
+    assert finding.evidence["generator_loss"] == "g_loss"
+    assert "The discriminator won" in finding.explanation
+    assert "d_optimizer" in finding.remedy
+    steps = run.scalars["d_loss"].steps
+    assert steps[0] < finding.first_step < steps[-1] and finding.last_step == steps[-1]
+    assert not {f.kind for f in report.findings} & (LOSS_RULES - {"divergence"})
+
+
+def test_a_healthy_gan_is_not_a_discriminator_win(healthy_gan):
+    run = load_logdir(healthy_gan).runs["gan"]
+    assert adversarial.discriminator_won(run.scalars["d_loss"].values,
+                                         run.scalars["g_loss"].values) is None

@@ -46,6 +46,32 @@ def test_overhead_steps_prints_interleaved_ratio_table():
     assert "below the TensorBoard callback" in out
 
 
+def test_overhead_loop_prints_the_custom_loop_table_and_the_monitor_wrote_its_runs(tmp_path):
+    pytest.importorskip("tensorflow")
+    out = _run("overhead_loop.py", "--models", "mlp")
+    assert "per-process range" in out and "processes=1" in out
+    for config in ("baseline", "baseline again", "monitor defaults", "monitor no probes",
+                   "monitor every=1", "tf.summary hist every step"):
+        assert f"mlp    {config}" in out, out
+    assert "below hand-written tf.summary histograms" in out
+
+
+def test_overhead_loop_steps_the_readme_custom_loop(tmp_path):
+    """The every=1 configuration records probes, batch statistics and per-step rows."""
+    pytest.importorskip("tensorflow")
+    from benchmarks import overhead, overhead_loop
+    from tb_stability.reader import load_logdir
+
+    x, y = overhead._data("mlp", 24)
+    loop = overhead_loop._CustomLoop("mlp", "monitor every=1", x, y, 8, str(tmp_path))
+    for _ in range(3):
+        assert loop.run_step() > 0
+    loop.close()
+    (run,) = load_logdir(tmp_path).runs.values()
+    assert run.steps["loss"].steps.tolist() == [0, 1, 2]
+    assert run.layers and run.inputs and run.labels
+
+
 def test_versus_compares_a_revision_with_the_tree_in_rotated_processes():
     pytest.importorskip("tensorflow")
     out = _run("versus.py", "--rev", "HEAD", "--models", "mlp", "--processes", "2")

@@ -33,6 +33,7 @@ def session(tmp_path_factory):
     plugin_support.write_ordinary_run(logdir)
     plugin_support.write_blowup_run(logdir)
     plugin_support.write_unchecked_run(logdir)
+    plugin_support.write_gan_run(logdir)
     # A corrupt event file in the hostile run: its warning names a hostile path.
     corrupt = os.path.join(logdir, plugin_support.HOSTILE_RUN, "events.out.tfevents.0.corrupt")
     with open(corrupt, "wb") as handle:
@@ -179,6 +180,24 @@ def test_an_early_blowup_is_marked_as_a_blowup_on_the_loss_chart(session):
         assert not [m for m in markers if m.startswith("diverges@")], markers
 
 
+def test_a_gan_charts_both_losses_and_marks_the_discriminator_winning(session):
+    frame = session["frame"]
+    run = plugin_support.GAN_RUN
+    with selected(frame, run):
+        frame.wait_for_selector(f".run-view[data-run='{run}'][data-loaded=true] .chart")
+        charts = frame.eval_on_selector_all(
+            f".run-view[data-run='{run}'] .chart",
+            "els => els.map(e => [e.dataset.tag, e.querySelector('.chart-title').textContent,"
+            " e.dataset.markers])")
+        assert [tag for tag, _, _ in charts] == ["g_loss", "d_loss"], charts
+        assert charts[0][1].startswith("generator loss") and charts[1][1].startswith(
+            "discriminator loss"), charts
+        finding = frame.locator(f".finding[data-kind='divergence'][data-run='{run}']")
+        assert "discriminator won" in finding.text_content()
+        markers = charts[0][2].split(";")
+        assert [m for m in markers if m.startswith("diverges@")], markers
+
+
 def test_a_run_with_nothing_to_check_says_so(session):
     item = session["frame"].locator(f".run-item[data-run='{plugin_support.UNCHECKED_RUN}']")
     assert item.locator(".badge").text_content().strip() == "no data"
@@ -222,7 +241,7 @@ def test_run_filter(session):
     frame.fill(".filter", "spik")
     assert frame.eval_on_selector_all(".run-item", "els => els.map(e => e.dataset.run)") == ["spiky"]
     frame.fill(".filter", "")
-    assert frame.locator(".run-item").count() == 8
+    assert frame.locator(".run-item").count() == 9
 
 
 def test_theme_follows_tensorboard_dark_mode(session):

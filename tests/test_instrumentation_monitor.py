@@ -26,12 +26,14 @@ LR = 0.05
 BATCH = 8
 
 
-def train(monitor_dir, x, y, every=2, jit=False, tick=True, features=4, pass_model=False):
+def train(monitor_dir, x, y, every=2, jit=False, tick=True, features=4, pass_model=False,
+          **monitor_args):
     model = make_model("functional", features)
     optimizer = keras.optimizers.SGD(LR)
     loss_fn = keras.losses.MeanSquaredError()
     monitor = StabilityMonitor(str(monitor_dir), every=every, optimizer=optimizer,
-                               jit_compile=jit, model=model if pass_model else None)
+                               jit_compile=jit, model=model if pass_model else None,
+                               **monitor_args)
 
     @tf.function(jit_compile=jit)
     def step(xb, yb):
@@ -82,7 +84,7 @@ def test_monitor_nan_and_close_without_ticks(tmp_path):
     x, y = data()
     x = x.copy()
     x[2 * BATCH, 1] = np.inf  # step 2 produces non-finite values
-    _, monitor = train(tmp_path, x, y, every=3, tick=False)  # capacity 7 >= 6 steps
+    _, monitor = train(tmp_path, x, y, every=3, tick=False)  # capacity 37 >= 6 steps
     rows = step_rows(read_events(tmp_path))
     assert column(rows, "step").tolist() == list(range(6))
     nonfinite = column(rows, "nonfinite_grads")
@@ -91,9 +93,9 @@ def test_monitor_nan_and_close_without_ticks(tmp_path):
 
 
 def test_monitor_warns_when_steps_are_dropped(tmp_path):
-    x, y = data(n=96)  # 12 steps, capacity 2 * 2 + 1 = 5, never ticked
+    x, y = data(n=96)  # 12 steps, never ticked
     with pytest.warns(RuntimeWarning, match=r"overwritten .* must call StabilityMonitor\.tick\(\)"):
-        train(tmp_path, x, y, every=2, tick=False)
+        train(tmp_path, x, y, every=2, tick=False, capacity=5)
     steps = column(step_rows(read_events(tmp_path)), "step").tolist()
     assert steps == list(range(7, 12))
 
@@ -111,3 +113,22 @@ def test_monitor_records_the_layer_activations_of_a_model_it_is_given(tmp_path):
     train(tmp_path / "without", x, y)
     (info,) = run_infos(read_events(tmp_path / "without"))
     assert "layer_activations" not in info
+
+
+def test_monitor_every_step_reads_the_host_every_32_ticks(tmp_path, monkeypatch):
+    """``every=1`` logs every step but reads the device-side records every 32 ticks, as the
+    callback does: a read per step doubled a small MLP's step (benchmarks/overhead_loop.py)."""
+    drains = []
+    original = StabilityMonitor._drain
+    monkeypatch.setattr(StabilityMonitor, "_drain",
+                        lambda self: (drains.append(self._counter.numpy()), original(self))[1])
+    x, y = data(n=70 * BATCH)
+    _, monitor = train(tmp_path, x, y, every=1)
+    assert monitor.read_every == 32 and monitor.capacity == 34
+    # Two reads while training (after 32 and 64 ticks), one when closing; a time-based
+    # flush (5 s) may add one on a slow machine.
+    assert drains[:2] == [32, 64] and len(drains) <= 4, drains
+    steps = column(step_rows(read_events(tmp_path)), "step").tolist()
+    assert steps == list(range(70))
+    with pytest.raises(ValueError, match="read_every"):
+        StabilityMonitor(str(tmp_path / "bad"), read_every=0)

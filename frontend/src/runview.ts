@@ -79,7 +79,12 @@ export class RunView {
     const markers = this.markers();
     const syncKey = `run:${this.summary.run}`;
     const wanted: [string, string, string, boolean, string][] = [];
-    const loss = pickLoss(this.summary);
+    const gan = this.summary.adversarial;
+    const loss = gan ? null : pickLoss(this.summary);
+    if (gan) {
+      wanted.push([gan.generator, "scalars", `generator loss (${gan.generator})`, false, cssVar("--series-loss") || "#1976d2"]);
+      wanted.push([gan.discriminator, "scalars", `discriminator loss (${gan.discriminator})`, false, cssVar("--series-grad") || "#ef6c00"]);
+    }
     if (loss) wanted.push([loss[0], loss[1], loss[2], false, cssVar("--series-loss") || "#1976d2"]);
     if (this.summary.series.steps.includes("grad_norm")) {
       wanted.push(["grad_norm", "steps", "global gradient norm (log)", true, cssVar("--series-grad") || "#ef6c00"]);

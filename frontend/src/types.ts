@@ -21,6 +21,8 @@ export interface RunSummary {
   has_nan_origin: boolean;
   /** The training loss the detectors read; null for a held-out split or a run without one. */
   loss?: LossChoice | null;
+  /** A GAN's two scalar loss tags: charted side by side instead of one loss. */
+  adversarial?: { generator: string; discriminator: string } | null;
 }
 
 /** A loss series: where `/series` finds it (`source`) and its tag. */

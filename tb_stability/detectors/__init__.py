@@ -16,6 +16,7 @@ from typing import Callable
 
 from tb_stability.detectors import (
     activations,
+    adversarial,
     base_rate,
     config,
     data,
@@ -39,6 +40,7 @@ ALL_DETECTORS: list[Detector] = [
     spikes.detect,
     trends.detect_divergence,
     trends.detect_stalled,
+    adversarial.detect,
     base_rate.detect,
     trends.detect_oscillation,
     updates.detect,

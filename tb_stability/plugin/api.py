@@ -152,6 +152,7 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
             "matrices": {"variables": [], "layers": []},
             "has_nan_origin": False,
             "loss": None,
+            "adversarial": None,
         }
         if data is not None:
             cut = False
@@ -162,6 +163,7 @@ def runs_impl(snapshot: Snapshot) -> tuple[str, str]:
                     cut = cut or cut_here
             item["series"]["per_batch"] = running_mean.recoverable_tags(data)
             item["loss"] = _loss_choice(data)
+            item["adversarial"] = _adversarial_choice(data)
             item["has_nan_origin"] = bool(data.json.get("stability/nan_origin"))
             if cut:
                 item["truncated"] = True
@@ -187,6 +189,21 @@ def _loss_choice(data) -> dict[str, str] | None:
     if choice is None or len(choice[1]) > MAX_NAME_LEN:
         return None
     return {"source": choice[0], "tag": choice[1]}
+
+
+def _adversarial_choice(data) -> dict[str, str] | None:
+    """A GAN's two loss tags (`_loss_tags.adversarial_losses`), for the panel to chart both.
+
+    None for any other run, or when the detectors cannot be imported.
+    """
+    try:
+        from tb_stability.detectors._loss_tags import adversarial_losses  # pylint: disable=import-outside-toplevel
+        pair = adversarial_losses(data)
+    except Exception:  # pylint: disable=broad-except
+        return None
+    if pair is None or max(len(tag) for tag in pair) > MAX_NAME_LEN:
+        return None
+    return {"generator": pair[0], "discriminator": pair[1]}
 
 
 def findings_impl(snapshot: Snapshot, run: str | None = None) -> tuple[str, str]:
