@@ -53,6 +53,8 @@ CONFIGS = ("baseline", "baseline again", "monitor defaults", "monitor no probes"
            "monitor every=1", "tf.summary hist every step")
 GOALS = {"monitor defaults": 1.02, "monitor every=1": 1.10}
 PEER = "tf.summary hist every step"
+WITH_BATCH = {"monitor defaults", "monitor every=1"}
+"""Configurations whose ``observe`` is given the batch's inputs, labels and predictions."""
 
 
 def _monitor(config: str, run_dir: str, model, optimizer, jit_compile: bool):
@@ -83,7 +85,7 @@ class _CustomLoop:
         loss_fn = model.loss
         run_dir = tempfile.mkdtemp(dir=workdir)
         self.monitor = _monitor(config, run_dir, model, optimizer, jit_compile)
-        monitor, with_batch = self.monitor, config in ("monitor defaults", "monitor every=1")
+        monitor, with_batch = self.monitor, config in WITH_BATCH
         self.writer = tf.summary.create_file_writer(run_dir) if config == PEER else None
         writer = self.writer
         variables = model.trainable_variables

@@ -181,20 +181,30 @@ def _weight_copy_cases():
     }
 
 
-@pytest.mark.parametrize("case", ["one-dtype", "mixed-dtypes", "unknown-shape"])
-def test_weight_copies_hold_every_weight_in_one_variable_per_dtype(case):
+@pytest.mark.parametrize("case,chunk_bytes,chunked", [
+    ("one-dtype", None, 0), ("mixed-dtypes", None, 0), ("unknown-shape", None, 0),
+    ("one-dtype", 32, 1),  # 24 + 8 bytes, then 32: two float32 chunks
+    ("one-dtype", 16, 2),  # a 24-byte weight alone, then 8 + 32 > 16: 8, then 32
+], ids=["one-dtype", "mixed-dtypes", "unknown-shape", "chunks-of-32-bytes",
+        "weights-above-the-chunk-size"])
+def test_weight_copies_hold_every_weight_in_one_variable_per_dtype(case, chunk_bytes, chunked):
     from instrumentation.weight_copies import weight_copies
 
     variables = _weight_copy_cases()[case]
-    copies = weight_copies(variables)
+    copies = weight_copies(variables, chunk_bytes=chunk_bytes)
     dtypes = {v.dtype for v in variables if v.shape.is_fully_defined()}
     unknown = sum(not v.shape.is_fully_defined() for v in variables)
-    assert len(copies) == len(dtypes) + unknown
+    assert len(copies) == len(dtypes) + unknown + chunked
 
     @tf.function
     def capture(sources):
         for copy in copies:
             copy.assign_from(sources)
+
+    # One whole assign per copy: an assign into a slice copied the whole variable.
+    ops = {op.type for op in capture.get_concrete_function(
+        [tf.TensorSpec(v.shape, v.dtype) for v in variables]).graph.get_operations()}
+    assert "ResourceStridedSliceAssign" not in ops and "AssignVariableOp" in ops
 
     doubled = [v * 2 for v in variables]
     capture(doubled)
@@ -277,9 +287,12 @@ def test_bad_rows_of_the_batch_are_named_and_the_data_is_blamed(part, rows, name
     assert {"labels": "labels are NaN", "sample_weights": "sample weight finite",
             "inputs": "where input right holds NaN/Inf"}[part] in finding.remedy
     if hidden:
-        assert finding.evidence["loss_at_onset"] is not None
-        assert np.isfinite(finding.evidence["loss_at_onset"])
-        assert "The loss stayed finite" in finding.explanation
+        # Whether a ReLU maps NaN to 0 (the loss stays finite) depends on the CPU's kernels:
+        # it did on the machine this test was written on, it passes NaN on where oneDNN's
+        # fused kernels run without AVX-512. The finding must say which it was.
+        loss = finding.evidence["loss_at_onset"]
+        assert loss is not None
+        assert ("The loss stayed finite" in finding.explanation) == bool(np.isfinite(loss))
     assert "Clip gradients" not in finding.remedy and "clipnorm" not in finding.remedy
     if part == "inputs":  # the snippet, run on the data fed to fit, drops exactly the bad rows
         y = np.arange(len(x["left"]), dtype="float32")
