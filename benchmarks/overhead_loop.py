@@ -80,7 +80,7 @@ class _CustomLoop:
                  jit_compile: bool = False):
         import tensorflow as tf
 
-        self.model = model = _build_model(model_name, seed=0)
+        model = _build_model(model_name, seed=0)
         optimizer = model.optimizer
         loss_fn = model.loss
         run_dir = tempfile.mkdtemp(dir=workdir)

@@ -46,7 +46,7 @@ class NanCapture:
         self.max_bytes = int(max_bytes)
         self.step = None
         self.variables: list = []
-        self.copies: list = []  # `WeightCopy`s: one flat variable per dtype
+        self.copies: list = []  # `WeightCopy`s: flat variables per dtype (<= 64 MiB each)
         self.buffers: list = []  # (part, index, variable, rows variable or None)
         self.structure: dict = {}
         self._pending = None

@@ -20,8 +20,9 @@ State kept by `StepStats`:
   step traced as a log step (``"always"``) simply the values read before the
   update, held as tensors until it is done (TensorFlow's copy-on-write keeps
   them intact: no variable, no copy beyond the one the update makes);
-  elsewhere (``"cond"``, custom loops) ``snapshots``, one flat variable per
-  dtype (`instrumentation.weight_copies`), created on first such use.
+  elsewhere (``"cond"``, custom loops) ``snapshots``, flat variables of at
+  most 64 MiB per dtype (`instrumentation.weight_copies`), created on first
+  such use.
 
 How a traced step decides whether it is a log step (`StepStats.log_mode`, read
 while tracing):

@@ -19,9 +19,9 @@ class WeightCopy:
 
     Every variable the train step touches is one more input of each call of
     the compiled step, about 1.6 µs each on a 2-core CPU (and one more input
-    of the branch that writes the copy). One flat variable per dtype instead
-    of one copy per weight keeps that cost fixed whatever the number of
-    layers. The copy is written by one assign of the members' concatenation:
+    of the branch that writes the copy). Flat variables per dtype (one per
+    `CHUNK_BYTES` of weights) instead of one copy per weight keep that cost
+    from growing with the number of layers. The copy is written by one assign of the members' concatenation:
     an assign into a slice of a variable copied the whole variable each time
     (14 slices of the 1.6 MB MLP cost 1.6 ms, ten times that with a variable
     ten times as large), so a copy of ``k`` weights cost ``k`` copies of all

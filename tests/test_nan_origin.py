@@ -187,7 +187,7 @@ def _weight_copy_cases():
     ("one-dtype", 16, 2),  # a 24-byte weight alone, then 8 + 32 > 16: 8, then 32
 ], ids=["one-dtype", "mixed-dtypes", "unknown-shape", "chunks-of-32-bytes",
         "weights-above-the-chunk-size"])
-def test_weight_copies_hold_every_weight_in_one_variable_per_dtype(case, chunk_bytes, chunked):
+def test_weight_copies_hold_every_weight_in_flat_variables_per_dtype(case, chunk_bytes, chunked):
     from instrumentation.weight_copies import weight_copies
 
     variables = _weight_copy_cases()[case]
