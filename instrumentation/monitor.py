@@ -36,6 +36,7 @@ from instrumentation import config_check
 from instrumentation import distribute
 from instrumentation import flush_policy
 from instrumentation import train_hooks
+from instrumentation import update_capture
 from instrumentation.monitor_extras import MonitorExtras
 from instrumentation.graph_values import plain_variable
 from instrumentation.stats import StepStats
@@ -58,6 +59,15 @@ class StabilityMonitor:
     weight norm is ``|w(s-1)|``; call `observe` after the optimizer update for
     these to describe update ``s`` exactly (as `StabilityCallback` does).
 
+    With ``optimizer`` a Keras built-in optimizer (one replica, no loss
+    scaling, accumulation or moving average; `update_capture.expected`), its
+    ``apply`` is wrapped while the monitor is open and a traced step whose
+    update is the only write to each weight in that step reports that update
+    itself: ``|Δw|`` from the optimizer's update tensors and ``w(s-1)`` as
+    ``w(s) - Δw``, with no copy of the weights. Such a step does not see
+    writes to the weights made outside it (another function called between
+    steps); any other step falls back to the copy.
+
     Args:
       log_dir: Run directory for the event files.
       every: Log per-variable vectors on steps with ``step % every == 0``.
@@ -67,7 +77,9 @@ class StabilityMonitor:
       capacity: Steps kept on the device between two reads (default
         ``read_every + every + 1``); older unread steps are dropped with a
         warning.
-      snapshot_weights: Keep a copy of the weights for the update ratio.
+      snapshot_weights: Measure the update ratio (from the optimizer's update
+        tensors where it can, see above; otherwise from a copy of the weights
+        taken after the step before each log step).
       strategy: The ``tf.distribute`` strategy of the loop (default: the
         current one). With several replicas, call `observe` inside
         ``strategy.run`` with each replica's gradients: statistics are summed
@@ -144,6 +156,15 @@ class StabilityMonitor:
                 model, self.probe_every, self._counter.read_value,
                 slots=self.capacity // self.probe_every + 2, loss=loss)
             self._extras.attach()
+        self._apply_watch: Optional[update_capture.ApplyWatch] = None
+        if (optimizer is not None and self.snapshot_weights
+                and update_capture.expected(optimizer, distribute.num_replicas(self.strategy))):
+            try:
+                self._apply_watch = update_capture.ApplyWatch(optimizer)
+                self._apply_watch.attach()
+            except Exception as error:  # noqa: BLE001 - the snapshot measures it instead
+                logger.debug("optimizer.apply not wrapped", exc_info=error)
+                self._apply_watch = None
         if variables is not None:
             self._ensure_stats(variables)
 
@@ -196,8 +217,11 @@ class StabilityMonitor:
                 with tf.control_dependencies([step]):  # read the counter before syncing
                     local, extras = distribute.reduce_local_stats(*replica, local)
             state = stats.write_row(step, local, learning_rate, extras)
-            stats.record_update(state)
-            stats.snapshot_when(tf.equal(tf.math.floormod(step + 1, self.every), 0))
+            changes = self._apply_watch.changes(stats.variables) if self._apply_watch else None
+            stats.record_update(state, changes=changes)
+            if not stats.uses_changes(changes):  # the next log step reads a copy
+                stats.snapshot_when(tf.equal(tf.math.floormod(step + 1, self.every), 0),
+                                    valid_for=step + 1)
             self._counter.assign(step + 1)
         except Exception as error:  # noqa: BLE001 - never break training
             self._fail(error)
@@ -211,6 +235,8 @@ class StabilityMonitor:
                 raise ValueError("pass `variables` to the monitor or to the first observe()")
             self._stats = StepStats(list(variables), self.every, self.capacity,
                                     self.snapshot_weights, extra_columns=self._extra_columns)
+            if self._apply_watch is not None:  # some traces may skip the copy
+                self._stats.expect_snapshot_steps()
             with tf.init_scope():
                 self._stats.snapshot_when(True)  # weights before the first update
             self._drainer = Drainer(
@@ -234,9 +260,11 @@ class StabilityMonitor:
         self._guard(self.writer.flush)
 
     def close(self) -> None:
-        """Flushes and closes the event file, and restores the model's own ``call``."""
+        """Flushes and closes the event file, and restores the model's and optimizer's methods."""
         self.flush()
         self._guard(self.writer.close)
+        if self._apply_watch is not None:
+            self._guard(self._apply_watch.detach)
         if self._extras is not None:
             self._guard(self._extras.detach)
 

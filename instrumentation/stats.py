@@ -44,13 +44,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from instrumentation import update_norms
 from instrumentation.graph_ops import rare_cond, ring_slot, unused_slot_steps
 from instrumentation.graph_values import (
     count_nonfinite,
     current_graph,
     float64_scalar,
     half_sum_squares,
-    norms_from_halves,
     plain_variable,
     read_value,
     variable_keys,
@@ -60,6 +60,10 @@ from instrumentation.weight_copies import copied_tensors, weight_copies
 from tb_stability import schema
 
 NUM_COLUMNS = len(schema.STEP_COLUMNS)
+ANY_STEP = -1
+"""`StepStats.expect_snapshot_steps`: the snapshot holds the weights before any step's update."""
+STALE_SNAPSHOT = -2
+"""`StepStats.expect_snapshot_steps`: the snapshot holds the weights before no pending update."""
 GRAD_NORM, WEIGHT_NORM, UPDATE_RATIO = range(3)
 
 # Optional per-step columns appended after `schema.STEP_COLUMNS` (their names
@@ -172,6 +176,7 @@ class StepStats:
             )
         self.measure_update = bool(snapshot)
         self.snapshots: Optional[list] = None  # created by the first conditional snapshot
+        self._snapshot_step = None  # see expect_snapshot_steps
         # Per tracing thread (a MirroredStrategy traces each replica in its own
         # thread, into one graph): (graph, pre-update values) of the log step.
         self._held: dict = {}
@@ -287,13 +292,17 @@ class StepStats:
         """Copies the weights on log steps (call before the update)."""
         self.snapshot_when(state.is_log)
 
-    def snapshot_when(self, predicate: Any) -> None:
+    def snapshot_when(self, predicate: Any, valid_for: Any = None) -> None:
         """Keeps the current weights (before the update) where ``predicate`` holds.
 
         ``predicate`` may be a Python bool (no condition in the graph). When it
         is True inside a traced function the weights are only read, and the
         values are held as tensors until `record_update` of the same trace;
         otherwise they are copied into the snapshot variables.
+
+        Args:
+          valid_for: The step whose update the copy precedes, when snapshot
+            steps are checked (`expect_snapshot_steps`); default: any step.
         """
         if not self.measure_update or predicate is False:
             return
@@ -306,6 +315,9 @@ class StepStats:
         def copy():
             for snapshot in snapshots:
                 snapshot.assign_from(self.variables)
+            if self._snapshot_step is not None:
+                self._snapshot_step.assign(
+                    ANY_STEP if valid_for is None else tf.cast(valid_for, tf.int64))
             return tf.constant(True)
 
         rare_cond(predicate, copy)
@@ -331,19 +343,6 @@ class StepStats:
             self._held.pop(key, None)
         return held if held and graph is current_graph() else None
 
-    def _before_update(self, release: bool = False) -> Optional[list]:
-        """The pre-update weights of this trace: held values, snapshot values or None.
-
-        Args:
-          release: Forget the held values (the last use, after the update).
-        """
-        held = self._held_values(release)
-        if held is not None:
-            return held
-        if self.snapshots is None:
-            return None
-        return copied_tensors(self.snapshots, len(self.variables))
-
     def snapshots_of(self, variables: Sequence[Any]) -> Optional[list]:
         """The pre-update values of ``variables`` held in this trace, or None.
 
@@ -359,7 +358,8 @@ class StepStats:
         return [before[i] for i in indices]
 
     def record_update(self, state: GradientState,
-                      deltas: Optional[Sequence[Optional[tf.Tensor]]] = None) -> None:
+                      deltas: Optional[Sequence[Optional[tf.Tensor]]] = None,
+                      changes: Optional[Sequence[Optional[tuple]]] = None) -> None:
         """On log steps stores gradient norm, weight norm and update ratio per variable.
 
         Call after the update; the weight norm is that of the weights before
@@ -370,28 +370,21 @@ class StepStats:
           deltas: Optional per-variable update tensors known to be the whole
             change of this step (`instrumentation.update_capture`); their norm
             replaces ``|w_after - w_before|`` (None entries: not known).
+          changes: Optional per-variable ``(update, sign)`` pairs
+            (`UpdateCapture.changes`). When every variable has one, the
+            weights before the update are ``w_after - sign * update`` and no
+            snapshot is read (see `uses_changes`).
         """
+        restored = self.uses_changes(changes)
 
         def compute():
             grad_norm = tf.sqrt(state.sum_squares)
-            snapshots = self._before_update(release=True)
-            if snapshots:
-                weight, delta = [], []
-                for index, (snap, variable) in enumerate(zip(snapshots, self.variables)):
-                    before = tf.cast(tf.convert_to_tensor(snap), tf.float32)
-                    weight.append(half_sum_squares(before, xla=self.xla))
-                    known = deltas[index] if deltas is not None else None
-                    if known is not None:
-                        delta.append(half_sum_squares(known, xla=self.xla))
-                    else:
-                        after = tf.cast(read_value(variable), tf.float32)
-                        delta.append(half_sum_squares(after - before, xla=self.xla))
-                weight_norm = norms_from_halves(weight)
-                ratio = tf.math.divide_no_nan(norms_from_halves(delta), weight_norm)
+            if restored:
+                weight_norm, ratio = update_norms.from_changes(changes, self.variables, self.xla)
+                if self._snapshot_step is not None:  # the snapshot was not kept up to date
+                    self._snapshot_step.assign(STALE_SNAPSHOT)
             else:
-                weight_norm = norms_from_halves([
-                    half_sum_squares(read_value(v), xla=self.xla) for v in self.variables])
-                ratio = tf.fill(tf.shape(weight_norm), tf.constant(np.nan, tf.float32))
+                weight_norm, ratio = self._norms_from_snapshot(state.step, deltas)
             stats = tf.stack([grad_norm, weight_norm, ratio])
             slot = ring_slot(state.step, self.every, self.slots)
             self.var_stats.scatter_nd_update(
@@ -403,6 +396,40 @@ class StepStats:
             return tf.constant(True)
 
         rare_cond(state.is_log, compute)
+
+    def uses_changes(self, changes: Optional[Sequence[Optional[tuple]]]) -> bool:
+        """Whether `record_update` restores the pre-update weights from ``changes``."""
+        return (changes is not None and len(changes) == len(self.variables)
+                and all(change is not None for change in changes))
+
+    def _norms_from_snapshot(self, step, deltas):
+        held = self._held_values(release=True)
+        if held is not None:
+            return update_norms.from_before(held, self.variables, deltas, self.xla)
+        if self.snapshots is None:
+            return update_norms.without_before(self.variables, self.xla)
+        copied = copied_tensors(self.snapshots, len(self.variables))
+        if self._snapshot_step is None:
+            return update_norms.from_before(copied, self.variables, deltas, self.xla)
+        taken = self._snapshot_step.read_value()
+        return rare_cond(
+            tf.logical_or(tf.equal(taken, ANY_STEP), tf.equal(taken, step)),
+            lambda: update_norms.from_before(copied, self.variables, deltas, self.xla),
+            lambda: update_norms.without_before(self.variables, self.xla))
+
+    def expect_snapshot_steps(self) -> None:
+        """Records which step each snapshot is for, and checks it before use.
+
+        For callers whose snapshots are taken by one step for the next
+        (``snapshot_when(..., valid_for=step + 1)``), some of whose traces
+        skip them (`uses_changes`): a log step whose snapshot was not taken
+        for it reports a NaN update ratio and its current weight norm rather
+        than a ratio against older weights.
+        """
+        if self._snapshot_step is None:
+            with tf.init_scope():
+                self._snapshot_step = plain_variable(
+                    tf.constant(ANY_STEP, tf.int64), "stability_snapshot_step")
 
     def index_of(self, variable: Any) -> Optional[int]:
         """Index of ``variable`` (Keras or TF) among the tracked variables, or None."""

@@ -20,6 +20,7 @@ by the optimizer, before rounding to the weights' precision.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Optional, Sequence
 
 import tensorflow as tf
@@ -57,25 +58,33 @@ class UpdateCapture:
     """Records the update tensors one traced ``apply`` passes to the optimizer.
 
     Args:
-      lookup: Maps a variable (Keras or TF) to its index among the tracked
-        variables, or None.
+      lookup: Maps a variable (Keras or TF) to a hashable key (its index among
+        the tracked variables, say), or None for a variable not tracked. The
+        tracked variables are looked up the same way by `deltas`.
     """
 
     def __init__(self, lookup):
         self._lookup = lookup
-        self._writes: dict = {}  # index -> [(value, graph)] of each captured write
+        self._writes: dict = {}  # key -> [(value, graph, sign)] of each captured write
         self._graph = None
         self._first_op = 0
 
     @contextlib.contextmanager
-    def watch(self, optimizer: Any):
-        """Wraps ``optimizer.assign_add``/``assign_sub`` while the ``apply`` is traced."""
+    def watch(self, optimizer: Any, whole_graph: bool = False):
+        """Wraps ``optimizer.assign_add``/``assign_sub`` while the ``apply`` is traced.
+
+        Args:
+          optimizer: The optimizer whose ``apply`` is traced inside the block.
+          whole_graph: Verify that no op of the whole graph but the captured
+            one writes the variable, rather than no op created from the start
+            of the block on (writes made before the ``apply`` count too).
+        """
         patches = InstancePatches()
         try:
             self._graph = current_graph()
-            self._first_op = len(self._graph.get_operations())
-            for name in ("assign_add", "assign_sub"):  # |Δw| does not need the sign
-                patches.set(optimizer, name, self._wrap(getattr(optimizer, name)))
+            self._first_op = 0 if whole_graph else len(self._graph.get_operations())
+            for name, sign in (("assign_add", 1.0), ("assign_sub", -1.0)):
+                patches.set(optimizer, name, self._wrap(getattr(optimizer, name), sign))
         except Exception:  # noqa: BLE001 - no capture: |Δw| falls back to after - before
             self._graph = None
         try:
@@ -83,12 +92,12 @@ class UpdateCapture:
         finally:
             patches.restore()
 
-    def _wrap(self, original):
+    def _wrap(self, original, sign: float):
         def method(variable, value):
             try:
-                index = self._lookup(variable)
-                if index is not None:
-                    self._writes.setdefault(index, []).append((value, current_graph()))
+                key = self._lookup(variable)
+                if key is not None:
+                    self._writes.setdefault(key, []).append((value, current_graph(), sign))
             except Exception:  # noqa: BLE001 - an unknown variable: not captured
                 pass
             return original(variable, value)
@@ -100,6 +109,15 @@ class UpdateCapture:
 
         Call after the wrapped ``apply`` returned, in the same graph.
         """
+        return [None if change is None else change[0] for change in self.changes(variables)]
+
+    def changes(self, variables: Sequence[Any]) -> list[Optional[tuple]]:
+        """Per tracked variable, ``(update, sign)`` with ``w_after = w_before + sign * update``.
+
+        None for a variable whose update is not verified to be its whole
+        change (see the module docstring). Call after the wrapped ``apply``
+        returned, in the same graph.
+        """
         out: list = [None] * len(variables)
         graph = self._graph
         if graph is None or graph is not current_graph():
@@ -107,17 +125,17 @@ class UpdateCapture:
         writers = _writers_by_handle(graph.get_operations()[self._first_op:])
         handles = _internal_handles(graph)
         for index, variable in enumerate(variables):
-            writes = self._writes.get(index, [])
+            writes = self._writes.get(self._lookup(variable), [])
             if len(writes) != 1:
                 continue
-            value, where = writes[0]
+            value, where, sign = writes[0]
             if where is not graph or value is None or isinstance(value, tf.IndexedSlices):
                 continue
             handle = handles.get(id(getattr(tf_variable(variable), "handle", None)))
             if handle is None or writers.get(id(handle), 0) != 1:
                 continue
             try:
-                out[index] = tf.convert_to_tensor(value)
+                out[index] = (tf.convert_to_tensor(value), sign)
             except (TypeError, ValueError):
                 continue
         return out
@@ -138,3 +156,53 @@ def _writers_by_handle(ops) -> dict:
             if tensor.dtype == tf.resource:
                 counts[id(tensor)] = counts.get(id(tensor), 0) + 1
     return counts
+
+
+class ApplyWatch:
+    """Captures the updates of every traced ``optimizer.apply``, for code traced after it.
+
+    `StabilityMonitor`'s ``observe`` runs after the user's ``apply_gradients``
+    in the same traced step. `attach` wraps the optimizer instance's ``apply``
+    so that each traced call runs under an `UpdateCapture` (verified against
+    the whole graph: a write to a weight anywhere else in the step, a second
+    ``apply`` included, leaves that weight's update unknown); `changes`
+    returns the last capture of this thread's current graph. Eager calls are
+    not captured.
+
+    Args:
+      optimizer: A Keras optimizer (see `expected`).
+    """
+
+    def __init__(self, optimizer: Any):
+        self._optimizer = optimizer
+        self._patches = InstancePatches()
+        self._last: dict = {}  # tracing thread -> its last UpdateCapture
+
+    def attach(self) -> None:
+        """Wraps the instance's ``apply`` (see `detach`)."""
+        original = self._optimizer.apply
+
+        def apply(*args, **kwargs):
+            if tf.executing_eagerly():
+                return original(*args, **kwargs)
+            capture = UpdateCapture(_identity)
+            with capture.watch(self._optimizer, whole_graph=True):
+                result = original(*args, **kwargs)
+            self._last[threading.get_ident()] = capture
+            return result
+
+        self._patches.set(self._optimizer, "apply", apply)
+
+    def detach(self) -> None:
+        """Restores the instance's own ``apply``."""
+        self._patches.restore()
+        self._last.clear()
+
+    def changes(self, variables: Sequence[Any]) -> Optional[list]:
+        """`UpdateCapture.changes` of the last ``apply`` traced in this graph, or None."""
+        capture = self._last.get(threading.get_ident())
+        return capture.changes(variables) if capture is not None else None
+
+
+def _identity(variable: Any) -> int:
+    return id(tf_variable(variable))
