@@ -22,7 +22,10 @@ State kept by `StepStats`:
   them intact: no variable, no copy beyond the one the update makes);
   elsewhere (``"cond"``, custom loops) ``snapshots``, flat variables of at
   most 64 MiB per dtype (`instrumentation.weight_copies`), created on first
-  such use.
+  such use, and where some steps skip them (`expect_snapshot_steps`) the step
+  each was taken for. Where every weight's update is known
+  (`instrumentation.update_capture`), none of these is needed:
+  ``w_before = w_after - sign * update``.
 
 How a traced step decides whether it is a log step (`StepStats.log_mode`, read
 while tracing):
@@ -358,7 +361,6 @@ class StepStats:
         return [before[i] for i in indices]
 
     def record_update(self, state: GradientState,
-                      deltas: Optional[Sequence[Optional[tf.Tensor]]] = None,
                       changes: Optional[Sequence[Optional[tuple]]] = None) -> None:
         """On log steps stores gradient norm, weight norm and update ratio per variable.
 
@@ -367,24 +369,28 @@ class StepStats:
         ``|w_after - w_before| / |w_before|`` (0 where ``|w_before| == 0``).
 
         Args:
-          deltas: Optional per-variable update tensors known to be the whole
-            change of this step (`instrumentation.update_capture`); their norm
-            replaces ``|w_after - w_before|`` (None entries: not known).
-          changes: Optional per-variable ``(update, sign)`` pairs
-            (`UpdateCapture.changes`). When every variable has one, the
-            weights before the update are ``w_after - sign * update`` and no
-            snapshot is read (see `uses_changes`).
+          changes: Optional per-variable ``(update, sign)`` pairs known to be
+            the whole change of this step (`UpdateCapture.changes`; None
+            entries: not known). The norm of a known update replaces
+            ``|w_after - w_before|``. Without pre-update values held in this
+            trace, and with every variable's update known, the weights before
+            the update are ``w_after - sign * update`` and no snapshot is read
+            (`uses_changes`).
         """
-        restored = self.uses_changes(changes)
+        held = self._held_values(release=True)
+        restored = held is None and self.uses_changes(changes)
 
         def compute():
             grad_norm = tf.sqrt(state.sum_squares)
-            if restored:
+            if held is not None:
+                weight_norm, ratio = update_norms.from_before(held, self.variables, changes,
+                                                              self.xla)
+            elif restored:
                 weight_norm, ratio = update_norms.from_changes(changes, self.variables, self.xla)
                 if self._snapshot_step is not None:  # the snapshot was not kept up to date
                     self._snapshot_step.assign(STALE_SNAPSHOT)
             else:
-                weight_norm, ratio = self._norms_from_snapshot(state.step, deltas)
+                weight_norm, ratio = self._norms_from_snapshot(state.step, changes)
             stats = tf.stack([grad_norm, weight_norm, ratio])
             slot = ring_slot(state.step, self.every, self.slots)
             self.var_stats.scatter_nd_update(
@@ -398,23 +404,20 @@ class StepStats:
         rare_cond(state.is_log, compute)
 
     def uses_changes(self, changes: Optional[Sequence[Optional[tuple]]]) -> bool:
-        """Whether `record_update` restores the pre-update weights from ``changes``."""
+        """Whether every tracked variable's update is in ``changes`` (`record_update`)."""
         return (changes is not None and len(changes) == len(self.variables)
                 and all(change is not None for change in changes))
 
-    def _norms_from_snapshot(self, step, deltas):
-        held = self._held_values(release=True)
-        if held is not None:
-            return update_norms.from_before(held, self.variables, deltas, self.xla)
+    def _norms_from_snapshot(self, step, changes):
         if self.snapshots is None:
             return update_norms.without_before(self.variables, self.xla)
         copied = copied_tensors(self.snapshots, len(self.variables))
         if self._snapshot_step is None:
-            return update_norms.from_before(copied, self.variables, deltas, self.xla)
+            return update_norms.from_before(copied, self.variables, changes, self.xla)
         taken = self._snapshot_step.read_value()
         return rare_cond(
             tf.logical_or(tf.equal(taken, ANY_STEP), tf.equal(taken, step)),
-            lambda: update_norms.from_before(copied, self.variables, deltas, self.xla),
+            lambda: update_norms.from_before(copied, self.variables, changes, self.xla),
             lambda: update_norms.without_before(self.variables, self.xla))
 
     def expect_snapshot_steps(self) -> None:

@@ -137,8 +137,8 @@ def make_apply(callback, optimizer, original):
         try:
             if skipped is not None:  # a skipped step does not advance iterations
                 stats.skips.assign(skipped)
-            deltas = capture.deltas(stats.variables) if capture is not None else None
-            stats.record_update(state, deltas)
+            changes = capture.changes(stats.variables) if capture is not None else None
+            stats.record_update(state, changes)
         except Exception as error:  # noqa: BLE001
             callback._fail(error)
         return result

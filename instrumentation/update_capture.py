@@ -41,7 +41,8 @@ def expected(optimizer: Any, replicas: int) -> bool:
     moving average, on one replica. The callback uses it to decide, before the
     update is traced, whether the NaN capture may read the weights (the update
     then waits for it) rather than the pre-update values (which would make the
-    update copy the weights).
+    update copy the weights); `StabilityMonitor`, whether to wrap ``apply``
+    (`ApplyWatch`).
     """
     module = type(optimizer).__module__ or ""
     return (
@@ -60,7 +61,7 @@ class UpdateCapture:
     Args:
       lookup: Maps a variable (Keras or TF) to a hashable key (its index among
         the tracked variables, say), or None for a variable not tracked. The
-        tracked variables are looked up the same way by `deltas`.
+        tracked variables are looked up the same way by `changes`.
     """
 
     def __init__(self, lookup):
@@ -103,13 +104,6 @@ class UpdateCapture:
             return original(variable, value)
 
         return method
-
-    def deltas(self, variables: Sequence[Any]) -> list[Optional[tf.Tensor]]:
-        """Per tracked variable, its verified update tensor (up to sign), or None.
-
-        Call after the wrapped ``apply`` returned, in the same graph.
-        """
-        return [None if change is None else change[0] for change in self.changes(variables)]
 
     def changes(self, variables: Sequence[Any]) -> list[Optional[tuple]]:
         """Per tracked variable, ``(update, sign)`` with ``w_after = w_before + sign * update``.

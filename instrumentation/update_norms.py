@@ -7,7 +7,7 @@ the update ``w_before``:
   (`instrumentation.update_capture`), so ``w_before = w_after - sign * Δ``:
   no copy of the weights is needed at all;
 * `from_before`: pre-update values held from earlier in the step or copied
-  into snapshot variables (with known updates used where there are some);
+  into snapshot variables (with the known updates used where there are some);
 * `without_before`: none, so the ratio is NaN and the weight norm is the
   current one.
 
@@ -38,15 +38,15 @@ def from_changes(changes: Sequence[tuple], variables: Sequence[Any], xla: bool =
 
 
 def from_before(befores: Sequence[Any], variables: Sequence[Any],
-                deltas: Optional[Sequence[Optional[tf.Tensor]]] = None, xla: bool = False):
-    """Norms from the pre-update values ``befores`` (and known update tensors, if any)."""
+                changes: Optional[Sequence[Optional[tuple]]] = None, xla: bool = False):
+    """Norms from the pre-update values ``befores`` (and ``(update, sign)`` pairs, where known)."""
     weight, delta = [], []
     for index, (value, variable) in enumerate(zip(befores, variables)):
         before = tf.cast(tf.convert_to_tensor(value), tf.float32)
         weight.append(half_sum_squares(before, xla=xla))
-        known = deltas[index] if deltas is not None else None
+        known = changes[index] if changes is not None else None
         if known is not None:
-            delta.append(half_sum_squares(known, xla=xla))
+            delta.append(half_sum_squares(known[0], xla=xla))
         else:
             after = tf.cast(read_value(variable), tf.float32)
             delta.append(half_sum_squares(after - before, xla=xla))
