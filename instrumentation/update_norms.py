@@ -27,14 +27,12 @@ from instrumentation.graph_values import half_sum_squares, norms_from_halves, re
 
 def from_changes(changes: Sequence[tuple], variables: Sequence[Any], xla: bool = False):
     """Norms from ``(update, sign)`` pairs with ``w_after = w_before + sign * update``."""
-    weight, delta = [], []
+    befores = []
     for (update, sign), variable in zip(changes, variables):
         change = tf.cast(update, tf.float32)
         after = tf.cast(read_value(variable), tf.float32)
-        before = after - change if sign > 0 else after + change
-        weight.append(half_sum_squares(before, xla=xla))
-        delta.append(half_sum_squares(change, xla=xla))
-    return _ratio(weight, delta)
+        befores.append(after - change if sign > 0 else after + change)
+    return from_before(befores, variables, changes, xla)
 
 
 def from_before(befores: Sequence[Any], variables: Sequence[Any],
