@@ -259,11 +259,15 @@ def summarize(model: str, runs: list, steps: int, goals: dict = GOALS) -> list[l
     return rows
 
 
-def lockstep_parser(description: str, configs) -> argparse.ArgumentParser:
-    """The flags every lockstep benchmark takes (this one's and `overhead_loop.py`'s)."""
+def lockstep_parser(description: str, configs, extra_configs=()) -> argparse.ArgumentParser:
+    """The flags every lockstep benchmark takes (this one's and `overhead_loop.py`'s).
+
+    ``extra_configs`` may be asked for with ``--configs`` but are not run by default.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--configs", nargs="+", default=list(configs), choices=configs)
+    parser.add_argument("--configs", nargs="+", default=list(configs),
+                        choices=list(configs) + list(extra_configs))
     parser.add_argument("--blocks", type=int, default=12,
                         help="measured blocks per process")
     parser.add_argument("--steps", type=int, default=100, help="steps per block")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Any, Optional
 
 import keras
@@ -30,6 +29,7 @@ from instrumentation.nan_capture import NanCapture
 from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, rebuild,
                                         save_artifacts, swapped_weights, variable_path)
 from instrumentation.probes import ActivationProbes
+from instrumentation.writer import warn_disabled
 from tb_stability import schema
 
 logger = logging.getLogger("instrumentation")
@@ -100,10 +100,7 @@ class CallbackExtras:
 
     def _fail(self, error: BaseException) -> None:
         if not self.broken:
-            warnings.warn(f"tb-stability: activation/data/NaN-origin probes disabled after an "
-                          f"internal error ({type(error).__name__}: {error}); training continues",
-                          RuntimeWarning, stacklevel=3)
-            logger.debug("extras error", exc_info=error)
+            warn_disabled("activation/data/NaN-origin probes", error, logger)
         self.broken = True
 
     # ------------------------------------------------------------- wrappers

@@ -38,7 +38,9 @@ from instrumentation import flush_policy
 from instrumentation import train_hooks
 from instrumentation import update_capture
 from instrumentation.monitor_extras import MonitorExtras
-from instrumentation.graph_values import plain_variable
+from instrumentation.gradient_sums import GradientSums, gradient_sums
+from instrumentation.graph_values import current_graph, plain_variable, tf_variable
+from instrumentation.monitor_nan import MonitorCapture
 from instrumentation.stats import StepStats
 from instrumentation.writer import ColumnsWriter, Drainer, SummaryWriter, run_info, warn_disabled
 from tb_stability import schema
@@ -108,6 +110,14 @@ class StabilityMonitor:
         `train_hooks.read_interval`). Each read copies the device-side
         records to the host and costs about a millisecond on the training
         thread; with ``every=1`` a read per step doubled a small MLP's step.
+      nan_forensics: Capture the first step whose gradients are not finite
+        (the weights before its update and the batch given to `observe`),
+        re-run it eagerly to find where the non-finite values start (inputs,
+        a layer, labels, the loss) and save it under
+        ``<log_dir>/nan_origin/`` (`instrumentation.monitor_nan`). Needs
+        ``optimizer=`` (a Keras built-in one, one replica) and, for the
+        re-run, ``model=`` and ``inputs=``/``labels=`` in `observe`; costs
+        one branch per step and, once, a copy of the weights.
     """
 
     def __init__(
@@ -124,6 +134,7 @@ class StabilityMonitor:
         probe_every: Optional[int] = None,
         loss: Any = None,
         read_every: Optional[int] = None,
+        nan_forensics: bool = True,
     ):
         if int(every) < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -157,14 +168,21 @@ class StabilityMonitor:
                 slots=self.capacity // self.probe_every + 2, loss=loss)
             self._extras.attach()
         self._apply_watch: Optional[update_capture.ApplyWatch] = None
-        if (optimizer is not None and self.snapshot_weights
+        self._nan: Optional[MonitorCapture] = None
+        self._pending_sums = None  # (graph, variable ids, GradientSums) of the traced apply
+        self._observed_graph = None
+        if (optimizer is not None
                 and update_capture.expected(optimizer, distribute.num_replicas(self.strategy))):
-            try:
-                self._apply_watch = update_capture.ApplyWatch(optimizer)
-                self._apply_watch.attach()
-            except Exception as error:  # noqa: BLE001 - the snapshot measures it instead
-                logger.debug("optimizer.apply not wrapped", exc_info=error)
-                self._apply_watch = None
+            if nan_forensics:
+                self._nan = MonitorCapture(model, loss, jit=self.jit_compile)
+            if self.snapshot_weights or self._nan is not None:
+                try:
+                    self._apply_watch = update_capture.ApplyWatch(
+                        optimizer, before=self._before_apply if self._nan is not None else None)
+                    self._apply_watch.attach()
+                except Exception as error:  # noqa: BLE001 - the snapshot measures it instead
+                    logger.debug("optimizer.apply not wrapped", exc_info=error)
+                    self._apply_watch, self._nan = None, None
         if variables is not None:
             self._ensure_stats(variables)
 
@@ -210,24 +228,63 @@ class StabilityMonitor:
                 learning_rate = (
                     self.optimizer.learning_rate if self.optimizer is not None else float("nan")
                 )
-            local = stats.local_stats(list(gradients), variables, loss, grad_scale)
+            self._observed_graph = current_graph()
+            gradients = list(gradients)
+            sums = self._take_sums(gradients, variables, grad_scale)
+            local = stats.local_stats(gradients, variables, loss, grad_scale, sums=sums)
             extras = {}
             replica = distribute.replica_context()
             if replica is not None:
                 with tf.control_dependencies([step]):  # read the counter before syncing
                     local, extras = distribute.reduce_local_stats(*replica, local)
             state = stats.write_row(step, local, learning_rate, extras)
-            changes = self._apply_watch.changes(stats.variables) if self._apply_watch else None
+            changes = (self._apply_watch.changes(stats.variables)
+                       if self._apply_watch is not None and self.snapshot_weights else None)
             stats.record_update(state, changes=changes)
             if not stats.uses_changes(changes):  # the next log step reads a copy
                 stats.snapshot_when(tf.equal(tf.math.floormod(step + 1, self.every), 0),
                                     valid_for=step + 1)
+            self._capture_batch(step, local.nonfinite, inputs, labels)
             self._counter.assign(step + 1)
         except Exception as error:  # noqa: BLE001 - never break training
             self._fail(error)
             return
         if self._extras is not None:  # fails on its own, leaving the statistics on
             self._extras.record_batch(step, inputs, labels, predictions)
+
+    def _before_apply(self, grads: list, variables: list) -> None:
+        """In the traced ``optimizer.apply``, before the update: the gradients' norms, with
+        the NaN capture's weight copy in their non-finite branch (`instrumentation.monitor_nan`)."""
+        nan = self._nan
+        if self._broken or nan is None or nan.broken or self._observed_graph is current_graph():
+            return  # off, or observe() came first in this step: its pairing would be wrong
+        try:
+            hook = nan.weights_hook(self._counter, variables)
+            sums = gradient_sums(grads, self.jit_compile, None, hook)
+            self._pending_sums = (current_graph(), _variable_ids(variables), sums)
+        except Exception as error:  # noqa: BLE001 - never break training
+            nan.fail(error)
+
+    def _take_sums(self, gradients: list, variables, grad_scale) -> Optional[GradientSums]:
+        """The traced apply's `GradientSums` where they are of these gradients and variables."""
+        pending, self._pending_sums = self._pending_sums, None
+        if pending is None or grad_scale is not None:
+            return None
+        graph, keys, sums = pending
+        variables = self._stats.variables if variables is None else list(variables)
+        if graph is not current_graph() or keys != _variable_ids(variables) \
+                or not sums.of(gradients):
+            return None
+        return sums
+
+    def _capture_batch(self, step, nonfinite, inputs, labels) -> None:
+        nan = self._nan
+        if nan is None or nan.broken:
+            return
+        try:
+            nan.after_observe(step, self._counter, nonfinite, inputs, labels)
+        except Exception as error:  # noqa: BLE001 - never break training
+            nan.fail(error)
 
     def _ensure_stats(self, variables) -> StepStats:
         if self._stats is None:
@@ -301,6 +358,11 @@ class StabilityMonitor:
         self._drainer.drain()
         if self._extras is not None:
             self._extras.drain(self.writer)
+        if self._nan is not None:
+            try:
+                self._nan.drain(self.writer, self._drainer.first_nonfinite_step)
+            except Exception as error:  # noqa: BLE001 - the forensics alone stop
+                self._nan.fail(error)
 
     def _guard(self, fn) -> None:
         try:
@@ -312,3 +374,7 @@ class StabilityMonitor:
         if not self._broken:
             warn_disabled("monitor", error, logger)
         self._broken = True
+
+
+def _variable_ids(variables) -> list[int]:
+    return [id(tf_variable(v)) for v in variables]

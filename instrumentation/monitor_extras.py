@@ -20,7 +20,6 @@ own statistics go on.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,6 +30,7 @@ from instrumentation.data_stats import DataStats, first_tensor
 from instrumentation.extras import probe_run_info, write_records
 from instrumentation.instance_patches import InstancePatches
 from instrumentation.probes import ActivationProbes
+from instrumentation.writer import warn_disabled
 
 logger = logging.getLogger("instrumentation")
 
@@ -157,10 +157,7 @@ class MonitorExtras:
 
     def _fail(self, error: BaseException) -> None:
         if not self.broken:
-            warnings.warn(f"tb-stability: activation probes and batch statistics disabled after "
-                          f"an internal error ({type(error).__name__}: {error}); training "
-                          f"continues", RuntimeWarning, stacklevel=3)
-            logger.debug("monitor extras error", exc_info=error)
+            warn_disabled("activation probes and batch statistics", error, logger)
         self.broken = True
         try:
             self.detach()

@@ -21,7 +21,7 @@ The host side (replaying the step, saving the artefacts) is
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -152,15 +152,36 @@ class NanCapture:
 
     def _capture_fn(self, step, x, y, sample_weight, sources=None):
         step = tf.cast(step, tf.int64)
+        copy_weights = self.weight_copier(sources)
+        copy_batch = self.batch_copier(x, y, sample_weight)
+
+        def capture():
+            copy_weights()
+            copy_batch()
+            self.step.assign(step)
+            return tf.constant(True)
+
+        return capture
+
+    def weight_copier(self, sources=None) -> Callable[[], None]:
+        """A function (graph side) copying ``sources`` (default: `variables`) into the copies."""
         sources = list(self.variables if sources is None else sources)
         if len(sources) != len(self.variables):
             raise ValueError(f"{len(sources)} weight sources for {len(self.variables)} variables")
-        parts = {"x": tf.nest.flatten(x), "y": tf.nest.flatten(y) if y is not None else [],
-                 "sw": tf.nest.flatten(sample_weight) if sample_weight is not None else []}
 
-        def capture():
+        def copy():
             for copy in self.copies:
                 copy.assign_from(sources)
+
+        return copy
+
+    def batch_copier(self, x, y, sample_weight) -> Callable[[], None]:
+        """A function (graph side) copying the batch into its buffers (`ensure_batch` first)."""
+        parts = {"x": tf.nest.flatten(x) if x is not None else [],
+                 "y": tf.nest.flatten(y) if y is not None else [],
+                 "sw": tf.nest.flatten(sample_weight) if sample_weight is not None else []}
+
+        def copy():
             for part, index, buffer, rows in self.buffers:
                 tensor = tf.convert_to_tensor(parts[part][index])
                 if rows is None:
@@ -172,12 +193,15 @@ class NanCapture:
                     pad = [[0, cap - take]] + [[0, 0]] * (tensor.shape.rank - 1)
                     buffer.assign(tf.pad(piece, pad))
                     rows.assign(tf.cast(take, tf.int64))
-            self.step.assign(step)
-            return tf.constant(True)
 
-        return capture
+        return copy
 
     def _ensure(self, variables, x, y, sample_weight) -> None:
+        self.ensure_weights(variables)
+        self.ensure_batch(x, y, sample_weight)
+
+    def ensure_weights(self, variables) -> None:
+        """Creates the step variable and the weight copies of ``variables`` (once)."""
         with tf.init_scope():
             if self.step is None:
                 self.step = tf.Variable(tf.constant(-1, tf.int64), trainable=False,
@@ -188,6 +212,10 @@ class NanCapture:
             if [id(v) for v in self.variables] != [id(v) for v in variables]:
                 self.variables = list(variables)
                 self.copies = weight_copies(self.variables, name="stability_nan_weights")
+
+    def ensure_batch(self, x, y, sample_weight) -> None:
+        """Creates the batch buffers for tensors shaped like ``x``, ``y``, ``sample_weight`` (once)."""
+        with tf.init_scope():
             if self.buffers:
                 return
             self.structure = {"x": _structure(x), "y": _structure(y),

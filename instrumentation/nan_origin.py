@@ -4,7 +4,9 @@ Approach:
 
 1. Graph side (`instrumentation.nan_capture.NanCapture`), inside the compiled
    train step: on the first non-finite step only, the batch and the weights
-   before the update are copied into non-trainable variables.
+   before the update are copied into non-trainable variables. (In a custom
+   loop, `instrumentation.monitor_nan` copies the weights in the optimizer's
+   ``apply`` and the batch in ``StabilityMonitor.observe``.)
 2. Host side, at the next read (every N steps, or at the end of training):
    `find_origin` re-runs that step eagerly with the captured weights (the
    forward pass and ``compute_loss``; for a custom ``train_step`` with a
@@ -105,7 +107,8 @@ def variable_path(variable) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
-def find_origin(model, x, y, sample_weight=None, via: str = "compute_loss") -> dict:
+def find_origin(model, x, y, sample_weight=None, via: str = "compute_loss",
+                loss_fn: Any = None) -> dict:
     """Re-runs one training step eagerly and says where non-finite values start.
 
     The model's state other than its trainable weights (batch-norm statistics,
@@ -119,7 +122,11 @@ def find_origin(model, x, y, sample_weight=None, via: str = "compute_loss") -> d
         (Keras' own train step); ``"train_step"``: the model class's own
         ``train_step`` on the packed batch, its ``optimizer.apply`` calls
         intercepted (no update is made) for the gradients, and its returned
-        ``"loss"`` as the loss (a custom step with a hand-written loss).
+        ``"loss"`` as the loss (a custom step with a hand-written loss);
+        ``"loss_fn"``: the forward pass and ``loss_fn(y, y_pred)`` (a custom
+        training loop: `StabilityMonitor`), or the forward pass alone where
+        ``loss_fn`` or ``y`` is None (then only inputs and layers are tested).
+      loss_fn: The loss callable of ``via="loss_fn"``.
 
     Returns:
       ``{"origin": "inputs"|"layer"|"labels"|"sample_weights"|"loss"|
@@ -150,6 +157,11 @@ def find_origin(model, x, y, sample_weight=None, via: str = "compute_loss") -> d
         if via == "train_step":
             loss, grads, variables = _replay_train_step(model, x, y, sample_weight)
             result["replay_with"] = "train_step"
+        elif via == "loss_fn":
+            loss, grads, variables = _replay_loss_fn(model, x, y, loss_fn)
+            result["replay_with"] = "loss_fn"
+            if loss is None:
+                result["loss_replayed"] = False
         else:
             variables = list(model.trainable_variables)
             with tf.GradientTape() as tape:
@@ -209,6 +221,37 @@ def _model_state(model) -> list:
         except Exception:  # noqa: BLE001 - not built yet: nothing to put back
             continue
     return state
+
+
+def _replay_loss_fn(model, x, y, loss_fn):
+    """``(loss or None, gradients, variables)`` of ``loss_fn(y, model(x, training=True))``."""
+    variables = list(model.trainable_variables)
+    with tf.GradientTape() as tape:
+        y_pred = model(x, training=True)
+        loss = loss_fn(y, y_pred) if loss_fn is not None and y is not None else None
+    if loss is None:
+        return None, [], []
+    return loss, tape.gradient(loss, variables), variables
+
+
+def loss_callable(loss: Any):
+    """The callable of a loss given as a Keras name, a ``Loss`` or a function; None if unknown."""
+    if loss is None:
+        return None
+    if isinstance(loss, str):
+        try:
+            return keras.losses.get(loss)
+        except (ValueError, TypeError):
+            return None
+    return loss if callable(loss) else None
+
+
+def loss_label(loss: Any) -> Any:
+    """What a record says the loss was: its Keras name where it has one, else a display name."""
+    if loss is None or isinstance(loss, str):
+        return loss
+    name = getattr(loss, "__name__", None) or getattr(loss, "name", None)
+    return str(name) if name else type(loss).__name__
 
 
 def _replay_train_step(model, x, y, sample_weight):

@@ -1,12 +1,15 @@
 """``tb-stability replay RUN_DIR [--model FILE]``: re-run the first non-finite step.
 
-Loads ``RUN_DIR/nan_origin/`` (written by the callback at the first
-non-finite loss or gradient: ``batch.npz``, ``nan_origin.json``,
+Loads ``RUN_DIR/nan_origin/`` (written by the callback or the monitor at the
+first non-finite loss or gradient: ``batch.npz``, ``nan_origin.json``,
 ``model.keras``), takes the saved model or the one given with ``--model``
 (a ``.keras`` file, or ``module.py:function`` returning a compiled model),
 sets the weights from before the step (by variable path, else by order and
 shape), re-runs the step eagerly with `instrumentation.nan_origin.find_origin`
-and prints the origin next to the recorded one.
+and prints the origin next to the recorded one. A custom loop's step
+(`StabilityMonitor`) is re-run with its loss: the Keras loss name it was
+recorded with, or ``--loss`` (a Keras name, or ``module.py:NAME`` naming the
+loss function, for a hand-written one).
 
 Exit status: 0 when the replayed origin equals the recorded one, 1 when it
 differs, 2 on usage or I/O errors.
@@ -20,7 +23,7 @@ import sys
 from typing import Optional, Sequence
 
 from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, load_artifacts,
-                                        rebuild, variable_path)
+                                        loss_callable, rebuild, variable_path)
 
 
 class ReplayError(Exception):
@@ -44,14 +47,8 @@ def load_model(record: dict, model_path: Optional[str]):
     if not path:
         raise ReplayError("the model could not be saved at training time "
                           f"({record.get('model_error', 'unknown reason')}); pass --model FILE")
-    if ":" in path and path.split(":", 1)[0].endswith(".py"):
-        file, func = path.split(":", 1)
-        spec = importlib.util.spec_from_file_location("_tb_stability_replay_model", file)
-        if spec is None or spec.loader is None:
-            raise ReplayError(f"cannot import {file!r}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return getattr(module, func)()
+    if _names_python(path):
+        return _from_file(path)()
     if not os.path.isfile(path):
         raise ReplayError(f"model file not found: {path!r}")
     try:
@@ -64,6 +61,38 @@ def load_model(record: dict, model_path: Optional[str]):
         raise ReplayError(f"cannot load {path!r}: {type(error).__name__}: "
                           f"{reason.rstrip('.')}. Pass --model FILE.py:FUNCTION (a function "
                           "returning the compiled model)") from error
+
+
+def _names_python(path: str) -> bool:
+    return ":" in path and path.split(":", 1)[0].endswith(".py")
+
+
+def _from_file(path: str):
+    """The object ``NAME`` of ``FILE.py:NAME``."""
+    file, name = path.split(":", 1)
+    spec = importlib.util.spec_from_file_location("_tb_stability_replay_model", file)
+    if spec is None or spec.loader is None:
+        raise ReplayError(f"cannot import {file!r}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise ReplayError(f"{file!r} defines no {name!r}")
+    return getattr(module, name)
+
+
+def load_loss(record: dict, loss_path: Optional[str]):
+    """The loss a custom loop's step is re-run with (`StabilityMonitor` records), or None.
+
+    ``loss_path`` (a Keras loss name or ``FILE.py:NAME``) wins over the name
+    recorded; a recorded name that is not a Keras loss (a hand-written
+    function) gives None: the re-run then tests the inputs and layers only.
+    """
+    if loss_path:
+        loss = _from_file(loss_path) if _names_python(loss_path) else loss_callable(loss_path)
+        if loss is None or not callable(loss):
+            raise ReplayError(f"not a loss: {loss_path!r} (a Keras loss name or FILE.py:NAME)")
+        return loss
+    return loss_callable(record.get("loss_name"))
 
 
 def set_weights(model, names: Sequence[str], weights: Sequence) -> int:
@@ -81,7 +110,8 @@ def set_weights(model, names: Sequence[str], weights: Sequence) -> int:
     return done
 
 
-def replay(run_dir: str, model_path: Optional[str] = None) -> tuple[dict, dict]:
+def replay(run_dir: str, model_path: Optional[str] = None,
+           loss_path: Optional[str] = None) -> tuple[dict, dict]:
     """Re-runs the recorded step; returns ``(recorded, replayed)`` origin records."""
     directory = artifact_dir(run_dir)
     record, batch, weights = load_artifacts(directory)
@@ -95,7 +125,13 @@ def replay(run_dir: str, model_path: Optional[str] = None) -> tuple[dict, dict]:
     if not model.built:
         model(x)
     set_weights(model, record.get("weight_names", []), weights)
-    return record, find_origin(model, x, y, sw, via=record.get("replay_with", "compute_loss"))
+    via = record.get("replay_with", "compute_loss")
+    loss_fn = load_loss(record, loss_path) if via == "loss_fn" else None
+    replayed = find_origin(model, x, y, sw, via=via, loss_fn=loss_fn)
+    if via == "loss_fn" and loss_fn is None and record.get("loss_name"):
+        replayed["hint"] = (f"the run's loss {record['loss_name']!r} is not a Keras loss name: "
+                            "pass --loss FILE.py:NAME to re-run it")
+    return record, replayed
 
 
 def same_origin(a: dict, b: dict) -> bool:
@@ -105,23 +141,27 @@ def same_origin(a: dict, b: dict) -> bool:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``replay RUN_DIR [--model FILE]``; returns the exit status."""
+    """``replay RUN_DIR [--model FILE] [--loss LOSS]``; returns the exit status."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="tb-stability replay")
     parser.add_argument("run_dir")
     parser.add_argument("--model", default=None)
+    parser.add_argument("--loss", default=None,
+                        help="a custom loop's loss: a Keras loss name or FILE.py:NAME")
     args = parser.parse_args(list(argv))
-    return run(args.run_dir, args.model)
+    return run(args.run_dir, args.model, args.loss)
 
 
-def run(run_dir: str, model_path: Optional[str] = None) -> int:
+def run(run_dir: str, model_path: Optional[str] = None, loss_path: Optional[str] = None) -> int:
     """Prints the replayed origin; returns 0 (same as recorded), 1 (differs) or 2 (error)."""
     try:
-        recorded, replayed = replay(run_dir, model_path)
+        recorded, replayed = replay(run_dir, model_path, loss_path)
     except (ReplayError, OSError, KeyError, ValueError) as error:
         sys.stderr.write(f"tb-stability: error: {error}\n")
         return 2
+    if replayed.get("hint"):
+        sys.stderr.write(f"tb-stability: note: {replayed['hint']}\n")
     same = same_origin(recorded, replayed)
     sys.stdout.write(f"step {recorded.get('step')}: {describe(replayed)} "
                      f"({'same as' if same else 'differs from'} recorded: {describe(recorded)})\n")

@@ -48,12 +48,11 @@ import numpy as np
 import tensorflow as tf
 
 from instrumentation import update_norms
+from instrumentation.gradient_sums import GradientSums, gradient_sums
 from instrumentation.graph_ops import rare_cond, ring_slot, unused_slot_steps
 from instrumentation.graph_values import (
-    count_nonfinite,
     current_graph,
     float64_scalar,
-    half_sum_squares,
     plain_variable,
     read_value,
     variable_keys,
@@ -200,6 +199,7 @@ class StepStats:
     def local_stats(
         self, grads: Sequence[Any], variables: Optional[Sequence[Any]], loss: Any,
         grad_scale: Any = None, on_nonfinite: Optional[Callable[[Any, Any], None]] = None,
+        sums: Optional["GradientSums"] = None,
     ) -> "LocalStats":
         """Squared gradient norms and non-finite count of the given gradients.
 
@@ -214,45 +214,36 @@ class StepStats:
             step's loss is unknown: the row then holds NaN (to be filled in
             or left out by the host) and only the gradients are tested.
           on_nonfinite: Optional graph-side hook run inside that branch.
+          sums: `gradient_sums` of these very ``grads`` computed earlier in
+            the step (before the update): reused, so ``loss`` is not tested
+            and ``on_nonfinite`` is not called (that test was the earlier one).
         """
         if variables is None:
             variables = self.variables
+        if sums is None and loss is None:  # not seen by the instrumentation: NaN, not tested
+            loss = tf.constant(np.nan, tf.float64)
+            hook = on_nonfinite and (lambda count, _: on_nonfinite(count, loss))
+            sums = gradient_sums(grads, self.xla, None, hook)
+        elif sums is None:
+            loss = scalar_loss(loss)
+            sums = gradient_sums(grads, self.xla, loss, on_nonfinite)
+        else:
+            loss = tf.constant(np.nan, tf.float64) if loss is None else scalar_loss(loss)
         zero = tf.constant(0.0, tf.float32)
         per_var = [zero] * len(self.variables)
-        present, halves = [], []
-        for grad, variable in zip(grads, variables):
-            if grad is None:
-                continue
-            present.append(grad)
-            half = half_sum_squares(grad, xla=self.xla)
-            halves.append(half)
-            index = self.index_of(variable)
+        for half, variable in zip(sums.halves, variables):
+            index = self.index_of(variable) if half is not None else None
             if index is not None:
                 per_var[index] = half
         factor = tf.constant(2.0, tf.float32)
+        total = sums.total
         if grad_scale is not None:
             factor = factor / tf.square(tf.cast(grad_scale, tf.float32))
+            total = total / tf.cast(tf.square(tf.cast(grad_scale, tf.float32)), tf.float64)
         # Only built into the graph where something uses it (log steps, replicas, clipping).
         sum_squares = factor * tf.stack(per_var) if per_var else tf.zeros([0], tf.float32)
-        total = tf.cast(factor * tf.add_n(halves), tf.float64) if halves \
-            else tf.constant(0.0, tf.float64)
-        if loss is None:  # not seen by the instrumentation: NaN in the row, not tested
-            loss, tested = tf.constant(np.nan, tf.float64), total
-        else:
-            loss = scalar_loss(loss)
-            tested = total + loss
-
-        def count():
-            found = tf.add_n([count_nonfinite(g) for g in present]
-                             + [tf.constant(0.0, tf.float64)])
-            if on_nonfinite is not None:
-                on_nonfinite(found, loss)
-            return found
-
-        # The cond holds no collective (see `instrumentation.distribute`).
-        nonfinite = rare_cond(tf.logical_not(tf.math.is_finite(tested)), count,
-                              lambda: tf.constant(0.0, tf.float64))
-        return LocalStats(loss=loss, sum_squares=sum_squares, total=total, nonfinite=nonfinite)
+        return LocalStats(loss=loss, sum_squares=sum_squares, total=total,
+                          nonfinite=sums.nonfinite)
 
     def write_row(
         self, step: Any, local: "LocalStats", learning_rate: Any, extras: Optional[dict] = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import tensorflow as tf
 
@@ -64,11 +64,12 @@ class UpdateCapture:
         tracked variables are looked up the same way by `changes`.
     """
 
-    def __init__(self, lookup):
+    def __init__(self, lookup, reads: Sequence[Any] = ()):
         self._lookup = lookup
         self._writes: dict = {}  # key -> [(value, graph, sign)] of each captured write
         self._graph = None
         self._first_op = 0
+        self._reads = {id(op) for op in reads}  # ops known to only read the variables
 
     @contextlib.contextmanager
     def watch(self, optimizer: Any, whole_graph: bool = False):
@@ -116,7 +117,8 @@ class UpdateCapture:
         graph = self._graph
         if graph is None or graph is not current_graph():
             return out
-        writers = _writers_by_handle(graph.get_operations()[self._first_op:])
+        writers = _writers_by_handle([op for op in graph.get_operations()[self._first_op:]
+                                      if id(op) not in self._reads])
         handles = _internal_handles(graph)
         for index, variable in enumerate(variables):
             writes = self._writes.get(self._lookup(variable), [])
@@ -165,10 +167,15 @@ class ApplyWatch:
 
     Args:
       optimizer: A Keras optimizer (see `expected`).
+      before: Optional ``before(grads, variables)`` called in each traced
+        ``apply`` before the update (the monitor's NaN capture copies the
+        weights there). The ops it adds must only read the variables: they
+        do not count as writes to them. It must not raise.
     """
 
-    def __init__(self, optimizer: Any):
+    def __init__(self, optimizer: Any, before: Optional[Callable[[list, list], None]] = None):
         self._optimizer = optimizer
+        self._before = before
         self._patches = InstancePatches()
         self._last: dict = {}  # tracing thread -> its last UpdateCapture
 
@@ -179,13 +186,29 @@ class ApplyWatch:
         def apply(*args, **kwargs):
             if tf.executing_eagerly():
                 return original(*args, **kwargs)
-            capture = UpdateCapture(_identity)
+            reads = self._call_before(args, kwargs)
+            capture = UpdateCapture(_identity, reads)
             with capture.watch(self._optimizer, whole_graph=True):
                 result = original(*args, **kwargs)
             self._last[threading.get_ident()] = capture
             return result
 
         self._patches.set(self._optimizer, "apply", apply)
+
+    def _call_before(self, args, kwargs) -> list:
+        """Calls ``before`` with the ``apply`` call's gradients and variables; the ops it added."""
+        if self._before is None:
+            return []
+        grads = args[0] if args else kwargs.get("grads")
+        variables = args[1] if len(args) > 1 else kwargs.get("trainable_variables")
+        if variables is None:
+            variables = getattr(self._optimizer, "_trainable_variables", None)
+        if grads is None or variables is None:
+            return []
+        graph = current_graph()
+        first = len(graph.get_operations())
+        self._before(list(grads), list(variables))
+        return graph.get_operations()[first:]
 
     def detach(self) -> None:
         """Restores the instance's own ``apply``."""

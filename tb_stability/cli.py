@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_replay_parser(commands) -> None:
-    """``replay RUN_DIR [--model FILE]`` (needs TensorFlow; see `instrumentation.replay`)."""
+    """``replay RUN_DIR [--model FILE] [--loss LOSS]`` (needs TensorFlow; `instrumentation.replay`)."""
     replay = commands.add_parser(
         "replay",
         help="re-run the first non-finite step of a run and print where it started",
@@ -55,6 +55,9 @@ def _add_replay_parser(commands) -> None:
     replay.add_argument("run_dir", metavar="RUN_DIR", help="run directory of the failed run")
     replay.add_argument("--model", metavar="FILE", default=None,
                         help="model to replay on (default: the saved model.keras)")
+    replay.add_argument("--loss", metavar="LOSS", default=None,
+                        help="the loss of a custom training loop (StabilityMonitor): a Keras "
+                        "loss name or module.py:NAME (default: the recorded Keras name)")
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -71,7 +74,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         from instrumentation import replay
     except (ImportError, ValueError) as error:
         return _error(f"replay needs TensorFlow and the instrumentation package ({error})")
-    return replay.run(args.run_dir, args.model)
+    return replay.run(args.run_dir, args.model, args.loss)
 
 
 def _error(message: str) -> int:

@@ -165,4 +165,7 @@ def test_the_wrapped_apply_is_the_optimizers_own_after_close(tmp_path):
         assert "apply" not in vars(scaled)
     with StabilityMonitor(str(tmp_path / "no-ratio"), optimizer=optimizer,
                           snapshot_weights=False):
+        assert "apply" in vars(optimizer)  # the NaN capture copies the weights there
+    with StabilityMonitor(str(tmp_path / "neither"), optimizer=optimizer,
+                          snapshot_weights=False, nan_forensics=False):
         assert "apply" not in vars(optimizer)
