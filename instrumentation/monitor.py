@@ -244,7 +244,10 @@ class StabilityMonitor:
             if not stats.uses_changes(changes):  # the next log step reads a copy
                 stats.snapshot_when(tf.equal(tf.math.floormod(step + 1, self.every), 0),
                                     valid_for=step + 1)
-            self._capture_batch(step, local.nonfinite, inputs, labels)
+            if sums is not None or not tf.executing_eagerly():
+                # Eager steps share one graph: only an apply of these very gradients
+                # just before says the weights copied (if any) are this step's.
+                self._capture_batch(step, local.nonfinite, inputs, labels)
             self._counter.assign(step + 1)
         except Exception as error:  # noqa: BLE001 - never break training
             self._fail(error)
@@ -256,8 +259,9 @@ class StabilityMonitor:
         """In the traced ``optimizer.apply``, before the update: the gradients' norms, with
         the NaN capture's weight copy in their non-finite branch (`instrumentation.monitor_nan`)."""
         nan = self._nan
-        if self._broken or nan is None or nan.broken or self._observed_graph is current_graph():
-            return  # off, or observe() came first in this step: its pairing would be wrong
+        if self._broken or nan is None or nan.broken or (
+                not tf.executing_eagerly() and self._observed_graph is current_graph()):
+            return  # off, or observe() came first in this trace: its pairing would be wrong
         try:
             hook = nan.weights_hook(self._counter, variables)
             sums = gradient_sums(grads, self.jit_compile, None, hook)

@@ -41,7 +41,7 @@ except Exception:  # noqa: BLE001 - another TensorFlow: rely on `training=True` 
         return False
 
 
-def _tensors(structure):
+def as_tensors(structure):
     """``structure`` with its arrays as tensors (an eager loop may pass numpy batches)."""
     if structure is None:
         return None
@@ -171,7 +171,7 @@ class MonitorExtras:
         if self.broken or (inputs is None and labels is None):
             return
         try:
-            inputs, labels, predictions = (_tensors(v) for v in (inputs, labels, predictions))
+            inputs, labels, predictions = (as_tensors(v) for v in (inputs, labels, predictions))
             self.shapes = batch_shapes(labels, predictions)
             if self.data is None:
                 mode, logits = (config_check.classification_mode(self.config_model)

@@ -17,6 +17,11 @@ update, when the weights before it are gone. So the capture is split in two:
 2. In ``observe`` a branch taken only on a step with non-finite gradients
    copies the batch (``inputs``, ``labels``) when the weights were copied in
    this very step (`MonitorCapture.after_observe`): one ``If`` per step.
+   How "this very step" is known: in a traced step, ``observe`` and ``apply``
+   share the step's graph and ``apply`` came first in it (the monitor skips
+   the copy in an ``apply`` traced after ``observe``); in an eager loop,
+   where every step shares one graph, ``observe`` pairs only when it reused
+   the norms of the ``apply`` just before it (the same gradient tensors).
 3. Host side, at the next read after the first non-finite step
    (`MonitorCapture.drain`): the step is re-run eagerly with those weights
    (`nan_origin.find_origin`: the forward pass and the monitor's ``loss``, or
@@ -39,6 +44,7 @@ from typing import Any, Optional, Sequence
 import tensorflow as tf
 
 from instrumentation.graph_ops import rare_cond
+from instrumentation.monitor_extras import as_tensors
 from instrumentation.nan_capture import NanCapture
 from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, loss_callable,
                                         loss_label, rebuild, save_artifacts, swapped_weights,
@@ -109,6 +115,7 @@ class MonitorCapture:
         if self.weights_at is None:  # no apply traced with the hook: nothing to pair with
             return
         capture = self.capture
+        inputs, labels = as_tensors(inputs), as_tensors(labels)  # an eager loop's numpy batch
         capture.ensure_batch(inputs, labels, None)
         copy_batch = capture.batch_copier(inputs, labels, None)
         step = tf.cast(step, tf.int64)

@@ -167,10 +167,10 @@ class ApplyWatch:
 
     Args:
       optimizer: A Keras optimizer (see `expected`).
-      before: Optional ``before(grads, variables)`` called in each traced
-        ``apply`` before the update (the monitor's NaN capture copies the
-        weights there). The ops it adds must only read the variables: they
-        do not count as writes to them. It must not raise.
+      before: Optional ``before(grads, variables)`` called in each
+        ``apply``, traced or eager, before the update (the monitor's NaN
+        capture copies the weights there). The ops it adds must only read the
+        variables: they do not count as writes to them. It must not raise.
     """
 
     def __init__(self, optimizer: Any, before: Optional[Callable[[list, list], None]] = None):
@@ -185,6 +185,7 @@ class ApplyWatch:
 
         def apply(*args, **kwargs):
             if tf.executing_eagerly():
+                self._call_before(args, kwargs)
                 return original(*args, **kwargs)
             reads = self._call_before(args, kwargs)
             capture = UpdateCapture(_identity, reads)

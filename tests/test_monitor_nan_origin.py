@@ -61,15 +61,17 @@ def build():
 
 
 def train(log_dir, x, y, *, loss=own_log_loss, monitor_kwargs=None, jit=False,
-          observe_first=False, between=None):
-    """A README-style loop; ``between(step, model)`` runs on the host after each step."""
+          observe_first=False, between=None, eager=False):
+    """A README-style loop; ``between(step, model)`` runs on the host after each step.
+
+    ``eager``: no ``tf.function``, numpy batches (a beginner's loop).
+    """
     model = build()
     optimizer = keras.optimizers.Adam(1e-2)
     kwargs = dict(every=5, optimizer=optimizer, model=model, loss=loss, jit_compile=jit)
     kwargs.update(monitor_kwargs or {})
     monitor = StabilityMonitor(str(log_dir), **kwargs)
 
-    @tf.function(jit_compile=jit)
     def step(xb, yb):
         with tf.GradientTape() as tape:
             p = model(xb, training=True)
@@ -83,6 +85,8 @@ def train(log_dir, x, y, *, loss=own_log_loss, monitor_kwargs=None, jit=False,
                             inputs=xb, labels=yb, predictions=p)
         return value
 
+    if not eager:
+        step = tf.function(step, jit_compile=jit)
     with monitor:
         for i in range(len(x) // BATCH):
             step(x[i * BATCH:(i + 1) * BATCH], y[i * BATCH:(i + 1) * BATCH])
@@ -104,10 +108,10 @@ def nan_finding(log_dir) -> dict:
     return findings[0]
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
-def test_a_nan_input_row_is_traced_to_its_row(tmp_path, jit):
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_a_nan_input_row_is_traced_to_its_row(tmp_path, mode):
     x, y = data(nan_row=True)
-    train(tmp_path, x, y, jit=jit)
+    train(tmp_path, x, y, jit=mode == "xla", eager=mode == "eager")
     records = origin_records(tmp_path)
     assert len(records) == 1
     record = records[0]
@@ -199,12 +203,16 @@ def test_without_a_model_the_batch_and_weights_are_still_saved(tmp_path):
     assert saved["x_0"].shape == (BATCH, 8) and not np.isfinite(saved["x_0"]).all()
 
 
-def test_observe_before_the_update_captures_nothing(tmp_path):
+@pytest.mark.parametrize("eager", [False, True], ids=["graph", "eager"])
+def test_observe_before_the_update_captures_nothing(tmp_path, eager):
     """Weights copied in the apply after ``observe`` would be paired with the next batch."""
     x, y = data(nan_row=True)
-    _, monitor = train(tmp_path, x, y, observe_first=True)
+    _, monitor = train(tmp_path, x, y, observe_first=True, eager=eager)
     assert origin_records(tmp_path) == []
-    assert monitor._nan.weights_at is None
+    if eager:  # the apply copied the weights, but no observe paired them with a batch
+        assert int(monitor._nan.capture.step.numpy()) == -1
+    else:
+        assert monitor._nan.weights_at is None
     rows = step_rows(read_events(str(tmp_path)))
     assert np.flatnonzero(column(rows, "nonfinite_grads") > 0)[0] == NAN_STEP
 
