@@ -47,7 +47,7 @@ from instrumentation.graph_ops import rare_cond
 from instrumentation.monitor_extras import as_tensors
 from instrumentation.nan_capture import NanCapture
 from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, loss_callable,
-                                        loss_label, rebuild, save_artifacts, swapped_weights,
+                                        loss_config, loss_label, rebuild, save_artifacts, swapped_weights,
                                         variable_path)
 from instrumentation.writer import warn_disabled
 from tb_stability import schema
@@ -158,7 +158,8 @@ class MonitorCapture:
         record: dict[str, Any] = {
             "step": int(step), "rows": int(len(batch["x"][0])) if batch["x"] else 0,
             "structure": capture.structure, "source": "StabilityMonitor",
-            "replay_with": via, "loss_name": loss_label(self.loss)}
+            "replay_with": via, "loss_name": loss_label(self.loss),
+            "loss_config": loss_config(self.loss)}
         names = [variable_path(v) for v in capture.variables]
         directory = os.path.join(log_dir, ARTIFACT_DIR)
         if model is None or x is None:

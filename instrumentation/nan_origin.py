@@ -246,6 +246,26 @@ def loss_callable(loss: Any):
     return loss if callable(loss) else None
 
 
+def loss_config(loss: Any) -> Any:
+    """A Keras ``Loss`` instance's serialised config (``from_logits`` and all), else None."""
+    if not isinstance(loss, keras.losses.Loss):
+        return None
+    try:
+        return keras.losses.serialize(loss)
+    except Exception:  # noqa: BLE001 - an unserialisable custom Loss: its name only
+        return None
+
+
+def loss_from_config(config: Any):
+    """The loss `loss_config` serialised, or None."""
+    if not config:
+        return None
+    try:
+        return keras.losses.deserialize(config)
+    except Exception:  # noqa: BLE001 - e.g. a custom class not registered here
+        return None
+
+
 def loss_label(loss: Any) -> Any:
     """What a record says the loss was: its Keras name where it has one, else a display name."""
     if loss is None or isinstance(loss, str):

@@ -23,7 +23,8 @@ import sys
 from typing import Optional, Sequence
 
 from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, load_artifacts,
-                                        loss_callable, rebuild, variable_path)
+                                        loss_callable, loss_from_config, rebuild,
+                                        variable_path)
 
 
 class ReplayError(Exception):
@@ -84,15 +85,17 @@ def load_loss(record: dict, loss_path: Optional[str]):
     """The loss a custom loop's step is re-run with (`StabilityMonitor` records), or None.
 
     ``loss_path`` (a Keras loss name or ``FILE.py:NAME``) wins over the name
-    recorded; a recorded name that is not a Keras loss (a hand-written
-    function) gives None: the re-run then tests the inputs and layers only.
+    recorded; a Keras ``Loss`` instance is rebuilt from its recorded config
+    (``from_logits`` included); a recorded name that is not a Keras loss (a
+    hand-written function) gives None: the re-run then tests the inputs and
+    layers only.
     """
     if loss_path:
         loss = _from_file(loss_path) if _names_python(loss_path) else loss_callable(loss_path)
         if loss is None or not callable(loss):
             raise ReplayError(f"not a loss: {loss_path!r} (a Keras loss name or FILE.py:NAME)")
         return loss
-    return loss_callable(record.get("loss_name"))
+    return loss_from_config(record.get("loss_config")) or loss_callable(record.get("loss_name"))
 
 
 def set_weights(model, names: Sequence[str], weights: Sequence) -> int:

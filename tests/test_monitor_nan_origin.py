@@ -184,6 +184,19 @@ def test_a_keras_loss_name_is_replayed_without_help(tmp_path, capsys):
     assert "origin=not_reproduced" in capsys.readouterr().out
 
 
+def test_a_configured_keras_loss_is_replayed_with_its_config(tmp_path):
+    """``from_logits=True`` must survive: its name alone would replay ``from_logits=False``."""
+    from instrumentation import replay
+
+    x, y = data(nan_row=True)
+    train(tmp_path, x, y, loss=keras.losses.BinaryCrossentropy(from_logits=True, name="bce"))
+    record = origin_records(tmp_path)[0]
+    assert record["loss_name"] == "bce"
+    loss = replay.load_loss(record, None)
+    assert isinstance(loss, keras.losses.BinaryCrossentropy)
+    assert loss.get_config()["from_logits"] is True
+
+
 def test_a_healthy_run_captures_nothing(tmp_path):
     x, y = data(nan_row=False)
     model, monitor = train(tmp_path, x, y)
