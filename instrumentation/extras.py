@@ -17,7 +17,6 @@ these extras, with one warning; the callback's own statistics go on.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional
 
 import keras
@@ -26,8 +25,7 @@ from instrumentation import config_check
 from instrumentation.data_stats import DataStats
 from instrumentation.graph_values import current_graph
 from instrumentation.nan_capture import NanCapture
-from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, rebuild,
-                                        save_artifacts, swapped_weights, variable_path)
+from instrumentation.nan_origin import find_origin, save_and_report, swapped_weights
 from instrumentation.probes import ActivationProbes
 from instrumentation.writer import warn_disabled
 from tb_stability import schema
@@ -298,30 +296,22 @@ class CallbackExtras:
     def _forensics(self, step: int) -> dict:
         """Re-runs the captured step eagerly and saves the artefacts."""
         model, capture = self.callback.model, self.capture
-        batch = capture.batch()
-        x = rebuild(capture.structure["x"], batch["x"])
-        y = rebuild(capture.structure["y"], batch["y"])
-        sw = rebuild(capture.structure["sw"], batch["sw"])
-        weights = capture.weights()
-        names = [variable_path(v) for v in capture.variables]
-        record: dict[str, Any] = {"step": int(step), "rows": int(len(batch["x"][0]))
-                                  if batch["x"] else 0, "structure": capture.structure}
+        step_data = capture.captured(step)
+        record: dict[str, Any] = dict(step_data.record)
         if self.probes is not None:
             self.probes.detach()
         try:
-            with swapped_weights(capture.variables, weights):
+            with swapped_weights(capture.variables, step_data.weights):
                 try:
-                    record.update(find_origin(model, x, y, sw, via=capture.replay_with))
+                    record.update(find_origin(model, step_data.x, step_data.y,
+                                              step_data.sample_weight, via=capture.replay_with))
                 except Exception as error:  # noqa: BLE001 - still save the batch
                     record.update(origin="unknown", error=f"{type(error).__name__}: {error}"[:300])
-                directory = os.path.join(self.callback.writer.log_dir, ARTIFACT_DIR)
-                record = save_artifacts(directory, record, batch, names, weights, model)
+                return save_and_report(self.callback.writer.log_dir, record, step_data.batch,
+                                       step_data.names, step_data.weights, model)
         finally:
             if self.probes is not None:
                 self.probes.attach()
-        logger.warning("tb-stability: non-finite values at step %d start at %s (saved to %s)",
-                       step, describe(record), record.get("artifacts"))
-        return record
 
     def epoch_end(self, epoch: int, logs: Optional[dict]) -> None:
         """Writes every Keras log value as an ordinary scalar ``epoch_<key>``."""

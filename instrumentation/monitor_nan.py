@@ -38,7 +38,6 @@ forensics alone, with one warning; training and the statistics go on.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Optional, Sequence
 
 import tensorflow as tf
@@ -46,9 +45,8 @@ import tensorflow as tf
 from instrumentation.graph_ops import rare_cond
 from instrumentation.monitor_extras import as_tensors
 from instrumentation.nan_capture import NanCapture
-from instrumentation.nan_origin import (ARTIFACT_DIR, describe, find_origin, loss_callable,
-                                        loss_config, loss_label, rebuild, save_artifacts, swapped_weights,
-                                        variable_path)
+from instrumentation.nan_origin import (find_origin, loss_callable, loss_config, loss_label,
+                                        save_and_report, swapped_weights)
 from instrumentation.writer import warn_disabled
 from tb_stability import schema
 
@@ -150,36 +148,25 @@ class MonitorCapture:
 
     def _forensics(self, step: int, log_dir: str) -> dict:
         capture, model = self.capture, self.model
-        batch = capture.batch()
-        x = rebuild(capture.structure["x"], batch["x"])
-        y = rebuild(capture.structure["y"], batch["y"])
-        weights = capture.weights()
+        step_data = capture.captured(step)
         via, loss_fn = self._replay_mode()
         record: dict[str, Any] = {
-            "step": int(step), "rows": int(len(batch["x"][0])) if batch["x"] else 0,
-            "structure": capture.structure, "source": "StabilityMonitor",
-            "replay_with": via, "loss_name": loss_label(self.loss),
-            "loss_config": loss_config(self.loss)}
-        names = [variable_path(v) for v in capture.variables]
-        directory = os.path.join(log_dir, ARTIFACT_DIR)
-        if model is None or x is None:
+            **step_data.record, "source": "StabilityMonitor", "replay_with": via,
+            "loss_name": loss_label(self.loss), "loss_config": loss_config(self.loss)}
+        if model is None or step_data.x is None:
             missing = "model=" if model is None else "inputs= in observe()"
             record.update(origin="not_reproduced",
                           reason=f"the monitor was given no {missing}: nothing to re-run")
-            return self._saved(directory, record, batch, names, weights, None)
-        with swapped_weights(capture.variables, weights):
+            return save_and_report(log_dir, record, step_data.batch, step_data.names,
+                                   step_data.weights, None)
+        with swapped_weights(capture.variables, step_data.weights):
             try:
-                record.update(find_origin(model, x, y, via=via, loss_fn=loss_fn))
+                record.update(find_origin(model, step_data.x, step_data.y, via=via,
+                                          loss_fn=loss_fn))
             except Exception as error:  # noqa: BLE001 - still save the batch
                 record.update(origin="unknown", error=f"{type(error).__name__}: {error}"[:300])
-            return self._saved(directory, record, batch, names, weights, model)
-
-    @staticmethod
-    def _saved(directory, record, batch, names, weights, model) -> dict:
-        record = save_artifacts(directory, record, batch, names, weights, model)
-        logger.warning("tb-stability: non-finite values at step %d start at %s (saved to %s)",
-                       record["step"], describe(record), record.get("artifacts"))
-        return record
+            return save_and_report(log_dir, record, step_data.batch, step_data.names,
+                                   step_data.weights, model)
 
     def _replay_mode(self) -> tuple[str, Any]:
         """``(via, loss_fn)`` for `find_origin`: the monitor's loss, else a compiled model's."""

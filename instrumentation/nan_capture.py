@@ -21,6 +21,7 @@ The host side (replaying the step, saving the artefacts) is
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -273,6 +274,40 @@ class NanCapture:
     def weights(self) -> list:
         """The captured weights (before the update), aligned with `variables`."""
         return copied_values(self.copies, len(self.variables))
+
+    def captured(self, step: int) -> "CapturedStep":
+        """The captured step read back for the forensics (host side)."""
+        from instrumentation.nan_origin import rebuild, variable_path
+
+        batch = self.batch()
+        return CapturedStep(
+            batch=batch, x=rebuild(self.structure["x"], batch["x"]),
+            y=rebuild(self.structure["y"], batch["y"]),
+            sample_weight=rebuild(self.structure["sw"], batch["sw"]),
+            weights=self.weights(), names=[variable_path(v) for v in self.variables],
+            record={"step": int(step), "rows": int(len(batch["x"][0])) if batch["x"] else 0,
+                    "structure": self.structure})
+
+
+@dataclasses.dataclass
+class CapturedStep:
+    """A captured step on the host (`NanCapture.captured`).
+
+    Attributes:
+      batch: ``{"x", "y", "sw"}`` lists of arrays (as `save_artifacts` takes them).
+      x, y, sample_weight: The batch rebuilt in its structures (None where absent).
+      weights: The weights before the update, aligned with ``names``.
+      names: The variables' paths.
+      record: The origin record's first fields: ``step``, ``rows``, ``structure``.
+    """
+
+    batch: dict
+    x: Any
+    y: Any
+    sample_weight: Any
+    weights: list
+    names: list
+    record: dict
 
 
 def _structure(value) -> dict:

@@ -343,6 +343,16 @@ def save_artifacts(directory: str, record: dict, batch: dict, names: Sequence[st
     return record
 
 
+def save_and_report(log_dir: str, record: dict, batch: dict, names: Sequence[str],
+                    weights: Sequence[np.ndarray], model=None) -> dict:
+    """`save_artifacts` under ``<log_dir>/nan_origin/``, and the one warning that says where."""
+    record = save_artifacts(os.path.join(log_dir, ARTIFACT_DIR), record, batch, names, weights,
+                            model)
+    logger.warning("tb-stability: non-finite values at step %d start at %s (saved to %s)",
+                   record["step"], describe(record), record.get("artifacts"))
+    return record
+
+
 def load_artifacts(directory: str) -> tuple[dict, dict, list]:
     """``(record, batch, weights)`` from `save_artifacts`' files."""
     with open(os.path.join(directory, "nan_origin.json"), encoding="utf-8") as handle:

@@ -220,15 +220,12 @@ class StepStats:
         """
         if variables is None:
             variables = self.variables
-        if sums is None and loss is None:  # not seen by the instrumentation: NaN, not tested
-            loss = tf.constant(np.nan, tf.float64)
-            hook = on_nonfinite and (lambda count, _: on_nonfinite(count, loss))
-            sums = gradient_sums(grads, self.xla, None, hook)
-        elif sums is None:
-            loss = scalar_loss(loss)
-            sums = gradient_sums(grads, self.xla, loss, on_nonfinite)
-        else:
-            loss = tf.constant(np.nan, tf.float64) if loss is None else scalar_loss(loss)
+        known = loss is not None  # else not seen by the instrumentation: NaN, not tested
+        loss = scalar_loss(loss) if known else tf.constant(np.nan, tf.float64)
+        if sums is None:
+            hook = on_nonfinite if known or on_nonfinite is None else (
+                lambda count, _: on_nonfinite(count, loss))
+            sums = gradient_sums(grads, self.xla, loss if known else None, hook)
         zero = tf.constant(0.0, tf.float32)
         per_var = [zero] * len(self.variables)
         for half, variable in zip(sums.halves, variables):
@@ -238,8 +235,9 @@ class StepStats:
         factor = tf.constant(2.0, tf.float32)
         total = sums.total
         if grad_scale is not None:
-            factor = factor / tf.square(tf.cast(grad_scale, tf.float32))
-            total = total / tf.cast(tf.square(tf.cast(grad_scale, tf.float32)), tf.float64)
+            scale_squared = tf.square(tf.cast(grad_scale, tf.float32))
+            factor = factor / scale_squared
+            total = total / tf.cast(scale_squared, tf.float64)
         # Only built into the graph where something uses it (log steps, replicas, clipping).
         sum_squares = factor * tf.stack(per_var) if per_var else tf.zeros([0], tf.float32)
         return LocalStats(loss=loss, sum_squares=sum_squares, total=total,
